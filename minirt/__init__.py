@@ -1,0 +1,48 @@
+"""minirt: a minimal LLM runtime. GGUF and Hugging Face weights in numpy, decoded with Numba on the CPU.
+
+    import minirt
+    m = minirt.load("smollm2")
+    for piece in m.generate("Once upon a time", max_tokens=50):
+        print(piece, end="", flush=True)
+    logits = m.logits(m.tokenizer.encode("Hello"))
+"""
+from __future__ import annotations
+
+import os
+
+# Numba's OpenMP workers spin for a while after each parallel region; by default long enough to take
+# the cores from the BLAS calls of a prompt pass that follow. A short spin keeps decode latency and
+# gives prefill ~1.5x (measured: 512-token SmolLM2 prefill 1.66 s → 1.11 s on 2 cores).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from .errors import MinirtError
+from .model import Model
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+
+def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | None = None,
+         threads: int | None = None) -> Model:
+    """Load a model by registry name (fetched and cached on first use) or from a local path."""
+    from .readers import read_checkpoint
+    from .registry import resolve
+    if threads is not None:
+        set_threads(threads)
+    return Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)))
+
+
+def set_threads(n: int) -> None:
+    """Number of threads the CPU kernels use (Numba) and BLAS uses for batched matmuls."""
+    import numba
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise MinirtError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
+    numba.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:
+        pass
+
+
+__all__ = ["load", "Model", "MinirtError", "SamplingParams", "set_threads", "__version__"]

@@ -1,0 +1,197 @@
+"""Command line: a thin layer over the Python API. Text to stdout; progress, timings and errors to stderr."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import MinirtError
+from .generate import MODES
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, instead of usage + message
+        raise MinirtError(f"{message} (see: {self.prog} --help)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=os.environ.get("MINIRT_MODEL", "smollm2"),
+                   help="registry name (see `minirt list`) or a path to a .gguf file / Hugging Face folder")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--cache-dir", default=None, help="where models are cached (default: weights/ or $MINIRT_HOME)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ctx", type=int, default=None, help="context size (default: the model's)")
+    p.add_argument("--mode", choices=MODES, default="dense")
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="minirt", description="A minimal LLM runtime on numpy and Numba.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _model_args(g)
+    g.add_argument("-p", "--prompt", default=None, help="prompt text ('-' reads standard input)")
+    g.add_argument("-f", "--prompt-file", default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message for --chat")
+    _sampling_args(g)
+
+    c = sub.add_parser("chat", help="interactive chat with an instruct model (reads lines from stdin)")
+    _model_args(c)
+    c.add_argument("--system", default=None)
+    _sampling_args(c)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity's method)")
+    _model_args(pp)
+    pp.add_argument("-f", "--file", required=True, help="text file, or a registry data name such as botchan")
+    pp.add_argument("-c", "--ctx", type=int, default=512)
+    pp.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
+
+    pl = sub.add_parser("pull", help="fetch models or data into the cache ahead of time")
+    pl.add_argument("names", nargs="+")
+    pl.add_argument("--cache-dir", default=None)
+
+    ls = sub.add_parser("list", help="known models and data, and whether they are cached")
+    ls.add_argument("--cache-dir", default=None)
+    return ap
+
+
+def _load(args):
+    import minirt
+    return minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads)
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
+                mode=args.mode, ctx=args.ctx)
+
+
+def _check_mode(args) -> None:
+    if args.mode != "dense":
+        raise MinirtError(f"mode '{args.mode}' is not implemented yet (only 'dense' is, for now)")
+
+
+def cmd_generate(args) -> None:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise MinirtError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        try:
+            prompt = open(args.prompt_file, encoding="utf-8", newline="").read()
+        except OSError as e:
+            raise MinirtError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
+    elif args.prompt == "-":
+        prompt = sys.stdin.read()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise MinirtError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
+    _check_mode(args)
+    model = _load(args)
+    gen = model.generate(prompt, chat=args.chat, system=args.system, **_sampling(args))
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(gen.stats.summary(), file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    _check_mode(args)
+    model = _load(args)
+    tok = model.tokenizer
+    tok.chat_prompt("")  # fails early, with one line, for a model without a chat template
+    history = ""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        turn = tok.chat_prompt(line.rstrip("\n"), args.system if not history else "")
+        if history:  # later turns: no system block, just the user turn after what came before
+            turn = turn[turn.index("<|im_start|>user"):]
+        prompt = history + turn
+        gen = model.generate(prompt, **_sampling(args))
+        reply = ""
+        for piece in gen:
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(gen.stats.summary(), file=sys.stderr)
+        history = prompt + reply + "<|im_end|>\n"
+
+
+def cmd_perplexity(args) -> None:
+    from .perplexity import perplexity
+    from .registry import REGISTRY, pull
+    path = args.file
+    if not os.path.exists(path) and path in REGISTRY and REGISTRY[path].kind == "data":
+        path = pull(path, args.cache_dir)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")  # bytes as they are: CRLF line endings stay
+    except OSError as e:
+        raise MinirtError(f"cannot read {args.file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MinirtError(f"{args.file} is not UTF-8 text") from None
+    model = _load(args)
+    r = perplexity(model, text, ctx=args.ctx, chunks=args.chunks)
+    print(f"{r.n_tokens} tokens, {r.chunks} chunks of {args.ctx}, {r.seconds:.1f} s", file=sys.stderr)
+    print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.stderr:.5f}")
+
+
+def cmd_pull(args) -> None:
+    from .registry import pull
+    for name in args.names:
+        print(pull(name, args.cache_dir))
+
+
+def cmd_list(args) -> None:
+    from .registry import REGISTRY, cache_dir, is_present
+    print(f"cache: {cache_dir(args.cache_dir)}")
+    for e in REGISTRY.values():
+        mark = "present" if is_present(e, args.cache_dir) else "-"
+        alias = f" ({', '.join(e.aliases)})" if e.aliases else ""
+        kind = "model" if e.kind == "models" else "data"
+        print(f"{kind:5} {e.name + alias:28} {mark:8} {e.spec.get('description', '')}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "pull": cmd_pull,
+            "list": cmd_list}
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise MinirtError(f"--threads must be ≥ 1, got {args.threads}")
+        COMMANDS[args.cmd](args)
+        return 0
+    except MinirtError as e:
+        print(f"minirt: error: {e}", file=sys.stderr)
+        return 2 if "--help" in str(e) else 1
+    except KeyboardInterrupt:
+        print("minirt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The generation loop: prefill the prompt in one forward call, then one token per step, streaming text."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .errors import MinirtError
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Detokenizer
+
+MODES = ("dense", "lowrank", "speculative", "pinv")
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        pp = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        tg = (self.decode_tokens - 1) / self.decode_seconds if self.decode_seconds and self.decode_tokens > 1 else 0.0
+        return (f"prompt: {self.prompt_tokens} tokens, {pp:.1f} tok/s · decode: {self.decode_tokens} tokens, "
+                f"{tg:.1f} tok/s · stop: {self.stop_reason}")
+
+
+class Generation:
+    """Iterate to receive text pieces; .stats holds counts, timings and the generated token ids.
+
+    prompt: text (encoded with the tokenizer, BOS added where the model wants it) or a list of token ids.
+    chat: wrap a text prompt in the model's chat template (system: its system message).
+    stop: strings that end generation (not included in the output). The end-of-generation tokens always stop.
+    """
+
+    def __init__(self, model, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: tuple[str, ...] | list[str] = (), chat: bool = False, system: str | None = None,
+                 mode: str = "dense", ctx: int | None = None):
+        if mode not in MODES:
+            raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
+        if mode != "dense":
+            raise MinirtError(f"mode '{mode}' is not implemented yet (only 'dense' is, for now)")
+        if max_tokens < 0:
+            raise MinirtError(f"max tokens must be ≥ 0, got {max_tokens}")
+        self.model = model
+        self.sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        tok = model.tokenizer
+        if isinstance(prompt, str):
+            ids = tok.encode(tok.chat_prompt(prompt, system) if chat else prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise MinirtError("the prompt is empty (and the model adds no BOS token)")
+        limit = min(ctx or model.cfg.max_ctx, model.cfg.max_ctx)
+        if len(ids) >= limit:
+            raise MinirtError(f"the prompt has {len(ids)} tokens, but the context holds {limit}; shorten the prompt"
+                              + (" or raise --ctx" if limit < model.cfg.max_ctx else ""))
+        self.prompt_ids = ids
+        self.max_tokens = max_tokens
+        self.stop = [s for s in stop if s]
+        self.cache = model.new_cache(min(limit, len(ids) + max_tokens))
+        self.stats = Stats(prompt_tokens=len(ids))
+
+    def __iter__(self):
+        model, st = self.model, self.stats
+        eog = model.tokenizer.eog_ids
+        detok = Detokenizer(model.tokenizer) if self.max_tokens else None
+        history = list(self.prompt_ids)
+        pending = ""  # text held back while it could be the start of a stop string
+        if self.max_tokens == 0:
+            st.stop_reason = "length"
+            return
+        t0 = time.perf_counter()
+        logits = model.forward(self.prompt_ids, self.cache)[0]
+        st.prompt_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        while True:
+            tok = self.sampler(logits, history)
+            st.decode_tokens += 1
+            if tok in eog:
+                st.stop_reason = "eog"
+                break
+            st.tokens.append(tok)
+            history.append(tok)
+            pending += detok.push(tok)
+            out, hit = self._split_stop(pending)
+            if out:
+                yield out
+            pending = pending[len(out):]
+            if hit:
+                st.stop_reason = "stop string"
+                pending = ""
+                break
+            if len(st.tokens) >= self.max_tokens:
+                st.stop_reason = "length"
+                break
+            if self.cache.pos >= self.cache.capacity:
+                st.stop_reason = "context full"
+                break
+            if st.decode_tokens == 1:
+                t1 = time.perf_counter()  # decode speed counts steps after the first sampled token
+            logits = model.forward([tok], self.cache)[0]
+        st.decode_seconds = time.perf_counter() - t1
+        tail = pending + (detok.flush() if detok else "")
+        if tail and st.stop_reason != "stop string":
+            yield tail
+
+    def _split_stop(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        if not self.stop:
+            return text, False
+        first = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if first >= 0:
+            return text[:first], True
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return text[:len(text) - hold], False
+
+    def text(self) -> str:
+        return "".join(self)

@@ -1,0 +1,164 @@
+"""CPU kernels (Numba). They know nothing of files or models: arrays in, arrays out, outputs preallocated.
+
+Shapes: x (T, D) holds T positions; matrices are (out, in); attention works on q (T, n_heads, head_dim)
+against a per-layer cache (n_kv_heads, ctx, head_dim).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+JIT = dict(cache=True, fastmath=True)
+ROWS_PER_TASK = 16
+
+
+@njit(parallel=True, **JIT)
+def matmul_f32(x, w, out):
+    """out[t, j] = Σ_k x[t, k] · w[j, k]: each weight row is read once and used for all T inputs."""
+    T, K = x.shape
+    N = w.shape[0]
+    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+            for t in range(T):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[t, k] * w[j, k]
+                out[t, j] = acc
+
+
+@njit(parallel=True, **JIT)
+def rmsnorm(x, w, eps, out):
+    """out = x / sqrt(mean(x²) + eps) · w   (LLaMA)"""
+    T, D = x.shape
+    for t in prange(T):
+        ss = np.float32(0.0)
+        for i in range(D):
+            ss += x[t, i] * x[t, i]
+        r = np.float32(1.0) / np.sqrt(ss / D + np.float32(eps))
+        for i in range(D):
+            out[t, i] = x[t, i] * r * w[i]
+
+
+@njit(parallel=True, **JIT)
+def layernorm(x, w, b, eps, out):
+    """out = (x − mean) / sqrt(var + eps) · w + b   (GPT-2)"""
+    T, D = x.shape
+    for t in prange(T):
+        mu = np.float32(0.0)
+        for i in range(D):
+            mu += x[t, i]
+        mu /= D
+        var = np.float32(0.0)
+        for i in range(D):
+            d = x[t, i] - mu
+            var += d * d
+        r = np.float32(1.0) / np.sqrt(var / D + np.float32(eps))
+        for i in range(D):
+            out[t, i] = (x[t, i] - mu) * r * w[i] + b[i]
+
+
+def rope_tables(max_ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of position · θ^(−2i/hd), computed in float64 and stored as float32 (max_ctx, hd/2)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = np.arange(max_ctx, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@njit(parallel=True, **JIT)
+def qkv_rope_store(qkv, positions, cos, sin, use_rope, q, kc, vc):
+    """Split fused q|k|v rows: q → q (T, H, hd); k, v → the cache at their positions (kc, vc: (Hkv, ctx, hd)).
+    With use_rope, q and k get the rotary embedding, rotate-half layout:
+    (x1, x2) → (x1·c − x2·s, x2·c + x1·s) for each pair (i, i + hd/2)."""
+    T, H, hd = q.shape
+    Hkv = kc.shape[0]
+    half = hd // 2
+    for task in prange(T * (H + Hkv)):
+        t = task // (H + Hkv)
+        h = task % (H + Hkv)
+        p = positions[t]
+        if h < H:
+            src = h * hd
+            dst = q[t, h]
+        else:
+            src = H * hd + (h - H) * hd
+            dst = kc[h - H, p]
+            vsrc = H * hd + Hkv * hd + (h - H) * hd
+            vdst = vc[h - H, p]
+            for i in range(hd):
+                vdst[i] = qkv[t, vsrc + i]
+        if use_rope:
+            for i in range(half):
+                a = qkv[t, src + i]
+                b = qkv[t, src + half + i]
+                c = cos[p, i]
+                s = sin[p, i]
+                dst[i] = a * c - b * s
+                dst[half + i] = b * c + a * s
+        else:
+            for i in range(hd):
+                dst[i] = qkv[t, src + i]
+
+
+@njit(parallel=True, **JIT)
+def attention(q, kc, vc, pos0, scale, scores, out):
+    """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled;
+    query t sits at position pos0+t and sees positions 0..pos0+t. Query head h reads kv head h // (H/Hkv).
+    scores is scratch (T·H, ≥ pos0+T); out (T, H, hd)."""
+    T, H, hd = q.shape
+    group = H // kc.shape[0]
+    for task in prange(T * H):
+        t = task // H
+        h = task % H
+        g = h // group
+        n = pos0 + t + 1
+        qv = q[t, h]
+        sc = scores[task]
+        m = -np.inf
+        for s in range(n):
+            kv = kc[g, s]
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += qv[i] * kv[i]
+            acc *= scale
+            sc[s] = acc
+            m = max(m, acc)
+        total = np.float32(0.0)
+        for s in range(n):
+            e = np.exp(sc[s] - m)
+            sc[s] = e
+            total += e
+        o = out[t, h]
+        o[:] = 0.0
+        for s in range(n):
+            pr = sc[s]
+            vv = vc[g, s]
+            for i in range(hd):
+                o[i] += pr * vv[i]
+        inv = np.float32(1.0) / total
+        for i in range(hd):
+            o[i] *= inv
+
+
+@njit(parallel=True, **JIT)
+def swiglu(gate_up, out):
+    """out = silu(gate) · up, where gate_up = [gate | up] along features (LLaMA FFN)."""
+    T, F = out.shape
+    for t in prange(T):
+        for i in range(F):
+            g = gate_up[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, F + i]
+
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@njit(parallel=True, **JIT)
+def gelu_new(x, out):
+    """out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))   (GPT-2's tanh approximation)"""
+    T, F = x.shape
+    for t in prange(T):
+        for i in range(F):
+            v = x[t, i]
+            out[t, i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (v + np.float32(0.044715) * v * v * v)))

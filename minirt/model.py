@@ -1,0 +1,173 @@
+"""Model: a ModelConfig, one Linear per weight matrix, norms and embeddings, and the forward pass.
+
+forward(tokens, cache) runs T new positions (the whole prompt at once, or one token per decode step)
+against the KV cache and returns logits for the rows asked for. GPT-2 and LLaMA share the pass:
+    x = embed[tokens] (+ pos_embed[positions])                          GPT-2: learned positions
+    per layer:  h = norm(x);  q,k,v = h·Wqkv;  RoPE(q,k) (LLaMA);  cache ← k,v
+                x += attention(q, cache)·Wo
+                h = norm(x);  x += act(h·Wup)·Wdown                     LLaMA: silu(h·Wg)·(h·Wu), fused as one Linear
+    logits = norm(x)·Headᵀ
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .config import ModelConfig
+from .errors import MinirtError
+from .kvcache import KVCache
+from .linear import Dense, Linear
+from .readers import Checkpoint
+from .threads import blas_single_threaded
+from .tokenizer import Tokenizer, build_tokenizer
+
+
+@dataclass
+class Norm:
+    weight: np.ndarray
+    bias: np.ndarray | None  # None: RMSNorm (LLaMA); else LayerNorm (GPT-2)
+    eps: float
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        if self.bias is None:
+            kernels.rmsnorm(x, self.weight, self.eps, out)
+        else:
+            kernels.layernorm(x, self.weight, self.bias, self.eps, out)
+        return out
+
+
+@dataclass
+class Layer:
+    attn_norm: Norm
+    qkv: Linear     # rows: q (n_heads·hd) | k (n_kv·hd) | v (n_kv·hd)
+    wo: Linear
+    ffn_norm: Norm
+    up: Linear      # LLaMA: gate | up (2·hidden rows); GPT-2: fc (hidden rows)
+    down: Linear
+
+
+class Model:
+    def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: np.ndarray, pos_embed: np.ndarray | None,
+                 norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = ""):
+        self.cfg, self.layers, self.embed, self.pos_embed = cfg, layers, embed, pos_embed
+        self.norm, self.head, self.tokenizer = norm, head, tokenizer
+        self.source, self.file_type = source, file_type
+        if cfg.arch == "llama":
+            self.rope_cos, self.rope_sin = kernels.rope_tables(cfg.max_ctx, cfg.head_dim, cfg.rope_theta)
+        else:  # no rotary embedding: empty tables keep one kernel signature
+            self.rope_cos = self.rope_sin = np.zeros((1, 1), np.float32)
+        self._scratch: dict[int, dict[str, np.ndarray]] = {}
+
+    @classmethod
+    def from_checkpoint(cls, ck: Checkpoint) -> "Model":
+        cfg, t = ck.config, ck.tensors
+        eps = cfg.norm_eps
+
+        def norm(prefix: str) -> Norm:
+            b = t.get(prefix + ".bias")
+            return Norm(t[prefix + ".weight"].float32(), None if b is None else b.float32(), eps)
+
+        layers = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            get = lambda k: t.get(p + k)  # noqa: E731
+            if cfg.arch == "llama":
+                qkv = Dense.from_tensors([t[p + "wq"], t[p + "wk"], t[p + "wv"]], [get("bq"), get("bk"), get("bv")])
+                up = Dense.from_tensors([t[p + "w_gate"], t[p + "w_up"]])
+            else:
+                qkv = Dense.from_tensors([t[p + "wqkv"]], [get("bqkv")])
+                up = Dense.from_tensors([t[p + "w_up"]], [get("b_up")])
+            layers.append(Layer(norm(p + "attn_norm"), qkv, Dense.from_tensors([t[p + "wo"]], [get("bo")]),
+                                norm(p + "ffn_norm"), up, Dense.from_tensors([t[p + "w_down"]], [get("b_down")])))
+        embed = t["embed"].float32()
+        head = Dense(embed) if cfg.tied_head else Dense.from_tensors([t["head"]])
+        pos = t["pos_embed"].float32() if "pos_embed" in t else None
+        tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
+        return cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type)
+
+    # ---- the forward pass -------------------------------------------------------------------------
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        return KVCache(self.cfg, min(capacity or self.cfg.max_ctx, self.cfg.max_ctx))
+
+    def _buffers(self, T: int) -> dict[str, np.ndarray]:
+        """Activation buffers for T positions, allocated once per distinct T and reused."""
+        s = self._scratch.get(T)
+        if s is None:
+            c = self.cfg
+            up_rows = self.layers[0].up.out_features
+            s = dict(h=np.empty((T, c.dim), np.float32), o=np.empty((T, c.dim), np.float32),
+                     qkv=np.empty((T, c.q_dim + 2 * c.kv_dim), np.float32),
+                     q=np.empty((T, c.n_heads, c.head_dim), np.float32),
+                     att=np.empty((T, c.n_heads, c.head_dim), np.float32),
+                     up=np.empty((T, up_rows), np.float32), act=np.empty((T, c.hidden_dim), np.float32))
+            if len(self._scratch) > 8:
+                self._scratch.clear()
+            self._scratch[T] = s
+        return s
+
+    def forward(self, tokens, cache: KVCache, logits="last") -> np.ndarray:
+        """Run positions cache.pos … cache.pos+T−1 and return logits (rows, vocab) as float32.
+
+        logits: "last" (one row), "all", or anything that indexes the T rows (a slice, an index array)."""
+        if len(np.atleast_1d(tokens)) < 4:
+            return self._forward(tokens, cache, logits)
+        with blas_single_threaded():
+            return self._forward(tokens, cache, logits)
+
+    def _forward(self, tokens, cache: KVCache, logits) -> np.ndarray:
+        c = self.cfg
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = len(tokens)
+        if T == 0:
+            raise MinirtError("no tokens to run")
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise MinirtError(f"token id out of range 0..{c.vocab_size - 1}")
+        cache.reserve(T)
+        pos0 = cache.pos
+        positions = np.arange(pos0, pos0 + T, dtype=np.int64)
+        s = self._buffers(T)
+        x = self.embed[tokens]
+        if self.pos_embed is not None:
+            x += self.pos_embed[positions]
+        scores = np.empty((T * c.n_heads, pos0 + T), np.float32)
+        scale = 1.0 / math.sqrt(c.head_dim)
+        qd = c.q_dim
+        for li, L in enumerate(self.layers):
+            L.attn_norm(x, s["h"])
+            L.qkv.forward(s["h"], s["qkv"])
+            kernels.qkv_rope_store(s["qkv"], positions, self.rope_cos, self.rope_sin, c.arch == "llama",
+                                   s["q"], cache.k[li], cache.v[li])
+            kernels.attention(s["q"], cache.k[li], cache.v[li], pos0, scale, scores, s["att"])
+            x += L.wo.forward(s["att"].reshape(T, qd), s["o"])
+            L.ffn_norm(x, s["h"])
+            L.up.forward(s["h"], s["up"])
+            if c.arch == "llama":
+                kernels.swiglu(s["up"], s["act"])
+            else:
+                kernels.gelu_new(s["up"], s["act"])
+            x += L.down.forward(s["act"], s["o"])
+        cache.pos = pos0 + T
+        rows = x[-1:] if logits == "last" else (x if logits == "all" else x[logits])
+        rows = np.ascontiguousarray(rows)
+        h = self.norm(rows, np.empty_like(rows))
+        return self.head.forward(h, np.empty((len(h), c.vocab_size), np.float32))
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits (T, vocab) for every position of a token sequence, from a fresh cache."""
+        ids = list(token_ids)
+        return self.forward(ids, self.new_cache(len(ids)), logits="all")
+
+    # ---- conveniences -------------------------------------------------------------------------
+    def generate(self, prompt, **kwargs):
+        """Stream generated text pieces for a prompt (str or token ids); see minirt.generate.Generation."""
+        from .generate import Generation
+        return Generation(self, prompt, **kwargs)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per decode step (all matrices plus the head; embeddings read one row)."""
+        return sum(L.qkv.nbytes + L.wo.nbytes + L.up.nbytes + L.down.nbytes for L in self.layers) + self.head.nbytes

@@ -1,0 +1,63 @@
+"""What every reader returns: Tensors (possibly quantized) and a description of the tokenizer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+
+
+@dataclass
+class Tensor:
+    """A 1-D or 2-D tensor as stored: float arrays, or GGUF blocks (uint8 rows) with their type name."""
+    data: np.ndarray          # float32/float16 values, uint16 bf16 bits, or uint8 quantized rows
+    qtype: str                # "F32" | "F16" | "BF16" | "Q8_0" | "Q4_0" | "Q4_1" | ...
+    shape: tuple[int, ...]    # logical shape, (rows, cols) for matrices
+
+    def float32(self) -> np.ndarray:
+        """Dequantize (or upcast) to a float32 array of the logical shape."""
+        if self.qtype == "F32":
+            return np.ascontiguousarray(self.data, dtype=np.float32).reshape(self.shape)
+        if self.qtype == "F16":
+            return self.data.astype(np.float32).reshape(self.shape)
+        if self.qtype == "BF16":
+            return (self.data.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        from gguf import GGMLQuantizationType, quants
+        out = quants.dequantize(np.asarray(self.data), GGMLQuantizationType[self.qtype])
+        return np.ascontiguousarray(out, dtype=np.float32).reshape(self.shape)
+
+    def take_rows(self, order: np.ndarray) -> "Tensor":
+        """The same tensor with its rows reordered (blocks lie within rows, so this works quantized too)."""
+        return Tensor(np.ascontiguousarray(self.data[order]), self.qtype, self.shape)
+
+    def transpose(self) -> "Tensor":
+        """Transpose a float matrix (Hugging Face GPT-2 stores Conv1D weights as (in, out))."""
+        assert self.qtype in ("F32", "F16", "BF16"), "only float tensors can be transposed"
+        return Tensor(np.ascontiguousarray(self.data.T), self.qtype, self.shape[::-1])
+
+
+@dataclass
+class TokenizerSpec:
+    """Everything needed to build a tokenizer; which fields are set depends on kind."""
+    kind: str                                   # "bpe" (byte-level) | "spm" (sentencepiece) | "none"
+    tokens: list[str] = field(default_factory=list)     # bpe: id → token string (byte-level unicode form)
+    merges: list[str] = field(default_factory=list)     # bpe: "a b" pairs in priority order
+    special: dict[str, int] = field(default_factory=dict)
+    pre: str = "gpt2"                           # pre-tokenizer: "gpt2" | "smollm" (single digits)
+    spm_model: Path | None = None               # spm: path of tokenizer.model
+    tiktoken_file: Path | None = None           # bpe given as a .tiktoken ranks file
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, Tensor]
+    tokenizer: TokenizerSpec
+    source: Path
+    file_type: str = ""       # e.g. "Q4_1", "F32": the dominant matrix type, for reports

