@@ -1,0 +1,598 @@
+"""Errors a user can cause, and the download machinery.
+
+Every bad input to the CLI must give exactly one line on stderr starting with "minirt: error:", a
+non-zero exit status and no traceback, and must leave nothing (half-)written in the cache. The CLI is
+run as a subprocess, mostly against a tiny random GPT-2 folder built here (loads in well under a
+second); SmolLM2 is loaded only in test_smollm2_context_limits, where its three loads run side by side.
+
+Downloads are tested against a local HTTP server (127.0.0.1, Range requests, ETag / X-Linked-Etag);
+nothing here touches the network: subprocesses get a dead HF_ENDPOINT and PIP_NO_INDEX=1.
+
+Tests marked xfail(strict=True) pin down known minirt bugs; when one is fixed, drop its marker.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minirt
+import minirt.registry
+from minirt import MinirtError
+from minirt.fetch import http_download
+from minirt.registry import Entry
+
+REPO = Path(__file__).resolve().parents[1]
+DEAD = "http://127.0.0.1:9"  # discard port: connection refused at once
+NO_NET = {"HF_ENDPOINT": DEAD, "PIP_NO_INDEX": "1", "no_proxy": "*", "NO_PROXY": "*"}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def run_cli(*args, env: dict | None = None, popen: bool = False, timeout: float = 60):
+    """Run `python -m minirt ARGS`; returns CompletedProcess with .seconds (or a Popen with popen=True)."""
+    cmd = [sys.executable, "-m", "minirt", *map(str, args)]
+    full_env = {**os.environ, **NO_NET, **(env or {})}
+    kw = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+              cwd=REPO)
+    if popen:
+        return subprocess.Popen(cmd, **kw)
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, timeout=timeout, **kw)
+    r.seconds = time.monotonic() - t0
+    return r
+
+
+def assert_one_line_error(r, *needles: str) -> str:
+    """Non-zero exit, no traceback, exactly one non-empty stderr line 'minirt: error: …' containing needles."""
+    assert r.returncode != 0, f"expected failure, got exit 0; stdout={r.stdout!r} stderr={r.stderr!r}"
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{r.stderr}"
+    assert lines[0].startswith("minirt: error:"), lines[0]
+    for n in needles:
+        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def files_under(d: Path) -> list[Path]:
+    return [p for p in d.rglob("*")] if d.exists() else []
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """An empty MINIRT_HOME for one test; afterwards it must still hold nothing at all."""
+    d = tmp_path / "cache"
+    d.mkdir()
+    yield d
+    assert files_under(d) == [], f"cache left with {files_under(d)}"
+
+
+# ------------------------------------------------------------------------- a tiny GPT-2 folder (random)
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    header, blobs, off = {}, [], 0
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a, dtype=np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+def st_header(obj) -> bytes:
+    """A safetensors file that is just an 8-byte length and the given JSON header."""
+    h = json.dumps(obj).encode()
+    return struct.pack("<Q", len(h)) + h
+
+
+def make_tiny_gpt2(folder: Path) -> Path:
+    """config.json + model.safetensors + vocab.json/merges.txt: 1 layer, dim 8, 257 byte-level tokens, ctx 32."""
+    V, D, P = 257, 8, 32
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dict(
+        model_type="gpt2", vocab_size=V, n_embd=D, n_layer=1, n_head=2, n_positions=P,
+        bos_token_id=256, eos_token_id=256)))
+    rng = np.random.default_rng(0)
+    r = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
+    t = {"wte.weight": r(V, D), "wpe.weight": r(P, D), "ln_f.weight": np.ones(D), "ln_f.bias": np.zeros(D)}
+    p = "h.0."
+    t.update({p + "ln_1.weight": np.ones(D), p + "ln_1.bias": np.zeros(D),
+              p + "ln_2.weight": np.ones(D), p + "ln_2.bias": np.zeros(D),
+              p + "attn.c_attn.weight": r(D, 3 * D), p + "attn.c_attn.bias": r(3 * D),
+              p + "attn.c_proj.weight": r(D, D), p + "attn.c_proj.bias": r(D),
+              p + "mlp.c_fc.weight": r(D, 4 * D), p + "mlp.c_fc.bias": r(4 * D),
+              p + "mlp.c_proj.weight": r(4 * D, D), p + "mlp.c_proj.bias": r(D)})
+    (folder / "model.safetensors").write_bytes(safetensors_bytes(t))
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
+    vocab["<|endoftext|>"] = 256
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "tiny-gpt2")
+
+
+def test_tiny_model_is_valid(tiny, cache):
+    """Control: the folder the corrupt variants start from loads and generates."""
+    r = run_cli("generate", "-m", tiny, "-p", "hello", "-n", "3", "--seed", "0", env={"MINIRT_HOME": str(cache)})
+    assert r.returncode == 0, r.stderr
+    assert "stop: length" in r.stderr
+
+
+# ---------------------------------------------------------------------------- model names and paths
+
+def test_unknown_model_name(cache):
+    r = run_cli("generate", "--model", "nosuchmodel", "-p", "hi", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, "unknown model", "nosuchmodel")
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/x.gguf", "/nonexistent/folder", "nope.gguf"])
+def test_model_path_does_not_exist(path, cache):
+    r = run_cli("generate", "--model", path, "-p", "hi", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, "does not exist")
+
+
+def test_model_path_is_neither_gguf_nor_folder(tiny, cache):
+    r = run_cli("generate", "--model", tiny / "config.json", "-p", "hi", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, "not a GGUF file")
+
+
+# --------------------------------------------------------------------------------------- broken GGUF
+
+@pytest.fixture(scope="module")
+def bad_ggufs(tmp_path_factory, smollm2_path) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("gguf")
+    out = {}
+    with open(smollm2_path, "rb") as src:
+        for label, n in (("first-1MB", 1 << 20), ("first-60MB", 60 << 20)):
+            src.seek(0)
+            out[label] = d / f"{label}.gguf"
+            out[label].write_bytes(src.read(n))
+    rng = np.random.default_rng(1)
+    out["magic+random"] = d / "random.gguf"
+    out["magic+random"].write_bytes(b"GGUF" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    out["magic+v3+random"] = d / "random-v3.bin"  # no .gguf suffix: found by its magic; a valid version
+    out["magic+v3+random"].write_bytes(b"GGUF" + struct.pack("<I", 3) + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    out["empty"] = d / "empty.gguf"
+    out["empty"].write_bytes(b"")
+    return out
+
+
+@pytest.mark.parametrize("label", ["first-1MB", "first-60MB", "magic+random", "magic+v3+random", "empty"])
+def test_broken_gguf(label, bad_ggufs, cache):
+    r = run_cli("generate", "--model", bad_ggufs[label], "-p", "hi", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, str(bad_ggufs[label]))
+    assert r.seconds < 15
+
+
+# ------------------------------------------------------------------------------- broken safetensors
+
+def _good_st(tiny: Path) -> bytes:
+    return (tiny / "model.safetensors").read_bytes()
+
+
+ST_CASES = {
+    "truncated": (lambda g: g[: len(g) // 2], "truncated"),
+    "truncated-in-header": (lambda g: g[:20], "corrupt safetensors header"),
+    "shorter-than-8-bytes": (lambda g: g[:4], "too short"),
+    "empty": (lambda g: b"", "too short"),
+    "garbage-header": (lambda g: struct.pack("<Q", 64) + b"\xff" * 64 + g[72:], "not JSON"),
+    "header-length-past-eof": (lambda g: struct.pack("<Q", len(g)) + g[8:], "corrupt safetensors header"),
+    "header-length-huge": (lambda g: struct.pack("<Q", 1 << 62) + g[8:], "corrupt safetensors header"),
+    "tensor-offsets-past-eof": (lambda g: st_header({"wte.weight": {"dtype": "F32", "shape": [1000],
+                                                                     "data_offsets": [0, 4000]}}) + b"\0" * 16,
+                                "outside the file"),
+    "unsupported-dtype": (lambda g: st_header({"wte.weight": {"dtype": "I64", "shape": [1],
+                                                               "data_offsets": [0, 8]}}) + b"\0" * 8, "dtype"),
+    "no-tensors": (lambda g: st_header({}), "missing tensor"),
+}
+
+ST_BUGS = {  # valid JSON of the wrong shape reaches code that indexes it blindly
+    "header-is-a-list": lambda g: st_header([1, 2, 3]),
+    "tensor-entry-not-a-dict": lambda g: st_header({"wte.weight": 5}),
+    "tensor-without-shape": lambda g: st_header({"wte.weight": {"dtype": "F32", "data_offsets": [0, 4]}}) + b"\0" * 4,
+    "non-integer-offsets": lambda g: st_header({"wte.weight": {"dtype": "F32", "shape": [1],
+                                                               "data_offsets": ["a", "b"]}}) + b"\0" * 4,
+}
+
+
+def _corrupt_copy(tiny: Path, dest: Path, data: bytes) -> Path:
+    shutil.copytree(tiny, dest)
+    (dest / "model.safetensors").write_bytes(data)
+    return dest
+
+
+@pytest.mark.parametrize("label", list(ST_CASES))
+def test_corrupt_safetensors(label, tiny, tmp_path, cache):
+    make, needle = ST_CASES[label]
+    folder = _corrupt_copy(tiny, tmp_path / "m", make(_good_st(tiny)))
+    r = run_cli("generate", "--model", folder, "-p", "hi", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, needle)
+
+
+@pytest.mark.xfail(strict=True, reason="minirt bug: read_safetensors does not validate the header's structure "
+                                       "(TypeError/KeyError/ValueError traceback)")
+@pytest.mark.parametrize("label", list(ST_BUGS))
+def test_corrupt_safetensors_header_structure(label, tiny, tmp_path, cache):
+    folder = _corrupt_copy(tiny, tmp_path / "m", ST_BUGS[label](_good_st(tiny)))
+    r = run_cli("generate", "--model", folder, "-p", "hi", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r)
+
+
+@pytest.mark.parametrize("config, needle", [
+    (None, "no config.json"),
+    ("{not json", "config.json"),
+    ('{"model_type": "bert"}', "not supported"),
+    pytest.param('{"model_type": "gpt2"}', "config", marks=pytest.mark.xfail(
+        strict=True, reason="minirt bug: a config.json missing n_embd etc. gives KeyError traceback")),
+    pytest.param("[]", "config", marks=pytest.mark.xfail(
+        strict=True, reason="minirt bug: a config.json that is not an object gives AttributeError traceback")),
+])
+def test_bad_config_json(config, needle, tiny, tmp_path, cache):
+    folder = shutil.copytree(tiny, tmp_path / "m")
+    if config is None:
+        (folder / "config.json").unlink()
+    else:
+        (folder / "config.json").write_text(config)
+    r = run_cli("generate", "--model", folder, "-p", "hi", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, needle)
+
+
+# ----------------------------------------------------------------------------------------- bad flags
+
+@pytest.mark.parametrize("args, needle", [
+    (["--bogus"], "unrecognized arguments"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.5"], "top-p"),
+    (["--max-tokens", "-3"], "max tokens"),
+    (["--threads", "0"], "threads"),
+    (["--mode", "nosuchmode"], "invalid choice"),
+    (["--mode", "lowrank"], "not implemented"),
+    (["--top-k", "abc"], "invalid int"),
+    (["--top-k", "-1"], "top-k"),
+    (["--min-p", "1"], "min-p"),
+    (["--repeat-penalty", "0"], "repetition penalty"),
+    pytest.param(["--temperature", "nan"], "temperature", marks=pytest.mark.xfail(
+        strict=True, reason="minirt bug: NaN temperature passes validation; numpy raises in sampling (traceback)")),
+    pytest.param(["--seed", "-1"], "seed", marks=pytest.mark.xfail(
+        strict=True, reason="minirt bug: a negative seed reaches np.random.default_rng (traceback)")),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_flags(args, needle, tiny, cache):
+    r = run_cli("generate", "-m", tiny, "-p", "hi", "-n", "2", *args, env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, needle)
+
+
+def test_missing_prompt_and_bad_commands(cache):
+    env = {"MINIRT_HOME": str(cache)}  # default model smollm2: these must fail before any load or fetch
+    assert_one_line_error(run_cli("generate", env=env), "no prompt")
+    assert_one_line_error(run_cli("generate", "-p", "hi", "-f", "/nonexistent/p.txt", env=env), "not both")
+    assert_one_line_error(run_cli("generate", "-f", "/nonexistent/p.txt", env=env), "cannot read prompt file")
+    assert_one_line_error(run_cli(env=env), "required")
+    assert_one_line_error(run_cli("nosuchcommand", env=env), "invalid choice")
+
+
+@pytest.mark.xfail(strict=True, reason="minirt bug: sampling flags are validated only after the model is loaded, "
+                                       "so a bad flag with an uncached registry model triggers the download first")
+def test_bad_flag_reported_before_download(cache):
+    r = run_cli("generate", "-m", "gpt2", "-p", "hi", "--temperature", "-1", env={"MINIRT_HOME": str(cache)})
+    assert_one_line_error(r, "temperature")
+
+
+# ----------------------------------------------------------------------------------------- perplexity
+
+def test_perplexity_bad_inputs(tiny, tmp_path, cache):
+    env = {"MINIRT_HOME": str(cache)}
+    assert_one_line_error(run_cli("perplexity", "-f", "/nonexistent/text.txt", env=env), "cannot read")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x80" * 100)
+    assert_one_line_error(run_cli("perplexity", "-f", binary, env=env), "not UTF-8")
+    text = tmp_path / "text.txt"
+    text.write_text("hello world " * 50)
+    assert_one_line_error(run_cli("perplexity", "-m", tiny, "-f", text, "--ctx", "100000", env=env), "ctx")
+    assert_one_line_error(run_cli("perplexity", "-m", tiny, "-f", text, "--ctx", "16", "--chunks", "0", env=env),
+                          "chunks")
+
+
+# --------------------------------------------------------------------------------- SmolLM2 (real model)
+
+def test_smollm2_context_limits(smollm2_path, botchan_text):
+    """Prompt longer than the context (CLI --ctx 16, and the API at the model's 8192) and perplexity --ctx 100000.
+
+    The two CLI runs and the in-process load overlap, so the ~5 s model loads are paid about once."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    gen = run_cli("generate", "-p", long_prompt, "--ctx", "16", "-n", "4", popen=True)
+    ppl = run_cli("perplexity", "-f", "botchan", "--ctx", "100000", popen=True)
+    try:
+        model = minirt.load("smollm2")
+        assert model.cfg.max_ctx == 8192
+        with pytest.raises(MinirtError, match="context holds 8192"):
+            model.generate("word " * 20000, max_tokens=1)
+    finally:
+        gen_out, gen_err = gen.communicate(timeout=60)
+        ppl_out, ppl_err = ppl.communicate(timeout=60)
+    gen_r = subprocess.CompletedProcess(gen.args, gen.returncode, gen_out, gen_err)
+    ppl_r = subprocess.CompletedProcess(ppl.args, ppl.returncode, ppl_out, ppl_err)
+    assert_one_line_error(gen_r, "context holds 16", "--ctx")
+    assert_one_line_error(ppl_r, "ctx", "8192", "100000")
+
+
+# -------------------------------------------------------------------------------- cache and registry
+
+def test_list_shows_cached_smollm2(smollm2_path):
+    r = run_cli("list")  # MINIRT_HOME as the caller has it: the real cache
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "smollm2-135m" in ln)
+    assert "present" in line.split()
+
+
+def test_pull_cached_data_needs_no_network(botchan_text):
+    r = run_cli("pull", "botchan")  # network is dead (NO_NET): the cached copy must do
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("botchan.txt")
+    assert Path(r.stdout.strip()).is_file()
+
+
+def test_pull_offline_fails_fast_and_leaves_nothing(cache):
+    r = run_cli("pull", "gpt2", env={"MINIRT_HOME": str(cache), "HF_ENDPOINT": DEAD})
+    assert_one_line_error(r, "offline")
+    assert r.seconds < 10
+    assert not (cache / "gpt2").exists()  # and the `cache` fixture checks no file at all (no .part) is left
+
+
+def test_generate_offline_registry_model(cache):
+    r = run_cli("generate", "-m", "gpt2", "-p", "hi", env={"MINIRT_HOME": str(cache), "HF_ENDPOINT": DEAD})
+    assert_one_line_error(r, "offline")
+
+
+# ------------------------------------------------------------------------------- local HTTP server
+
+class FileServer:
+    """Serves {path: bytes} on 127.0.0.1 with Range support and per-path extra headers; records requests."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+        self.requests: list[tuple[str, dict]] = []
+        self.honor_range = True
+        self.cut_after: dict[str, int] = {}  # path → close the connection after this many body bytes
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, dict(self.headers)))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start, rng = 0, self.headers.get("Range")
+                if rng and server.honor_range:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in server.headers.get(self.path, {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body[:server.cut_after.get(self.path, len(body))])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, data: bytes, **headers: str) -> str:
+        self.files[path] = data
+        self.headers[path] = {k.replace("_", "-"): v for k, v in headers.items()}
+        return self.url + path
+
+    def requests_for(self, path: str) -> list[dict]:
+        return [h for p, h in self.requests if p == path]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    s = FileServer()
+    yield s
+    s.close()
+
+
+PAYLOAD = np.random.default_rng(7).integers(0, 256, 3 * (1 << 20) + 12345, dtype=np.uint8).tobytes()  # > 1 chunk
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def part_of(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def test_download_verified(server, tmp_path):
+    url = server.add("/f.bin", PAYLOAD)
+    dest = tmp_path / "sub" / "f.bin"
+    assert http_download(url, dest, {"sha256": SHA, "size": len(PAYLOAD)}) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert not part_of(dest).exists()
+    assert os.listdir(dest.parent) == ["f.bin"]
+
+
+@pytest.mark.parametrize("spec", [{"sha256": "0" * 64}, {"size": 5}, {"git_sha1": "0" * 40}])
+def test_download_mismatch_leaves_nothing(spec, server, tmp_path):
+    url = server.add("/f.bin", PAYLOAD)
+    dest = tmp_path / "f.bin"
+    with pytest.raises(MinirtError, match="mismatch|size"):
+        http_download(url, dest, spec)
+    assert not dest.exists() and not part_of(dest).exists()
+
+
+def test_download_http_error(server, tmp_path):
+    dest = tmp_path / "f.bin"
+    with pytest.raises(MinirtError, match="HTTP 404"):
+        http_download(server.url + "/missing", dest, {"sha256": SHA})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_resumes_with_range(server, tmp_path):
+    url = server.add("/f.bin", PAYLOAD)
+    dest = tmp_path / "f.bin"
+    half = len(PAYLOAD) // 2
+    part_of(dest).write_bytes(PAYLOAD[:half])
+    http_download(url, dest, {"sha256": SHA})
+    assert server.requests_for("/f.bin")[-1].get("Range") == f"bytes={half}-"
+    assert dest.read_bytes() == PAYLOAD
+    assert not part_of(dest).exists()
+
+
+def test_download_resume_when_server_ignores_range(server, tmp_path):
+    server.honor_range = False  # answers 200 with the whole file: the part must be rewritten, not appended to
+    url = server.add("/f.bin", PAYLOAD)
+    dest = tmp_path / "f.bin"
+    part_of(dest).write_bytes(PAYLOAD[:1000])
+    http_download(url, dest, {"sha256": SHA})
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_download_part_already_complete(server, tmp_path):
+    url = server.add("/f.bin", PAYLOAD)  # Range past the end → 416: the part is verified and used as is
+    dest = tmp_path / "f.bin"
+    part_of(dest).write_bytes(PAYLOAD)
+    http_download(url, dest, {"sha256": SHA})
+    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
+
+
+def test_download_interrupted_then_resumed(server, tmp_path):
+    url = server.add("/f.bin", PAYLOAD)
+    server.cut_after["/f.bin"] = 1_500_000  # server drops the connection mid-body
+    dest = tmp_path / "f.bin"
+    try:
+        http_download(url, dest, {"sha256": SHA})
+    except MinirtError:
+        pass
+    except Exception as e:  # noqa: BLE001 -- recorded as a bug below, but the resume path is still checked
+        pytest.xfail(f"minirt bug: an interrupted download raises {type(e).__name__}, not MinirtError")
+    else:
+        pytest.fail("a truncated body was accepted")
+    assert not dest.exists()
+    del server.cut_after["/f.bin"]
+    http_download(url, dest, {"sha256": SHA})
+    assert dest.read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("quoted", [True, False])
+def test_download_checksum_from_x_linked_etag(quoted, server, tmp_path):
+    etag = f'"{SHA}"' if quoted else SHA
+    url = server.add("/good.bin", PAYLOAD, X_Linked_Etag=etag, ETag='"' + "f" * 40 + '"')  # sha256 wins
+    dest = tmp_path / "good.bin"
+    http_download(url, dest)
+    assert dest.read_bytes() == PAYLOAD
+
+    url = server.add("/bad.bin", PAYLOAD, X_Linked_Etag='"' + "0" * 64 + '"')
+    bad = tmp_path / "bad.bin"
+    with pytest.raises(MinirtError, match="sha256 mismatch"):
+        http_download(url, bad)
+    assert not bad.exists() and not part_of(bad).exists()
+
+
+def test_download_checksum_from_git_blob_etag(server, tmp_path):
+    content = b'{"model_type": "gpt2"}\n'
+    blob_sha1 = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+    dest = tmp_path / "config.json"
+    http_download(server.add("/config.json", content, ETag=f'"{blob_sha1}"'), dest)
+    assert dest.read_bytes() == content
+    dest2 = tmp_path / "weak.json"
+    http_download(server.add("/weak.json", content, ETag=f'W/"{blob_sha1}"'), dest2)  # weak ETag form
+    assert dest2.read_bytes() == content
+
+    wrong = hashlib.sha1(content).hexdigest()  # plain sha1, not the git blob hash
+    bad = tmp_path / "bad.json"
+    with pytest.raises(MinirtError, match="git_sha1 mismatch"):
+        http_download(server.add("/bad.json", content, ETag=f'"{wrong}"'), bad)
+    assert not bad.exists() and not part_of(bad).exists()
+
+
+# ------------------------------------------------------------------------ registry pull via HF_ENDPOINT
+
+def _hf_entry(name: str, files: dict[str, dict], revision: str = "abc123") -> Entry:
+    return Entry(name, "models", {"aliases": [name + "-alias"], "description": "test", "architecture": "gpt2",
+                                  "source": {"kind": "hf", "repo": "org/tiny", "revision": revision},
+                                  "files": files, "entry": "."})
+
+
+def test_registry_pull_through_hf_endpoint(server, tiny, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("MINIRT_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", server.url + "/")  # a trailing slash must not matter
+    files = {}
+    for f in sorted(os.listdir(tiny)):
+        data = (tiny / f).read_bytes()
+        server.add(f"/org/tiny/resolve/abc123/{f}", data)
+        files[f] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    monkeypatch.setitem(minirt.registry.REGISTRY, "tiny-test", _hf_entry("tiny-test", files))
+
+    d = minirt.registry.pull("tiny-test-alias")
+    assert d.resolve() == (home / "tiny-test").resolve()
+    assert sorted(os.listdir(d)) == sorted(files)  # no .part files
+    for f in files:
+        assert (d / f).read_bytes() == (tiny / f).read_bytes()
+    assert minirt.registry.is_present(minirt.registry.REGISTRY["tiny-test"])
+
+    n = len(server.requests)
+    model = minirt.load("tiny-test")  # cached now: no further requests
+    assert len(server.requests) == n
+    assert len(model.generate("hi", max_tokens=3, seed=0).text()) > 0
+
+
+def test_registry_pull_failure_leaves_no_folder(server, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("MINIRT_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.add("/org/tiny/resolve/main/model.safetensors", PAYLOAD)
+    entry = _hf_entry("tiny-bad", {"model.safetensors": {"sha256": "0" * 64}}, revision="main")
+    monkeypatch.setitem(minirt.registry.REGISTRY, "tiny-bad", entry)
+    with pytest.raises(MinirtError, match="mismatch"):
+        minirt.registry.pull("tiny-bad")
+    assert files_under(home) == []
