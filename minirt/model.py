@@ -77,7 +77,7 @@ class Model:
             get = lambda k: t.get(p + k)  # noqa: E731
             if cfg.arch == "llama":
                 qkv = Dense.from_tensors([t[p + "wq"], t[p + "wk"], t[p + "wv"]], [get("bq"), get("bk"), get("bv")])
-                up = Dense.from_tensors([t[p + "w_gate"], t[p + "w_up"]])
+                up = Dense.from_tensors([t[p + "w_gate"], t[p + "w_up"]], [get("b_gate"), get("b_up")])
             else:
                 qkv = Dense.from_tensors([t[p + "wqkv"]], [get("bqkv")])
                 up = Dense.from_tensors([t[p + "w_up"]], [get("b_up")])
@@ -151,7 +151,12 @@ class Model:
                 kernels.gelu_new(s["up"], s["act"])
             x += L.down.forward(s["act"], s["o"])
         cache.pos = pos0 + T
-        rows = x[-1:] if logits == "last" else (x if logits == "all" else x[logits])
+        if isinstance(logits, str):
+            if logits not in ("last", "all"):
+                raise ValueError(f"logits must be 'last', 'all' or an index, not {logits!r}")
+            rows = x[-1:] if logits == "last" else x
+        else:
+            rows = x[logits]
         rows = np.ascontiguousarray(rows)
         h = self.norm(rows, np.empty_like(rows))
         return self.head.forward(h, np.empty((len(h), c.vocab_size), np.float32))

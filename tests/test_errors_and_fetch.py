@@ -326,22 +326,20 @@ def test_perplexity_bad_inputs(tiny, tmp_path, cache):
 def test_smollm2_context_limits(smollm2_path, botchan_text):
     """Prompt longer than the context (CLI --ctx 16, and the API at the model's 8192) and perplexity --ctx 100000.
 
-    The two CLI runs and the in-process load overlap, so the ~5 s model loads are paid about once."""
+    The two CLI runs overlap (~5 s for both); the in-process load waits for them, as running it alongside
+    makes all three several times slower on a small machine."""
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 20
-    gen = run_cli("generate", "-p", long_prompt, "--ctx", "16", "-n", "4", popen=True)
-    ppl = run_cli("perplexity", "-f", "botchan", "--ctx", "100000", popen=True)
-    try:
-        model = minirt.load("smollm2")
-        assert model.cfg.max_ctx == 8192
-        with pytest.raises(MinirtError, match="context holds 8192"):
-            model.generate("word " * 20000, max_tokens=1)
-    finally:
-        gen_out, gen_err = gen.communicate(timeout=60)
-        ppl_out, ppl_err = ppl.communicate(timeout=60)
-    gen_r = subprocess.CompletedProcess(gen.args, gen.returncode, gen_out, gen_err)
-    ppl_r = subprocess.CompletedProcess(ppl.args, ppl.returncode, ppl_out, ppl_err)
+    procs = [run_cli("generate", "-p", long_prompt, "--ctx", "16", "-n", "4", popen=True),
+             run_cli("perplexity", "-f", "botchan", "--ctx", "100000", popen=True)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    gen_r, ppl_r = (subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs))
     assert_one_line_error(gen_r, "context holds 16", "--ctx")
     assert_one_line_error(ppl_r, "ctx", "8192", "100000")
+
+    model = minirt.load("smollm2")
+    assert model.cfg.max_ctx == 8192
+    with pytest.raises(MinirtError, match="context holds 8192"):
+        model.generate("word " * 20000, max_tokens=1)
 
 
 # -------------------------------------------------------------------------------- cache and registry
@@ -417,7 +415,7 @@ class FileServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def add(self, path: str, data: bytes, **headers: str) -> str:
@@ -504,22 +502,42 @@ def test_download_part_already_complete(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
 
 
-def test_download_interrupted_then_resumed(server, tmp_path):
+def test_download_interrupted_is_not_accepted(server, tmp_path):
     url = server.add("/f.bin", PAYLOAD)
     server.cut_after["/f.bin"] = 1_500_000  # server drops the connection mid-body
     dest = tmp_path / "f.bin"
-    try:
+    with pytest.raises(MinirtError):
         http_download(url, dest, {"sha256": SHA})
-    except MinirtError:
-        pass
-    except Exception as e:  # noqa: BLE001 -- recorded as a bug below, but the resume path is still checked
-        pytest.xfail(f"minirt bug: an interrupted download raises {type(e).__name__}, not MinirtError")
-    else:
-        pytest.fail("a truncated body was accepted")
     assert not dest.exists()
     del server.cut_after["/f.bin"]
+    http_download(url, dest, {"sha256": SHA})  # run again: completes
+    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
+
+
+@pytest.mark.xfail(strict=True, reason="minirt bug: a body shorter than Content-Length is not detected; with a "
+                                       "checksum it is called corrupt and the .part deleted, so nothing resumes")
+def test_download_interrupted_keeps_part_for_resume(server, tmp_path):
+    url = server.add("/f.bin", PAYLOAD)
+    server.cut_after["/f.bin"] = 1_500_000
+    dest = tmp_path / "f.bin"
+    with pytest.raises(MinirtError, match="interrupted"):
+        http_download(url, dest, {"sha256": SHA})
+    assert part_of(dest).stat().st_size == 1_500_000 and not dest.exists()
+    del server.cut_after["/f.bin"]
     http_download(url, dest, {"sha256": SHA})
+    assert server.requests_for("/f.bin")[-1].get("Range") == "bytes=1500000-"
     assert dest.read_bytes() == PAYLOAD
+
+
+@pytest.mark.xfail(strict=True, reason="minirt bug: without a checksum, a body shorter than Content-Length is "
+                                       "renamed to dest as if complete")
+def test_download_truncated_without_checksum_is_rejected(server, tmp_path):
+    url = server.add("/f.bin", PAYLOAD)  # no spec checksum, no ETag headers: only Content-Length to go by
+    server.cut_after["/f.bin"] = 1_500_000
+    dest = tmp_path / "f.bin"
+    with pytest.raises(MinirtError):
+        http_download(url, dest, {})
+    assert not dest.exists()
 
 
 @pytest.mark.parametrize("quoted", [True, False])

@@ -34,6 +34,7 @@ NAMES = {
     "blk.{i}.attn_output.weight": "layers.{i}.wo",
     "blk.{i}.attn_output.bias": "layers.{i}.bo",
     "blk.{i}.ffn_gate.weight": "layers.{i}.w_gate",
+    "blk.{i}.ffn_gate.bias": "layers.{i}.b_gate",
     "blk.{i}.ffn_up.weight": "layers.{i}.w_up",
     "blk.{i}.ffn_up.bias": "layers.{i}.b_up",
     "blk.{i}.ffn_down.weight": "layers.{i}.w_down",
@@ -119,8 +120,9 @@ def read_gguf(path: Path) -> Checkpoint:
     )
     if arch == "llama":
         for i in range(cfg.n_layers):
-            for key, heads in ((f"layers.{i}.wq", cfg.n_heads), (f"layers.{i}.wk", cfg.n_kv_heads)):
-                if key in tensors:
+            for key, heads in ((f"layers.{i}.wq", cfg.n_heads), (f"layers.{i}.wk", cfg.n_kv_heads),
+                               (f"layers.{i}.bq", cfg.n_heads), (f"layers.{i}.bk", cfg.n_kv_heads)):
+                if key in tensors:  # llama.cpp permutes Q/K biases like the weights
                     tensors[key] = tensors[key].take_rows(unpermute_rope_rows(heads, tensors[key].shape[0]))
     return Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "")
 

@@ -138,9 +138,11 @@ def _llama(hc: dict, raw: dict[str, Tensor]):
         for src, dst in names.items():
             w = _need(raw, f"model.layers.{i}.{src}.weight")
             t[f"layers.{i}.{dst}" + (".weight" if "norm" in dst else "")] = w
-        for src, dst in (("q_proj", "bq"), ("k_proj", "bk"), ("v_proj", "bv")):
-            if f"model.layers.{i}.self_attn.{src}.bias" in raw:
-                t[f"layers.{i}.{dst}"] = raw[f"model.layers.{i}.self_attn.{src}.bias"]
+        for src, dst in (("self_attn.q_proj", "bq"), ("self_attn.k_proj", "bk"), ("self_attn.v_proj", "bv"),
+                         ("self_attn.o_proj", "bo"), ("mlp.gate_proj", "b_gate"), ("mlp.up_proj", "b_up"),
+                         ("mlp.down_proj", "b_down")):
+            if f"model.layers.{i}.{src}.bias" in raw:
+                t[f"layers.{i}.{dst}"] = raw[f"model.layers.{i}.{src}.bias"]
     return cfg, t
 
 
