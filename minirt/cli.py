@@ -77,7 +77,14 @@ def _sampling(args) -> dict:
                 mode=args.mode, ctx=args.ctx)
 
 
-def _check_mode(args) -> None:
+def _check_args(args) -> None:
+    """Reject bad sampling flags before a model is loaded (or downloaded)."""
+    from .sampling import SamplingParams
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
+    if args.max_tokens < 0:
+        raise MinirtError(f"max tokens (--max-tokens) must be ≥ 0, got {args.max_tokens}")
+    if args.ctx is not None and args.ctx < 2:
+        raise MinirtError(f"--ctx must be ≥ 2, got {args.ctx}")
     if args.mode != "dense":
         raise MinirtError(f"mode '{args.mode}' is not implemented yet (only 'dense' is, for now)")
 
@@ -96,7 +103,7 @@ def cmd_generate(args) -> None:
         prompt = args.prompt
     else:
         raise MinirtError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
-    _check_mode(args)
+    _check_args(args)
     model = _load(args)
     gen = model.generate(prompt, chat=args.chat, system=args.system, **_sampling(args))
     for piece in gen:
@@ -107,7 +114,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    _check_mode(args)
+    _check_args(args)
     model = _load(args)
     tok = model.tokenizer
     tok.chat_prompt("")  # fails early, with one line, for a model without a chat template
@@ -150,6 +157,8 @@ def cmd_perplexity(args) -> None:
         raise MinirtError(f"cannot read {args.file}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise MinirtError(f"{args.file} is not UTF-8 text") from None
+    if args.ctx < 4 or (args.chunks is not None and args.chunks < 1):
+        raise MinirtError("--ctx must be ≥ 4 and --chunks ≥ 1")
     model = _load(args)
     r = perplexity(model, text, ctx=args.ctx, chunks=args.chunks)
     print(f"{r.n_tokens} tokens, {r.chunks} chunks of {args.ctx}, {r.seconds:.1f} s", file=sys.stderr)

@@ -129,6 +129,9 @@ def http_download(url: str, dest: Path, spec: dict | None = None, timeout: float
                 raise MinirtError(f"download of {url} interrupted ({e}); run the same command again to resume") from None
             finally:
                 bar.close()
+            if total is not None and part.stat().st_size < total:
+                raise MinirtError(f"download of {url} interrupted ({part.stat().st_size} of {total} bytes); "
+                                  "run the same command again to resume")
     try:
         verify(part, spec, dest.name)
     except MinirtError:

@@ -43,6 +43,8 @@ class Generation:
             raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         if mode != "dense":
             raise MinirtError(f"mode '{mode}' is not implemented yet (only 'dense' is, for now)")
+        if ctx is not None and ctx < 2:
+            raise MinirtError(f"context size must be ≥ 2, got {ctx}")
         if max_tokens < 0:
             raise MinirtError(f"max tokens must be ≥ 0, got {max_tokens}")
         self.model = model

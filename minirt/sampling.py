@@ -6,6 +6,7 @@ to the drafter's and the model's logits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,11 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise MinirtError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and self.seed < 0:
+            raise MinirtError(f"seed must be ≥ 0, got {self.seed}")
         if self.temperature < 0:
             raise MinirtError(f"temperature must be ≥ 0, got {self.temperature}")
         if self.top_k < 0:

@@ -7,8 +7,6 @@ second); SmolLM2 is loaded only in test_smollm2_context_limits, where its three 
 
 Downloads are tested against a local HTTP server (127.0.0.1, Range requests, ETag / X-Linked-Etag);
 nothing here touches the network: subprocesses get a dead HF_ENDPOINT and PIP_NO_INDEX=1.
-
-Tests marked xfail(strict=True) pin down known minirt bugs; when one is fixed, drop its marker.
 """
 from __future__ import annotations
 
@@ -237,8 +235,6 @@ def test_corrupt_safetensors(label, tiny, tmp_path, cache):
     assert_one_line_error(r, needle)
 
 
-@pytest.mark.xfail(strict=True, reason="minirt bug: read_safetensors does not validate the header's structure "
-                                       "(TypeError/KeyError/ValueError traceback)")
 @pytest.mark.parametrize("label", list(ST_BUGS))
 def test_corrupt_safetensors_header_structure(label, tiny, tmp_path, cache):
     folder = _corrupt_copy(tiny, tmp_path / "m", ST_BUGS[label](_good_st(tiny)))
@@ -250,10 +246,8 @@ def test_corrupt_safetensors_header_structure(label, tiny, tmp_path, cache):
     (None, "no config.json"),
     ("{not json", "config.json"),
     ('{"model_type": "bert"}', "not supported"),
-    pytest.param('{"model_type": "gpt2"}', "config", marks=pytest.mark.xfail(
-        strict=True, reason="minirt bug: a config.json missing n_embd etc. gives KeyError traceback")),
-    pytest.param("[]", "config", marks=pytest.mark.xfail(
-        strict=True, reason="minirt bug: a config.json that is not an object gives AttributeError traceback")),
+    ('{"model_type": "gpt2"}', "config"),
+    ("[]", "config"),
 ])
 def test_bad_config_json(config, needle, tiny, tmp_path, cache):
     folder = shutil.copytree(tiny, tmp_path / "m")
@@ -280,10 +274,8 @@ def test_bad_config_json(config, needle, tiny, tmp_path, cache):
     (["--top-k", "-1"], "top-k"),
     (["--min-p", "1"], "min-p"),
     (["--repeat-penalty", "0"], "repetition penalty"),
-    pytest.param(["--temperature", "nan"], "temperature", marks=pytest.mark.xfail(
-        strict=True, reason="minirt bug: NaN temperature passes validation; numpy raises in sampling (traceback)")),
-    pytest.param(["--seed", "-1"], "seed", marks=pytest.mark.xfail(
-        strict=True, reason="minirt bug: a negative seed reaches np.random.default_rng (traceback)")),
+    (["--temperature", "nan"], "temperature"),
+    (["--seed", "-1"], "seed"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_flags(args, needle, tiny, cache):
     r = run_cli("generate", "-m", tiny, "-p", "hi", "-n", "2", *args, env={"MINIRT_HOME": str(cache)})
@@ -299,8 +291,6 @@ def test_missing_prompt_and_bad_commands(cache):
     assert_one_line_error(run_cli("nosuchcommand", env=env), "invalid choice")
 
 
-@pytest.mark.xfail(strict=True, reason="minirt bug: sampling flags are validated only after the model is loaded, "
-                                       "so a bad flag with an uncached registry model triggers the download first")
 def test_bad_flag_reported_before_download(cache):
     r = run_cli("generate", "-m", "gpt2", "-p", "hi", "--temperature", "-1", env={"MINIRT_HOME": str(cache)})
     assert_one_line_error(r, "temperature")
@@ -514,8 +504,6 @@ def test_download_interrupted_is_not_accepted(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="minirt bug: a body shorter than Content-Length is not detected; with a "
-                                       "checksum it is called corrupt and the .part deleted, so nothing resumes")
 def test_download_interrupted_keeps_part_for_resume(server, tmp_path):
     url = server.add("/f.bin", PAYLOAD)
     server.cut_after["/f.bin"] = 1_500_000
@@ -529,8 +517,6 @@ def test_download_interrupted_keeps_part_for_resume(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD
 
 
-@pytest.mark.xfail(strict=True, reason="minirt bug: without a checksum, a body shorter than Content-Length is "
-                                       "renamed to dest as if complete")
 def test_download_truncated_without_checksum_is_rejected(server, tmp_path):
     url = server.add("/f.bin", PAYLOAD)  # no spec checksum, no ETag headers: only Content-Length to go by
     server.cut_after["/f.bin"] = 1_500_000

@@ -31,17 +31,21 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise MinirtError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise MinirtError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     start = 8 + n
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
         try:
             dtype, qtype = DTYPES[info["dtype"]]
-        except KeyError:
-            raise MinirtError(f"{path}: tensor {name} has dtype {info.get('dtype')}, not F32/F16/BF16") from None
-        shape = tuple(int(s) for s in info["shape"])
-        a, b = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(s) for s in info["shape"])
+            a, b = (int(x) for x in info["data_offsets"])
+        except KeyError as e:
+            raise MinirtError(f"{path}: tensor {name}: unsupported dtype or missing field {e} in the header") from None
+        except (TypeError, ValueError, AttributeError):
+            raise MinirtError(f"{path}: tensor {name}: malformed header entry") from None
         count = int(np.prod(shape)) if shape else 1
         if not (0 <= a <= b and start + b <= size and b - a == count * np.dtype(dtype).itemsize):
             raise MinirtError(f"{path}: tensor {name} lies outside the file or has the wrong size (truncated?)")
@@ -64,6 +68,8 @@ def read_hf_folder(folder: Path) -> Checkpoint:
     if not cfg_path.exists():
         raise MinirtError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     hc = _load_json(cfg_path)
+    if not isinstance(hc, dict):
+        raise MinirtError(f"{cfg_path}: not a JSON object")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         extra = " (pytorch_model.bin is not read: convert it to safetensors)" if (folder / "pytorch_model.bin").exists() else ""
@@ -72,12 +78,17 @@ def read_hf_folder(folder: Path) -> Checkpoint:
     for f in files:
         raw.update(read_safetensors(f))
     mtype = hc.get("model_type")
-    if mtype == "gpt2":
-        cfg, tensors = _gpt2(hc, raw)
-    elif mtype in ("llama", "mistral") or "LlamaForCausalLM" in hc.get("architectures", []):
-        cfg, tensors = _llama(hc, raw)
-    else:
-        raise MinirtError(f"{folder}: model_type {mtype!r} is not supported (gpt2 and llama are)")
+    try:
+        if mtype == "gpt2":
+            cfg, tensors = _gpt2(hc, raw)
+        elif mtype in ("llama", "mistral") or "LlamaForCausalLM" in (hc.get("architectures") or []):
+            cfg, tensors = _llama(hc, raw)
+        else:
+            raise MinirtError(f"{folder}: model_type {mtype!r} is not supported (gpt2 and llama are)")
+    except KeyError as e:
+        raise MinirtError(f"{cfg_path}: required field {e} is missing") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise MinirtError(f"{cfg_path}: malformed config ({e})") from None
     types = {t.qtype for k, t in tensors.items() if len(t.shape) == 2}
     return Checkpoint(cfg, tensors, _tokenizer(folder, hc, cfg), folder, "/".join(sorted(types)))
 
