@@ -19,6 +19,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="registry name (see `minirt list`) or a path to a .gguf file / Hugging Face folder")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--cache-dir", default=None, help="where models are cached (default: weights/ or $MINIRT_HOME)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="expand quantized matrices to float32 instead of running on the stored format")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +59,19 @@ def build_parser() -> Parser:
     pp.add_argument("-c", "--ctx", type=int, default=512)
     pp.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
 
+    b = sub.add_parser("bench", help="prompt (pp) and generation (tg) speed, like llama-bench")
+    _model_args(b)
+    b.add_argument("-p", "--n-prompt", type=int, default=128)
+    b.add_argument("-n", "--n-gen", type=int, default=128)
+    b.add_argument("-r", "--repetitions", type=int, default=5)
+    b.add_argument("--mode", choices=MODES, default="dense")
+
+    q = sub.add_parser("quantize", help="re-encode a GGUF file's matrices (F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+    q.add_argument("model", help="registry name or GGUF path")
+    q.add_argument("out", help="output .gguf path")
+    q.add_argument("--type", required=True, choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"))
+    q.add_argument("--cache-dir", default=None)
+
     pl = sub.add_parser("pull", help="fetch models or data into the cache ahead of time")
     pl.add_argument("names", nargs="+")
     pl.add_argument("--cache-dir", default=None)
@@ -68,7 +83,7 @@ def build_parser() -> Parser:
 
 def _load(args):
     import minirt
-    return minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads)
+    return minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize)
 
 
 def _sampling(args) -> dict:
@@ -165,6 +180,30 @@ def cmd_perplexity(args) -> None:
     print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.stderr:.5f}")
 
 
+def cmd_bench(args) -> None:
+    import numba
+
+    from . import bench
+    if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
+        raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
+    if args.mode != "dense":
+        raise MinirtError(f"mode '{args.mode}' is not implemented yet (only 'dense' is, for now)")
+    model = _load(args)
+    if max(args.n_prompt, args.n_gen) > model.cfg.max_ctx:
+        raise MinirtError(f"-p/-n larger than the model's context of {model.cfg.max_ctx}")
+    res = bench.run(model, args.n_prompt, args.n_gen, args.repetitions)
+    name = model.source.name if model.source else args.model
+    ftype = "f32 (dequantized)" if args.dequantize else model.file_type
+    print(bench.report(res, name, ftype, numba.get_num_threads(), args.n_prompt, args.n_gen, args.mode))
+
+
+def cmd_quantize(args) -> None:
+    from .quantize import quantize_gguf
+    from .registry import resolve
+    out = quantize_gguf(resolve(args.model, args.cache_dir), args.out, args.type)
+    print(out)
+
+
 def cmd_pull(args) -> None:
     from .registry import pull
     for name in args.names:
@@ -181,8 +220,8 @@ def cmd_list(args) -> None:
         print(f"{kind:5} {e.name + alias:28} {mark:8} {e.spec.get('description', '')}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "pull": cmd_pull,
-            "list": cmd_list}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
+            "quantize": cmd_quantize, "pull": cmd_pull, "list": cmd_list}
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
-from .threads import gemm_nt
+from . import kernels, qkernels
+from .threads import split_rows
 from .readers.base import Tensor
 
 BLAS_MIN_ROWS = 4  # from this many positions on, a BLAS GEMM beats the row-parallel Numba kernel
@@ -48,7 +48,7 @@ class Dense(Linear):
 
     def forward(self, x, out):
         if x.shape[0] >= BLAS_MIN_ROWS:
-            gemm_nt(x, self.w, out)
+            split_rows(self.out_features, lambda a, b: np.matmul(x, self.w[a:b].T, out=out[:, a:b]))
         else:
             kernels.matmul_f32(x, self.w, out)
         if self.bias is not None:
@@ -58,3 +58,121 @@ class Dense(Linear):
     @property
     def nbytes(self) -> int:
         return self.w.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+class Quant(Linear):
+    """A matrix kept in its stored format (Q8_0, Q4_0, Q4_1, F16, BF16): no float32 copy.
+
+    Decode and short batches run the Numba kernels of qkernels on the quantized rows; batches of
+    GEMM_MIN_ROWS or more dequantize tiles of rows and multiply them with BLAS."""
+
+    FORMATS = {"Q8_0": (34, 2, None), "Q4_0": (18, 2, None), "Q4_1": (20, 4, 2), "F16": (0, 0, None),
+               "BF16": (0, 0, None)}  # bytes per block, offset of the quants, offset of m
+    GEMM_MIN_ROWS = 8
+    TILE = 64
+
+    def __init__(self, t: Tensor, bias: np.ndarray | None = None):
+        self.qtype = t.qtype
+        block, qoff, moff = self.FORMATS[t.qtype]
+        N, K = t.shape
+        self.out_features, self.in_features = N, K
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        if block == 0:  # F16 / BF16: 16-bit values as they are
+            self.q = np.ascontiguousarray(t.data).view(np.uint16).reshape(N, K)
+            self.nb = 0
+            self.d = self.m = np.zeros((N, 0), np.uint16)
+            return
+        if K % 32:
+            raise ValueError(f"{t.qtype} rows of {K} values are not whole blocks")
+        nb = self.nb = K // 32
+        blocks = np.asarray(t.data).reshape(N, nb, block)
+        self.d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.uint16).reshape(N, nb)
+        self.m = (np.ascontiguousarray(blocks[:, :, moff:moff + 2]).view(np.uint16).reshape(N, nb)
+                  if moff else np.zeros((N, 0), np.uint16))
+        q = blocks[:, :, qoff:]  # (N, nb, 32 int8 | 16 nibble bytes)
+        if t.qtype == "Q8_0":
+            q = q.view(np.int8)
+        self.q = np.ascontiguousarray(q.transpose(0, 2, 1)).reshape(N, -1)  # block-transposed
+
+    @classmethod
+    def concat(cls, parts: list["Quant"]) -> "Quant":
+        """Stack matrices of one format along their outputs (fused Q/K/V, gate/up)."""
+        out = object.__new__(cls)
+        out.__dict__.update(parts[0].__dict__)
+        out.q = np.concatenate([p.q for p in parts])
+        out.d = np.concatenate([p.d for p in parts])
+        out.m = np.concatenate([p.m for p in parts])
+        out.out_features = sum(p.out_features for p in parts)
+        bs = [p.bias if p.bias is not None else np.zeros(p.out_features, np.float32) for p in parts]
+        out.bias = np.concatenate(bs) if any(p.bias is not None for p in parts) else None
+        return out
+
+    def permute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Activations in the block-transposed column order of the rows, and their per-block sums."""
+        T = x.shape[0]
+        if self.nb == 0:
+            return x, np.zeros((T, 0), np.float32)
+        x3 = x.reshape(T, self.nb, 32)
+        return np.ascontiguousarray(x3.transpose(0, 2, 1)).reshape(T, -1), x3.sum(axis=2, dtype=np.float32)
+
+    def forward(self, x, out):
+        xp, xs = self.permute(x)
+        if x.shape[0] < self.GEMM_MIN_ROWS:
+            if self.qtype == "Q8_0":
+                qkernels.matmul_q8_0(xp, self.q, self.d, out)
+            elif self.qtype in ("Q4_0", "Q4_1"):
+                qkernels.matmul_q4(xp, xs, self.q, self.d, self.m, out)
+            elif self.qtype == "F16":
+                qkernels.matmul_f16(xp, self.q, out)
+            else:
+                qkernels.matmul_bf16(xp, self.q, out)
+        else:
+            split_rows(self.out_features, lambda a, b: self._gemm(xp, out, a, b))
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def _gemm(self, xp, out, a, b):
+        w = np.empty((min(self.TILE, b - a), self.in_features), np.float32)
+        for r in range(a, b, self.TILE):
+            e = min(b, r + self.TILE)
+            self._dequantize(r, e, w)
+            np.matmul(xp, w[:e - r].T, out=out[:, r:e])
+
+    def _dequantize(self, a: int, b: int, w: np.ndarray) -> None:
+        if self.qtype == "Q8_0":
+            qkernels.dequantize_q8_0(self.q, self.d, a, b, w)
+        elif self.qtype in ("Q4_0", "Q4_1"):
+            qkernels.dequantize_q4(self.q, self.d, self.m, a, b, w)
+        elif self.qtype == "F16":
+            qkernels.dequantize_f16(self.q, a, b, w)
+        else:
+            qkernels.dequantize_bf16(self.q, a, b, w)
+
+    def dequantized(self) -> np.ndarray:
+        """The float32 matrix in natural column order (for tests and exports)."""
+        w = np.empty((self.out_features, self.in_features), np.float32)
+        self._dequantize(0, self.out_features, w)
+        if self.nb:
+            w = w.reshape(-1, 32, self.nb).transpose(0, 2, 1).reshape(w.shape)
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes + self.m.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequantize: bool = False) -> Linear:
+    """The Linear for matrices stacked along their outputs: kept in their stored format when they share
+    one that has kernels, else float32."""
+    qtypes = {t.qtype for t in ws}
+    if dequantize or len(qtypes) != 1 or next(iter(qtypes)) not in Quant.FORMATS or ws[0].shape[1] % 32:
+        return Dense.from_tensors(ws, bs)
+    bias = None
+    if bs and any(b is not None for b in bs):
+        bias = np.concatenate([b.float32() if b is not None else np.zeros(t.shape[0], np.float32)
+                               for b, t in zip(bs, ws)])
+    parts = [Quant(t) for t in ws]
+    q = parts[0] if len(parts) == 1 else Quant.concat(parts)
+    q.bias = bias
+    return q

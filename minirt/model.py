@@ -20,8 +20,8 @@ from . import kernels
 from .config import ModelConfig
 from .errors import MinirtError
 from .kvcache import KVCache
-from .linear import Dense, Linear
-from .readers import Checkpoint
+from .linear import Linear, make_linear
+from .readers import Checkpoint, Tensor
 from .threads import blas_single_threaded
 from .tokenizer import Tokenizer, build_tokenizer
 
@@ -40,6 +40,16 @@ class Norm:
         return out
 
 
+class Embedding:
+    """Token (or position) embeddings, kept in their stored format; rows are dequantized when looked up."""
+
+    def __init__(self, t: Tensor):
+        self.t = t if t.qtype != "F32" else Tensor(np.ascontiguousarray(t.data, np.float32), "F32", t.shape)
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        return Tensor(self.t.data[ids], self.t.qtype, (len(ids), self.t.shape[1])).float32()
+
+
 @dataclass
 class Layer:
     attn_norm: Norm
@@ -51,7 +61,7 @@ class Layer:
 
 
 class Model:
-    def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: np.ndarray, pos_embed: np.ndarray | None,
+    def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: Embedding, pos_embed: np.ndarray | None,
                  norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = ""):
         self.cfg, self.layers, self.embed, self.pos_embed = cfg, layers, embed, pos_embed
         self.norm, self.head, self.tokenizer = norm, head, tokenizer
@@ -63,8 +73,12 @@ class Model:
         self._scratch: dict[int, dict[str, np.ndarray]] = {}
 
     @classmethod
-    def from_checkpoint(cls, ck: Checkpoint) -> "Model":
+    def from_checkpoint(cls, ck: Checkpoint, dequantize: bool = False) -> "Model":
+        """Build the model; matrices stay in their stored format (Quant) unless dequantize=True (float32)."""
         cfg, t = ck.config, ck.tensors
+
+        def linear(ws, bs=None):
+            return make_linear(ws, bs, dequantize)
         eps = cfg.norm_eps
 
         def norm(prefix: str) -> Norm:
@@ -76,15 +90,17 @@ class Model:
             p = f"layers.{i}."
             get = lambda k: t.get(p + k)  # noqa: E731
             if cfg.arch == "llama":
-                qkv = Dense.from_tensors([t[p + "wq"], t[p + "wk"], t[p + "wv"]], [get("bq"), get("bk"), get("bv")])
-                up = Dense.from_tensors([t[p + "w_gate"], t[p + "w_up"]], [get("b_gate"), get("b_up")])
+                qkv = linear([t[p + "wq"], t[p + "wk"], t[p + "wv"]], [get("bq"), get("bk"), get("bv")])
+                up = linear([t[p + "w_gate"], t[p + "w_up"]], [get("b_gate"), get("b_up")])
             else:
-                qkv = Dense.from_tensors([t[p + "wqkv"]], [get("bqkv")])
-                up = Dense.from_tensors([t[p + "w_up"]], [get("b_up")])
-            layers.append(Layer(norm(p + "attn_norm"), qkv, Dense.from_tensors([t[p + "wo"]], [get("bo")]),
-                                norm(p + "ffn_norm"), up, Dense.from_tensors([t[p + "w_down"]], [get("b_down")])))
-        embed = t["embed"].float32()
-        head = Dense(embed) if cfg.tied_head else Dense.from_tensors([t["head"]])
+                qkv = linear([t[p + "wqkv"]], [get("bqkv")])
+                up = linear([t[p + "w_up"]], [get("b_up")])
+            layers.append(Layer(norm(p + "attn_norm"), qkv, linear([t[p + "wo"]], [get("bo")]),
+                                norm(p + "ffn_norm"), up, linear([t[p + "w_down"]], [get("b_down")])))
+        head = linear([t["embed"] if cfg.tied_head else t["head"]])
+        embed = Embedding(t["embed"])
+        if cfg.tied_head and getattr(head, "w", None) is not None and t["embed"].qtype == "F32":
+            embed.t = Tensor(head.w, "F32", head.w.shape)  # share the float32 matrix with the head
         pos = t["pos_embed"].float32() if "pos_embed" in t else None
         tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
         return cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Callable
 
 import numba
-import numpy as np
 
 
 @lru_cache(maxsize=4)
@@ -32,17 +32,12 @@ def blas_single_threaded():
         return contextlib.nullcontext()
 
 
-def gemm_nt(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """out = x · wᵀ with the rows of w split over the kernel threads (each a single-threaded BLAS call)."""
+def split_rows(n_rows: int, work: Callable[[int, int], None], min_rows: int = 64) -> None:
+    """Call work(a, b) on disjoint row ranges covering 0..n_rows, one range per kernel thread.
+    work must release the GIL (BLAS, nogil Numba) for the ranges to run in parallel."""
     n = numba.get_num_threads()
-    N = w.shape[0]
-    if n == 1 or N < 64:
-        np.matmul(x, w.T, out=out)
+    if n == 1 or n_rows < 2 * min_rows:
+        work(0, n_rows)
         return
-    step = -(-N // n)
-
-    def part(i: int) -> None:
-        a, b = i * step, min(N, (i + 1) * step)
-        np.matmul(x, w[a:b].T, out=out[:, a:b])
-
-    list(_pool(n).map(part, range(n)))
+    step = -(-n_rows // n)
+    list(_pool(n).map(lambda i: work(i * step, min(n_rows, (i + 1) * step)), range(n)))

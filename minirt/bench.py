@@ -1,0 +1,88 @@
+"""minirt bench: prompt processing (pp) and token generation (tg) speed, reported like llama-bench, with
+the weight bytes read per generated token and the bandwidth that implies, against the memory bandwidth
+measured by the same command."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _stream_sum(a):
+    n = a.shape[0]
+    chunks = 64
+    step = (n + chunks - 1) // chunks
+    part = np.zeros(chunks, np.float32)
+    for c in prange(chunks):
+        s = np.float32(0.0)
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += a[i]
+        part[c] = s
+    return part.sum()
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of several parallel streaming sums over a large array."""
+    a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    _stream_sum(a[:1024])
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _stream_sum(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+@dataclass
+class BenchResult:
+    pp: list[float]
+    tg: list[float]
+    weight_bytes: int
+    bandwidth: float
+
+    @staticmethod
+    def _ms(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):8.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:6.2f}"
+
+
+def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0) -> BenchResult:
+    rng = np.random.default_rng(seed)
+    vocab = model.cfg.vocab_size
+    warm = model.new_cache(16)  # compile / load kernels for every shape used below
+    model.forward(rng.integers(0, vocab, max(p, 1)), model.new_cache(max(p, 1)))
+    model.forward([1], warm)
+    pp, tg = [], []
+    for _ in range(r):
+        if p:
+            cache = model.new_cache(p)
+            prompt = rng.integers(0, vocab, p)
+            t = time.perf_counter()
+            model.forward(prompt, cache)
+            pp.append(p / (time.perf_counter() - t))
+        if n:
+            cache = model.new_cache(n)
+            tok = int(rng.integers(0, vocab))
+            t = time.perf_counter()
+            for _ in range(n):
+                tok = int(np.argmax(model.forward([tok], cache)[0]))
+            tg.append(n / (time.perf_counter() - t))
+    return BenchResult(pp, tg, model.weight_bytes, memory_bandwidth())
+
+
+def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n: int, mode: str = "dense") -> str:
+    gb = res.weight_bytes / 1e9
+    lines = [f"memory bandwidth (streaming read, {threads} threads): {res.bandwidth / 1e9:.1f} GB/s",
+             f"weights read per token: {res.weight_bytes / 2**20:.1f} MiB",
+             "| model | type | mode | threads | test | t/s | GB/s | % of bandwidth |",
+             "|---|---|---|---|---|---|---|---|"]
+    if res.pp:
+        lines.append(f"| {name} | {file_type} | {mode} | {threads} | pp{p} | {BenchResult._ms(res.pp)} | | |")
+    if res.tg:
+        mean = statistics.mean(res.tg)
+        lines.append(f"| {name} | {file_type} | {mode} | {threads} | tg{n} | {BenchResult._ms(res.tg)} | "
+                     f"{mean * gb:.1f} | {100 * mean * res.weight_bytes / res.bandwidth:.0f}% |")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""CPU kernels (Numba) that compute on quantized weights as stored, without a float32 copy.
+
+Layout. At load, each GGUF block row is split into its scales (f16 bits, (N, nb)) and its quants, and the
+quants of a row are stored "block-transposed": byte i of block b sits at i·nb + b. Activations are
+permuted the same way (Quant.permute), so that a row's work is long, contiguous loops that LLVM
+vectorizes well:
+    p[k] = x'[k] · q[k]                      (nibbles: x'lo[k]·(v & 15) + x'hi[k]·(v >> 4))
+    s_b  = Σ_i p[i·nb + b]                   per-block partial sums
+    y    = Σ_b d_b · s_b  (+ m_b · Σx_b for Q4_1, − 8 · d_b · Σx_b for Q4_0)
+(Measured on Zen 4: a 32-wide inner loop per block is unrolled into scalar code and runs 3–4× slower.)
+Each format has its own kernel so that LLVM sees straight-line code. Batches of positions instead
+dequantize tiles of rows to float32, in the same permuted order, and multiply them with BLAS.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+JIT = dict(cache=True, fastmath=True)
+ROWS_PER_TASK = 16
+F16 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # f16 bits → float32
+M15 = np.uint8(15)
+S4 = np.uint8(4)
+
+
+@njit(inline="always", **JIT)
+def _block_sums(p, nb, reps, s):
+    for b in range(nb):
+        s[b] = p[b]
+    for i in range(1, reps):
+        o = i * nb
+        for b in range(nb):
+            s[b] += p[o + b]
+
+
+@njit(parallel=True, **JIT)
+def matmul_q8_0(xp, q, d, out):
+    """out[t, j] = Σ_b d[j,b] · Σ_i q[j, i·nb+b] · xp[t, i·nb+b]   (int8 quants, f16 scales)"""
+    T, K = xp.shape
+    N, nb = d.shape
+    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        p = np.empty(K, np.float32)
+        s = np.empty(nb, np.float32)
+        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+            qr = q[j]
+            for t in range(T):
+                xr = xp[t]
+                for k in range(K):
+                    p[k] = xr[k] * np.float32(qr[k])
+                _block_sums(p, nb, 32, s)
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += F16[d[j, b]] * s[b]
+                out[t, j] = acc
+
+
+@njit(parallel=True, **JIT)
+def matmul_q4(xp, xs, q, d, m, out):
+    """Q4_0 (m has no columns: offset −8·d) and Q4_1 (offset m): nibble v of block b means d·v + offset.
+    out[t, j] = Σ_b d·s_b + offset·Σx_b, with s_b the block sums of x'lo·(v & 15) + x'hi·(v >> 4)."""
+    T, K = xp.shape
+    N, nb = d.shape
+    H = K // 2
+    q41 = m.shape[1] > 0
+    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        p = np.empty(H, np.float32)
+        s = np.empty(nb, np.float32)
+        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+            qr = q[j]
+            for t in range(T):
+                xr = xp[t]
+                xh = xr[H:]
+                for k in range(H):
+                    v = qr[k]
+                    p[k] = xr[k] * np.float32(v & M15) + xh[k] * np.float32(v >> S4)
+                _block_sums(p, nb, 16, s)
+                acc = np.float32(0.0)
+                if q41:
+                    for b in range(nb):
+                        acc += F16[d[j, b]] * s[b] + F16[m[j, b]] * xs[t, b]
+                else:
+                    for b in range(nb):
+                        acc += F16[d[j, b]] * (s[b] - np.float32(8.0) * xs[t, b])
+                out[t, j] = acc
+
+
+@njit(parallel=True, **JIT)
+def matmul_f16(x, q, out):
+    """16-bit floats (IEEE half) through a 65536-entry table."""
+    T, K = x.shape
+    N = q.shape[0]
+    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        w = np.empty(K, np.float32)
+        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+            qr = q[j]
+            for k in range(K):
+                w[k] = F16[qr[k]]
+            for t in range(T):
+                xr = x[t]
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += xr[k] * w[k]
+                out[t, j] = acc
+
+
+@njit(parallel=True, **JIT)
+def matmul_bf16(x, q, out):
+    """bfloat16: the upper half of a float32, widened by a shift."""
+    T, K = x.shape
+    N = q.shape[0]
+    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        w = np.empty(K, np.float32)
+        u = w.view(np.uint32)
+        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+            qr = q[j]
+            for k in range(K):
+                u[k] = np.uint32(qr[k]) << np.uint32(16)
+            for t in range(T):
+                xr = x[t]
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += xr[k] * w[k]
+                out[t, j] = acc
+
+
+@njit(nogil=True, **JIT)
+def dequantize_q8_0(q, d, a, b, w):
+    """Rows a..b−1 as float32 into w, in the block-transposed column order."""
+    nb = d.shape[1]
+    sc = np.empty(nb, np.float32)
+    for j in range(a, b):
+        qr, wr = q[j], w[j - a]
+        for c in range(nb):
+            sc[c] = F16[d[j, c]]
+        for i in range(32):
+            o = i * nb
+            for c in range(nb):
+                wr[o + c] = np.float32(qr[o + c]) * sc[c]
+
+
+@njit(nogil=True, **JIT)
+def dequantize_q4(q, d, m, a, b, w):
+    nb = d.shape[1]
+    H = q.shape[1]
+    sc = np.empty(nb, np.float32)
+    off = np.empty(nb, np.float32)
+    for j in range(a, b):
+        qr, wr = q[j], w[j - a]
+        for c in range(nb):
+            sc[c] = F16[d[j, c]]
+            off[c] = F16[m[j, c]] if m.shape[1] else np.float32(-8.0) * sc[c]
+        wh = wr[H:]
+        for i in range(16):
+            o = i * nb
+            for c in range(nb):
+                v = qr[o + c]
+                wr[o + c] = np.float32(v & M15) * sc[c] + off[c]
+                wh[o + c] = np.float32(v >> S4) * sc[c] + off[c]
+
+
+@njit(nogil=True, **JIT)
+def dequantize_f16(q, a, b, w):
+    for j in range(a, b):
+        qr, wr = q[j], w[j - a]
+        for k in range(qr.shape[0]):
+            wr[k] = F16[qr[k]]
+
+
+@njit(nogil=True, **JIT)
+def dequantize_bf16(q, a, b, w):
+    for j in range(a, b):
+        qr, u = q[j], w[j - a].view(np.uint32)
+        for k in range(qr.shape[0]):
+            u[k] = np.uint32(qr[k]) << np.uint32(16)
