@@ -23,16 +23,17 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | None = None,
-         threads: int | None = None, dequantize: bool = False) -> Model:
+         threads: int | None = None, dequantize: bool = False, exact: bool = False) -> Model:
     """Load a model by registry name (fetched and cached on first use) or from a local path.
 
     Quantized matrices (Q8_0, Q4_0, Q4_1, F16, BF16) stay in their stored format and run on kernels
-    made for it; dequantize=True expands them to float32 instead."""
+    made for it; dequantize=True expands them to float32 instead. Decode steps on block formats round
+    activations to int8 per block (as llama.cpp does); exact=True keeps them float32."""
     from .readers import read_checkpoint
     from .registry import resolve
     if threads is not None:
         set_threads(threads)
-    return Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)), dequantize=dequantize)
+    return Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)), dequantize=dequantize, exact=exact)
 
 
 def set_threads(n: int) -> None:

@@ -18,9 +18,10 @@ def _stream_sum(a):
     step = (n + chunks - 1) // chunks
     part = np.zeros(chunks, np.float32)
     for c in prange(chunks):
+        chunk = a[c * step:min(n, (c + 1) * step)]
         s = np.float32(0.0)
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s += a[i]
+        for i in range(chunk.shape[0]):
+            s += chunk[i]
         part[c] = s
     return part.sum()
 

@@ -21,6 +21,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="where models are cached (default: weights/ or $MINIRT_HOME)")
     p.add_argument("--dequantize", action="store_true",
                    help="expand quantized matrices to float32 instead of running on the stored format")
+    p.add_argument("--exact", action="store_true",
+                   help="float32 activations in the quantized decode kernels (no int8 rounding; slower)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +85,8 @@ def build_parser() -> Parser:
 
 def _load(args):
     import minirt
-    return minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize)
+    return minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize,
+                       exact=args.exact)
 
 
 def _sampling(args) -> dict:

@@ -63,16 +63,18 @@ class Dense(Linear):
 class Quant(Linear):
     """A matrix kept in its stored format (Q8_0, Q4_0, Q4_1, F16, BF16): no float32 copy.
 
-    Decode and short batches run the Numba kernels of qkernels on the quantized rows; batches of
-    GEMM_MIN_ROWS or more dequantize tiles of rows and multiply them with BLAS."""
+    Decode and short batches run the Numba kernels of qkernels on the quantized rows (block formats with
+    int8-quantized activations, as llama.cpp does); batches of GEMM_MIN_ROWS or more dequantize tiles of
+    rows and multiply them with BLAS in float32."""
 
     FORMATS = {"Q8_0": (34, 2, None), "Q4_0": (18, 2, None), "Q4_1": (20, 4, 2), "F16": (0, 0, None),
                "BF16": (0, 0, None)}  # bytes per block, offset of the quants, offset of m
     GEMM_MIN_ROWS = 8
     TILE = 64
 
-    def __init__(self, t: Tensor, bias: np.ndarray | None = None):
+    def __init__(self, t: Tensor, bias: np.ndarray | None = None, exact: bool = False):
         self.qtype = t.qtype
+        self.exact = exact  # float32 activations in the decode kernels (slower, no activation rounding)
         block, qoff, moff = self.FORMATS[t.qtype]
         N, K = t.shape
         self.out_features, self.in_features = N, K
@@ -107,26 +109,38 @@ class Quant(Linear):
         out.bias = np.concatenate(bs) if any(p.bias is not None for p in parts) else None
         return out
 
-    def permute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Activations in the block-transposed column order of the rows, and their per-block sums."""
-        T = x.shape[0]
+    def permute(self, x: np.ndarray) -> np.ndarray:
+        """Activations in the block-transposed column order of the rows."""
         if self.nb == 0:
-            return x, np.zeros((T, 0), np.float32)
-        x3 = x.reshape(T, self.nb, 32)
-        return np.ascontiguousarray(x3.transpose(0, 2, 1)).reshape(T, -1), x3.sum(axis=2, dtype=np.float32)
+            return x
+        T = x.shape[0]
+        return np.ascontiguousarray(x.reshape(T, self.nb, 32).transpose(0, 2, 1)).reshape(T, -1)
 
     def forward(self, x, out):
-        xp, xs = self.permute(x)
-        if x.shape[0] < self.GEMM_MIN_ROWS:
+        T = x.shape[0]
+        if T < self.GEMM_MIN_ROWS and self.nb and self.exact:
+            xp = self.permute(x)
             if self.qtype == "Q8_0":
-                qkernels.matmul_q8_0(xp, self.q, self.d, out)
-            elif self.qtype in ("Q4_0", "Q4_1"):
-                qkernels.matmul_q4(xp, xs, self.q, self.d, self.m, out)
-            elif self.qtype == "F16":
-                qkernels.matmul_f16(xp, self.q, out)
+                qkernels.matmul_q8_0_exact(xp, self.q, self.d, out)
             else:
-                qkernels.matmul_bf16(xp, self.q, out)
+                xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
+                qkernels.matmul_q4_exact(xp, xs, self.q, self.d, self.m, out)
+        elif T < self.GEMM_MIN_ROWS and self.nb:
+            xq = np.empty((T, self.in_features), np.int8)
+            xd = np.empty((T, self.nb), np.float32)
+            xs = np.empty((T, self.nb), np.float32)
+            qkernels.quantize_x(x, xq, xd, xs)
+            if self.qtype == "Q8_0":
+                qkernels.matmul_q8_0(xq, xd, self.q, self.d, out)
+            else:
+                qkernels.matmul_q4(xq, xd, xs, self.q, self.d, self.m, out)
+        elif T < self.GEMM_MIN_ROWS:
+            if self.qtype == "F16":
+                qkernels.matmul_f16(x, self.q, out)
+            else:
+                qkernels.matmul_bf16(x, self.q, out)
         else:
+            xp = self.permute(x)
             split_rows(self.out_features, lambda a, b: self._gemm(xp, out, a, b))
         if self.bias is not None:
             out += self.bias
@@ -162,9 +176,10 @@ class Quant(Linear):
         return self.q.nbytes + self.d.nbytes + self.m.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
-def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequantize: bool = False) -> Linear:
+def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequantize: bool = False,
+                exact: bool = False) -> Linear:
     """The Linear for matrices stacked along their outputs: kept in their stored format when they share
-    one that has kernels, else float32."""
+    one that has kernels, else float32. exact: float32 activations in the quantized decode kernels."""
     qtypes = {t.qtype for t in ws}
     if dequantize or len(qtypes) != 1 or next(iter(qtypes)) not in Quant.FORMATS or ws[0].shape[1] % 32:
         return Dense.from_tensors(ws, bs)
@@ -172,7 +187,7 @@ def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequant
     if bs and any(b is not None for b in bs):
         bias = np.concatenate([b.float32() if b is not None else np.zeros(t.shape[0], np.float32)
                                for b, t in zip(bs, ws)])
-    parts = [Quant(t) for t in ws]
+    parts = [Quant(t, exact=exact) for t in ws]
     q = parts[0] if len(parts) == 1 else Quant.concat(parts)
     q.bias = bias
     return q

@@ -73,12 +73,14 @@ class Model:
         self._scratch: dict[int, dict[str, np.ndarray]] = {}
 
     @classmethod
-    def from_checkpoint(cls, ck: Checkpoint, dequantize: bool = False) -> "Model":
-        """Build the model; matrices stay in their stored format (Quant) unless dequantize=True (float32)."""
+    def from_checkpoint(cls, ck: Checkpoint, dequantize: bool = False, exact: bool = False) -> "Model":
+        """Build the model. Matrices stay in their stored format (Quant) unless dequantize=True (float32).
+        Decode steps on block formats round activations to int8 per block, as llama.cpp does;
+        exact=True keeps them float32 (slower; what the float reference tests use)."""
         cfg, t = ck.config, ck.tensors
 
         def linear(ws, bs=None):
-            return make_linear(ws, bs, dequantize)
+            return make_linear(ws, bs, dequantize, exact)
         eps = cfg.norm_eps
 
         def norm(prefix: str) -> Norm:

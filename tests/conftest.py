@@ -14,6 +14,13 @@ def smollm2_path():
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
+    """Exact arithmetic on the stored Q4_1/Q8_0 blocks (float32 activations): what references compare to."""
+    return minirt.load(smollm2_path, exact=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fast(smollm2_path):
+    """The default: decode kernels round activations to int8 per block, as llama.cpp does."""
     return minirt.load(smollm2_path)
 
 
