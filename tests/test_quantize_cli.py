@@ -37,7 +37,7 @@ def test_minirt_runs_it_close_to_the_source(q8_file, smollm2):
     m = minirt.load(q8_file, exact=True)
     ids = smollm2.tokenizer.encode("Requantized from Q4_1 to Q8_0, the model barely moves.")
     a, b = smollm2.logits(ids), m.logits(ids)
-    assert np.abs(a - b).max() < 0.5 and (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+    assert np.abs(a - b).mean() < 0.1 and (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
     assert m.weight_bytes > 1.5 * smollm2.weight_bytes  # 8.5 bits per weight instead of 5
 
 
