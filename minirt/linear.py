@@ -109,6 +109,14 @@ class Quant(Linear):
         out.bias = np.concatenate(bs) if any(p.bias is not None for p in parts) else None
         return out
 
+    def _act_buffers(self, T: int):
+        """int8 activations, their block scales and sums for T positions: allocated once per T."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        if T not in bufs:
+            bufs[T] = (np.empty((T, self.in_features), np.int8), np.empty((T, self.nb), np.float32),
+                       np.empty((T, self.nb), np.float32))
+        return bufs[T]
+
     def permute(self, x: np.ndarray) -> np.ndarray:
         """Activations in the block-transposed column order of the rows."""
         if self.nb == 0:
@@ -126,9 +134,7 @@ class Quant(Linear):
                 xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
                 qkernels.matmul_q4_exact(xp, xs, self.q, self.d, self.m, out)
         elif T < self.GEMM_MIN_ROWS and self.nb:
-            xq = np.empty((T, self.in_features), np.int8)
-            xd = np.empty((T, self.nb), np.float32)
-            xs = np.empty((T, self.nb), np.float32)
+            xq, xd, xs = self._act_buffers(T)
             qkernels.quantize_x(x, xq, xd, xs)
             if self.qtype == "Q8_0":
                 qkernels.matmul_q8_0(xq, xd, self.q, self.d, out)

@@ -168,17 +168,31 @@ def matmul_q4_exact(xp, xs, q, d, m, out):
                 out[t, j] = acc
 
 
+@njit(inline="always", **JIT)
+def _f16_row(h, w, u):
+    """IEEE half bits h → float32 w (u: the same buffer as uint32), in two vectorizable passes: normals by
+    re-biasing the exponent (bits << 13 + (127−15) << 23), then zeros and subnormals as m · 2^−24."""
+    for k in range(h.shape[0]):
+        v = np.uint32(h[k])
+        u[k] = ((v & np.uint32(0x8000)) << np.uint32(16)) | (((v & np.uint32(0x7FFF)) << np.uint32(13))
+                                                             + np.uint32(0x38000000))
+    for k in range(h.shape[0]):
+        v = h[k]
+        if (v & np.uint16(0x7C00)) == 0:
+            m = np.float32(v & np.uint16(0x3FF)) * np.float32(5.960464477539063e-08)
+            w[k] = -m if v & np.uint16(0x8000) else m
+
+
 @njit(parallel=True, **JIT)
 def matmul_f16(x, q, out):
-    """16-bit floats (IEEE half) through a 65536-entry table."""
+    """16-bit IEEE floats, widened row by row (exact), then float32 dot products."""
     T, K = x.shape
     N = q.shape[0]
     for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         w = np.empty(K, np.float32)
+        u = w.view(np.uint32)
         for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
-            qr = q[j]
-            for k in range(K):
-                w[k] = F16[qr[k]]
+            _f16_row(q[j], w, u)
             for t in range(T):
                 xr = x[t]
                 acc = np.float32(0.0)
@@ -245,9 +259,7 @@ def dequantize_q4(q, d, m, a, b, w):
 @njit(nogil=True, **JIT)
 def dequantize_f16(q, a, b, w):
     for j in range(a, b):
-        qr, wr = q[j], w[j - a]
-        for k in range(qr.shape[0]):
-            wr[k] = F16[qr[k]]
+        _f16_row(q[j], w[j - a], w[j - a].view(np.uint32))
 
 
 @njit(nogil=True, **JIT)

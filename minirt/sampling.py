@@ -75,7 +75,8 @@ class Sampler:
         probs = np.exp(x - x.max())
         probs /= probs.sum()
         if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
+            live = np.flatnonzero(probs)  # after top-k only k candidates remain: sort just those
+            order = live[np.argsort(-probs[live], kind="stable")]
             cum = np.cumsum(probs[order])
             keep = cum - probs[order] < p.top_p   # keep tokens until the mass before them reaches top_p
             mask = np.zeros_like(probs, dtype=bool)
