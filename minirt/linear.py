@@ -169,13 +169,19 @@ class Quant(Linear):
         else:
             qkernels.dequantize_bf16(self.q, a, b, w)
 
+    def rows(self, ids) -> np.ndarray:
+        """Selected rows as float32 in natural column order (a tied head serves as the embedding table)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        w = np.empty((len(ids), self.in_features), np.float32)
+        for i, r in enumerate(ids):
+            self._dequantize(int(r), int(r) + 1, w[i:i + 1])
+        if self.nb:
+            w = np.ascontiguousarray(w.reshape(-1, 32, self.nb).transpose(0, 2, 1)).reshape(w.shape)
+        return w
+
     def dequantized(self) -> np.ndarray:
         """The float32 matrix in natural column order (for tests and exports)."""
-        w = np.empty((self.out_features, self.in_features), np.float32)
-        self._dequantize(0, self.out_features, w)
-        if self.nb:
-            w = w.reshape(-1, 32, self.nb).transpose(0, 2, 1).reshape(w.shape)
-        return w
+        return self.rows(np.arange(self.out_features))
 
     @property
     def nbytes(self) -> int:

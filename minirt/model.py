@@ -20,7 +20,7 @@ from . import kernels
 from .config import ModelConfig
 from .errors import MinirtError
 from .kvcache import KVCache
-from .linear import Linear, make_linear
+from .linear import Dense, Linear, Quant, make_linear
 from .readers import Checkpoint, Tensor
 from .threads import blas_single_threaded
 from .tokenizer import Tokenizer, build_tokenizer
@@ -41,12 +41,17 @@ class Norm:
 
 
 class Embedding:
-    """Token (or position) embeddings, kept in their stored format; rows are dequantized when looked up."""
+    """Token embeddings, kept in their stored format; rows are dequantized when looked up. A tied head
+    serves as the table itself, so the matrix is held once."""
 
-    def __init__(self, t: Tensor):
-        self.t = t if t.qtype != "F32" else Tensor(np.ascontiguousarray(t.data, np.float32), "F32", t.shape)
+    def __init__(self, t: Tensor, head: Linear | None = None):
+        self.t, self.head = t, head
 
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        if isinstance(self.head, Quant):
+            return self.head.rows(ids)
+        if isinstance(self.head, Dense):
+            return self.head.w[ids]
         return Tensor(self.t.data[ids], self.t.qtype, (len(ids), self.t.shape[1])).float32()
 
 
@@ -85,7 +90,8 @@ class Model:
 
         def norm(prefix: str) -> Norm:
             b = t.get(prefix + ".bias")
-            return Norm(t[prefix + ".weight"].float32(), None if b is None else b.float32(), eps)
+            # copies: once loading is done nothing refers to the mapped file, which is then unmapped
+            return Norm(np.array(t[prefix + ".weight"].float32()), None if b is None else np.array(b.float32()), eps)
 
         layers = []
         for i in range(cfg.n_layers):
@@ -100,10 +106,8 @@ class Model:
             layers.append(Layer(norm(p + "attn_norm"), qkv, linear([t[p + "wo"]], [get("bo")]),
                                 norm(p + "ffn_norm"), up, linear([t[p + "w_down"]], [get("b_down")])))
         head = linear([t["embed"] if cfg.tied_head else t["head"]])
-        embed = Embedding(t["embed"])
-        if cfg.tied_head and getattr(head, "w", None) is not None and t["embed"].qtype == "F32":
-            embed.t = Tensor(head.w, "F32", head.w.shape)  # share the float32 matrix with the head
-        pos = t["pos_embed"].float32() if "pos_embed" in t else None
+        embed = Embedding(t["embed"], head if cfg.tied_head else None)
+        pos = np.array(t["pos_embed"].float32()) if "pos_embed" in t else None
         tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
         return cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type)
 
