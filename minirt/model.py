@@ -105,9 +105,11 @@ class Model:
                 up = linear([t[p + "w_up"]], [get("b_up")])
             layers.append(Layer(norm(p + "attn_norm"), qkv, linear([t[p + "wo"]], [get("bo")]),
                                 norm(p + "ffn_norm"), up, linear([t[p + "w_down"]], [get("b_down")])))
+            ck.release_pages()
         head = linear([t["embed"] if cfg.tied_head else t["head"]])
         embed = Embedding(t["embed"], head if cfg.tied_head else None)
         pos = np.array(t["pos_embed"].float32()) if "pos_embed" in t else None
+        ck.release_pages()
         tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
         return cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type)
 

@@ -61,3 +61,11 @@ class Checkpoint:
     tokenizer: TokenizerSpec
     source: Path
     file_type: str = ""       # e.g. "Q4_1", "F32": the dominant matrix type, for reports
+    mapping: object = None    # the mmap the tensors view, if any
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident set (they fault back in if still used):
+        called as each layer has been copied into its kernel layout, so loading never holds both."""
+        if self.mapping is not None and hasattr(self.mapping, "madvise"):
+            import mmap
+            self.mapping.madvise(mmap.MADV_DONTNEED)

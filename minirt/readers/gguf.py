@@ -207,7 +207,7 @@ def read_gguf(path: Path) -> Checkpoint:
                                (f"layers.{i}.bq", cfg.n_heads), (f"layers.{i}.bk", cfg.n_kv_heads)):
                 if key in tensors:  # llama.cpp permutes Q/K biases like the weights
                     tensors[key] = tensors[key].take_rows(unpermute_rope_rows(heads, tensors[key].shape[0]))
-    return Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "")
+    return Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm)
 
 
 def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
