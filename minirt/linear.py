@@ -141,10 +141,7 @@ class Quant(Linear):
             else:
                 qkernels.matmul_q4(xq, xd, xs, self.q, self.d, self.m, out)
         elif T < self.GEMM_MIN_ROWS:
-            if self.qtype == "F16":
-                qkernels.matmul_f16(x, self.q, out)
-            else:
-                qkernels.matmul_bf16(x, self.q, out)
+            qkernels.matmul_half(x, self.q, self.qtype == "BF16", out)
         else:
             xp = self.permute(x)
             split_rows(self.out_features, lambda a, b: self._gemm(xp, out, a, b))
@@ -164,10 +161,8 @@ class Quant(Linear):
             qkernels.dequantize_q8_0(self.q, self.d, a, b, w)
         elif self.qtype in ("Q4_0", "Q4_1"):
             qkernels.dequantize_q4(self.q, self.d, self.m, a, b, w)
-        elif self.qtype == "F16":
-            qkernels.dequantize_f16(self.q, a, b, w)
         else:
-            qkernels.dequantize_bf16(self.q, a, b, w)
+            qkernels.dequantize_half(self.q, self.qtype == "BF16", a, b, w)
 
     def rows(self, ids) -> np.ndarray:
         """Selected rows as float32 in natural column order (a tied head serves as the embedding table)."""

@@ -183,36 +183,26 @@ def _f16_row(h, w, u):
             w[k] = -m if v & np.uint16(0x8000) else m
 
 
+@njit(inline="always", **JIT)
+def _widen_row(h, bf16, w, u):
+    """16-bit floats → float32 w (u: the same buffer as uint32). bfloat16 is the upper half of a float32."""
+    if bf16:
+        for k in range(h.shape[0]):
+            u[k] = np.uint32(h[k]) << np.uint32(16)
+    else:
+        _f16_row(h, w, u)
+
+
 @njit(parallel=True, **JIT)
-def matmul_f16(x, q, out):
-    """16-bit IEEE floats, widened row by row (exact), then float32 dot products."""
+def matmul_half(x, q, bf16, out):
+    """F16 or BF16 rows, widened row by row (exact), then float32 dot products."""
     T, K = x.shape
     N = q.shape[0]
     for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         w = np.empty(K, np.float32)
         u = w.view(np.uint32)
         for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
-            _f16_row(q[j], w, u)
-            for t in range(T):
-                xr = x[t]
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += xr[k] * w[k]
-                out[t, j] = acc
-
-
-@njit(parallel=True, **JIT)
-def matmul_bf16(x, q, out):
-    """bfloat16: the upper half of a float32, widened by a shift."""
-    T, K = x.shape
-    N = q.shape[0]
-    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        w = np.empty(K, np.float32)
-        u = w.view(np.uint32)
-        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
-            qr = q[j]
-            for k in range(K):
-                u[k] = np.uint32(qr[k]) << np.uint32(16)
+            _widen_row(q[j], bf16, w, u)
             for t in range(T):
                 xr = x[t]
                 acc = np.float32(0.0)
@@ -257,14 +247,6 @@ def dequantize_q4(q, d, m, a, b, w):
 
 
 @njit(nogil=True, **JIT)
-def dequantize_f16(q, a, b, w):
+def dequantize_half(q, bf16, a, b, w):
     for j in range(a, b):
-        _f16_row(q[j], w[j - a], w[j - a].view(np.uint32))
-
-
-@njit(nogil=True, **JIT)
-def dequantize_bf16(q, a, b, w):
-    for j in range(a, b):
-        qr, u = q[j], w[j - a].view(np.uint32)
-        for k in range(qr.shape[0]):
-            u[k] = np.uint32(qr[k]) << np.uint32(16)
+        _widen_row(q[j], bf16, w[j - a], w[j - a].view(np.uint32))
