@@ -11,7 +11,7 @@ from . import kernels, qkernels
 from .threads import split_rows
 from .readers.base import Tensor
 
-BLAS_MIN_ROWS = 4  # from this many positions on, a BLAS GEMM beats the row-parallel Numba kernel
+BLAS_MIN_ROWS = 16  # from this many positions on, a BLAS GEMM beats the row-parallel Numba kernel (measured)
 
 
 class Linear:
