@@ -36,6 +36,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ctx", type=int, default=None, help="context size (default: the model's)")
     p.add_argument("--mode", choices=MODES, default="dense")
+    p.add_argument("--draft", default="ngram",
+                   help="drafter for --mode speculative: ngram[:N] (prompt lookup), layers:N (early exit), "
+                        "or a model name/path with the same tokenizer")
+    p.add_argument("--draft-k", type=int, default=4, help="draft length K (adapted as acceptance varies)")
 
 
 def build_parser() -> Parser:
@@ -92,7 +96,7 @@ def _load(args):
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
-                mode=args.mode, ctx=args.ctx)
+                mode=args.mode, ctx=args.ctx, draft=args.draft, draft_k=args.draft_k)
 
 
 def _check_args(args) -> None:
@@ -103,8 +107,10 @@ def _check_args(args) -> None:
         raise MinirtError(f"max tokens (--max-tokens) must be ≥ 0, got {args.max_tokens}")
     if args.ctx is not None and args.ctx < 2:
         raise MinirtError(f"--ctx must be ≥ 2, got {args.ctx}")
-    if args.mode != "dense":
-        raise MinirtError(f"mode '{args.mode}' is not implemented yet (only 'dense' is, for now)")
+    if args.draft_k < 1:
+        raise MinirtError(f"--draft-k must be ≥ 1, got {args.draft_k}")
+    if args.mode not in ("dense", "speculative"):
+        raise MinirtError(f"mode '{args.mode}' is not implemented yet (dense and speculative are)")
 
 
 def cmd_generate(args) -> None:
@@ -129,6 +135,8 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(gen.stats.summary(), file=sys.stderr)
+    if gen.drafter is not None:
+        print(gen.spec.summary(), file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
@@ -190,7 +198,7 @@ def cmd_bench(args) -> None:
     if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
         raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
     if args.mode != "dense":
-        raise MinirtError(f"mode '{args.mode}' is not implemented yet (only 'dense' is, for now)")
+        raise MinirtError(f"mode '{args.mode}' is not implemented in bench yet (dense is)")
     model = _load(args)
     if max(args.n_prompt, args.n_gen) > model.cfg.max_ctx:
         raise MinirtError(f"-p/-n larger than the model's context of {model.cfg.max_ctx}")

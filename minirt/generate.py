@@ -38,11 +38,13 @@ class Generation:
     def __init__(self, model, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] | list[str] = (), chat: bool = False, system: str | None = None,
-                 mode: str = "dense", ctx: int | None = None):
+                 mode: str = "dense", ctx: int | None = None, draft: str = "ngram", draft_k: int = 4):
         if mode not in MODES:
             raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
-        if mode != "dense":
-            raise MinirtError(f"mode '{mode}' is not implemented yet (only 'dense' is, for now)")
+        if mode not in ("dense", "speculative"):
+            raise MinirtError(f"mode '{mode}' is not implemented yet (dense and speculative are)")
+        if draft_k < 1:
+            raise MinirtError(f"draft length must be ≥ 1, got {draft_k}")
         if ctx is not None and ctx < 2:
             raise MinirtError(f"context size must be ≥ 2, got {ctx}")
         if max_tokens < 0:
@@ -63,30 +65,52 @@ class Generation:
         self.prompt_ids = ids
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
-        self.cache = model.new_cache(min(limit, len(ids) + max_tokens))
+        self.cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * draft_k + 1))
         self.stats = Stats(prompt_tokens=len(ids))
+        self.mode, self.draft_k = mode, draft_k
+        self.drafter = None
+        if mode == "speculative":
+            from .speculative import SpecStats, make_drafter
+            self.drafter = make_drafter(model, draft, self.cache.capacity)
+            self.spec = SpecStats()
+
+    def _dense_tokens(self):
+        """Prefill the prompt in one call, then one forward call per token."""
+        logits = self.model.forward(self.prompt_ids, self.cache)[0]
+        history = list(self.prompt_ids)
+        while True:
+            tok = self.sampler(logits, history)
+            history.append(tok)
+            yield tok
+            if self.cache.pos >= self.cache.capacity:
+                return
+            logits = self.model.forward([tok], self.cache)[0]
 
     def __iter__(self):
         model, st = self.model, self.stats
         eog = model.tokenizer.eog_ids
-        detok = Detokenizer(model.tokenizer) if self.max_tokens else None
-        history = list(self.prompt_ids)
-        pending = ""  # text held back while it could be the start of a stop string
         if self.max_tokens == 0:
             st.stop_reason = "length"
             return
-        t0 = time.perf_counter()
-        logits = model.forward(self.prompt_ids, self.cache)[0]
-        st.prompt_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        while True:
-            tok = self.sampler(logits, history)
+        detok = Detokenizer(model.tokenizer)
+        if self.drafter is None:
+            source = self._dense_tokens()
+        else:
+            from .speculative import speculative_tokens
+            source = speculative_tokens(model, self.cache, self.prompt_ids, self.sampler, self.drafter, self.draft_k,
+                                        self.max_tokens, self.spec)
+        pending = ""  # text held back while it could be the start of a stop string
+        t0 = t1 = time.perf_counter()
+        st.stop_reason = "context full"
+        for tok in source:
             st.decode_tokens += 1
+            if st.decode_tokens == 1:
+                t1 = time.perf_counter()  # decode speed counts the steps after the first token
+                st.prompt_seconds = t1 - t0
             if tok in eog:
                 st.stop_reason = "eog"
                 break
             st.tokens.append(tok)
-            history.append(tok)
             pending += detok.push(tok)
             out, hit = self._split_stop(pending)
             if out:
@@ -99,14 +123,8 @@ class Generation:
             if len(st.tokens) >= self.max_tokens:
                 st.stop_reason = "length"
                 break
-            if self.cache.pos >= self.cache.capacity:
-                st.stop_reason = "context full"
-                break
-            if st.decode_tokens == 1:
-                t1 = time.perf_counter()  # decode speed counts steps after the first sampled token
-            logits = model.forward([tok], self.cache)[0]
         st.decode_seconds = time.perf_counter() - t1
-        tail = pending + (detok.flush() if detok else "")
+        tail = pending + detok.flush()
         if tail and st.stop_reason != "stop string":
             yield tail
 

@@ -190,6 +190,13 @@ class Model:
         ids = list(token_ids)
         return self.forward(ids, self.new_cache(len(ids)), logits="all")
 
+    def truncated(self, n_layers: int) -> "Model":
+        """The first n_layers with the final norm and head (early exit): a drafter sharing every weight."""
+        from dataclasses import replace
+        m = Model(replace(self.cfg, n_layers=n_layers), self.layers[:n_layers], self.embed, self.pos_embed,
+                  self.norm, self.head, self.tokenizer, self.source, self.file_type)
+        return m
+
     # ---- conveniences -------------------------------------------------------------------------
     def generate(self, prompt, **kwargs):
         """Stream generated text pieces for a prompt (str or token ids); see minirt.generate.Generation."""

@@ -1,0 +1,220 @@
+"""Speculative decoding: a cheap drafter proposes K tokens, the model scores them in one forward call over
+K+1 positions, and the longest acceptable prefix is kept (KV caches rolled back past it).
+
+Acceptance rule (Leviathan et al. / Chen et al.), with p the model's and q the drafter's distribution after
+the same sampling transforms (temperature, top-k/p, min-p, repetition penalty):
+    greedy   — accept draft x_i while x_i = argmax p_i; then emit argmax p_n (correction or bonus token)
+    sampling — accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); on the first rejection emit a token
+               drawn from norm(max(0, p_i − q_i)); if all K are accepted, emit a bonus token from p_K.
+Greedy output is token-identical to plain greedy decoding; sampled output follows the model's distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import MinirtError
+from .sampling import Sampler
+
+PROBE = 8
+K_MAX = 6  # K+1 = 7 positions: below Quant.GEMM_MIN_ROWS (8) and BLAS_MIN_ROWS (16)
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0          # verification calls
+    proposed: int = 0       # draft tokens proposed
+    accepted: int = 0       # draft tokens accepted
+    ks: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per verification call (accepted drafts + the model's own token)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    def summary(self) -> str:
+        return (f"speculative: {self.steps} verify calls, acceptance {self.acceptance:.0%}, "
+                f"{self.mean_accepted:.2f} tokens per call")
+
+
+class NGramDrafter:
+    """Prompt lookup: propose what followed the most recent earlier occurrence of the longest suffix n-gram
+    of the context (n = max_n … 1). Deterministic, so its q is one-hot."""
+
+    deterministic = True
+
+    def __init__(self, max_n: int = 4):
+        self.max_n = max_n
+
+    def start(self, context: list[int]) -> None:
+        pass
+
+    def propose(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray] | None]:
+        ctx = np.asarray(context)
+        L = len(ctx)
+        for n in range(min(self.max_n, L - 1), 0, -1):
+            suffix = ctx[L - n:]
+            # candidate starts s with ctx[s:s+n] == suffix and s + n < L (something follows)
+            windows = np.lib.stride_tricks.sliding_window_view(ctx[:L - 1], n)
+            hits = np.flatnonzero((windows == suffix).all(axis=1))
+            if len(hits):
+                s = int(hits[-1]) + n
+                return [int(t) for t in ctx[s:s + k]], None
+        return [], None
+
+    def rollback(self, context_len: int) -> None:
+        pass
+
+
+class ModelDrafter:
+    """A smaller model (or the model's own first layers) proposing tokens with its own KV cache."""
+
+    deterministic = False
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        self.cache = model.new_cache(capacity)
+        self.pending: list[int] = []  # context tokens not yet in the drafter's cache
+
+    def start(self, context: list[int]) -> None:
+        self.cache.truncate(0)
+        self.pending = list(context)
+
+    def propose(self, context: list[int], k: int, sampler: Sampler):
+        tokens, qs = [], []
+        hist = list(context)
+        feed = self.pending
+        for _ in range(k):
+            if self.cache.pos + len(feed) >= self.cache.capacity:
+                break
+            logits = self.model.forward(feed, self.cache)[0]
+            q = sampler.distribution(logits, hist)
+            tok = int(np.argmax(q)) if sampler.params.greedy else int(sampler.rng.choice(len(q), p=q))
+            tokens.append(tok)
+            qs.append(q)
+            hist.append(tok)
+            feed = [tok]
+        self.pending = feed if tokens else self.pending
+        return tokens, qs
+
+    def rollback(self, context_len: int) -> None:
+        """The context now has context_len tokens; keep what the cache holds of it, re-feed the rest."""
+        keep = min(self.cache.pos, context_len - 1)
+        self.cache.truncate(keep)
+        self.pending = []  # filled by the caller through sync()
+
+    def sync(self, context: list[int]) -> None:
+        """Context tokens the cache lacks (at least the last one) are fed before the next proposal."""
+        self.pending = list(context[self.cache.pos:])
+
+
+def make_drafter(model, spec: str, capacity: int):
+    """--draft values: ngram[:N] · layers:N · PATH-or-NAME of a model with the same tokenizer."""
+    kind, _, arg = spec.partition(":")
+    if kind == "ngram":
+        return NGramDrafter(int(arg) if arg else 4)
+    if kind == "layers":
+        try:
+            n = int(arg)
+        except ValueError:
+            raise MinirtError(f"--draft layers:N needs a number of layers, got {spec!r}") from None
+        if not 1 <= n < model.cfg.n_layers:
+            raise MinirtError(f"--draft layers:N needs 1 ≤ N < {model.cfg.n_layers}, got {n}")
+        return ModelDrafter(model.truncated(n), capacity)
+    if kind == "lowrank":
+        raise MinirtError("--draft lowrank is not implemented yet (it comes with the low-rank mode)")
+    import minirt
+    draft = minirt.load(spec)
+    a, b = model.tokenizer, draft.tokenizer
+    same = (a.vocab_size == b.vocab_size and getattr(a, "id_bytes", None) == getattr(b, "id_bytes", None))
+    if not same:
+        raise MinirtError(f"draft model {spec} has a different tokenizer than the model; they must match")
+    return ModelDrafter(draft, capacity)
+
+
+def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafter, k: int, max_tokens: int,
+                       stats: SpecStats, adaptive: bool = True):
+    """Yield generated token ids (the end-of-generation token included, so the caller can stop on it).
+
+    Verification batches stay below the model's batched-GEMM threshold (K ≤ K_MAX), so every position is
+    computed with exactly the arithmetic of a single decode step: greedy output is token-identical."""
+    k_max = min(2 * k, K_MAX)
+    # The prompt is prefilled in one call and the first token drawn from it, exactly as plain decoding
+    # does; from then on the cache holds everything but the last emitted token.
+    context = list(prompt)
+    first = sampler(model.forward(prompt, cache)[0], context)
+    yield first
+    context.append(first)
+    drafter.start(context)
+    last = first
+    produced = 1
+    kk = k
+    idle = 0  # steps since K fell to 0 (no drafting); drafting is retried every PROBE steps
+    while produced < max_tokens:
+        if kk == 0:
+            idle += 1
+            if idle >= PROBE:
+                kk, idle = 1, 0
+        room = cache.capacity - cache.pos - 1
+        if room < 1:
+            return
+        draft, qs = drafter.propose(context, max(0, min(kk, k_max, room, max_tokens - produced - 1)), sampler)
+        n_draft = len(draft)
+        logits = model.forward([last] + draft, cache, logits="all")  # K+1 positions, one call
+        hist = list(context)
+        n_ok = 0
+        out: list[int] = []
+        for i in range(n_draft + 1):
+            p = sampler.distribution(logits[i], hist)
+            if i == n_draft:  # every draft accepted: bonus token from p
+                tok = int(np.argmax(p)) if sampler.params.greedy else int(sampler.rng.choice(len(p), p=p))
+                out.append(tok)
+                break
+            x = draft[i]
+            if sampler.params.greedy:
+                if int(np.argmax(p)) == x:
+                    out.append(x)
+                    hist.append(x)
+                    n_ok += 1
+                    continue
+                out.append(int(np.argmax(p)))
+                break
+            q = qs[i] if qs is not None else None
+            qx = 1.0 if q is None else q[x]
+            if sampler.rng.random() < min(1.0, p[x] / qx if qx > 0 else 1.0):
+                out.append(x)
+                hist.append(x)
+                n_ok += 1
+                continue
+            resid = p.copy()
+            if q is None:
+                resid[x] = 0.0
+            else:
+                resid = np.maximum(0.0, p - q)
+            total = resid.sum()
+            resid = resid / total if total > 0 else p
+            out.append(int(sampler.rng.choice(len(resid), p=resid)))
+            break
+        # keep in the cache: last + accepted drafts; the emitted final token becomes the new `last`
+        cache.truncate(cache.pos - (n_draft - n_ok))
+        stats.steps += 1
+        stats.proposed += n_draft
+        stats.accepted += n_ok
+        stats.ks.append(n_draft)
+        if adaptive and n_draft:  # grow on full acceptance, shrink on early rejection (down to no drafting)
+            kk = min(k_max, kk + 1) if n_ok == n_draft else max(0, kk - 1) if n_ok == 0 else kk
+        for tok in out:
+            context.append(tok)
+            produced += 1
+            yield tok
+            if produced >= max_tokens:
+                return
+        last = context[-1]
+        drafter.rollback(len(context))
+        if isinstance(drafter, ModelDrafter):
+            drafter.sync(context)
