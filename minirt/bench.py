@@ -87,3 +87,56 @@ def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n:
         lines.append(f"| {name} | {file_type} | {mode} | {threads} | tg{n} | {BenchResult._ms(res.tg)} | "
                      f"{mean * gb:.1f} | {100 * mean * res.weight_bytes / res.bandwidth:.0f}% |")
     return "\n".join(lines)
+
+
+FREE_WRITING = [
+    "Once upon a time, in a village at the edge of a great forest,",
+    "Write a short story about a robot who learns to paint.",
+    "The most important invention of the last century was",
+    "Describe a busy market on a summer morning.",
+]
+
+
+def grounded_prompts(passages: list[str]) -> list[str]:
+    """Input-grounded prompts: rewrite or summarise a given passage (the answer copies from the input)."""
+    asks = ["Rewrite the following passage in plain modern English:\n\n{}\n\nRewritten passage:\n",
+            "Summarize the following passage:\n\n{}\n\nSummary:\n"]
+    return [asks[i % 2].format(p) for i, p in enumerate(passages)]
+
+
+@dataclass
+class SpecResult:
+    dense_tps: list[float]
+    spec_tps: list[float]
+    proposed: int
+    accepted: int
+    steps: int
+    identical: bool
+
+
+def run_speculative(model, prompts: list[str], n: int, draft: str, k: int) -> SpecResult:
+    """Greedy generation of n tokens per prompt, plain and speculative, timed in the same run."""
+    dense, spec = [], []
+    proposed = accepted = steps = 0
+    identical = True
+    model.generate(prompts[0], max_tokens=4, temperature=0, mode="speculative", draft=draft, draft_k=k).text()
+    for p in prompts:
+        t = time.perf_counter()
+        g = model.generate(p, max_tokens=n, temperature=0)
+        g.text()
+        dense.append(len(g.stats.tokens) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        s = model.generate(p, max_tokens=n, temperature=0, mode="speculative", draft=draft, draft_k=k)
+        s.text()
+        spec.append(len(s.stats.tokens) / (time.perf_counter() - t))
+        identical &= s.stats.tokens == g.stats.tokens
+        proposed, accepted, steps = proposed + s.spec.proposed, accepted + s.spec.accepted, steps + s.spec.steps
+    return SpecResult(dense, spec, proposed, accepted, steps, identical)
+
+
+def report_speculative(name: str, res: SpecResult, draft: str, k: int) -> str:
+    speed = statistics.mean(res.spec_tps) / statistics.mean(res.dense_tps)
+    per_call = (res.accepted + res.steps) / res.steps if res.steps else 0.0
+    return (f"| {name} | {draft} | {k} | {res.accepted / max(res.proposed, 1):.0%} | {per_call:.2f} | "
+            f"{BenchResult._ms(res.dense_tps)} | {BenchResult._ms(res.spec_tps)} | {speed:.2f}x | "
+            f"{'yes' if res.identical else 'NO'} |")

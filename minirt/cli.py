@@ -71,6 +71,10 @@ def build_parser() -> Parser:
     b.add_argument("-n", "--n-gen", type=int, default=128)
     b.add_argument("-r", "--repetitions", type=int, default=5)
     b.add_argument("--mode", choices=MODES, default="dense")
+    b.add_argument("--draft", default="ngram", help="drafter for --mode speculative (see generate --help)")
+    b.add_argument("--draft-k", type=int, default=4)
+    b.add_argument("--prompts", choices=("free", "grounded"), default="free",
+                   help="speculative: free writing, or rewriting/summarising passages of botchan.txt")
 
     q = sub.add_parser("quantize", help="re-encode a GGUF file's matrices (F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
     q.add_argument("model", help="registry name or GGUF path")
@@ -197,9 +201,24 @@ def cmd_bench(args) -> None:
     from . import bench
     if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
         raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
-    if args.mode != "dense":
-        raise MinirtError(f"mode '{args.mode}' is not implemented in bench yet (dense is)")
+    if args.mode not in ("dense", "speculative"):
+        raise MinirtError(f"mode '{args.mode}' is not implemented in bench yet (dense and speculative are)")
     model = _load(args)
+    if args.mode == "speculative":
+        if args.prompts == "free":
+            prompts = bench.FREE_WRITING
+        else:
+            from .registry import pull
+            text = open(pull("botchan"), "rb").read().decode("utf-8").replace("\r\n", " ")
+            prompts = bench.grounded_prompts([text[i:i + 600] for i in (20000, 60000, 100000, 140000)])
+        res = bench.run_speculative(model, prompts, args.n_gen, args.draft, args.draft_k)
+        print(f"greedy, {len(prompts)} {args.prompts} prompts, {args.n_gen} tokens each, {numba.get_num_threads()} threads")
+        print("| model | drafter | K | acceptance | tokens per verify call | dense tok/s | speculative tok/s "
+              "| speedup | identical output |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print(bench.report_speculative(model.source.name if model.source else args.model, res, args.draft,
+                                       args.draft_k))
+        return
     if max(args.n_prompt, args.n_gen) > model.cfg.max_ctx:
         raise MinirtError(f"-p/-n larger than the model's context of {model.cfg.max_ctx}")
     res = bench.run(model, args.n_prompt, args.n_gen, args.repetitions)

@@ -51,7 +51,7 @@ class NGramDrafter:
     def __init__(self, max_n: int = 4):
         self.max_n = max_n
 
-    def start(self, context: list[int]) -> None:
+    def start(self, context: list[int], cache) -> None:
         pass
 
     def propose(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray] | None]:
@@ -67,21 +67,32 @@ class NGramDrafter:
                 return [int(t) for t in ctx[s:s + k]], None
         return [], None
 
-    def rollback(self, context_len: int) -> None:
+    def rollback(self, context: list[int]) -> None:
         pass
 
 
 class ModelDrafter:
-    """A smaller model (or the model's own first layers) proposing tokens with its own KV cache."""
+    """A smaller model proposing tokens with its own KV cache, or the model's own first layers (early exit)
+    sharing the model's cache: their keys and values for the context are the model's first layers' own, so
+    the drafter needs no prefill and no catch-up; its draft positions are overwritten by verification."""
 
     deterministic = False
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model, capacity: int, shares_cache: bool = False):
         self.model = model
-        self.cache = model.new_cache(capacity)
+        self.shares_cache = shares_cache
+        self.cache = None if shares_cache else model.new_cache(capacity)
         self.pending: list[int] = []  # context tokens not yet in the drafter's cache
 
-    def start(self, context: list[int]) -> None:
+    def start(self, context: list[int], cache) -> None:
+        if self.shares_cache:  # a view on the model's cache: its first n_layers
+            from .kvcache import KVCache
+            view = object.__new__(KVCache)
+            view.k, view.v, view.capacity = cache.k[:self.model.cfg.n_layers], cache.v[:self.model.cfg.n_layers], cache.capacity
+            self.cache, self.model_cache = view, cache
+            view.pos = cache.pos
+            self.pending = [context[-1]]
+            return
         self.cache.truncate(0)
         self.pending = list(context)
 
@@ -102,14 +113,13 @@ class ModelDrafter:
         self.pending = feed if tokens else self.pending
         return tokens, qs
 
-    def rollback(self, context_len: int) -> None:
-        """The context now has context_len tokens; keep what the cache holds of it, re-feed the rest."""
-        keep = min(self.cache.pos, context_len - 1)
-        self.cache.truncate(keep)
-        self.pending = []  # filled by the caller through sync()
-
-    def sync(self, context: list[int]) -> None:
-        """Context tokens the cache lacks (at least the last one) are fed before the next proposal."""
+    def rollback(self, context: list[int]) -> None:
+        """The context has grown (accepted drafts and one token of the model's): keep what the cache holds
+        of it, and feed the rest (at least the last token) before the next proposal."""
+        if self.shares_cache:
+            self.cache.pos = self.model_cache.pos  # the model's cache holds all but the last token
+        else:
+            self.cache.truncate(min(self.cache.pos, len(context) - 1))
         self.pending = list(context[self.cache.pos:])
 
 
@@ -125,7 +135,7 @@ def make_drafter(model, spec: str, capacity: int):
             raise MinirtError(f"--draft layers:N needs a number of layers, got {spec!r}") from None
         if not 1 <= n < model.cfg.n_layers:
             raise MinirtError(f"--draft layers:N needs 1 ≤ N < {model.cfg.n_layers}, got {n}")
-        return ModelDrafter(model.truncated(n), capacity)
+        return ModelDrafter(model.truncated(n), capacity, shares_cache=True)
     if kind == "lowrank":
         raise MinirtError("--draft lowrank is not implemented yet (it comes with the low-rank mode)")
     import minirt
@@ -150,15 +160,16 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
     first = sampler(model.forward(prompt, cache)[0], context)
     yield first
     context.append(first)
-    drafter.start(context)
+    drafter.start(context, cache)
     last = first
     produced = 1
     kk = k
-    idle = 0  # steps since K fell to 0 (no drafting); drafting is retried every PROBE steps
+    idle = 0  # steps since K fell to 0 (no drafting); drafting is retried after `probe` steps,
+    probe = PROBE  # an interval that doubles while retries keep failing
     while produced < max_tokens:
         if kk == 0:
             idle += 1
-            if idle >= PROBE:
+            if idle >= probe:
                 kk, idle = 1, 0
         room = cache.capacity - cache.pos - 1
         if room < 1:
@@ -208,6 +219,7 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
         stats.ks.append(n_draft)
         if adaptive and n_draft:  # grow on full acceptance, shrink on early rejection (down to no drafting)
             kk = min(k_max, kk + 1) if n_ok == n_draft else max(0, kk - 1) if n_ok == 0 else kk
+            probe = PROBE if n_ok else min(8 * PROBE, 2 * probe) if kk == 0 else probe
         for tok in out:
             context.append(tok)
             produced += 1
@@ -215,6 +227,4 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
             if produced >= max_tokens:
                 return
         last = context[-1]
-        drafter.rollback(len(context))
-        if isinstance(drafter, ModelDrafter):
-            drafter.sync(context)
+        drafter.rollback(context)
