@@ -23,6 +23,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="expand quantized matrices to float32 instead of running on the stored format")
     p.add_argument("--exact", action="store_true",
                    help="float32 activations in the quantized decode kernels (no int8 rounding; slower)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="--mode lowrank: keep this fraction of each matrix's singular-value energy (default 0.9)")
+    p.add_argument("--rank", type=int, default=None, help="--mode lowrank: keep this rank instead")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +67,7 @@ def build_parser() -> Parser:
     pp.add_argument("-f", "--file", required=True, help="text file, or a registry data name such as botchan")
     pp.add_argument("-c", "--ctx", type=int, default=512)
     pp.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
+    pp.add_argument("--mode", choices=("dense", "lowrank"), default="dense")
 
     b = sub.add_parser("bench", help="prompt (pp) and generation (tg) speed, like llama-bench")
     _model_args(b)
@@ -93,8 +97,21 @@ def build_parser() -> Parser:
 
 def _load(args):
     import minirt
-    return minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize,
-                       exact=args.exact)
+    if args.energy is not None and not 0 < args.energy <= 1:
+        raise MinirtError(f"--energy must be in (0, 1], got {args.energy}")
+    if args.rank is not None and args.rank < 1:
+        raise MinirtError(f"--rank must be ≥ 1, got {args.rank}")
+    model = minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize,
+                        exact=args.exact)
+    if getattr(args, "mode", "dense") == "lowrank":
+        from .lowrank import with_lowrank
+        energy = args.energy if args.energy is not None or args.rank is not None else 0.9
+        model = with_lowrank(model, energy=energy if args.rank is None else None, rank=args.rank, progress=True)
+        kept = [f.rank for f in model.lowrank if f.rank]
+        print(f"low rank: {len(kept)} of {len(model.lowrank)} matrices factored"
+              + (f", ranks {min(kept)}–{max(kept)}, {model.weight_bytes / 2**20:.1f} MiB read per token" if kept else ""),
+              file=sys.stderr)
+    return model
 
 
 def _sampling(args) -> dict:
@@ -113,8 +130,8 @@ def _check_args(args) -> None:
         raise MinirtError(f"--ctx must be ≥ 2, got {args.ctx}")
     if args.draft_k < 1:
         raise MinirtError(f"--draft-k must be ≥ 1, got {args.draft_k}")
-    if args.mode not in ("dense", "speculative"):
-        raise MinirtError(f"mode '{args.mode}' is not implemented yet (dense and speculative are)")
+    if args.mode not in ("dense", "speculative", "lowrank"):
+        raise MinirtError(f"mode '{args.mode}' is not implemented yet (dense, speculative and lowrank are)")
 
 
 def cmd_generate(args) -> None:
@@ -201,8 +218,8 @@ def cmd_bench(args) -> None:
     from . import bench
     if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
         raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
-    if args.mode not in ("dense", "speculative"):
-        raise MinirtError(f"mode '{args.mode}' is not implemented in bench yet (dense and speculative are)")
+    if args.mode not in ("dense", "speculative", "lowrank"):
+        raise MinirtError(f"mode '{args.mode}' is not implemented in bench yet (dense, speculative, lowrank are)")
     model = _load(args)
     if args.mode == "speculative":
         if args.prompts == "free":

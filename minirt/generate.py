@@ -41,8 +41,11 @@ class Generation:
                  mode: str = "dense", ctx: int | None = None, draft: str = "ngram", draft_k: int = 4):
         if mode not in MODES:
             raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
-        if mode not in ("dense", "speculative"):
-            raise MinirtError(f"mode '{mode}' is not implemented yet (dense and speculative are)")
+        if mode == "lowrank" and not getattr(model, "lowrank", None):
+            raise MinirtError("mode 'lowrank' needs a factored model: minirt.lowrank.with_lowrank(model, energy=E) "
+                              "(the CLI does this for --mode lowrank)")
+        if mode not in ("dense", "speculative", "lowrank"):
+            raise MinirtError(f"mode '{mode}' is not implemented yet (dense, speculative and lowrank are)")
         if draft_k < 1:
             raise MinirtError(f"draft length must be ≥ 1, got {draft_k}")
         if ctx is not None and ctx < 2:

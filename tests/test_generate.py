@@ -53,6 +53,8 @@ def test_errors(smollm2):
     with pytest.raises(MinirtError, match="context"):
         smollm2.generate("word " * 9000, max_tokens=1)
     with pytest.raises(MinirtError, match="not implemented"):
+        smollm2.generate("hi", mode="pinv")
+    with pytest.raises(MinirtError, match="factored model"):
         smollm2.generate("hi", mode="lowrank")
     with pytest.raises(MinirtError, match="unknown mode"):
         smollm2.generate("hi", mode="turbo")
