@@ -602,3 +602,22 @@ def test_registry_pull_failure_leaves_no_folder(server, tmp_path, monkeypatch):
     with pytest.raises(MinirtError, match="mismatch"):
         minirt.registry.pull("tiny-bad")
     assert files_under(home) == []
+
+
+def test_modes_run_from_the_cli(tiny, cache):
+    """--mode speculative prints the same greedy text as dense plus its statistics; --mode lowrank factors
+    the matrices and reports what it did."""
+    env = {"MINIRT_HOME": str(cache)}
+    base = ["generate", "-m", tiny, "-p", "hello hello hello hello", "-n", "8", "--temperature", "0"]
+    dense = run_cli(*base, env=env)
+    spec = run_cli(*base, "--mode", "speculative", "--draft", "ngram", "--draft-k", "3", env=env)
+    assert dense.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == dense.stdout
+    assert "verify calls" in spec.stderr and "acceptance" in spec.stderr
+    low = run_cli(*base, "--mode", "lowrank", "--rank", "2", env=env)
+    assert low.returncode == 0, low.stderr
+    assert "low rank:" in low.stderr and "matrices factored" in low.stderr
+    b = run_cli("bench", "-m", tiny, "--mode", "speculative", "-n", "6", env=env)
+    assert b.returncode == 0, b.stderr
+    row = b.stdout.strip().splitlines()[-1]
+    assert row.startswith("| tiny-gpt2 | ngram | 4 |") and row.endswith("| yes |")
