@@ -90,7 +90,7 @@ def matmul_q4(xq, xd, xs, q, d, m, out):
     q41 = m.shape[1] > 0
     for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         p = np.empty(H, np.int16)
-        s = np.empty(nb, np.int32)
+        s = np.empty(2 * nb, np.int32)
         for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
             qr = q[j]
             for t in range(T):
