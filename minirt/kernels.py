@@ -11,16 +11,16 @@ import numpy as np
 from numba import njit, prange
 
 JIT = dict(cache=True, fastmath=True)
-ROWS_PER_TASK = 16
 
 
 @njit(parallel=True, **JIT)
-def matmul_f32(x, w, out):
+def matmul_f32(x, w, out, n_parts):
     """out[t, j] = Σ_k x[t, k] · w[j, k]: each weight row is read once and used for all T inputs."""
     T, K = x.shape
     N = w.shape[0]
-    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+    step = (N + n_parts - 1) // n_parts
+    for part in prange(n_parts):  # one contiguous range of rows per thread
+        for j in range(part * step, min(N, (part + 1) * step)):
             for t in range(T):
                 acc = np.float32(0.0)
                 for k in range(K):

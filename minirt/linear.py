@@ -5,6 +5,7 @@ calls forward(); which kernel runs, and which bytes are read, is the Linear's bu
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from . import kernels, qkernels
@@ -50,7 +51,7 @@ class Dense(Linear):
         if x.shape[0] >= BLAS_MIN_ROWS:
             split_rows(self.out_features, lambda a, b: np.matmul(x, self.w[a:b].T, out=out[:, a:b]))
         else:
-            kernels.matmul_f32(x, self.w, out)
+            kernels.matmul_f32(x, self.w, out, numba.get_num_threads())
         if self.bias is not None:
             out += self.bias
         return out
@@ -129,19 +130,19 @@ class Quant(Linear):
         if T < self.GEMM_MIN_ROWS and self.nb and self.exact:
             xp = self.permute(x)
             if self.qtype == "Q8_0":
-                qkernels.matmul_q8_0_exact(xp, self.q, self.d, out)
+                qkernels.matmul_q8_0_exact(xp, self.q, self.d, out, numba.get_num_threads())
             else:
                 xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
-                qkernels.matmul_q4_exact(xp, xs, self.q, self.d, self.m, out)
+                qkernels.matmul_q4_exact(xp, xs, self.q, self.d, self.m, out, numba.get_num_threads())
         elif T < self.GEMM_MIN_ROWS and self.nb:
             xq, xd, xs = self._act_buffers(T)
             qkernels.quantize_x(x, xq, xd, xs)
             if self.qtype == "Q8_0":
-                qkernels.matmul_q8_0(xq, xd, self.q, self.d, out)
+                qkernels.matmul_q8_0(xq, xd, self.q, self.d, out, numba.get_num_threads())
             else:
-                qkernels.matmul_q4(xq, xd, xs, self.q, self.d, self.m, out)
+                qkernels.matmul_q4(xq, xd, xs, self.q, self.d, self.m, out, numba.get_num_threads())
         elif T < self.GEMM_MIN_ROWS:
-            qkernels.matmul_half(x, self.q, self.qtype == "BF16", out)
+            qkernels.matmul_half(x, self.q, self.qtype == "BF16", out, numba.get_num_threads())
         else:
             xp = self.permute(x)
             split_rows(self.out_features, lambda a, b: self._gemm(xp, out, a, b))

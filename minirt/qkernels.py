@@ -11,7 +11,9 @@ Decode (a few positions): as llama.cpp does, activations are quantized to int8 p
     y    = Σ_b d_b · xd_b · s_b  (+ m_b · Σx_b for Q4_1, − 8 · d_b · Σx_b for Q4_0)
 Measured on Zen 4 (one thread, 3072×576 Q4_1): float products 5.3 G weights/s, int16 products 8.3;
 a 32-wide inner loop per block (the natural layout) unrolls into scalar code and runs 3–4× slower still.
-Each format has its own kernel so that LLVM sees straight-line code. Batches of positions instead
+Each format has its own kernel so that LLVM sees straight-line code. Rows are split into one contiguous
+range per thread: with 16-row tasks handed out in turn, the kernel ran 5-8x slower in some processes
+(measured; one process in three), which a static split removed. Batches of positions instead
 dequantize tiles of rows to float32, in the same permuted order, and multiply them with BLAS.
 """
 from __future__ import annotations
@@ -20,7 +22,6 @@ import numpy as np
 from numba import njit, prange
 
 JIT = dict(cache=True, fastmath=True)
-ROWS_PER_TASK = 16
 F16 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # f16 bits → float32
 M15 = np.uint8(15)
 S4 = np.uint8(4)
@@ -55,14 +56,15 @@ def quantize_x(x, xq, xd, xs):
 
 
 @njit(parallel=True, **JIT)
-def matmul_q8_0(xq, xd, q, d, out):
+def matmul_q8_0(xq, xd, q, d, out, n_parts):
     """out[t, j] = Σ_b d[j,b] · xd[t,b] · Σ_i q[j, i·nb+b] · xq[t, i·nb+b]   (int8 × int8)"""
     T, K = xq.shape
     N, nb = d.shape
-    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    step = (N + n_parts - 1) // n_parts
+    for part in prange(n_parts):  # one contiguous range of rows per thread
         H = K // 2
         p = np.empty(H, np.int32)
-        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+        for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
             qh = qr[H:]
             for t in range(T):
@@ -81,17 +83,18 @@ def matmul_q8_0(xq, xd, q, d, out):
 
 
 @njit(parallel=True, **JIT)
-def matmul_q4(xq, xd, xs, q, d, m, out):
+def matmul_q4(xq, xd, xs, q, d, m, out, n_parts):
     """Q4_0 (m has no columns: offset −8·d) and Q4_1 (offset m): nibble v of block b means d·v + offset.
     out[t, j] = Σ_b d·xd·s_b + offset·Σx_b, with s_b the block sums of xq_lo·(v & 15) + xq_hi·(v >> 4)."""
     T, K = xq.shape
     N, nb = d.shape
     H = K // 2
     q41 = m.shape[1] > 0
-    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    step = (N + n_parts - 1) // n_parts
+    for part in prange(n_parts):  # one contiguous range of rows per thread
         p = np.empty(H, np.int16)
         s = np.empty(2 * nb, np.int32)
-        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+        for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
             for t in range(T):
                 xr = xq[t]
@@ -115,13 +118,14 @@ def matmul_q4(xq, xd, xs, q, d, m, out):
 
 
 @njit(parallel=True, **JIT)
-def matmul_q8_0_exact(xp, q, d, out):
+def matmul_q8_0_exact(xp, q, d, out, n_parts):
     """As matmul_q8_0 with float32 activations (xp: x in block-transposed order): no activation rounding."""
     T, K = xp.shape
     N, nb = d.shape
-    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    step = (N + n_parts - 1) // n_parts
+    for part in prange(n_parts):  # one contiguous range of rows per thread
         p = np.empty(K, np.float32)
-        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+        for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
             for t in range(T):
                 xr = xp[t]
@@ -138,15 +142,16 @@ def matmul_q8_0_exact(xp, q, d, out):
 
 
 @njit(parallel=True, **JIT)
-def matmul_q4_exact(xp, xs, q, d, m, out):
+def matmul_q4_exact(xp, xs, q, d, m, out, n_parts):
     """As matmul_q4 with float32 activations (xp: x in block-transposed order): no activation rounding."""
     T, K = xp.shape
     N, nb = d.shape
     H = K // 2
     q41 = m.shape[1] > 0
-    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    step = (N + n_parts - 1) // n_parts
+    for part in prange(n_parts):  # one contiguous range of rows per thread
         p = np.empty(H, np.float32)
-        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+        for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
             for t in range(T):
                 xr = xp[t]
@@ -194,14 +199,15 @@ def _widen_row(h, bf16, w, u):
 
 
 @njit(parallel=True, **JIT)
-def matmul_half(x, q, bf16, out):
+def matmul_half(x, q, bf16, out, n_parts):
     """F16 or BF16 rows, widened row by row (exact), then float32 dot products."""
     T, K = x.shape
     N = q.shape[0]
-    for blk in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    step = (N + n_parts - 1) // n_parts
+    for part in prange(n_parts):  # one contiguous range of rows per thread
         w = np.empty(K, np.float32)
         u = w.view(np.uint32)
-        for j in range(blk * ROWS_PER_TASK, min(N, (blk + 1) * ROWS_PER_TASK)):
+        for j in range(part * step, min(N, (part + 1) * step)):
             _widen_row(q[j], bf16, w, u)
             for t in range(T):
                 xr = x[t]
