@@ -46,8 +46,6 @@ class NGramDrafter:
     """Prompt lookup: propose what followed the most recent earlier occurrence of the longest suffix n-gram
     of the context (n = max_n … 1). Deterministic, so its q is one-hot."""
 
-    deterministic = True
-
     def __init__(self, max_n: int = 4):
         self.max_n = max_n
 
@@ -75,8 +73,6 @@ class ModelDrafter:
     """A smaller model proposing tokens with its own KV cache, or the model's own first layers (early exit)
     sharing the model's cache: their keys and values for the context are the model's first layers' own, so
     the drafter needs no prefill and no catch-up; its draft positions are overwritten by verification."""
-
-    deterministic = False
 
     def __init__(self, model, capacity: int, shares_cache: bool = False):
         self.model = model

@@ -3,7 +3,6 @@ output distributed as the model's own (chi-square against exact marginals of a t
 after rollbacks equals a fresh run."""
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
