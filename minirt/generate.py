@@ -70,7 +70,7 @@ class Generation:
         self.stop = [s for s in stop if s]
         self.cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * draft_k + 1))
         self.stats = Stats(prompt_tokens=len(ids))
-        self.mode, self.draft_k = mode, draft_k
+        self.draft_k = draft_k
         self.drafter = None
         if mode == "speculative":
             from .speculative import SpecStats, make_drafter

@@ -15,6 +15,13 @@ from .readers.base import Tensor
 BLAS_MIN_ROWS = 16  # from this many positions on, a BLAS GEMM beats the row-parallel Numba kernel (measured)
 
 
+def stacked_bias(ws: list[Tensor], bs: list[Tensor | None] | None) -> np.ndarray | None:
+    """The bias of matrices stacked along their outputs (zeros where one has none), or None if none has one."""
+    if not bs or all(b is None for b in bs):
+        return None
+    return np.concatenate([b.float32() if b is not None else np.zeros(t.shape[0], np.float32) for b, t in zip(bs, ws)])
+
+
 class Linear:
     in_features: int
     out_features: int
@@ -41,11 +48,7 @@ class Dense(Linear):
     def from_tensors(cls, ws: list[Tensor], bs: list[Tensor | None] | None = None) -> "Dense":
         """One Dense from matrices stacked along their outputs (fused Q/K/V, or gate/up)."""
         w = np.concatenate([t.float32() for t in ws]) if len(ws) > 1 else ws[0].float32()
-        b = None
-        if bs and any(x is not None for x in bs):
-            b = np.concatenate([x.float32() if x is not None else np.zeros(t.shape[0], np.float32)
-                                for x, t in zip(bs, ws)])
-        return cls(w, b)
+        return cls(w, stacked_bias(ws, bs))
 
     def forward(self, x, out):
         if x.shape[0] >= BLAS_MIN_ROWS:
@@ -106,8 +109,7 @@ class Quant(Linear):
         out.d = np.concatenate([p.d for p in parts])
         out.m = np.concatenate([p.m for p in parts])
         out.out_features = sum(p.out_features for p in parts)
-        bs = [p.bias if p.bias is not None else np.zeros(p.out_features, np.float32) for p in parts]
-        out.bias = np.concatenate(bs) if any(p.bias is not None for p in parts) else None
+        out.bias = None  # make_linear sets the stacked bias
         return out
 
     def _act_buffers(self, T: int):
@@ -191,11 +193,7 @@ def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequant
     qtypes = {t.qtype for t in ws}
     if dequantize or len(qtypes) != 1 or next(iter(qtypes)) not in Quant.FORMATS or ws[0].shape[1] % 32:
         return Dense.from_tensors(ws, bs)
-    bias = None
-    if bs and any(b is not None for b in bs):
-        bias = np.concatenate([b.float32() if b is not None else np.zeros(t.shape[0], np.float32)
-                               for b, t in zip(bs, ws)])
     parts = [Quant(t, exact=exact) for t in ws]
     q = parts[0] if len(parts) == 1 else Quant.concat(parts)
-    q.bias = bias
+    q.bias = stacked_bias(ws, bs)
     return q

@@ -86,8 +86,13 @@ class Sampler:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
         return probs / probs.sum()
 
-    def __call__(self, logits: np.ndarray, history=()) -> int:
+    def draw(self, probs: np.ndarray) -> int:
+        """A token from a probability vector: its argmax when greedy, else a seeded random draw."""
         if self.params.greedy:
-            return int(np.argmax(self.penalize(logits, history)))
-        probs = self.distribution(logits, history)
+            return int(np.argmax(probs))
         return int(self.rng.choice(len(probs), p=probs))
+
+    def __call__(self, logits: np.ndarray, history=()) -> int:
+        if self.params.greedy:  # skips the softmax: argmax of the penalized logits is the same token
+            return int(np.argmax(self.penalize(logits, history)))
+        return self.draw(self.distribution(logits, history))

@@ -101,7 +101,7 @@ class ModelDrafter:
                 break
             logits = self.model.forward(feed, self.cache)[0]
             q = sampler.distribution(logits, hist)
-            tok = int(np.argmax(q)) if sampler.params.greedy else int(sampler.rng.choice(len(q), p=q))
+            tok = sampler.draw(q)
             tokens.append(tok)
             qs.append(q)
             hist.append(tok)
@@ -179,8 +179,7 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
         for i in range(n_draft + 1):
             p = sampler.distribution(logits[i], hist)
             if i == n_draft:  # every draft accepted: bonus token from p
-                tok = int(np.argmax(p)) if sampler.params.greedy else int(sampler.rng.choice(len(p), p=p))
-                out.append(tok)
+                out.append(sampler.draw(p))
                 break
             x = draft[i]
             if sampler.params.greedy:
@@ -205,7 +204,7 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
                 resid = np.maximum(0.0, p - q)
             total = resid.sum()
             resid = resid / total if total > 0 else p
-            out.append(int(sampler.rng.choice(len(resid), p=resid)))
+            out.append(sampler.draw(resid))
             break
         # keep in the cache: last + accepted drafts; the emitted final token becomes the new `last`
         cache.truncate(cache.pos - (n_draft - n_ok))
