@@ -1,4 +1,5 @@
-"""Hugging Face model folders: config.json + *.safetensors (memory-mapped) + tokenizer files."""
+"""Hugging Face model folders: config.json + *.safetensors (memory-mapped) or pytorch_model*.bin (read by a
+restricted unpickler, see torchbin.py) + tokenizer files."""
 from __future__ import annotations
 
 import json
@@ -71,12 +72,16 @@ def read_hf_folder(folder: Path) -> Checkpoint:
     if not isinstance(hc, dict):
         raise MinirtError(f"{cfg_path}: not a JSON object")
     files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        extra = " (pytorch_model.bin is not read: convert it to safetensors)" if (folder / "pytorch_model.bin").exists() else ""
-        raise MinirtError(f"{folder}: no .safetensors files{extra}")
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not files and not bins:
+        raise MinirtError(f"{folder}: no .safetensors or pytorch_model.bin files")
     raw: dict[str, Tensor] = {}
     for f in files:
         raw.update(read_safetensors(f))
+    if not files:  # torch.save'd state dicts, read without torch and without running pickled code
+        from .torchbin import read_torch_bin
+        for f in bins:
+            raw.update(read_torch_bin(f))
     mtype = hc.get("model_type")
     try:
         if mtype == "gpt2":
