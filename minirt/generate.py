@@ -8,7 +8,7 @@ from .errors import MinirtError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer
 
-MODES = ("dense", "lowrank", "speculative", "pinv")
+MODES = ("dense", "lowrank", "speculative", "pinv", "jacobi")
 
 
 @dataclass
@@ -38,14 +38,18 @@ class Generation:
     def __init__(self, model, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] | list[str] = (), chat: bool = False, system: str | None = None,
-                 mode: str = "dense", ctx: int | None = None, draft: str = "ngram", draft_k: int = 4):
+                 mode: str = "dense", ctx: int | None = None, draft: str = "ngram", draft_k: int = 4,
+                 block: int = 4):
         if mode not in MODES:
             raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         if mode == "lowrank" and not getattr(model, "lowrank", None):
             raise MinirtError("mode 'lowrank' needs a factored model: minirt.lowrank.with_lowrank(model, energy=E) "
                               "(the CLI does this for --mode lowrank)")
-        if mode not in ("dense", "speculative", "lowrank"):
-            raise MinirtError(f"mode '{mode}' is not implemented yet (dense, speculative and lowrank are)")
+        if mode == "pinv" and getattr(model, "pinv", None) is None:
+            raise MinirtError("mode 'pinv' needs a model with the transition installed: "
+                              "minirt.pinv.with_pinv(model, window, tol) (the CLI does this for --mode pinv)")
+        if mode == "jacobi" and temperature != 0:
+            raise MinirtError("mode 'jacobi' decodes greedily: use temperature 0 (--temperature 0)")
         if draft_k < 1:
             raise MinirtError(f"draft length must be ≥ 1, got {draft_k}")
         if ctx is not None and ctx < 2:
@@ -68,7 +72,7 @@ class Generation:
         self.prompt_ids = ids
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
-        self.cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * draft_k + 1))
+        self.cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * max(draft_k, block) + 1))
         self.stats = Stats(prompt_tokens=len(ids))
         self.draft_k = draft_k
         self.drafter = None
@@ -76,6 +80,12 @@ class Generation:
             from .speculative import SpecStats, make_drafter
             self.drafter = make_drafter(model, draft, self.cache.capacity)
             self.spec = SpecStats()
+        self.mode, self.block = mode, block
+        if mode == "jacobi":
+            from .jacobi import BLOCK_MAX, JacobiStats
+            if not 1 <= block <= BLOCK_MAX:
+                raise MinirtError(f"jacobi block size must be between 1 and {BLOCK_MAX}, got {block}")
+            self.jacobi = JacobiStats()
 
     def _dense_tokens(self):
         """Prefill the prompt in one call, then one forward call per token."""
@@ -96,7 +106,11 @@ class Generation:
             st.stop_reason = "length"
             return
         detok = Detokenizer(model.tokenizer)
-        if self.drafter is None:
+        if self.mode == "jacobi":
+            from .jacobi import jacobi_tokens
+            source = jacobi_tokens(model, self.cache, self.prompt_ids, self.sampler, self.block, self.max_tokens,
+                                   self.jacobi)
+        elif self.drafter is None:
             source = self._dense_tokens()
         else:
             from .speculative import speculative_tokens
