@@ -26,6 +26,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy", type=float, default=None,
                    help="--mode lowrank: keep this fraction of each matrix's singular-value energy (default 0.9)")
     p.add_argument("--rank", type=int, default=None, help="--mode lowrank: keep this rank instead")
+    p.add_argument("--pinv-window", type=int, default=16,
+                   help="--mode pinv/jacobi: exactly computed FFN rows kept per layer to predict from (S)")
+    p.add_argument("--pinv-tol", type=float, default=0.1,
+                   help="--mode pinv/jacobi: a row is predicted when its relative residual is at most this (0: never)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +47,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="drafter for --mode speculative: ngram[:N] (prompt lookup), layers:N (early exit), "
                         "or a model name/path with the same tokenizer")
     p.add_argument("--draft-k", type=int, default=4, help="draft length K (adapted as acceptance varies)")
+    p.add_argument("--block", type=int, default=4, help="--mode jacobi: positions refined together (1-7)")
 
 
 def build_parser() -> Parser:
@@ -67,7 +72,7 @@ def build_parser() -> Parser:
     pp.add_argument("-f", "--file", required=True, help="text file, or a registry data name such as botchan")
     pp.add_argument("-c", "--ctx", type=int, default=512)
     pp.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
-    pp.add_argument("--mode", choices=("dense", "lowrank"), default="dense")
+    pp.add_argument("--mode", choices=("dense", "lowrank", "pinv"), default="dense")
 
     b = sub.add_parser("bench", help="prompt (pp) and generation (tg) speed, like llama-bench")
     _model_args(b)
@@ -77,6 +82,7 @@ def build_parser() -> Parser:
     b.add_argument("--mode", choices=MODES, default="dense")
     b.add_argument("--draft", default="ngram", help="drafter for --mode speculative (see generate --help)")
     b.add_argument("--draft-k", type=int, default=4)
+    b.add_argument("--block", type=int, default=4, help="--mode jacobi: positions refined together (1-7)")
     b.add_argument("--prompts", choices=("free", "grounded"), default="free",
                    help="speculative: free writing, or rewriting/summarising passages of botchan.txt")
 
@@ -111,13 +117,18 @@ def _load(args):
         print(f"low rank: {len(kept)} of {len(model.lowrank)} matrices factored"
               + (f", ranks {min(kept)}–{max(kept)}, {model.weight_bytes / 2**20:.1f} MiB read per token" if kept else ""),
               file=sys.stderr)
+    mode = getattr(args, "mode", "dense")
+    if (mode == "pinv" or mode == "jacobi" and args.pinv_tol > 0) and args.cmd != "bench":
+        from .pinv import with_pinv
+        model = with_pinv(model, args.pinv_window, args.pinv_tol)
     return model
 
 
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
-                mode=args.mode, ctx=args.ctx, draft=args.draft, draft_k=args.draft_k)
+                mode=args.mode, ctx=args.ctx, draft=args.draft, draft_k=args.draft_k,
+                block=args.block)
 
 
 def _check_args(args) -> None:
@@ -130,8 +141,6 @@ def _check_args(args) -> None:
         raise MinirtError(f"--ctx must be ≥ 2, got {args.ctx}")
     if args.draft_k < 1:
         raise MinirtError(f"--draft-k must be ≥ 1, got {args.draft_k}")
-    if args.mode not in ("dense", "speculative", "lowrank"):
-        raise MinirtError(f"mode '{args.mode}' is not implemented yet (dense, speculative and lowrank are)")
 
 
 def cmd_generate(args) -> None:
@@ -158,6 +167,11 @@ def cmd_generate(args) -> None:
     print(gen.stats.summary(), file=sys.stderr)
     if gen.drafter is not None:
         print(gen.spec.summary(), file=sys.stderr)
+    if args.mode == "jacobi":
+        print(gen.jacobi.summary(), file=sys.stderr)
+    if getattr(model, "pinv", None) is not None:
+        print(f"pinv: window {args.pinv_window}, tol {args.pinv_tol:g}: {model.pinv.stats.fraction:.1%} of FFN rows "
+              "predicted", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
@@ -218,9 +232,17 @@ def cmd_bench(args) -> None:
     from . import bench
     if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
         raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
-    if args.mode not in ("dense", "speculative", "lowrank"):
-        raise MinirtError(f"mode '{args.mode}' is not implemented in bench yet (dense, speculative, lowrank are)")
     model = _load(args)
+    if args.mode == "jacobi":
+        from . import jacobi
+        rows = jacobi.run_bench(model, bench.FREE_WRITING, args.n_gen, args.block, args.pinv_window,
+                                [0.0, args.pinv_tol] if args.pinv_tol > 0 else [0.0])
+        print(f"greedy, {len(bench.FREE_WRITING)} free prompts, {args.n_gen} tokens each, {numba.get_num_threads()} threads")
+        print(jacobi.report_bench(rows, args.block, args.pinv_window))
+        return
+    if args.mode == "pinv":
+        from .pinv import with_pinv
+        model = with_pinv(model, args.pinv_window, args.pinv_tol)
     if args.mode == "speculative":
         if args.prompts == "free":
             prompts = bench.FREE_WRITING
@@ -242,6 +264,9 @@ def cmd_bench(args) -> None:
     name = model.source.name if model.source else args.model
     ftype = "f32 (dequantized)" if args.dequantize else model.file_type
     print(bench.report(res, name, ftype, numba.get_num_threads(), args.n_prompt, args.n_gen, args.mode))
+    if args.mode == "pinv":
+        print(f"pinv: window {args.pinv_window}, tol {args.pinv_tol:g}: {model.pinv.stats.fraction:.1%} of FFN rows "
+              "predicted (random tokens; see tools/pinv_sweep.py for text)")
 
 
 def cmd_quantize(args) -> None:
