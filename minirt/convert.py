@@ -1,0 +1,509 @@
+"""Weight conversion: Hugging Face folders, GGUF files, llama2.c checkpoints and low-rank exports → GGUF
+or a Hugging Face folder. See docs/CONVERSION.md for what each direction keeps and loses.
+
+Every source is read into a Checkpoint (readers/: canonical names, (out, in) matrices, Q/K rows in
+Hugging Face's rotate-half order, tensors still in their stored type) plus its tokenizer as GGUF
+metadata (the `tokenizer.*` keys llama.cpp's converter writes); the writers render those into the target:
+- GGUF (gguf.GGUFWriter): llama.cpp's tensor names (token_embd, blk.N.attn_q, ...), Q/K rows permuted
+  back to adjacent pairs as convert_hf_to_gguf.py does, llama.cpp's metadata keys.
+- Hugging Face folder: config.json, model.safetensors (written here: numpy has no bfloat16, and the
+  safetensors package is test-only), tokenizer.json + tokenizer_config.json for byte-level BPE vocabularies.
+Stored types are kept unless a type is asked for; quantized tensors are dequantized where the target cannot
+hold them. Outputs are written under a temporary name and renamed only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MinirtError
+from .readers.base import Checkpoint, Tensor
+
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+HF_TYPES = ("F32", "F16", "BF16")
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class Source:
+    """A model to convert: weights, tokenizer as GGUF `tokenizer.*` metadata, a name, what it was read from."""
+    ck: Checkpoint
+    vocab: dict = field(default_factory=dict)
+    name: str = ""
+    kind: str = ""                     # "hf" | "gguf" | "llama2c"
+
+
+# ---- names ---------------------------------------------------------------------------------------------
+def gguf_name(name: str) -> str:
+    """Canonical tensor name → llama.cpp's GGUF name."""
+    from .readers.gguf import NAMES
+    inverse = {v: k for k, v in NAMES.items()}
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return inverse[".".join(["layers", "{i}"] + parts[2:])].replace("{i}", parts[1])
+    return inverse[name]
+
+
+HF_LLAMA = {"embed": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head": "lm_head.weight"}
+HF_LLAMA_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                  "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+                  "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+                  "bv": "self_attn.v_proj.bias", "bo": "self_attn.o_proj.bias", "w_gate": "mlp.gate_proj.weight",
+                  "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight", "b_gate": "mlp.gate_proj.bias",
+                  "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias"}
+HF_GPT2 = {"embed": "transformer.wte.weight", "pos_embed": "transformer.wpe.weight", "head": "lm_head.weight",
+           "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias"}
+HF_GPT2_LAYER = {"attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias", "ffn_norm.weight": "ln_2.weight",
+                 "ffn_norm.bias": "ln_2.bias", "wqkv": "attn.c_attn.weight", "bqkv": "attn.c_attn.bias",
+                 "wo": "attn.c_proj.weight", "bo": "attn.c_proj.bias", "w_up": "mlp.c_fc.weight",
+                 "b_up": "mlp.c_fc.bias", "w_down": "mlp.c_proj.weight", "b_down": "mlp.c_proj.bias"}
+
+
+def hf_name(arch: str, name: str) -> str:
+    top, layer, prefix = (HF_LLAMA, HF_LLAMA_LAYER, "model.layers") if arch == "llama" else \
+        (HF_GPT2, HF_GPT2_LAYER, "transformer.h")
+    parts = name.split(".", 2)
+    if parts[0] == "layers":
+        return f"{prefix}.{parts[1]}.{layer[parts[2]]}"
+    return top[name]
+
+
+def _order(name: str) -> tuple:
+    """llama.cpp's tensor order: embeddings, the layers in turn, the final norm, the head."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return (1, int(parts[1]), name)
+    return ({"embed": 0, "pos_embed": 0}.get(name, 2), 0, name)
+
+
+def rope_permutation(n_heads: int, rows: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute as a row order: HF rotate-half → adjacent pairs
+    (the inverse of readers.gguf.unpermute_rope_rows)."""
+    return np.arange(rows).reshape(n_heads, 2, rows // n_heads // 2).transpose(0, 2, 1).reshape(-1)
+
+
+# ---- reading sources ------------------------------------------------------------------------------------
+def source_kind(path: Path) -> str:
+    from .readers import _has_gguf_magic
+    from .readers.llama2c import is_llama2c
+    if path.is_dir():
+        if (path / "lowrank.json").is_file():
+            return "lowrank"
+        if (path / "config.json").is_file():
+            return "hf"
+        raise MinirtError(f"{path}: a folder without config.json (Hugging Face) or lowrank.json (minirt svd export)")
+    if not path.exists():
+        raise MinirtError(f"{path} does not exist")
+    if _has_gguf_magic(path):
+        return "gguf"
+    if is_llama2c(path):
+        return "llama2c"
+    raise MinirtError(f"{path}: not a GGUF file, a llama2.c checkpoint, a Hugging Face folder or a low-rank export")
+
+
+def read_source(src: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Source:
+    """Read any supported source. tokenizer: a llama2.c tokenizer.bin (default: the one beside the checkpoint)."""
+    src = Path(src)
+    kind = source_kind(src)
+    if kind == "hf":
+        from .readers.hf import read_hf_folder
+        ck = read_hf_folder(src)
+        return Source(ck, _hf_vocab(src, ck), src.resolve().name, kind)
+    if kind == "gguf":
+        from .readers.gguf import _parse, read_gguf
+        ck = read_gguf(src)
+        meta = _parse(src)[0]
+        vocab = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+        return Source(ck, vocab, str(meta.get("general.name", src.stem)), kind)
+    if kind == "llama2c":
+        from .readers.llama2c import read_llama2c, read_llama2c_tokenizer
+        ck = read_llama2c(src)
+        tok = Path(tokenizer) if tokenizer is not None else src.with_name("tokenizer.bin")
+        if tokenizer is not None and not tok.is_file():
+            raise MinirtError(f"{tok}: no such tokenizer file")
+        vocab = read_llama2c_tokenizer(tok, ck.config.vocab_size) if tok.is_file() else {}
+        return Source(ck, vocab, src.stem, kind)
+    raise MinirtError(f"{src}: a low-rank export converts only to GGUF (its model.gguf)")
+
+
+def _token_content(v) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
+
+
+def _hf_vocab(folder: Path, ck: Checkpoint) -> dict:
+    """The tokenizer of a Hugging Face folder as llama.cpp's converter writes it into GGUF metadata."""
+    spec, n = ck.tokenizer, ck.config.vocab_size
+    tc = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    if not isinstance(tc, dict):
+        raise MinirtError(f"{folder}/tokenizer_config.json: not a JSON object")
+    v: dict = {}
+    if spec.kind == "spm":
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(spec.spm_model))
+        tokens, scores, types = [], [], []
+        for i in range(sp.get_piece_size()):
+            tokens.append(sp.id_to_piece(i))
+            scores.append(float(sp.get_score(i)))
+            types.append(TOKEN_UNKNOWN if sp.is_unknown(i) else TOKEN_CONTROL if sp.is_control(i) else
+                         TOKEN_UNUSED if sp.is_unused(i) else TOKEN_BYTE if sp.is_byte(i) else TOKEN_NORMAL)
+        for i in range(len(tokens), n):  # padded vocabulary
+            tokens.append(f"[PAD{i}]"), scores.append(-1000.0), types.append(TOKEN_UNUSED)
+        v = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+             "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
+    elif spec.kind == "bpe" and spec.tokens:
+        added = {}
+        if (folder / "tokenizer.json").is_file():
+            tj = json.loads((folder / "tokenizer.json").read_text())
+            added = {a["id"]: bool(a.get("special", True)) for a in tj.get("added_tokens", [])}
+        tokens, types = [], []
+        for i in range(max(n, len(spec.tokens))):
+            tok = spec.tokens[i] if i < len(spec.tokens) else ""
+            if not tok:
+                tokens.append(f"[PAD{i}]"), types.append(TOKEN_UNUSED)
+                continue
+            tokens.append(tok)
+            special = added.get(i, True) if (i in added or tok in spec.special) else None
+            types.append(TOKEN_NORMAL if special is None else TOKEN_CONTROL if special else TOKEN_USER)
+        v = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": spec.pre, "tokenizer.ggml.tokens": tokens,
+             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": list(spec.merges)}
+    elif spec.kind == "bpe":
+        print(f"convert: {folder}: a tiktoken ranks file is not carried over (no tokenizer in the output)",
+              file=sys.stderr)
+    hc = json.loads((folder / "config.json").read_text())
+    ids = {t: i for i, t in enumerate(v.get("tokenizer.ggml.tokens", []))}
+    for role in ("bos", "eos", "unk", "pad"):
+        tid = ids.get(_token_content(tc.get(f"{role}_token")))
+        if tid is None:
+            tid = hc.get(f"{role}_token_id")
+            tid = tid[0] if isinstance(tid, list) and tid else tid
+        if isinstance(tid, int) and tid >= 0:
+            v[f"tokenizer.ggml.{ {'unk': 'unknown', 'pad': 'padding'}.get(role, role)}_token_id"] = tid
+    for flag in ("add_bos_token", "add_eos_token"):
+        if isinstance(tc.get(flag), bool):
+            v[f"tokenizer.ggml.{flag}"] = tc[flag]
+    template = tc.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, str):
+        v["tokenizer.chat_template"] = template
+    return v
+
+
+# ---- tensor encoding ------------------------------------------------------------------------------------
+def _as_float(t: Tensor) -> np.ndarray:
+    return t.float32()
+
+
+def encode(t: Tensor, target: str | None, gguf_out: bool):
+    """(array, GGML type name) of a tensor in the target type (None: as stored, where the output can hold it).
+    GGUF keeps 1-D tensors in F32 (llama.cpp's rule); block types need rows of whole 32-value blocks."""
+    from gguf import GGMLQuantizationType as Q, quants
+    if len(t.shape) == 1:
+        want = "F32" if gguf_out else (target or (t.qtype if t.qtype in HF_TYPES else "F32"))
+    elif target is None:
+        want = t.qtype if (gguf_out or t.qtype in HF_TYPES) else "F32"
+    else:
+        want = target if (target in HF_TYPES or t.shape[-1] % 32 == 0) else "F32"
+    if want == t.qtype:
+        return t.data, want
+    w = _as_float(t)
+    if want == "F32":
+        return np.ascontiguousarray(w, dtype=np.float32), want
+    if want == "F16":
+        return w.astype(np.float16), want
+    data = quants.quantize(w, Q[want])
+    return (data.view(np.uint16) if want == "BF16" else data), want
+
+
+def _hf_config(src: Source, dtype: str) -> dict:
+    c, v = src.ck.config, src.vocab
+    names = src.ck.tensors
+    ids = {k: v.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    torch_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+    if c.arch == "llama":
+        hc = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+              "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+              "max_position_embeddings": c.max_ctx, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+              "hidden_act": "silu", "tie_word_embeddings": c.tied_head,
+              "attention_bias": any(k.endswith((".bq", ".bk", ".bv", ".bo")) for k in names),
+              "mlp_bias": any(k.endswith((".b_gate", ".b_up", ".b_down")) for k in names)}
+    else:
+        hc = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.max_ctx, "n_ctx": c.max_ctx, "n_embd": c.dim, "n_layer": c.n_layers,
+              "n_head": c.n_heads, "n_inner": c.hidden_dim, "layer_norm_epsilon": c.norm_eps,
+              "activation_function": "gelu_new", "tie_word_embeddings": c.tied_head}
+    hc.update({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "torch_dtype": torch_dtype})
+    if ids["padding"] is not None:
+        hc["pad_token_id"] = ids["padding"]
+    return hc
+
+
+def _complete_biases(ck: Checkpoint) -> dict[str, Tensor]:
+    """Hugging Face's Llama has all of q/k/v/o biases (attention_bias) or none, likewise gate/up/down
+    (mlp_bias): missing ones are written as zeros, which is what a model without them computes."""
+    t = dict(ck.tensors)
+    c = ck.config
+    if c.arch != "llama":
+        return t
+    sizes = {"bq": c.q_dim, "bk": c.kv_dim, "bv": c.kv_dim, "bo": c.dim, "b_gate": c.hidden_dim,
+             "b_up": c.hidden_dim, "b_down": c.dim}
+    for group in (("bq", "bk", "bv", "bo"), ("b_gate", "b_up", "b_down")):
+        if any(f"layers.{i}.{b}" in t for i in range(c.n_layers) for b in group):
+            for i in range(c.n_layers):
+                for b in group:
+                    t.setdefault(f"layers.{i}.{b}", Tensor(np.zeros(sizes[b], np.float32), "F32", (sizes[b],)))
+    return t
+
+
+# ---- writers --------------------------------------------------------------------------------------------
+def write_safetensors(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict | None = None) -> None:
+    """safetensors: u64 header length, JSON header (8-byte aligned), raw little-endian data in order."""
+    header, offset = {}, 0
+    for name, (a, dtype) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for a, _ in tensors.values():
+            f.write(np.ascontiguousarray(a).tobytes())
+
+
+def write_hf(src: Source, dst: Path, qtype: str | None = None, progress: bool = True) -> Path:
+    ck, c = src.ck, src.ck.config
+    if qtype is not None and qtype not in HF_TYPES:
+        raise MinirtError(f"a Hugging Face folder holds F32, F16 or BF16 tensors, not {qtype}: write a .gguf file "
+                          f"for block types")
+    if any(".lr_" in k or k.startswith("head.lr_") for k in ck.tensors):
+        raise MinirtError(f"{ck.source}: a low-rank export has no Hugging Face form; convert it to .gguf")
+    tensors, types = {}, set()
+    full = _complete_biases(ck)
+    for name in sorted(full, key=_order):
+        t = full[name]
+        data, ty = encode(t, qtype, gguf_out=False)
+        if c.arch == "gpt2" and name.split(".")[-1] in ("wqkv", "wo", "w_up", "w_down"):
+            data = np.ascontiguousarray(data.T)  # Conv1D stores (in, out)
+        tensors[hf_name(c.arch, name)] = (data, ty)
+        if data.ndim == 2:
+            types.add(ty)
+    dtype = qtype or (types.pop() if len(types) == 1 else "F32")
+    files = {"config.json": json.dumps(_hf_config(src, dtype), indent=2) + "\n"}
+    files.update(_hf_tokenizer_files(src))
+    tmp = _fresh_dir(dst)
+    try:
+        write_safetensors(tmp / "model.safetensors", tensors)
+        for fname, text in files.items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+        if dst.is_dir():
+            dst.rmdir()  # empty (checked by _fresh_dir)
+        os.replace(tmp, dst)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise MinirtError(f"writing {dst} failed: {e}") from None
+        raise
+    if progress:
+        print(f"convert: wrote {dst} ({len(tensors)} tensors, {dtype}{', tokenizer' if len(files) > 1 else ''})",
+              file=sys.stderr)
+    return dst
+
+
+def _fresh_dir(dst: Path) -> Path:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise MinirtError(f"{dst} exists and is not an empty folder; give a new folder name for the output")
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _hf_tokenizer_files(src: Source) -> dict[str, str]:
+    v = src.vocab
+    if v.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.tokens" not in v:
+        if v.get("tokenizer.ggml.model"):
+            print(f"convert: the {v.get('tokenizer.ggml.model')!r} (SentencePiece) vocabulary is not written to "
+                  f"the Hugging Face folder (only byte-level BPE is)", file=sys.stderr)
+        return {}
+    tokens = v["tokenizer.ggml.tokens"]
+    types = v.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    merges = [m.split(" ", 1) for m in v.get("tokenizer.ggml.merges", [])]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = byte_level if v.get("tokenizer.ggml.pre", "gpt2") != "smollm" else \
+        {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": ty == TOKEN_CONTROL} for i, (t, ty) in enumerate(zip(tokens, types))
+             if ty in (TOKEN_CONTROL, TOKEN_USER)]
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+          "pre_tokenizer": pre, "post_processor": {**byte_level, "trim_offsets": False},
+          "decoder": byte_level,
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != TOKEN_UNUSED},
+                    "merges": merges}}
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": src.ck.config.max_ctx,
+          "clean_up_tokenization_spaces": False}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        tid = v.get(f"tokenizer.ggml.{key}_token_id")
+        if tid is not None and 0 <= tid < len(tokens):
+            tc[f"{role}_token"] = tokens[tid]
+    for flag in ("add_bos_token", "add_eos_token"):
+        if f"tokenizer.ggml.{flag}" in v:
+            tc[flag] = bool(v[f"tokenizer.ggml.{flag}"])
+    if isinstance(v.get("tokenizer.chat_template"), str):
+        tc["chat_template"] = v["tokenizer.chat_template"]
+    return {"tokenizer.json": json.dumps(tj, ensure_ascii=False) + "\n",
+            "tokenizer_config.json": json.dumps(tc, indent=2, ensure_ascii=False) + "\n"}
+
+
+def _add_vocab(writer, vocab: dict) -> None:
+    from gguf import GGUFValueType as V
+    arrays = {"tokenizer.ggml.tokens": V.STRING, "tokenizer.ggml.merges": V.STRING,
+              "tokenizer.ggml.token_type": V.INT32, "tokenizer.ggml.scores": V.FLOAT32}
+    for key, val in vocab.items():
+        if key in arrays:
+            writer.add_key_value(key, list(val), V.ARRAY, sub_type=arrays[key])
+        elif isinstance(val, bool):
+            writer.add_key_value(key, val, V.BOOL)
+        elif isinstance(val, int):
+            writer.add_key_value(key, val, V.UINT32 if val >= 0 else V.INT32)
+        elif isinstance(val, float):
+            writer.add_key_value(key, val, V.FLOAT32)
+        elif isinstance(val, str):
+            writer.add_key_value(key, val, V.STRING)
+        elif isinstance(val, list) and val:
+            sub = V.STRING if isinstance(val[0], str) else V.FLOAT32 if isinstance(val[0], float) else V.INT32
+            writer.add_key_value(key, val, V.ARRAY, sub_type=sub)
+
+
+def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool = True) -> Path:
+    import gguf
+    ck, c = src.ck, src.ck.config
+    if qtype is not None and qtype not in TYPES:
+        raise MinirtError(f"unknown type {qtype!r}: choose one of {', '.join(TYPES)}")
+    if any(".lr_" in k or k.startswith("head.lr_") for k in ck.tensors):
+        raise MinirtError(f"{ck.source}: a low-rank GGUF is converted by giving its export folder (model.gguf + "
+                          f"lowrank.json) as the source")
+    if dst.is_dir():
+        raise MinirtError(f"{dst} is a folder; give an output file name ending in .gguf")
+    tmp = dst.with_name(dst.name + ".part")
+    writer = gguf.GGUFWriter(str(tmp), c.arch)
+    try:
+        if src.name:
+            writer.add_name(src.name)
+        writer.add_context_length(c.max_ctx)
+        writer.add_embedding_length(c.dim)
+        writer.add_block_count(c.n_layers)
+        writer.add_feed_forward_length(c.hidden_dim)
+        writer.add_head_count(c.n_heads)
+        if c.arch == "llama":
+            writer.add_head_count_kv(c.n_kv_heads)
+            writer.add_rope_freq_base(c.rope_theta)
+            writer.add_layer_norm_rms_eps(c.norm_eps)
+            writer.add_rope_dimension_count(c.head_dim)
+            if c.head_dim != c.dim // c.n_heads:
+                writer.add_key_length(c.head_dim)
+                writer.add_value_length(c.head_dim)
+            writer.add_vocab_size(c.vocab_size)
+        else:
+            writer.add_layer_norm_eps(c.norm_eps)
+        counts: dict[str, int] = {}
+        for name in sorted(ck.tensors, key=_order):
+            t = ck.tensors[name]
+            if c.arch == "llama" and name.split(".")[-1] in ("wq", "bq", "wk", "bk"):
+                heads = c.n_heads if name.endswith("q") else c.n_kv_heads
+                t = t.take_rows(rope_permutation(heads, t.shape[0]))
+            data, ty = encode(t, qtype, gguf_out=True)
+            if ty in ("F32", "F16"):
+                writer.add_tensor(gguf_name(name), data)
+            else:
+                writer.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType[ty])
+            if len(t.shape) == 2:
+                counts[ty] = counts.get(ty, 0) + int(np.prod(t.shape))
+        main = max(counts, key=counts.get) if counts else "F32"
+        if main in FILE_TYPES:
+            writer.add_file_type(FILE_TYPES[main])
+        _add_vocab(writer, src.vocab)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException as e:
+        try:
+            writer.close()
+        except Exception:
+            pass
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, ValueError)):
+            raise MinirtError(f"writing {dst} failed: {e}") from None
+        raise
+    if progress:
+        print(f"convert: wrote {dst} ({len(ck.tensors)} tensors, mostly {main}"
+              f"{', tokenizer' if src.vocab else ', no tokenizer'})", file=sys.stderr)
+    return dst
+
+
+def copy_lowrank(src: Path, dst: Path, progress: bool = True) -> Path:
+    """A low-rank export folder → its model.gguf, after checking that minirt reads it and that it matches
+    the manifest."""
+    from .readers.gguf import read_gguf
+    gg, manifest = src / "model.gguf", src / "lowrank.json"
+    if not gg.is_file():
+        raise MinirtError(f"{src}: no model.gguf in the low-rank export")
+    try:
+        json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MinirtError(f"{manifest}: unreadable manifest ({e})") from None
+    ck = read_gguf(gg)
+    if not any(".lr_" in k or k.startswith("head.lr_") for k in ck.tensors):
+        raise MinirtError(f"{gg}: no factor tensors (lr_u/lr_v): not a low-rank export")
+    if dst.is_dir():
+        raise MinirtError(f"{dst} is a folder; give an output file name ending in .gguf")
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        shutil.copyfile(gg, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MinirtError(f"writing {dst} failed: {e}") from None
+    if progress:
+        print(f"convert: wrote {dst} (low-rank export, {len(ck.tensors)} tensors)", file=sys.stderr)
+    return dst
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | None = None,
+            tokenizer: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Convert src (Hugging Face folder, GGUF, llama2.c .bin, low-rank export folder) to dst: a .gguf file,
+    or else a Hugging Face folder. qtype: the matrices' type (default: as stored)."""
+    src, dst = Path(src), Path(dst)
+    if qtype is not None and qtype not in TYPES:
+        raise MinirtError(f"unknown type {qtype!r}: choose one of {', '.join(TYPES)}")
+    to_gguf = dst.suffix == ".gguf"
+    if not to_gguf and dst.suffix in (".bin", ".safetensors", ".json", ".pt", ".pth"):
+        raise MinirtError(f"{dst}: give a .gguf file or a folder name (a Hugging Face folder is written there)")
+    if src.resolve() == dst.resolve():
+        raise MinirtError("source and destination are the same path")
+    kind = source_kind(src)
+    if kind == "lowrank":
+        if not to_gguf:
+            raise MinirtError(f"{src}: a low-rank export converts only to GGUF: give an output ending in .gguf")
+        if qtype is not None:
+            raise MinirtError("a low-rank export is copied as it is: --type does not apply")
+        return copy_lowrank(src, dst, progress)
+    if not to_gguf and qtype is not None and qtype not in HF_TYPES:
+        raise MinirtError(f"a Hugging Face folder holds F32, F16 or BF16 tensors, not {qtype}: give an output "
+                          f"ending in .gguf for block types")
+    s = read_source(src, tokenizer)
+    return write_gguf(s, dst, qtype, progress) if to_gguf else write_hf(s, dst, qtype, progress)
