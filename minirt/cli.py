@@ -92,6 +92,13 @@ def build_parser() -> Parser:
     q.add_argument("--type", required=True, choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"))
     q.add_argument("--cache-dir", default=None)
 
+    cv = sub.add_parser("convert", help="convert weights (HF folder, GGUF, llama2.c, low-rank export → GGUF or HF)")
+    cv.add_argument("src", help="Hugging Face folder, .gguf file, llama2.c checkpoint, or low-rank export folder")
+    cv.add_argument("dst", help="output: a .gguf file, or else a folder (written as a Hugging Face model)")
+    cv.add_argument("--type", default=None, choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"),
+                    help="type of the weight matrices (default: as stored; a HF folder holds F32/F16/BF16)")
+    cv.add_argument("--tokenizer", default=None, help="llama2.c tokenizer.bin (default: the one beside SRC)")
+
     pl = sub.add_parser("pull", help="fetch models or data into the cache ahead of time")
     pl.add_argument("names", nargs="+")
     pl.add_argument("--cache-dir", default=None)
@@ -276,6 +283,11 @@ def cmd_quantize(args) -> None:
     print(out)
 
 
+def cmd_convert(args) -> None:
+    from .convert import convert
+    print(convert(args.src, args.dst, args.type, tokenizer=args.tokenizer))
+
+
 def cmd_pull(args) -> None:
     from .registry import pull
     for name in args.names:
@@ -293,7 +305,7 @@ def cmd_list(args) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
-            "quantize": cmd_quantize, "pull": cmd_pull, "list": cmd_list}
+            "quantize": cmd_quantize, "convert": cmd_convert, "pull": cmd_pull, "list": cmd_list}
 
 
 def main(argv=None) -> int:
