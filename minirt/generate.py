@@ -99,6 +99,14 @@ class Generation:
                 return
             logits = self.model.forward([tok], self.cache)[0]
 
+    def _tokens(self):
+        """The token source: plain decoding, or speculative decoding with a drafter (a GPU model overrides it)."""
+        if self.drafter is None:
+            return self._dense_tokens()
+        from .speculative import speculative_tokens
+        return speculative_tokens(self.model, self.cache, self.prompt_ids, self.sampler, self.drafter, self.draft_k,
+                                  self.max_tokens, self.spec)
+
     def __iter__(self):
         model, st = self.model, self.stats
         eog = model.tokenizer.eog_ids
@@ -110,12 +118,8 @@ class Generation:
             from .jacobi import jacobi_tokens
             source = jacobi_tokens(model, self.cache, self.prompt_ids, self.sampler, self.block, self.max_tokens,
                                    self.jacobi)
-        elif self.drafter is None:
-            source = self._dense_tokens()
         else:
-            from .speculative import speculative_tokens
-            source = speculative_tokens(model, self.cache, self.prompt_ids, self.sampler, self.drafter, self.draft_k,
-                                        self.max_tokens, self.spec)
+            source = self._tokens()
         pending = ""  # text held back while it could be the start of a stop string
         t0 = t1 = time.perf_counter()
         st.stop_reason = "context full"

@@ -1,0 +1,566 @@
+"""GPU backend (CuPy): a loaded Model on an NVIDIA GPU, its decode step captured once as a CUDA graph.
+
+to_gpu(model) uploads every matrix once, as float16 by default (bfloat16 or float32 on request); quantized
+GGUF matrices (Q8_0, Q4_0, Q4_1) are dequantized on load, so the GPU reads 16-bit weights, not the packed
+blocks. LowRank matrices (--mode lowrank) stay factored and run on the fused low-rank kernel. The KV cache
+lives on the device (float32), and so do sampling and speculative verification: a greedy decode step is
+one graph replay (embedding → layers → head → argmax, the position advanced on the device) and one 4-byte
+read of the token; a speculative step is one graph replay over K+1 positions and one verification kernel.
+
+GPUModel keeps Model's contract: forward(tokens, cache, logits) returns float32 logits on the host;
+new_cache(), logits(), generate(), truncated() behave as on the CPU. Kernels: minirt/gpu_kernels.py.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from .errors import MinirtError
+from .generate import Generation
+from .linear import Dense, Quant
+from .lowrank import LowRank
+from .sampling import Sampler, SamplingParams
+
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def cuda_unavailable() -> str | None:
+    """None when CuPy finds a GPU, else why not (one line)."""
+    try:
+        import cupy
+    except Exception:
+        return "CuPy is not installed (pip install cupy-cuda13x)"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"CuPy finds no usable GPU or CUDA driver ({type(e).__name__})"
+    return None if n > 0 else "CuPy finds no GPU"
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda' for --device cpu|cuda|auto; cuda without a usable GPU is a one-line error."""
+    if device not in DEVICES:
+        raise MinirtError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    why = cuda_unavailable()
+    if why is None:
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    raise MinirtError(f"--device cuda: {why}; run with --device cpu (or auto)")
+
+
+def to_gpu(model, dtype: str = "float16") -> "GPUModel":
+    """The model's weights on the GPU (see the module note)."""
+    if resolve_device("cuda") != "cuda":  # pragma: no cover (resolve_device raises)
+        raise MinirtError("no GPU")
+    return GPUModel(model, dtype)
+
+
+# ---- weights ------------------------------------------------------------------------------------------
+def float_matrix(lin) -> np.ndarray:
+    """A Dense or Quant matrix as float32 (out, in) in natural column order."""
+    if isinstance(lin, Dense):
+        return lin.w
+    if isinstance(lin, Quant):
+        w = np.empty((lin.out_features, lin.in_features), np.float32)
+        lin._dequantize(0, lin.out_features, w)
+        if lin.nb:  # block-transposed columns back to natural order
+            w = np.ascontiguousarray(w.reshape(-1, 32, lin.nb).transpose(0, 2, 1)).reshape(w.shape)
+        return w
+    raise MinirtError(f"cannot upload a {type(lin).__name__} to the GPU")
+
+
+def to_device_dtype(cp, w: np.ndarray, dtype: str):
+    """float32 numpy → device array of float16, float32, or bfloat16 bits (uint16, rounded to nearest even)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if dtype == "float16":
+        return cp.asarray(w.astype(np.float16))
+    if dtype == "float32":
+        return cp.asarray(w)
+    u = w.view(np.uint32).astype(np.uint64)
+    return cp.asarray(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16))
+
+
+def _pad_cols(w: np.ndarray, n: int) -> np.ndarray:
+    return w if w.shape[1] == n else np.pad(w, ((0, 0), (0, n - w.shape[1])))
+
+
+class GDense:
+    """A matrix (out, in) on the device: the gemv kernel (T rows of x, one warp per output row)."""
+
+    def __init__(self, cp, k, w: np.ndarray, bias, dtype: str):
+        self.k = k
+        self.out_features, self.in_features = w.shape
+        if self.in_features % 8:
+            raise MinirtError(f"the GPU backend needs matrix widths divisible by 8, got {self.in_features}")
+        self.w = to_device_dtype(cp, w, dtype)
+        self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
+
+    def __call__(self, x, out, T: int, mode: int = 0):
+        self.k.gemv(x, self.w, self.b, out, T, mode)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + (0 if self.b is None else self.b.nbytes)
+
+
+class GLowRank:
+    """y = (x · Vᵀ) · Uᵀ (+ b) in one fused kernel; the rank is zero-padded to a multiple of 8."""
+
+    def __init__(self, cp, k, u: np.ndarray, v: np.ndarray, bias, dtype: str):
+        self.cp, self.k = cp, k
+        self.out_features, self.rank = u.shape
+        self.in_features = v.shape[1]
+        if self.in_features % 8:
+            raise MinirtError(f"the GPU backend needs matrix widths divisible by 8, got {self.in_features}")
+        rp = -(-self.rank // 8) * 8
+        self.u = to_device_dtype(cp, _pad_cols(u, rp), dtype)
+        self.v = to_device_dtype(cp, np.pad(v, ((0, rp - self.rank), (0, 0))), dtype)
+        self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
+        self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
+        self._mid: dict[int, object] = {}
+
+    def __call__(self, x, out, T: int, mode: int = 0):
+        mid = self._mid.get(T)
+        if mid is None:
+            mid = self._mid[T] = self.cp.empty((T, self.u.shape[1]), self.cp.float32)
+        self.k.lowrank(x, self.v, self.u, self.b, mid, out, self.bar, T, mode)
+
+    @property
+    def nbytes(self) -> int:
+        return self.u.nbytes + self.v.nbytes + (0 if self.b is None else self.b.nbytes)
+
+
+class GLayer:
+    def __init__(self, up, L, norm):
+        self.attn_norm, self.ffn_norm = norm(L.attn_norm), norm(L.ffn_norm)
+        self.qkv, self.wo, self.up, self.down = up(L.qkv), up(L.wo), up(L.up), up(L.down)
+
+
+# ---- the KV cache --------------------------------------------------------------------------------------
+class GPUCache:
+    """Keys and values of every layer on the device (n_layers, n_kv_heads, capacity, head_dim), float32.
+
+    pos is kept on the host and on the device (the kernels read it there, so captured graphs replay at any
+    position); truncate() or setting pos marks the device copy stale, and the next forward rewrites it."""
+
+    def __init__(self, cp, cfg, capacity: int):
+        self.capacity = capacity
+        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = cp.zeros(shape, cp.float32)
+        self.v = cp.zeros(shape, cp.float32)
+        self.pos_dev = cp.zeros(1, cp.int32)
+        self.hist = cp.zeros(capacity + 1, cp.int32)  # greedy tokens by position (argmax_step writes them)
+        self.graphs: dict = {}
+        self.seen: set = set()
+        self._pos, self.synced = 0, True
+
+    @property
+    def pos(self) -> int:
+        return self._pos
+
+    @pos.setter
+    def pos(self, v: int) -> None:
+        self._pos, self.synced = int(v), False
+
+    def truncate(self, pos: int) -> None:
+        if not 0 <= pos <= self._pos:
+            raise ValueError(f"cannot truncate a cache of {self._pos} positions to {pos}")
+        self.pos = pos
+
+    def reserve(self, n: int) -> None:
+        if self._pos + n > self.capacity:
+            raise MinirtError(f"context is full: {self._pos} + {n} tokens exceed the context of {self.capacity} "
+                              "(shorten the prompt or raise --ctx)")
+
+
+# ---- the model -----------------------------------------------------------------------------------------
+class GPUModel:
+    device = "cuda"
+    GRAPH_MAX_T = 8  # steps of up to this many positions are captured as CUDA graphs (decode, verification)
+
+    def __init__(self, model, dtype: str = "float16"):
+        import cupy as cp
+
+        from .gpu_kernels import kernels
+        if dtype not in DTYPES:
+            raise MinirtError(f"unknown GPU weight type '{dtype}': choose one of {', '.join(DTYPES)}")
+        c = model.cfg
+        if c.head_dim > 128 or c.head_dim % 4 or c.n_heads % c.n_kv_heads:
+            raise MinirtError(f"the GPU backend needs head_dim ≤ 128 and divisible by 4 (got {c.head_dim})")
+        self.cp, self.k, self.dtype = cp, kernels(), dtype
+        self.cfg, self.tokenizer, self.source, self.file_type = c, model.tokenizer, model.source, model.file_type
+        self.lowrank = getattr(model, "lowrank", None)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        with self.stream:
+            def up(lin):
+                if isinstance(lin, LowRank):
+                    return GLowRank(cp, self.k, lin.u.w, lin.v.w, lin.bias, dtype)
+                return GDense(cp, self.k, float_matrix(lin), lin.bias, dtype)
+
+            def norm(n):
+                return (cp.asarray(n.weight), None if n.bias is None else cp.asarray(n.bias), float(n.eps))
+
+            self.layers = [GLayer(up, L, norm) for L in model.layers]
+            self.head = up(model.head)
+            if c.tied_head and isinstance(self.head, GDense):
+                self.embed_table = self.head.w  # one copy serves both
+            else:
+                e = model.embed
+                t = float_matrix(e.head) if e.head is not None else np.asarray(e.t.float32())
+                self.embed_table = to_device_dtype(cp, t, dtype)
+            self.pos_embed = None if model.pos_embed is None else cp.asarray(model.pos_embed)
+            self.norm = norm(model.norm)
+            self.rope_cos, self.rope_sin = cp.asarray(model.rope_cos), cp.asarray(model.rope_sin)
+            self.pos_scratch = cp.zeros(1, cp.int32)  # position for caches that are not GPUCaches (views)
+            self.result = cp.zeros(2, cp.int32)
+        self.stream.synchronize()
+        self._scratch: dict[int, dict] = {}
+
+    # ---- buffers and caches -----------------------------------------------------------------------
+    def new_cache(self, capacity: int | None = None) -> GPUCache:
+        return GPUCache(self.cp, self.cfg, min(capacity or self.cfg.max_ctx, self.cfg.max_ctx))
+
+    def _buffers(self, T: int) -> dict:
+        s = self._scratch.get(T)
+        if s is None:
+            cp, c = self.cp, self.cfg
+            f = cp.float32
+            s = dict(tok=cp.zeros(T, cp.int32), x=cp.empty((T, c.dim), f), h=cp.empty((T, c.dim), f),
+                     hrows=cp.empty((T, c.dim), f), qkv=cp.empty((T, c.q_dim + 2 * c.kv_dim), f),
+                     q=cp.empty((T, c.n_heads, c.head_dim), f), att=cp.empty((T, c.q_dim), f),
+                     act=cp.empty((T, c.hidden_dim), f), logits=cp.empty((T, c.vocab_size), f))
+            self._scratch[T] = s
+        return s
+
+    def _pos(self, cache):
+        """The device position of a cache, written from the host where it is stale."""
+        if isinstance(cache, GPUCache):
+            if not cache.synced:
+                cache.pos_dev.set(np.array([cache.pos], np.int32), stream=self.stream)
+                cache.synced = True
+            return cache.pos_dev
+        self.pos_scratch.set(np.array([cache.pos], np.int32), stream=self.stream)
+        return self.pos_scratch
+
+    # ---- one step: kernels only (capturable) ------------------------------------------------------
+    def _step(self, T: int, cache, pos, b: dict, head: str, finish: str) -> None:
+        k, c = self.k, self.cfg
+        llama = c.arch == "llama"
+        layer_norm = not llama
+        H, Hkv, hd, cap = c.n_heads, c.n_kv_heads, c.head_dim, cache.capacity
+        scale = 1.0 / math.sqrt(hd)
+        x, h = b["x"], b["h"]
+        k.embed(b["tok"], self.embed_table, self.pos_embed, pos, x, T)
+        for li, L in enumerate(self.layers):
+            kc, vc = cache.k[li], cache.v[li]
+            k.norm(x, *L.attn_norm[:2], L.attn_norm[2], h, T, layer_norm)
+            L.qkv(h, b["qkv"], T, 0)
+            k.rope_store(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, b["q"], kc, vc, T, H, Hkv, hd, cap)
+            k.attention(b["q"], kc, vc, pos, scale, b["att"], T, H, Hkv, hd, cap)
+            L.wo(b["att"], x, T, 1)
+            k.norm(x, *L.ffn_norm[:2], L.ffn_norm[2], h, T, layer_norm)
+            L.up(h, b["act"], T, 2 if llama else 3)
+            L.down(b["act"], x, T, 1)
+        if head == "last":
+            k.norm(x[T - 1:], *self.norm[:2], self.norm[2], b["hrows"], 1, layer_norm)
+            self.head(b["hrows"], b["logits"], 1, 0)
+        else:
+            k.norm(x, *self.norm[:2], self.norm[2], b["hrows"], T, layer_norm)
+            self.head(b["hrows"], b["logits"], T, 0)
+        if finish == "argmax":
+            k.argmax_step(b["logits"], c.vocab_size, self._buffers(1)["tok"], pos, cache.hist, T)
+        else:
+            k.advance(pos, T)
+
+    def _run(self, T: int, cache, head: str, finish: str) -> dict:
+        """Launch a step; steps of ≤ GRAPH_MAX_T positions on a GPUCache are captured once (on their second
+        use: the first runs eagerly, which loads the kernels and allocates scratch) and replayed."""
+        b = self._buffers(T)
+        pos = self._pos(cache)
+        if not isinstance(cache, GPUCache) or T > self.GRAPH_MAX_T:
+            self._step(T, cache, pos, b, head, finish)
+            return b
+        key = (id(self), T, head, finish)
+        g = cache.graphs.get(key)
+        if g is None:
+            if key not in cache.seen:
+                cache.seen.add(key)
+                self._step(T, cache, pos, b, head, finish)
+                return b
+            s = self.stream
+            s.begin_capture()
+            try:
+                self._step(T, cache, pos, b, head, finish)
+            finally:
+                g = s.end_capture()
+            cache.graphs[key] = g
+        g.launch(stream=self.stream)
+        return b
+
+    def _check(self, tokens, cache) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) == 0:
+            raise MinirtError("no tokens to run")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
+            raise MinirtError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
+        cache.reserve(len(tokens))
+        return tokens
+
+    def _advance_host(self, cache, T: int) -> None:
+        if isinstance(cache, GPUCache):
+            cache._pos += T  # the device copy was advanced by the step itself
+        else:
+            cache.pos += T
+
+    # ---- the forward pass -------------------------------------------------------------------------
+    def forward_device(self, tokens, cache, logits: str = "last"):
+        """Like forward, but the logits rows stay on the device (a view of a reused buffer)."""
+        if logits not in ("last", "all"):
+            raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")
+        tokens = self._check(tokens, cache)
+        T = len(tokens)
+        with self.stream:
+            b = self._buffers(T)
+            b["tok"].set(tokens.astype(np.int32), stream=self.stream)
+            self._run(T, cache, logits, "advance")
+        self._advance_host(cache, T)
+        return b["logits"][:1 if logits == "last" else T]
+
+    def forward(self, tokens, cache, logits="last") -> np.ndarray:
+        """Run positions cache.pos … cache.pos+T−1 and return logits (rows, vocab) float32 on the host."""
+        if isinstance(logits, str) and logits not in ("last", "all"):
+            raise ValueError(f"logits must be 'last', 'all' or an index, not {logits!r}")
+        rows = self.forward_device(tokens, cache, logits if isinstance(logits, str) else "all")
+        out = rows.get(stream=self.stream)
+        return out if isinstance(logits, str) else np.ascontiguousarray(out[logits])
+
+    def logits(self, token_ids) -> np.ndarray:
+        ids = list(token_ids)
+        return self.forward(ids, self.new_cache(len(ids)), logits="all")
+
+    # ---- greedy decoding on the device ------------------------------------------------------------
+    def prefill_greedy(self, tokens, cache) -> None:
+        """Run the prompt; its argmax token lands in the decode input (and cache.hist) on the device."""
+        tokens = self._check(tokens, cache)
+        T = len(tokens)
+        with self.stream:
+            b = self._buffers(T)
+            b["tok"].set(tokens.astype(np.int32), stream=self.stream)
+            self._run(T, cache, "last", "argmax")
+        self._advance_host(cache, T)
+
+    def step_greedy(self, cache) -> None:
+        """One decode step on the last argmax token (one graph replay), no host sync."""
+        cache.reserve(1)
+        with self.stream:
+            self._run(1, cache, "last", "argmax")
+        self._advance_host(cache, 1)
+
+    def read_token(self) -> int:
+        """The token the last greedy step chose (one 4-byte copy: the host sync of a decode step)."""
+        return int(self._buffers(1)["tok"][:1].get(stream=self.stream)[0])
+
+    def decode_greedy(self, tokens, cache, n: int) -> list[int]:
+        """n greedy tokens after a prompt, with one host sync at the end (for benchmarks)."""
+        p0 = cache.pos + len(tokens)
+        self.prefill_greedy(tokens, cache)
+        for _ in range(n - 1):
+            self.step_greedy(cache)
+        return [int(t) for t in cache.hist[p0:p0 + n].get(stream=self.stream)]
+
+    # ---- conveniences -------------------------------------------------------------------------------
+    def generate(self, prompt, **kwargs):
+        return GPUGeneration(self, prompt, **kwargs)
+
+    def truncated(self, n_layers: int) -> "GPUModel":
+        """The first n_layers with the final norm and head (early-exit drafter), sharing every weight."""
+        m = copy.copy(self)
+        m.cfg, m.layers, m._scratch = replace(self.cfg, n_layers=n_layers), self.layers[:n_layers], {}
+        return m
+
+    @property
+    def weight_bytes(self) -> int:
+        """Device bytes of weights read per decode step (matrices and head)."""
+        return sum(L.qkv.nbytes + L.wo.nbytes + L.up.nbytes + L.down.nbytes for L in self.layers) + self.head.nbytes
+
+    def memory_bandwidth(self, mib: int = 1024, repeats: int = 5) -> float:
+        """Device memory bandwidth in bytes/s: a device-to-device copy, bytes read plus written, median."""
+        cp = self.cp
+        a = cp.ones(mib << 18, cp.float32)
+        b = cp.empty_like(a)
+        rates = []
+        with self.stream:
+            for _ in range(repeats + 1):
+                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                e0.record(self.stream)
+                b[...] = a
+                e1.record(self.stream)
+                e1.synchronize()
+                rates.append(2 * a.nbytes / (cp.cuda.get_elapsed_time(e0, e1) * 1e-3))
+        return float(np.median(rates[1:]))
+
+
+# ---- sampling and verification on the device ---------------------------------------------------------
+def device_distribution(cp, x, p: SamplingParams, seen=None):
+    """Sampler.distribution for rows of logits on the device (float64 arithmetic, as on the CPU).
+    seen: (rows, vocab) bool, the tokens the repetition penalty applies to."""
+    x = x.astype(cp.float64)
+    R, V = x.shape
+    r = p.repetition_penalty
+    if r != 1.0 and seen is not None:
+        x = cp.where(seen, cp.where(x > 0, x / r, x * r), x)
+    if p.greedy:
+        out = cp.zeros_like(x)
+        out[cp.arange(R), cp.argmax(x, axis=1)] = 1.0
+        return out
+    x = x / p.temperature
+    if p.top_k and p.top_k < V:
+        kth = cp.partition(x, V - p.top_k, axis=1)[:, V - p.top_k:V - p.top_k + 1]
+        x = cp.where(x >= kth, x, -cp.inf)
+    probs = cp.exp(x - x.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    if p.top_p < 1.0:
+        order = cp.argsort(-probs, axis=1)
+        sp = cp.take_along_axis(probs, order, axis=1)
+        keep = (cp.cumsum(sp, axis=1) - sp) < p.top_p
+        mask = cp.zeros(probs.shape, bool)
+        mask[cp.arange(R)[:, None], order] = keep
+        probs = cp.where(mask, probs, 0.0)
+    if p.min_p > 0:
+        probs = cp.where(probs >= p.min_p * probs.max(axis=1, keepdims=True), probs, 0.0)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+class DeviceSampler:
+    """Draws tokens from device logits with a Sampler's rules and random stream; one sync per call."""
+
+    def __init__(self, model: GPUModel, sampler: Sampler, history=()):
+        self.m, self.cp, self.sampler = model, model.cp, sampler
+        self.p = sampler.params
+        with model.stream:
+            self.seen = self.cp.zeros(model.cfg.vocab_size, bool)
+            if len(history):
+                self.seen[self.cp.asarray(np.asarray(history, np.int64))] = True
+            self.dummy = self.cp.zeros(1, self.cp.int32)
+
+    def push(self, tok: int) -> None:
+        if self.p.repetition_penalty != 1.0:
+            with self.m.stream:
+                self.seen[tok] = True
+
+    def verify(self, rows, draft: list[int], qs=None) -> tuple[int, int]:
+        """Accepted drafts and the next token, from logits rows (len(draft)+1, vocab) on the device."""
+        cp, p, m = self.cp, self.p, self.m
+        R, V = rows.shape
+        with m.stream:
+            seen = None
+            if p.repetition_penalty != 1.0:
+                seen = cp.tile(self.seen, (R, 1))
+                for i, t in enumerate(draft):
+                    seen[i + 1:, t] = True
+            if p.greedy:
+                P = rows
+                if seen is not None:  # argmax of the penalized logits
+                    x = rows.astype(cp.float64)
+                    P = cp.where(seen, cp.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+                P = cp.ascontiguousarray(P, dtype=cp.float32)
+                Q, u = None, self.dummy
+            else:
+                P = cp.ascontiguousarray(device_distribution(cp, rows, p, seen), dtype=cp.float32)
+                Q = None if not qs else cp.asarray(np.stack(qs).astype(np.float32))
+                u = cp.asarray(self.sampler.rng.random(R).astype(np.float32))
+            d = cp.asarray(np.asarray(draft, np.int32)) if draft else self.dummy
+            m.k.verify(P, V, d, len(draft), Q, u, p.greedy, m.result)
+            res = m.result.get(stream=m.stream)
+        return int(res[0]), int(res[1])
+
+    def sample(self, rows) -> int:
+        return self.verify(rows, [])[1]
+
+
+class GPUGeneration(Generation):
+    """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, the next step
+    launched before the host handles the current token."""
+
+    def _dense_tokens(self):
+        m, cache = self.model, self.cache
+        p = self.sampler.params
+        if p.greedy and p.repetition_penalty == 1.0:
+            m.prefill_greedy(self.prompt_ids, cache)
+            while True:
+                tok = m.read_token()
+                more = cache.pos < cache.capacity
+                if more:
+                    m.step_greedy(cache)  # runs while the host detokenizes tok
+                yield tok
+                if not more:
+                    return
+        ds = DeviceSampler(m, self.sampler, self.prompt_ids)
+        rows = m.forward_device(self.prompt_ids, cache)
+        while True:
+            tok = ds.sample(rows)
+            ds.push(tok)
+            yield tok
+            if cache.pos >= cache.capacity:
+                return
+            rows = m.forward_device([tok], cache)
+
+    def _tokens(self):
+        if self.drafter is None:
+            return self._dense_tokens()
+        return speculative_tokens_gpu(self.model, self.cache, self.prompt_ids, self.sampler, self.drafter,
+                                      self.draft_k, self.max_tokens, self.spec)
+
+
+def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: Sampler, drafter, k: int,
+                           max_tokens: int, stats, adaptive: bool = True):
+    """minirt.speculative.speculative_tokens on the device: the K+1 positions scored by one graph replay,
+    the acceptance rule applied by one verification kernel (one host sync per step). Same drafters, same
+    adaptive K, same rule: greedy output is identical to plain greedy decoding on the GPU."""
+    from .speculative import K_MAX, PROBE
+    k_max = min(2 * k, K_MAX)
+    ds = DeviceSampler(model, sampler, prompt)
+    context = list(prompt)
+    first = ds.sample(model.forward_device(prompt, cache))
+    ds.push(first)
+    yield first
+    context.append(first)
+    drafter.start(context, cache)
+    last, produced, kk, idle, probe = first, 1, k, 0, PROBE
+    while produced < max_tokens:
+        if kk == 0:
+            idle += 1
+            if idle >= probe:
+                kk, idle = 1, 0
+        room = cache.capacity - cache.pos - 1
+        if room < 1:
+            return
+        draft, qs = drafter.propose(context, max(0, min(kk, k_max, room, max_tokens - produced - 1)), sampler)
+        n_draft = len(draft)
+        rows = model.forward_device([last] + draft, cache, logits="all")
+        n_ok, tok = ds.verify(rows, draft, qs)
+        out = draft[:n_ok] + [tok]
+        cache.truncate(cache.pos - (n_draft - n_ok))
+        stats.steps += 1
+        stats.proposed += n_draft
+        stats.accepted += n_ok
+        stats.ks.append(n_draft)
+        if adaptive and n_draft:
+            kk = min(k_max, kk + 1) if n_ok == n_draft else max(0, kk - 1) if n_ok == 0 else kk
+            probe = PROBE if n_ok else min(8 * PROBE, 2 * probe) if kk == 0 else probe
+        for t in out:
+            context.append(t)
+            ds.push(t)
+            produced += 1
+            yield t
+            if produced >= max_tokens:
+                return
+        last = context[-1]
+        drafter.rollback(context)

@@ -1,0 +1,523 @@
+"""CUDA kernels of the GPU backend (compiled at run time by CuPy's NVRTC), and their launchers.
+
+They know nothing of models or files: device arrays in, device arrays out, outputs preallocated. Every
+kernel that depends on the position reads it from a device int (`pos`), so a decode step captured once as a
+CUDA graph replays unchanged at every position. Shapes follow the CPU kernels (minirt/kernels.py):
+activations x (T, D) float32; matrices (out, in) in float16, bfloat16 or float32, read 16 bytes per lane;
+the KV cache of one layer (n_kv_heads, capacity, head_dim) float32.
+
+    gemv       out = epilogue(x · Wᵀ + b) for T rows; one warp per output row, the weight row read once per
+               4 rows of x. Epilogues: store, add to out (residual), SwiGLU of the gate|up halves, GELU.
+    lowrank    out = epilogue((x · Vᵀ) · Uᵀ + b) in ONE kernel: a persistent grid computes the r-vector
+               (phase 1), meets at a grid-wide barrier, then every warp reads it back from L2 (phase 2).
+               The r-vector never goes through a second launch or through host memory.
+    verify     speculative decoding's acceptance rule over K+1 rows in one block: greedy (argmax match)
+               or rejection sampling (u < p(x)/q(x); residual max(0, p − q) drawn on the first rejection;
+               bonus token from the last row) → (accepted length, next token). K = 0 is plain sampling.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SOURCE = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#define INF __int_as_float(0x7f800000)
+#define TT 4          // rows of x per pass over a weight row
+#define ACH 1024      // attention: positions scored per chunk (shared memory)
+
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(float v) { return v; }
+
+__device__ __forceinline__ void load8(const __half* p, float* f) {
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 a = __half22float2(h[i]); f[2 * i] = a.x; f[2 * i + 1] = a.y; }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 a = __bfloat1622float2(h[i]); f[2 * i] = a.x; f[2 * i + 1] = a.y; }
+}
+__device__ __forceinline__ void load8(const float* p, float* f) {
+    float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p + 4));
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Every thread gets the block's total. red: 32 floats of shared memory.
+__device__ float block_sum(float v, float* red) {
+    v = warp_sum(v);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    return warp_sum(l < nw ? red[l] : 0.f);
+}
+__device__ float block_max(float v, float* red) {
+    v = warp_max(v);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    return warp_max(l < nw ? red[l] : -INF);
+}
+// (value, index) argmax over the block, lowest index on ties (numpy's argmax).
+__device__ void block_argmax(float& bv, int& bi, float* redf, int* redi) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (l == 0) { redf[w] = bv; redi[w] = bi; }
+    __syncthreads();
+    bv = l < nw ? redf[l] : -INF;
+    bi = l < nw ? redi[l] : 0x7fffffff;
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+}
+
+__device__ __forceinline__ float gelu_new(float v) {
+    return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+// x rows of activations: CG = true reads through L2 only (data written earlier in the same kernel).
+template <bool CG>
+__device__ __forceinline__ float dot8(const float* wf, const float* xp) {
+    float4 a, b;
+    if (CG) { a = __ldcg(reinterpret_cast<const float4*>(xp)); b = __ldcg(reinterpret_cast<const float4*>(xp + 4)); }
+    else { a = *reinterpret_cast<const float4*>(xp); b = *reinterpret_cast<const float4*>(xp + 4); }
+    return wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+}
+
+// One warp computes output row `row` (and, for SwiGLU, row + rows) for all T rows of x, then stores it.
+// mode 0: out = acc + b · 1: out += acc + b · 2: out = silu(g + bg) · (u + bu) · 3: out = gelu(acc + b)
+template <typename W, bool CG>
+__device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w, const float* __restrict__ bias,
+                                         float* out, int T, int K, int N, int mode, int row, int lane) {
+    int rows = mode == 2 ? N / 2 : N;
+    const W* wr = w + (size_t)row * K;
+    const W* wr2 = w + (size_t)(row + (mode == 2 ? rows : 0)) * K;
+    for (int t0 = 0; t0 < T; t0 += TT) {
+        int nt = min(TT, T - t0);
+        float a[TT], a2[TT];
+#pragma unroll
+        for (int i = 0; i < TT; ++i) { a[i] = 0.f; a2[i] = 0.f; }
+#pragma unroll 2
+        for (int k = lane * 8; k < K; k += 256) {
+            float wf[8], wg[8];
+            load8(wr + k, wf);
+            if (mode == 2) load8(wr2 + k, wg);
+#pragma unroll
+            for (int i = 0; i < TT; ++i) {
+                if (i < nt) {
+                    const float* xp = x + (size_t)(t0 + i) * K + k;
+                    a[i] += dot8<CG>(wf, xp);
+                    if (mode == 2) a2[i] += dot8<CG>(wg, xp);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < TT; ++i) { a[i] = warp_sum(a[i]); if (mode == 2) a2[i] = warp_sum(a2[i]); }
+        if (lane == 0) {
+            for (int i = 0; i < nt; ++i) {
+                int t = t0 + i;
+                float b = bias ? bias[row] : 0.f;
+                if (mode == 0) out[(size_t)t * N + row] = a[i] + b;
+                else if (mode == 1) out[(size_t)t * N + row] += a[i] + b;
+                else if (mode == 3) out[(size_t)t * N + row] = gelu_new(a[i] + b);
+                else {
+                    float g = a[i] + b, u = a2[i] + (bias ? bias[row + rows] : 0.f);
+                    out[(size_t)t * rows + row] = g / (1.f + expf(-g)) * u;
+                }
+            }
+        }
+    }
+}
+
+template <typename W>
+__global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const float* __restrict__ bias,
+                     float* __restrict__ out, int T, int K, int N, int mode) {
+    int rows = mode == 2 ? N / 2 : N;
+    int lane = threadIdx.x & 31, nw = (gridDim.x * blockDim.x) >> 5;
+    for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nw)
+        warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane);
+}
+
+// Grid-wide barrier for a grid whose blocks are all resident (the launcher sizes it from the occupancy).
+// bar[0] counts arrivals (reset by the last one), bar[1] is the generation the others wait on.
+__device__ void grid_barrier(int* bar) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile int* gen = bar + 1;
+        int g = *gen;
+        __threadfence();
+        if (atomicAdd(bar, 1) == (int)gridDim.x - 1) {
+            atomicExch(bar, 0);
+            __threadfence();
+            atomicAdd(bar + 1, 1);
+        } else {
+            while (*gen == g) __nanosleep(32);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// out = epilogue((x · vᵀ) · uᵀ + b): v (R, K), u (N, R), mid (T, R) scratch; R a multiple of 8 (zero-padded).
+template <typename W>
+__global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
+                        const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
+                        int T, int K, int R, int N, int mode) {
+    int lane = threadIdx.x & 31, nw = (gridDim.x * blockDim.x) >> 5;
+    int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    for (int row = wid; row < R; row += nw)
+        warp_row<W, false>(x, v, nullptr, mid, T, K, R, 0, row, lane);
+    grid_barrier(bar);
+    int rows = mode == 2 ? N / 2 : N;
+    for (int row = wid; row < rows; row += nw)
+        warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane);
+}
+
+template <typename W>
+__global__ void embed(const int* __restrict__ tok, const W* __restrict__ table, const float* __restrict__ pe,
+                      const int* __restrict__ pos, float* __restrict__ x, int D) {
+    int t = blockIdx.x;
+    size_t id = (size_t)tok[t];
+    int p = *pos + t;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = to_f(table[id * D + i]);
+        if (pe) v += pe[(size_t)p * D + i];
+        x[(size_t)t * D + i] = v;
+    }
+}
+
+extern "C" {
+
+// RMSNorm (layer = 0): x / sqrt(mean(x²) + eps) · w;  LayerNorm (layer = 1): (x − mean) / sqrt(var + eps) · w + b
+__global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                     float eps, float* __restrict__ out, int D, int layer) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * D;
+    float mu = 0.f;
+    if (layer) {
+        float s = 0.f;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) s += xr[i];
+        mu = block_sum(s, red) / D;
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) { float d = xr[i] - mu; ss += d * d; }
+    float r = 1.f / sqrtf(block_sum(ss, red) / D + eps);
+    float* o = out + (size_t)blockIdx.x * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) o[i] = (xr[i] - mu) * r * w[i] + (b ? b[i] : 0.f);
+}
+
+// Split fused q|k|v rows: q → q (T, H, hd); k, v → the layer's cache (Hkv, cap, hd) at position pos + t.
+// With use_rope: rotate-half RoPE on q and k.  grid (T, H + Hkv)
+__global__ void rope_store(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
+                           const float* __restrict__ sn, int use_rope, float* __restrict__ q, float* __restrict__ kc,
+                           float* __restrict__ vc, int H, int Hkv, int hd, int cap) {
+    int t = blockIdx.x, h = blockIdx.y, p = *pos + t, half = hd / 2;
+    const float* row = qkv + (size_t)t * (H + 2 * Hkv) * hd;
+    float* dst;
+    int src;
+    if (h < H) {
+        src = h * hd;
+        dst = q + ((size_t)t * H + h) * hd;
+    } else {
+        int g = h - H;
+        src = (H + g) * hd;
+        dst = kc + ((size_t)g * cap + p) * hd;
+        float* vd = vc + ((size_t)g * cap + p) * hd;
+        int vs = (H + Hkv + g) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) vd[i] = row[vs + i];
+    }
+    if (use_rope) {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float a = row[src + i], bb = row[src + half + i];
+            float c = cs[(size_t)p * half + i], s = sn[(size_t)p * half + i];
+            dst[i] = a * c - bb * s;
+            dst[half + i] = bb * c + a * s;
+        }
+    } else {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = row[src + i];
+    }
+}
+
+// Causal attention of query row t (position pos + t) over cache positions 0..pos + t, one block of 128 threads
+// per (head, row); online softmax over chunks of ACH positions. grid (H, T); hd ≤ 128, hd % 4 == 0.
+__global__ void attention(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
+                          const int* __restrict__ pos, float scale, float* __restrict__ out, int H, int Hkv, int hd,
+                          int cap) {
+    __shared__ float sc[ACH];
+    __shared__ float qs[128];
+    __shared__ float part[128];
+    __shared__ float red[32];
+    int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
+    int g = h / (H / Hkv);
+    int n = *pos + t + 1;
+    const float* qv = q + ((size_t)t * H + h) * hd;
+    for (int i = tid; i < hd; i += nt) qs[i] = qv[i];
+    __syncthreads();
+    const float* K0 = kc + (size_t)g * cap * hd;
+    const float* V0 = vc + (size_t)g * cap * hd;
+    int G = nt / hd, grp = tid / hd, d = tid % hd;
+    float m = -INF, l = 0.f, acc = 0.f;
+    for (int c0 = 0; c0 < n; c0 += ACH) {
+        int cn = min(ACH, n - c0);
+        float mx = -INF;
+        for (int s = tid; s < cn; s += nt) {
+            const float* kr = K0 + (size_t)(c0 + s) * hd;
+            float a = 0.f;
+            for (int i = 0; i < hd; i += 4) {
+                float4 k4 = *reinterpret_cast<const float4*>(kr + i);
+                a += k4.x * qs[i] + k4.y * qs[i + 1] + k4.z * qs[i + 2] + k4.w * qs[i + 3];
+            }
+            a *= scale;
+            sc[s] = a;
+            mx = fmaxf(mx, a);
+        }
+        mx = block_max(mx, red);
+        float mn = fmaxf(m, mx), sum = 0.f;
+        for (int s = tid; s < cn; s += nt) { float e = expf(sc[s] - mn); sc[s] = e; sum += e; }
+        sum = block_sum(sum, red);
+        float corr = expf(m - mn);
+        l = l * corr + sum;
+        acc *= corr;
+        m = mn;
+        if (grp < G)
+            for (int s = grp; s < cn; s += G) acc += sc[s] * V0[(size_t)(c0 + s) * hd + d];
+        __syncthreads();
+    }
+    if (grp < G) part[grp * hd + d] = acc;
+    __syncthreads();
+    if (tid < hd) {
+        float s = 0.f;
+        for (int gg = 0; gg < G; ++gg) s += part[gg * hd + tid];
+        out[((size_t)t * H + h) * hd + tid] = s / l;
+    }
+}
+
+__global__ void advance(int* pos, int T) {
+    if (threadIdx.x == 0) *pos += T;
+}
+
+// Greedy step end: token = argmax(logits row 0); tok[0] = token, hist[pos + T] = token, pos += T.
+__global__ void argmax_step(const float* __restrict__ logits, int V, int* tok, int* pos, int* hist, int T) {
+    __shared__ float redf[32];
+    __shared__ int redi[32];
+    float bv = -INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float v = logits[i];
+        if (v > bv) { bv = v; bi = i; }
+    }
+    block_argmax(bv, bi, redf, redi);
+    if (threadIdx.x == 0) {
+        int p = *pos;
+        tok[0] = bi;
+        hist[p + T] = bi;
+        *pos = p + T;
+    }
+}
+
+// Speculative verification over rows 0..K of P (V wide) against draft[0..K−1], in one block.
+// greedy: P holds (penalized) logits; accept while argmax P[i] == draft[i]; next = argmax of the first
+//         mismatching row, or of row K.
+// sampling: P holds probabilities; accept draft[i] while u[i] < min(1, P[i][x] / Q[i][x]) (Q null: one-hot
+//         drafts, q = 1); on the first rejection draw from norm(max(0, P[i] − Q[i])) (Q null: P[i] with x
+//         removed; P[i] itself if that is empty), else from P[K]; the draw uses u[tests made] and numpy's
+//         rule (first index whose cumulative sum / total exceeds u).
+// result[0] = accepted drafts, result[1] = next token.
+__global__ void verify(const float* __restrict__ P, int V, const int* __restrict__ draft, int K,
+                       const float* __restrict__ Q, const float* __restrict__ u, int greedy, int* result) {
+    __shared__ float redf[32];
+    __shared__ int redi[32];
+    __shared__ double scan[1024];
+    int tid = threadIdx.x, nt = blockDim.x;
+    if (greedy) {
+        for (int i = 0; i <= K; ++i) {
+            const float* row = P + (size_t)i * V;
+            float bv = -INF;
+            int bi = 0x7fffffff;
+            for (int v = tid; v < V; v += nt) { float x = row[v]; if (x > bv) { bv = x; bi = v; } }
+            block_argmax(bv, bi, redf, redi);
+            if (i == K || bi != draft[i]) {
+                if (tid == 0) { result[0] = i; result[1] = bi; }
+                return;
+            }
+        }
+        return;
+    }
+    int i = 0;
+    for (; i < K; ++i) {
+        int x = draft[i];
+        float px = P[(size_t)i * V + x], qx = Q ? Q[(size_t)i * V + x] : 1.f;
+        float ratio = qx > 0.f ? px / qx : 1.f;
+        if (!(u[i] < fminf(1.f, ratio))) break;
+    }
+    const float* p = P + (size_t)i * V;
+    const float* qr = (i < K && Q) ? Q + (size_t)i * V : nullptr;
+    int x = i < K ? draft[i] : -1;
+    double uu = (double)u[i < K ? i + 1 : K];
+    int seg = (V + nt - 1) / nt, b0 = min(V, tid * seg), b1 = min(V, b0 + seg);
+    for (int pass = 0; pass < 2; ++pass) {
+        bool resid = pass == 0 && i < K;
+        double s = 0.0;
+        for (int v = b0; v < b1; ++v) {
+            double r = p[v];
+            if (resid) r = qr ? fmax(0.0, r - (double)qr[v]) : (v == x ? 0.0 : r);
+            s += r;
+        }
+        __syncthreads();
+        scan[tid] = s;
+        __syncthreads();
+        for (int o = 1; o < nt; o <<= 1) {
+            double add = tid >= o ? scan[tid - o] : 0.0;
+            __syncthreads();
+            scan[tid] += add;
+            __syncthreads();
+        }
+        double total = scan[nt - 1];
+        if (!(total > 0.0)) continue;  // empty residual: draw from p itself
+        double c = scan[tid] - s;
+        if (c / total <= uu && scan[tid] / total > uu) {
+            for (int v = b0; v < b1; ++v) {
+                double r = p[v];
+                if (resid) r = qr ? fmax(0.0, r - (double)qr[v]) : (v == x ? 0.0 : r);
+                c += r;
+                if (c / total > uu) { result[0] = i; result[1] = v; break; }
+            }
+        }
+        return;
+    }
+}
+
+}  // extern "C"
+"""
+
+WEIGHT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+NULL = np.uint64(0)  # an 8-byte zero: a null pointer argument
+TEMPLATES = ("gemv", "lowrank", "embed")
+
+
+class Kernels:
+    """The compiled module and launchers. Every launch goes to the current CuPy stream."""
+
+    def __init__(self):
+        import cupy as cp
+        self.cp = cp
+        names = [f"{k}<{t}>" for k in TEMPLATES for t in WEIGHT_TYPES.values()]
+        self.module = cp.RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=names)
+        self._f = {}
+        dev = cp.cuda.Device()
+        self.sms = dev.attributes["MultiProcessorCount"]
+        self._resident: dict[str, int] = {}
+
+    def fn(self, name: str, wtype=None):
+        key = name if wtype is None else f"{name}<{WEIGHT_TYPES[wtype]}>"
+        f = self._f.get(key)
+        if f is None:
+            f = self._f[key] = self.module.get_function(key)
+        return f
+
+    @staticmethod
+    def wtype(a) -> str:
+        return {"float16": "float16", "float32": "float32"}.get(str(a.dtype), "bfloat16")
+
+    # ---- launchers ------------------------------------------------------------------------------------
+    def gemv(self, x, w, bias, out, T: int, mode: int = 0):
+        N, K = w.shape
+        rows = N // 2 if mode == 2 else N
+        blocks = min((rows + 3) // 4, 65535 * 4)
+        self.fn("gemv", self.wtype(w))((blocks,), (128,), (x, w, self._p(bias), out, self._i(T), self._i(K), self._i(N),
+                                                            self._i(mode)))
+
+    def lowrank_grid(self, wtype: str) -> int:
+        """Blocks of 256 threads that are resident at once (the grid barrier needs all of them running)."""
+        g = self._resident.get(wtype)
+        if g is None:
+            f = self.fn("lowrank", wtype)
+            per_sm = 2
+            try:
+                from cupy.cuda import driver
+                per_sm = max(1, min(4, driver.occupancyMaxActiveBlocksPerMultiprocessor(f.ptr, 256, 0)))
+            except Exception:
+                pass
+            g = self._resident[wtype] = per_sm * self.sms
+        return g
+
+    def lowrank(self, x, v, u, bias, mid, out, bar, T: int, mode: int = 0):
+        R, K = v.shape
+        N = u.shape[0]
+        rows = max(R, N // 2 if mode == 2 else N)
+        wt = self.wtype(v)
+        blocks = max(1, min(self.lowrank_grid(wt), (rows + 7) // 8))
+        self.fn("lowrank", wt)((blocks,), (256,), (x, v, u, self._p(bias), mid, out, bar, self._i(T), self._i(K),
+                                                     self._i(R), self._i(N), self._i(mode)))
+
+    def embed(self, tok, table, pe, pos, x, T: int):
+        D = table.shape[1]
+        self.fn("embed", self.wtype(table))((T,), (256,), (tok, table, self._p(pe), pos, x, self._i(D)))
+
+    def norm(self, x, w, b, eps: float, out, T: int, layer: bool):
+        D = x.shape[-1]
+        self.fn("layer_norm")((T,), (256,), (x, w, self._p(b), self.cp.float32(eps), out, self._i(D), self._i(int(layer))))
+
+    def rope_store(self, qkv, pos, cos, sin, use_rope, q, kc, vc, T, H, Hkv, hd, cap):
+        self.fn("rope_store")((T, H + Hkv), (max(32, min(128, hd // 2)),),
+                              (qkv, pos, cos, sin, self._i(int(use_rope)), q, kc, vc, self._i(H), self._i(Hkv),
+                               self._i(hd), self._i(cap)))
+
+    def attention(self, q, kc, vc, pos, scale, out, T, H, Hkv, hd, cap):
+        self.fn("attention")((H, T), (128,), (q, kc, vc, pos, self.cp.float32(scale), out, self._i(H),
+                                             self._i(Hkv), self._i(hd), self._i(cap)))
+
+    def advance(self, pos, T: int):
+        self.fn("advance")((1,), (32,), (pos, self._i(T)))
+
+    def argmax_step(self, logits, V: int, tok, pos, hist, T: int):
+        self.fn("argmax_step")((1,), (1024,), (logits, self._i(V), tok, pos, hist, self._i(T)))
+
+    def verify(self, P, V: int, draft, K: int, Q, u, greedy: bool, result):
+        self.fn("verify")((1,), (1024,), (P, self._i(V), draft, self._i(K), self._p(Q), u, self._i(int(greedy)), result))
+
+    def _i(self, v: int):
+        return self.cp.int32(v)
+
+    @staticmethod
+    def _p(a):
+        """A device array, or a null pointer for None."""
+        return NULL if a is None else a
+
+
+_KERNELS: Kernels | None = None
+
+
+def kernels() -> Kernels:
+    """The module, compiled once per process (NVRTC; CuPy caches the binary on disk)."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = Kernels()
+    return _KERNELS
