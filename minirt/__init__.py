@@ -23,17 +23,25 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | None = None,
-         threads: int | None = None, dequantize: bool = False, exact: bool = False) -> Model:
+         threads: int | None = None, dequantize: bool = False, exact: bool = False, device: str = "cpu") -> Model:
     """Load a model by registry name (fetched and cached on first use) or from a local path.
 
     Quantized matrices (Q8_0, Q4_0, Q4_1, F16, BF16) stay in their stored format and run on kernels
     made for it; dequantize=True expands them to float32 instead. Decode steps on block formats round
-    activations to int8 per block (as llama.cpp does); exact=True keeps them float32."""
+    activations to int8 per block (as llama.cpp does); exact=True keeps them float32.
+    device: "cpu", "cuda" (the GPU backend, minirt.gpu: float16 weights on the device) or "auto"."""
     from .readers import read_checkpoint
     from .registry import resolve
+    if device != "cpu":
+        from .gpu import resolve_device
+        device = resolve_device(device)  # fails with one line before any loading
     if threads is not None:
         set_threads(threads)
-    return Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)), dequantize=dequantize, exact=exact)
+    m = Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)), dequantize=dequantize, exact=exact)
+    if device == "cuda":
+        from .gpu import to_gpu
+        return to_gpu(m)
+    return m
 
 
 def set_threads(n: int) -> None:
