@@ -23,6 +23,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="expand quantized matrices to float32 instead of running on the stored format")
     p.add_argument("--exact", action="store_true",
                    help="float32 activations in the quantized decode kernels (no int8 rounding; slower)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (the GPU backend: CuPy, float16 weights on the "
+                   "device) or auto (cuda when CuPy finds a GPU)")
     p.add_argument("--energy", type=float, default=None,
                    help="--mode lowrank: keep this fraction of each matrix's singular-value energy (default 0.9)")
     p.add_argument("--rank", type=int, default=None, help="--mode lowrank: keep this rank instead")
@@ -110,6 +112,8 @@ def build_parser() -> Parser:
 
 def _load(args):
     import minirt
+    from .gpu import resolve_device
+    device = resolve_device(args.device)  # one line and no loading when --device cuda has no GPU
     if args.energy is not None and not 0 < args.energy <= 1:
         raise MinirtError(f"--energy must be in (0, 1], got {args.energy}")
     if args.rank is not None and args.rank < 1:
@@ -128,6 +132,9 @@ def _load(args):
     if (mode == "pinv" or mode == "jacobi" and args.pinv_tol > 0) and args.cmd != "bench":
         from .pinv import with_pinv
         model = with_pinv(model, args.pinv_window, args.pinv_tol)
+    if device == "cuda":
+        from .gpu import to_gpu
+        model = to_gpu(model)
     return model
 
 
