@@ -50,7 +50,7 @@ class BenchResult:
         return f"{statistics.mean(xs):8.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:6.2f}"
 
 
-def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0) -> BenchResult:
+def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth: bool = True) -> BenchResult:
     rng = np.random.default_rng(seed)
     vocab = model.cfg.vocab_size
     warm = model.new_cache(16)  # compile / load kernels for every shape used below
@@ -71,7 +71,7 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0) -> BenchRe
             for _ in range(n):
                 tok = int(np.argmax(model.forward([tok], cache)[0]))
             tg.append(n / (time.perf_counter() - t))
-    return BenchResult(pp, tg, model.weight_bytes, memory_bandwidth())
+    return BenchResult(pp, tg, model.weight_bytes, memory_bandwidth() if bandwidth else float("nan"))
 
 
 def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n: int, mode: str = "dense") -> str:

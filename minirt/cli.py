@@ -32,6 +32,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="--mode pinv/jacobi: exactly computed FFN rows kept per layer to predict from (S)")
     p.add_argument("--pinv-tol", type=float, default=0.1,
                    help="--mode pinv/jacobi: a row is predicted when its relative residual is at most this (0: never)")
+    _factor_args(p)
+
+
+def _factor_args(p: argparse.ArgumentParser) -> None:
+    """How low-rank factors are made (--mode lowrank on the fly, and minirt svd)."""
+    p.add_argument("--params", type=float, default=None,
+                   help="low rank: keep this fraction of each matrix's parameters instead")
+    p.add_argument("--calibration", default=None,
+                   help="low rank: activation-aware factors (SVD-LLM) from this text file's activations")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="tokens of the calibration text used")
+    p.add_argument("--factor-type", default="F32", choices=("F32", "F16", "Q8_0"),
+                   help="low rank: how the factors are stored (Q8_0 rounds ranks up to multiples of 32)")
+    p.add_argument("--lowrank-head", action="store_true", help="low rank: factor the output head too")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +114,15 @@ def build_parser() -> Parser:
                     help="type of the weight matrices (default: as stored; a HF folder holds F32/F16/BF16)")
     cv.add_argument("--tokenizer", default=None, help="llama2.c tokenizer.bin (default: the one beside SRC)")
 
+    sv = sub.add_parser("svd", help="export a low-rank model (SVD factors) to a folder that --model loads")
+    sv.add_argument("model", help="registry name or GGUF path")
+    sv.add_argument("--energy", type=float, default=None, help="keep this fraction of the singular-value energy")
+    sv.add_argument("--rank", type=int, default=None, help="keep this rank")
+    _factor_args(sv)
+    sv.add_argument("-o", "--out", default=None, help="output folder (default: weights/NAME-lowrank-…)")
+    sv.add_argument("-t", "--threads", type=int, default=None)
+    sv.add_argument("--cache-dir", default=None)
+
     pl = sub.add_parser("pull", help="fetch models or data into the cache ahead of time")
     pl.add_argument("names", nargs="+")
     pl.add_argument("--cache-dir", default=None)
@@ -121,13 +143,12 @@ def _load(args):
     model = minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize,
                         exact=args.exact)
     if getattr(args, "mode", "dense") == "lowrank":
-        from .lowrank import with_lowrank
-        energy = args.energy if args.energy is not None or args.rank is not None else 0.9
-        model = with_lowrank(model, energy=energy if args.rank is None else None, rank=args.rank, progress=True)
-        kept = [f.rank for f in model.lowrank if f.rank]
-        print(f"low rank: {len(kept)} of {len(model.lowrank)} matrices factored"
-              + (f", ranks {min(kept)}–{max(kept)}, {model.weight_bytes / 2**20:.1f} MiB read per token" if kept else ""),
-              file=sys.stderr)
+        from .lowrank import summary
+        if not getattr(model, "lowrank", None):
+            model = _factored(model, args)
+        elif _factor_choice(args) != (None, None, None) or args.calibration:
+            raise MinirtError(f"{args.model} is a low-rank export already; drop --energy/--rank/--params/--calibration")
+        print(summary(model), file=sys.stderr)
     mode = getattr(args, "mode", "dense")
     if (mode == "pinv" or mode == "jacobi" and args.pinv_tol > 0) and args.cmd != "bench":
         from .pinv import with_pinv
@@ -136,6 +157,28 @@ def _load(args):
         from .gpu import to_gpu
         model = to_gpu(model)
     return model
+
+
+def _factor_choice(args):
+    return args.energy, args.rank, getattr(args, "params", None)
+
+
+def _factored(model, args, default_energy: float | None = 0.9):
+    """The model with its matrices factored as the low-rank flags say."""
+    from .lowrank import calibration_tokens, check_choice, with_lowrank
+    energy, rank, params = _factor_choice(args)
+    if (energy, rank, params) == (None, None, None):
+        if default_energy is None:
+            raise MinirtError("give --energy E, --rank R or --params P")
+        energy = default_energy
+    check_choice(energy, rank, params)
+    calib = None
+    if args.calibration is not None:
+        if args.calib_tokens < 2:
+            raise MinirtError(f"--calib-tokens must be ≥ 2, got {args.calib_tokens}")
+        calib = calibration_tokens(model, args.calibration, args.calib_tokens)
+    return with_lowrank(model, energy, rank, params, calibration=calib, storage=args.factor_type,
+                        head=args.lowrank_head, progress=True)
 
 
 def _sampling(args) -> dict:
@@ -295,6 +338,29 @@ def cmd_convert(args) -> None:
     print(convert(args.src, args.dst, args.type, tokenizer=args.tokenizer))
 
 
+def cmd_svd(args) -> None:
+    import minirt
+
+    from .lowrank import check_choice, export, summary
+    from .registry import cache_dir, resolve
+    check_choice(*_factor_choice(args))
+    if args.calibration is not None and not os.path.isfile(args.calibration):
+        raise MinirtError(f"calibration file {args.calibration} does not exist")
+    src = resolve(args.model, args.cache_dir)
+    if src.is_dir():
+        raise MinirtError(f"{src}: svd exports from a GGUF file (convert a Hugging Face folder first: minirt convert)")
+    out = args.out
+    if out is None:
+        e, r, p = _factor_choice(args)
+        tag = f"e{e}" if e is not None else f"r{r}" if r is not None else f"p{p}"
+        out = cache_dir(args.cache_dir) / (f"{src.stem}-lowrank-{tag}" + ("-cal" if args.calibration else "")
+                                          + ("" if args.factor_type == "F32" else f"-{args.factor_type}"))
+    model = minirt.load(src, threads=args.threads)
+    model = _factored(model, args, default_energy=None)
+    print(summary(model), file=sys.stderr)
+    print(export(model, out))
+
+
 def cmd_pull(args) -> None:
     from .registry import pull
     for name in args.names:
@@ -312,7 +378,7 @@ def cmd_list(args) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
-            "quantize": cmd_quantize, "convert": cmd_convert, "pull": cmd_pull, "list": cmd_list}
+            "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "list": cmd_list}
 
 
 def main(argv=None) -> int:

@@ -86,6 +86,15 @@ class Model:
 
         def linear(ws, bs=None):
             return make_linear(ws, bs, dequantize, exact)
+
+        def matrix(name: str, ws: list[str], bs: list[str]) -> Linear:
+            """The Linear for canonical matrices ws stacked (biases bs), or its factors in a low-rank export."""
+            if name + ".lr_u" in t:
+                from .lowrank import lowrank_from_tensors
+                b = t.get(name + ".lr_b")
+                return lowrank_from_tensors(t[name + ".lr_u"], t[name + ".lr_v"], None if b is None else b.float32(),
+                                            exact)
+            return linear([t[w] for w in ws], [t.get(b) for b in bs])
         eps = cfg.norm_eps
 
         def norm(prefix: str) -> Norm:
@@ -96,22 +105,26 @@ class Model:
         layers = []
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            get = lambda k: t.get(p + k)  # noqa: E731
             if cfg.arch == "llama":
-                qkv = linear([t[p + "wq"], t[p + "wk"], t[p + "wv"]], [get("bq"), get("bk"), get("bv")])
-                up = linear([t[p + "w_gate"], t[p + "w_up"]], [get("b_gate"), get("b_up")])
+                qkv = matrix(p + "qkv", [p + "wq", p + "wk", p + "wv"], [p + "bq", p + "bk", p + "bv"])
+                up = matrix(p + "up", [p + "w_gate", p + "w_up"], [p + "b_gate", p + "b_up"])
             else:
-                qkv = linear([t[p + "wqkv"]], [get("bqkv")])
-                up = linear([t[p + "w_up"]], [get("b_up")])
-            layers.append(Layer(norm(p + "attn_norm"), qkv, linear([t[p + "wo"]], [get("bo")]),
-                                norm(p + "ffn_norm"), up, linear([t[p + "w_down"]], [get("b_down")])))
+                qkv = matrix(p + "qkv", [p + "wqkv"], [p + "bqkv"])
+                up = matrix(p + "up", [p + "w_up"], [p + "b_up"])
+            layers.append(Layer(norm(p + "attn_norm"), qkv, matrix(p + "wo", [p + "wo"], [p + "bo"]),
+                                norm(p + "ffn_norm"), up, matrix(p + "down", [p + "w_down"], [p + "b_down"])))
             ck.release_pages()
-        head = linear([t["embed"] if cfg.tied_head else t["head"]])
-        embed = Embedding(t["embed"], head if cfg.tied_head else None)
+        head = matrix("head", ["embed" if cfg.tied_head else "head"], [])
+        table = head if cfg.tied_head else (linear([t["embed"]]) if "head.lr_u" in t else None)
+        embed = Embedding(t["embed"], table)  # a tied head (or a copy, if the head is factored) is the table
         pos = np.array(t["pos_embed"].float32()) if "pos_embed" in t else None
         ck.release_pages()
         tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
-        return cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type)
+        model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type)
+        if "minirt.lowrank.manifest" in ck.metadata:
+            from .lowrank import describe_export
+            describe_export(model, ck.metadata["minirt.lowrank.manifest"])
+        return model
 
     # ---- the forward pass -------------------------------------------------------------------------
     def new_cache(self, capacity: int | None = None) -> KVCache:

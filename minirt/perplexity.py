@@ -4,6 +4,9 @@ The text is tokenized whole and cut into non-overlapping windows of ctx tokens (
 replaced by BOS where the model adds one); each window is evaluated from an empty cache and only its
 second half is scored: logits at positions ctx/2 … ctx−2 predict the tokens that follow them.
 PPL = exp(mean NLL), and its standard error is PPL · sqrt(var(NLL) / (N − 1)).
+Given the log-probabilities of a base model on the same windows (keep=True on its run), it also reports
+the mean KL divergence KL(base ‖ model) and how often both put the same token first, as llama-perplexity's
+--kl-divergence does.
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ class PerplexityResult:
     n_tokens: int
     seconds: float
     nll: np.ndarray  # per scored token
+    logprobs: list | None = None   # per window (scored positions × vocab, float32), with keep=True
+    kl: float | None = None        # mean KL(base ‖ model) per scored position, given a base
+    top1: float | None = None      # share of positions where base and model agree on the most likely token
 
     def __str__(self) -> str:
         return f"PPL = {self.ppl:.4f} +/- {self.stderr:.5f} ({self.chunks} chunks of {self.n_scored // self.chunks + 1} scored positions)"
@@ -37,7 +43,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def perplexity(model, text: str, ctx: int = 512, chunks: int | None = None, progress: bool = True) -> PerplexityResult:
+def perplexity(model, text: str, ctx: int = 512, chunks: int | None = None, progress: bool = True,
+               keep: bool = False, base: list | None = None) -> PerplexityResult:
     if ctx < 4 or ctx > model.cfg.max_ctx:
         raise MinirtError(f"ctx must be between 4 and the model's context {model.cfg.max_ctx}, got {ctx}")
     tok = model.tokenizer
@@ -52,6 +59,7 @@ def perplexity(model, text: str, ctx: int = 512, chunks: int | None = None, prog
     first = ctx // 2
     cache = model.new_cache(ctx)
     nll, t0 = [], time.perf_counter()
+    kept, kl, agree = [], [], []
     for i in range(n_chunks):
         window = tokens[i * ctx:(i + 1) * ctx].copy()
         if tok.add_bos and tok.bos_id is not None:
@@ -61,6 +69,12 @@ def perplexity(model, text: str, ctx: int = 512, chunks: int | None = None, prog
         lp = log_softmax(logits)
         targets = tokens[i * ctx + first + 1:(i + 1) * ctx]
         nll.append(-lp[np.arange(len(targets)), targets])
+        if keep:
+            kept.append(lp.astype(np.float32))
+        if base is not None:
+            b = base[i].astype(np.float64)
+            kl.append((np.exp(b) * (b - lp)).sum(axis=-1))
+            agree.append(b.argmax(-1) == lp.argmax(-1))
         if progress:
             all_nll = np.concatenate(nll)
             sys.stderr.write(f"\r[{i + 1}/{n_chunks}] PPL {math.exp(all_nll.mean()):.4f} "
@@ -73,4 +87,6 @@ def perplexity(model, text: str, ctx: int = 512, chunks: int | None = None, prog
     ppl = math.exp(mean)
     var = x.var()
     stderr = ppl * math.sqrt(var / (len(x) - 1)) if len(x) > 1 else float("nan")
-    return PerplexityResult(ppl, stderr, len(x), n_chunks, len(tokens), time.perf_counter() - t0, x)
+    return PerplexityResult(ppl, stderr, len(x), n_chunks, len(tokens), time.perf_counter() - t0, x,
+                            kept if keep else None, float(np.concatenate(kl).mean()) if kl else None,
+                            float(np.concatenate(agree).mean()) if agree else None)

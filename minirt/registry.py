@@ -104,4 +104,7 @@ def resolve(model: str | os.PathLike, cache: str | os.PathLike | None = None) ->
         return p
     if isinstance(model, os.PathLike) or any(c in str(model) for c in "/\\") or str(model).endswith(".gguf"):
         raise MinirtError(f"model path {model} does not exist")
+    local = cache_dir(cache) / str(model)
+    if str(model) not in REGISTRY and (local / "lowrank.json").is_file():  # an export written by minirt svd
+        return local
     return pull(str(model), cache)

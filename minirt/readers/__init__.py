@@ -19,6 +19,9 @@ from .base import Checkpoint, Tensor, TokenizerSpec
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     p = Path(path)
+    if p.is_dir() and (p / "lowrank.json").is_file():  # a low-rank export (minirt svd)
+        from .gguf import read_gguf
+        return read_gguf(p / "model.gguf")
     if p.is_dir():
         from .hf import read_hf_folder
         return read_hf_folder(p)

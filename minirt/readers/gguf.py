@@ -49,8 +49,15 @@ NAMES = {
 }
 
 
+LOWRANK_PARTS = ("lr_u", "lr_v", "lr_b")  # factor tensors of a low-rank export (minirt.lowrank)
+
+
 def canonical_name(name: str) -> str | None:
     parts = name.split(".")
+    if parts[-1] in LOWRANK_PARTS:  # blk.N.SITE.lr_u → layers.N.SITE.lr_u; output.lr_u → head.lr_u
+        if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit():
+            return f"layers.{int(parts[1])}.{parts[2]}.{parts[3]}"
+        return f"head.{parts[1]}" if parts[0] == "output" and len(parts) == 2 else None
     if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
         tmpl = NAMES.get(".".join(["blk", "{i}"] + parts[2:]))
         return tmpl.format(i=int(parts[1])) if tmpl else None
@@ -199,7 +206,7 @@ def read_gguf(path: Path) -> Checkpoint:
         norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon",
                                 meta.get(f"{arch}.attention.layer_norm_epsilon", 1e-5))),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        tied_head="head" not in tensors,
+        tied_head="head" not in tensors and "head.lr_u" not in tensors,
     )
     if arch == "llama":
         for i in range(cfg.n_layers):
@@ -207,7 +214,8 @@ def read_gguf(path: Path) -> Checkpoint:
                                (f"layers.{i}.bq", cfg.n_heads), (f"layers.{i}.bk", cfg.n_kv_heads)):
                 if key in tensors:  # llama.cpp permutes Q/K biases like the weights
                     tensors[key] = tensors[key].take_rows(unpermute_rope_rows(heads, tensors[key].shape[0]))
-    return Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm)
+    return Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm,
+                      {k: v for k, v in meta.items() if k.startswith("minirt.")})
 
 
 def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
