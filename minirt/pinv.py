@@ -162,7 +162,7 @@ def plan_rows(x, tol, ridge, Xw, G, L, state, slot_src, exact_idx, coef, src, nc
                 proj2 += w[j] * w[j]
             r2 = max(nrm2 - proj2, 0.0) / nrm2
         resid[i] = np.sqrt(r2)
-        if tol > 0.0 and count > 0 and r2 <= tol * tol:
+        if tol > 0.0 and count > 0 and nrm2 > 0.0 and r2 <= tol * tol:
             for j in range(count - 1, -1, -1):     # z = L⁻ᵀ w
                 t = w[j]
                 for k in range(j + 1, count):
