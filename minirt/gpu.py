@@ -201,7 +201,7 @@ class GPUModel:
         with self.stream:
             def up(lin):
                 if isinstance(lin, LowRank):
-                    return GLowRank(cp, self.k, lin.u.w, lin.v.w, lin.bias, dtype)
+                    return GLowRank(cp, self.k, float_matrix(lin.u), float_matrix(lin.v), lin.bias, dtype)
                 return GDense(cp, self.k, float_matrix(lin), lin.bias, dtype)
 
             def norm(n):
@@ -213,7 +213,7 @@ class GPUModel:
                 self.embed_table = self.head.w  # one copy serves both
             else:
                 e = model.embed
-                t = float_matrix(e.head) if e.head is not None else np.asarray(e.t.float32())
+                t = float_matrix(e.head) if isinstance(e.head, (Dense, Quant)) else np.asarray(e.t.float32())
                 self.embed_table = to_device_dtype(cp, t, dtype)
             self.pos_embed = None if model.pos_embed is None else cp.asarray(model.pos_embed)
             self.norm = norm(model.norm)

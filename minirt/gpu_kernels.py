@@ -401,14 +401,18 @@ __global__ void verify(const float* __restrict__ P, int V, const int* __restrict
         }
         double total = scan[nt - 1];
         if (!(total > 0.0)) continue;  // empty residual: draw from p itself
-        double c = scan[tid] - s;
+        double c = tid > 0 ? scan[tid - 1] : 0.0;
         if (c / total <= uu && scan[tid] / total > uu) {
+            int last = -1;
             for (int v = b0; v < b1; ++v) {
                 double r = p[v];
                 if (resid) r = qr ? fmax(0.0, r - (double)qr[v]) : (v == x ? 0.0 : r);
+                if (r > 0.0) last = v;
                 c += r;
-                if (c / total > uu) { result[0] = i; result[1] = v; break; }
+                if (c / total > uu) break;
             }
+            result[0] = i;
+            result[1] = last;  // rounding never leaves the segment without its token
         }
         return;
     }

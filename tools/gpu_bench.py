@@ -1,0 +1,305 @@
+"""GPU benchmarks of minirt's CuPy backend (the BENCHMARKS.md "GPU backend" tables).
+
+    python3 tools/gpu_bench.py [--models smollm2,smollm2-shape,gpt2-shape] [--skip-kernels] [--json OUT.json]
+
+1. Device memory bandwidth: a 1 GiB device-to-device copy (bytes read + written), median of 5.
+2. Kernel level: the fused low-rank kernel y = (x·Vᵀ)·Uᵀ against two cuBLAS GEMMs (cupy.matmul, float16)
+   and against the HBM roofline (the fewest bytes: both factors read once, over the measured bandwidth), at
+   decode shapes 576..8192 wide, T = 1 and 4 rows. Each variant runs 200 times inside one captured CUDA
+   graph (launch gaps included, Python overhead not), cycling over enough weight copies to exceed 2× L2.
+3. Models: decode tokens/s (mean ± std over runs) for dense, lowrank (energy 0.9) and speculative (n-gram
+   drafter, grounded prompts) on SmolLM2-135M (its GGUF, if cached), a random SmolLM2-shaped LLaMA, and a
+   random GPT-2-124M (transformers' GPT2Config()); in the same run, Hugging Face transformers' eager
+   generate() of the same model (float16, greedy, 128 new tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import minirt  # noqa: E402
+from minirt.gpu import GLowRank, to_gpu  # noqa: E402
+
+
+def ms(xs):
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
+
+
+def graph_time(cp, fn, reps: int) -> float:
+    """Seconds per call of fn (reps calls captured in one graph; fn(i) may cycle inputs), median of 5."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        for i in range(3):
+            fn(i)
+        s.synchronize()
+        try:
+            s.begin_capture()
+            for i in range(reps):
+                fn(i)
+            g = s.end_capture()
+            run = lambda: g.launch(stream=s)  # noqa: E731
+        except Exception:  # not capturable: time the plain launches
+            run = lambda: [fn(i) for i in range(reps)]  # noqa: E731
+        run()
+        s.synchronize()
+        times = []
+        for _ in range(5):
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            e0.record(s)
+            run()
+            e1.record(s)
+            e1.synchronize()
+            times.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / reps)
+    return float(np.median(times))
+
+
+def kernel_bench(cp, bw: float, l2: int) -> list[dict]:
+    from minirt.gpu_kernels import kernels
+    k = kernels()
+    rng = np.random.default_rng(0)
+    rows = []
+    shapes = [(576, 576, 144), (576, 1536, 144), (1536, 576, 144), (2048, 2048, 512), (4096, 4096, 1024),
+              (8192, 8192, 2048), (8192, 8192, 512)]
+    for K, N, r in shapes:
+        wbytes = 2 * r * (K + N)
+        nsets = int(min(64, max(1, -(-2 * l2 // wbytes))))
+        sets = []
+        for _ in range(nsets):
+            u = rng.standard_normal((N, r)).astype(np.float32) / np.sqrt(r)
+            v = rng.standard_normal((r, K)).astype(np.float32) / np.sqrt(K)
+            sets.append((GLowRank(cp, k, u, v, None, "float16"), cp.asarray(u.astype(np.float16)),
+                         cp.asarray(v.astype(np.float16))))
+        for T in (1, 4):
+            x32 = cp.asarray(rng.standard_normal((T, K)).astype(np.float32))
+            x16 = x32.astype(cp.float16)
+            out32 = cp.empty((T, N), cp.float32)
+            mid16, out16 = cp.empty((T, r), cp.float16), cp.empty((T, N), cp.float16)
+            t_fused = graph_time(cp, lambda i: sets[i % nsets][0](x32, out32, T, 0), 200)
+            t_cublas = graph_time(cp, lambda i: (cp.matmul(x16, sets[i % nsets][2].T, out=mid16),
+                                                 cp.matmul(mid16, sets[i % nsets][1].T, out=out16)), 200)
+            # correctness of this very configuration
+            lin, u16, v16 = sets[0]
+            lin(x32, out32, T, 0)
+            ref = (x16.astype(cp.float64) @ v16.T.astype(cp.float64)) @ u16.T.astype(cp.float64)
+            rel = float(cp.linalg.norm(out32 - ref) / cp.linalg.norm(ref))
+            nbytes = wbytes + 4 * T * (K + N)
+            roof = nbytes / bw
+            rows.append(dict(K=K, N=N, r=r, T=T, fused_us=t_fused * 1e6, cublas_us=t_cublas * 1e6,
+                             roofline_us=roof * 1e6, fused_pct_roofline=100 * roof / t_fused,
+                             fused_GBps=nbytes / t_fused / 1e9, speedup_vs_cublas=t_cublas / t_fused, rel_err=rel,
+                             weight_sets=nsets))
+            print(f"  {K}→{N} r={r} T={T}: fused {t_fused * 1e6:.2f} µs, cuBLAS×2 {t_cublas * 1e6:.2f} µs, "
+                  f"roofline {roof * 1e6:.2f} µs ({100 * roof / t_fused:.0f}%), rel err {rel:.1e}", flush=True)
+    return rows
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+def hf_random(kind: str, folder: str):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    if kind == "gpt2-shape":
+        cfg = transformers.GPT2Config(attn_implementation="eager")
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:  # SmolLM2-135M's shape
+        cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                       rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                       bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+        model = transformers.LlamaForCausalLM(cfg)
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def hf_smollm2(path: str):
+    """SmolLM2 in transformers, read from the same GGUF (dequantized by transformers), else None."""
+    try:
+        import transformers
+        return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                                 attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001
+        print(f"  transformers could not read the GGUF ({type(e).__name__}: {str(e)[:120]}); using the shape twin",
+              flush=True)
+        return None
+
+
+def hf_generate_tps(model, vocab: int, n: int, runs: int) -> list[float]:
+    import torch
+    model = model.half().cuda().eval()
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
+    out = []
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        for _ in range(runs):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            out.append(n / (time.perf_counter() - t))
+    model.cpu()
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def decode_tps(g, n: int, runs: int, prompt: list[int]) -> list[float]:
+    """Greedy decode of n tokens on the device (graph replays, one sync at the end), fresh context each run."""
+    cp = g.cp
+    cache = g.new_cache(len(prompt) + n + 1)
+    g.decode_greedy(prompt, cache, n)  # captures the step graph
+    out = []
+    for _ in range(runs):
+        cache.truncate(0)
+        g.stream.synchronize()
+        t = time.perf_counter()
+        g.decode_greedy(prompt, cache, n)
+        g.stream.synchronize()
+        out.append((n - 1) / (time.perf_counter() - t))
+    del cp
+    return out
+
+
+def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]], object]:
+    """Through Generation (streaming: one token read per step, text detokenized), decode tok/s per prompt."""
+    tps, toks, last = [], [], None
+    g.generate(prompts[0], max_tokens=8, temperature=0, **kw).text()
+    for p in prompts:
+        gen = g.generate(p, max_tokens=n, temperature=0, **kw)
+        t = time.perf_counter()
+        gen.text()
+        dt = time.perf_counter() - t
+        tps.append(len(gen.stats.tokens) / dt)
+        toks.append(gen.stats.tokens)
+        last = gen
+    return tps, toks, last
+
+
+def model_bench(name: str, cpu, hf_model, n: int, runs: int, prompts) -> list[dict]:
+    from minirt.lowrank import with_lowrank
+    rows = []
+    vocab = cpu.cfg.vocab_size
+    prompt = [1]
+    g = to_gpu(cpu, "float16")
+    dense = decode_tps(g, n, runs, prompt)
+    rows.append(dict(model=name, mode="dense", weights="float16", MiB=g.weight_bytes / 2**20, tps=dense))
+    print(f"  {name} dense fp16: {ms(dense)} tok/s ({g.weight_bytes / 2**20:.0f} MiB read per token)", flush=True)
+    has_tok = cpu.tokenizer is not None and name.startswith("smollm2") and "shape" not in name
+    if has_tok:
+        gt, dense_toks, _ = generate_tps(g, prompts, n)
+        st, spec_toks, last = generate_tps(g, prompts, n, mode="speculative", draft="ngram", draft_k=4)
+        same = dense_toks == spec_toks
+        rows.append(dict(model=name, mode="dense (generate, streamed)", weights="float16", tps=gt))
+        rows.append(dict(model=name, mode="speculative ngram K=4 (generate)", weights="float16", tps=st,
+                         identical=same, acceptance=last.spec.acceptance, per_call=last.spec.mean_accepted))
+        print(f"  {name} generate dense {ms(gt)} · speculative {ms(st)} tok/s, identical {same}, "
+              f"{last.spec.summary()}", flush=True)
+    del g
+    t = time.perf_counter()
+    lr = with_lowrank(cpu, energy=0.9)
+    g = to_gpu(lr, "float16")
+    lrt = decode_tps(g, n, runs, prompt)
+    rows.append(dict(model=name, mode="lowrank E=0.9", weights="float16", MiB=g.weight_bytes / 2**20, tps=lrt,
+                     factor_s=time.perf_counter() - t))
+    print(f"  {name} lowrank E=0.9: {ms(lrt)} tok/s ({g.weight_bytes / 2**20:.0f} MiB read per token)", flush=True)
+    del g, lr
+    if hf_model is not None:
+        hf = hf_generate_tps(hf_model, vocab, n, 3)
+        rows.append(dict(model=name, mode="HF transformers eager generate", weights="float16", tps=hf))
+        print(f"  {name} HF eager fp16: {ms(hf)} tok/s; minirt dense / HF = {statistics.mean(dense) / statistics.mean(hf):.1f}x",
+              flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="smollm2,smollm2-shape,gpt2-shape")
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-r", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import cupy as cp
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    l2 = int(props.get("l2CacheSize", 50 << 20))
+    print(f"device: {name}, {dev.attributes['MultiProcessorCount']} SMs, L2 {l2 >> 20} MiB, CuPy {cp.__version__}",
+          flush=True)
+    report = dict(device=name)
+    a = cp.ones(1 << 28, cp.float32)
+    b = cp.empty_like(a)
+    times = []
+    for _ in range(6):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        b[...] = a
+        e1.record()
+        e1.synchronize()
+        times.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3)
+    bw = 2 * a.nbytes / float(np.median(times[1:]))
+    del a, b
+    report["bandwidth_GBps"] = bw / 1e9
+    print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    if not args.skip_kernels:
+        print("fused low-rank kernel:", flush=True)
+        report["kernels"] = kernel_bench(cp, bw, l2)
+    from minirt.bench import FREE_WRITING, grounded_prompts
+    prompts = FREE_WRITING
+    try:
+        from minirt.registry import REGISTRY, is_present, pull
+        if is_present(REGISTRY["botchan"]):
+            text = open(pull("botchan"), "rb").read().decode("utf-8").replace("\r\n", " ")
+            prompts = grounded_prompts([text[i:i + 600] for i in (20000, 60000, 100000, 140000)])
+    except Exception:  # noqa: BLE001
+        pass
+    report["models"] = []
+    tmp = tempfile.mkdtemp()
+    for m in args.models.split(","):
+        print(f"model {m}:", flush=True)
+        try:
+            if m == "smollm2":
+                from minirt.registry import REGISTRY, is_present, pull
+                if not is_present(REGISTRY["smollm2-135m"]):
+                    print("  GGUF not cached: skipped", flush=True)
+                    continue
+                path = str(pull("smollm2"))
+                cpu = minirt.load(path)
+                hf = hf_smollm2(path)
+                if hf is None:
+                    hf = hf_random("smollm2-shape", os.path.join(tmp, "twin"))
+            else:
+                folder = os.path.join(tmp, m)
+                hf = hf_random(m, folder)
+                cpu = minirt.load(folder)
+            report["models"] += model_bench(m, cpu, hf, args.n, args.r, prompts)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            print(f"  {m} failed: {type(e).__name__}: {e}", flush=True)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    print("\n| model | mode | weights | tok/s |")
+    print("|---|---|---|---|")
+    for r in report["models"]:
+        print(f"| {r['model']} | {r['mode']} | {r['weights']} | {ms(r['tps'])} |")
+    if "kernels" in report:
+        print("\n| K→N | rank | T | fused µs | 2× cuBLAS µs | roofline µs | fused % of roofline | fused vs cuBLAS |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in report["kernels"]:
+            print(f"| {r['K']}→{r['N']} | {r['r']} | {r['T']} | {r['fused_us']:.2f} | {r['cublas_us']:.2f} | "
+                  f"{r['roofline_us']:.2f} | {r['fused_pct_roofline']:.0f}% | {r['speedup_vs_cublas']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
