@@ -305,6 +305,11 @@ def _cpu_rule(rows, draft, qs, us, params):
     return n_ok, out[-1]
 
 
+def _norm64(p):
+    p = p.astype(np.float64)
+    return p / p.sum()
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("greedy", [True, False])
@@ -312,7 +317,6 @@ def _cpu_rule(rows, draft, qs, us, params):
 def test_verify_kernel_matches_cpu_rule(greedy, with_q):
     import cupy as cp
 
-    from minirt.gpu import to_gpu  # noqa: F401  (the kernels need a device)
     from minirt.gpu_kernels import kernels
     from minirt.sampling import SamplingParams
     if greedy and with_q:
@@ -339,15 +343,15 @@ def test_verify_kernel_matches_cpu_rule(greedy, with_q):
                 noise = np.exp(rng.standard_normal((K, V)) * 3)
                 q = 0.6 * p[:K] + 0.4 * noise / noise.sum(axis=1, keepdims=True)
                 q = (q / q.sum(axis=1, keepdims=True)).astype(np.float32)
-                draft = [int(rng.choice(V, p=q[i].astype(np.float64) / q[i].sum())) for i in range(K)]
+                draft = [int(rng.choice(V, p=_norm64(q[i]))) for i in range(K)]
             else:
-                draft = [int(rng.choice(V, p=p[i].astype(np.float64) / p[i].sum())) if rng.random() < 0.8
+                draft = [int(rng.choice(V, p=_norm64(p[i]))) if rng.random() < 0.8
                          else int(rng.integers(V)) for i in range(K)]
             qs = None if q is None else [q[i].astype(np.float64) for i in range(K)]
         us = rng.random(K + 1).astype(np.float32)
         want = _cpu_rule(rows_cpu, draft, qs, us.astype(np.float64), params)
         P = cp.asarray(logits if greedy else p)
-        Q = None if qs is None else cp.asarray(np.stack(qs).astype(np.float32))
+        Q = None if not qs else cp.asarray(np.stack(qs).astype(np.float32))
         d = cp.asarray(np.asarray(draft or [0], np.int32))
         k.verify(P, V, d, K, Q, cp.asarray(us), greedy, result)
         got = tuple(int(v) for v in result.get())
