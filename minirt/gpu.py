@@ -276,7 +276,7 @@ class GPUModel:
             self.head(b["hrows"], b["logits"], T, 0)
         if finish == "argmax":
             k.argmax_step(b["logits"], c.vocab_size, self._buffers(1)["tok"], pos, cache.hist, T)
-        else:
+        elif finish == "advance":
             k.advance(pos, T)
 
     def _run(self, T: int, cache, head: str, finish: str) -> dict:

@@ -31,21 +31,32 @@ __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f(float v) { return v; }
 
-__device__ __forceinline__ void load8(const __half* p, float* f) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
+// 8 weights as raw bits: loads first, conversion at use (more loads in flight per lane).
+template <typename W> struct Pack { uint4 v; };
+template <> struct Pack<float> { uint4 v, w; };
+__device__ __forceinline__ void ldp(Pack<__half>& p, const __half* q) { p.v = __ldg(reinterpret_cast<const uint4*>(q)); }
+__device__ __forceinline__ void ldp(Pack<__nv_bfloat16>& p, const __nv_bfloat16* q) {
+    p.v = __ldg(reinterpret_cast<const uint4*>(q));
+}
+__device__ __forceinline__ void ldp(Pack<float>& p, const float* q) {
+    p.v = __ldg(reinterpret_cast<const uint4*>(q));
+    p.w = __ldg(reinterpret_cast<const uint4*>(q + 4));
+}
+__device__ __forceinline__ void cvt(const Pack<__half>& p, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&p.v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) { float2 a = __half22float2(h[i]); f[2 * i] = a.x; f[2 * i + 1] = a.y; }
 }
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+__device__ __forceinline__ void cvt(const Pack<__nv_bfloat16>& p, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&p.v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) { float2 a = __bfloat1622float2(h[i]); f[2 * i] = a.x; f[2 * i + 1] = a.y; }
 }
-__device__ __forceinline__ void load8(const float* p, float* f) {
-    float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p + 4));
-    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+__device__ __forceinline__ void cvt(const Pack<float>& p, float* f) {
+    const float* a = reinterpret_cast<const float*>(&p.v);
+    const float* b = reinterpret_cast<const float*>(&p.w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { f[i] = a[i]; f[4 + i] = b[i]; }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -110,6 +121,52 @@ __device__ __forceinline__ float dot8(const float* wf, const float* xp) {
     return wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
 }
 
+#define UNR 4  // 16-byte weight loads issued per lane before the arithmetic that uses them
+
+// a[i] (+ a2[i] for a second row wr2) += Σ_{k in [k0, k1)} w[k] · x[t0 + i][k] over this lane's k (lanes
+// stride 8 elements, a warp covers 256 per round); k0, k1 multiples of 8; xs: the row stride of x.
+template <typename W, bool CG, bool TWO>
+__device__ __forceinline__ void dot_range(const float* x, int xs, const W* __restrict__ wr, const W* __restrict__ wr2,
+                                          int k0, int k1, int lane, int t0, int nt, float* a, float* a2) {
+    for (int kb = k0 + lane * 8; kb < k1; kb += 256 * UNR) {
+        Pack<W> p[UNR], q[UNR];
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int k = kb + u * 256;
+            if (k < k1) { ldp(p[u], wr + k); if (TWO) ldp(q[u], wr2 + k); }
+        }
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int k = kb + u * 256;
+            if (k < k1) {
+                float wf[8], wg[8];
+                cvt(p[u], wf);
+                if (TWO) cvt(q[u], wg);
+#pragma unroll
+                for (int i = 0; i < TT; ++i) {
+                    if (i < nt) {
+                        const float* xp = x + (size_t)(t0 + i) * xs + k;
+                        a[i] += dot8<CG>(wf, xp);
+                        if (TWO) a2[i] += dot8<CG>(wg, xp);
+                    }
+                }
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void store_out(float* out, int t, int row, int N, int rows, int mode, float a, float a2,
+                                          const float* __restrict__ bias) {
+    float b = bias ? bias[row] : 0.f;
+    if (mode == 0) out[(size_t)t * N + row] = a + b;
+    else if (mode == 1) out[(size_t)t * N + row] += a + b;
+    else if (mode == 3) out[(size_t)t * N + row] = gelu_new(a + b);
+    else {
+        float g = a + b, u = a2 + (bias ? bias[row + rows] : 0.f);
+        out[(size_t)t * rows + row] = g / (1.f + expf(-g)) * u;
+    }
+}
+
 // One warp computes output row `row` (and, for SwiGLU, row + rows) for all T rows of x, then stores it.
 // mode 0: out = acc + b · 1: out += acc + b · 2: out = silu(g + bg) · (u + bu) · 3: out = gelu(acc + b)
 template <typename W, bool CG>
@@ -123,35 +180,41 @@ __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w
         float a[TT], a2[TT];
 #pragma unroll
         for (int i = 0; i < TT; ++i) { a[i] = 0.f; a2[i] = 0.f; }
-#pragma unroll 2
-        for (int k = lane * 8; k < K; k += 256) {
-            float wf[8], wg[8];
-            load8(wr + k, wf);
-            if (mode == 2) load8(wr2 + k, wg);
-#pragma unroll
-            for (int i = 0; i < TT; ++i) {
-                if (i < nt) {
-                    const float* xp = x + (size_t)(t0 + i) * K + k;
-                    a[i] += dot8<CG>(wf, xp);
-                    if (mode == 2) a2[i] += dot8<CG>(wg, xp);
-                }
-            }
-        }
+        if (mode == 2) dot_range<W, CG, true>(x, K, wr, wr2, 0, K, lane, t0, nt, a, a2);
+        else dot_range<W, CG, false>(x, K, wr, wr2, 0, K, lane, t0, nt, a, a2);
 #pragma unroll
         for (int i = 0; i < TT; ++i) { a[i] = warp_sum(a[i]); if (mode == 2) a2[i] = warp_sum(a2[i]); }
-        if (lane == 0) {
-            for (int i = 0; i < nt; ++i) {
-                int t = t0 + i;
-                float b = bias ? bias[row] : 0.f;
-                if (mode == 0) out[(size_t)t * N + row] = a[i] + b;
-                else if (mode == 1) out[(size_t)t * N + row] += a[i] + b;
-                else if (mode == 3) out[(size_t)t * N + row] = gelu_new(a[i] + b);
-                else {
-                    float g = a[i] + b, u = a2[i] + (bias ? bias[row + rows] : 0.f);
-                    out[(size_t)t * rows + row] = g / (1.f + expf(-g)) * u;
-                }
-            }
+        if (lane == 0)
+            for (int i = 0; i < nt; ++i) store_out(out, t0 + i, row, N, rows, mode, a[i], a2[i], bias);
+    }
+}
+
+// A block computes output row `row` with its warps splitting K (for matrices with few, long rows).
+// red: ≥ 32 · TT floats of shared memory. Plain store (mode 0), no bias.
+template <typename W>
+__device__ __forceinline__ void block_row(const float* x, const W* __restrict__ w, float* out, int T, int K, int N,
+                                          int row, float* red) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    int slice = ((K + nwarps * 8 - 1) / (nwarps * 8)) * 8;
+    int k0 = min(K, warp * slice), k1 = min(K, k0 + slice);
+    const W* wr = w + (size_t)row * K;
+    for (int t0 = 0; t0 < T; t0 += TT) {
+        int nt = min(TT, T - t0);
+        float a[TT], a2[TT];
+#pragma unroll
+        for (int i = 0; i < TT; ++i) { a[i] = 0.f; a2[i] = 0.f; }
+        dot_range<W, false, false>(x, K, wr, wr, k0, k1, lane, t0, nt, a, a2);
+#pragma unroll
+        for (int i = 0; i < TT; ++i) a[i] = warp_sum(a[i]);
+        if (lane == 0)
+            for (int i = 0; i < TT; ++i) red[warp * TT + i] = a[i];
+        __syncthreads();
+        if ((int)threadIdx.x < nt) {
+            float s = 0.f;
+            for (int j = 0; j < nwarps; ++j) s += red[j * TT + threadIdx.x];
+            out[(size_t)(t0 + threadIdx.x) * N + row] = s;
         }
+        __syncthreads();
     }
 }
 
@@ -186,18 +249,31 @@ __device__ void grid_barrier(int* bar) {
 }
 
 // out = epilogue((x · vᵀ) · uᵀ + b): v (R, K), u (N, R), mid (T, R) scratch; R a multiple of 8 (zero-padded).
+// Phase 1: blocks take rows of v (warps split K). Grid barrier. Phase 2: each block copies the r-vector(s)
+// into shared memory once (stage = 1; else reads them through L2), warps take rows of u.
 template <typename W>
 __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
                         const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
-                        int T, int K, int R, int N, int mode) {
+                        int T, int K, int R, int N, int mode, int stage) {
+    extern __shared__ float smem[];
+    __shared__ float red[32 * TT];
     int lane = threadIdx.x & 31, nw = (gridDim.x * blockDim.x) >> 5;
     int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    for (int row = wid; row < R; row += nw)
-        warp_row<W, false>(x, v, nullptr, mid, T, K, R, 0, row, lane);
+    for (int row = blockIdx.x; row < R; row += gridDim.x)
+        block_row<W>(x, v, mid, T, K, R, row, red);
     grid_barrier(bar);
     int rows = mode == 2 ? N / 2 : N;
-    for (int row = wid; row < rows; row += nw)
-        warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane);
+    if (stage) {
+        const float4* src = reinterpret_cast<const float4*>(mid);
+        float4* dst = reinterpret_cast<float4*>(smem);
+        for (int i = threadIdx.x; i < T * R / 4; i += blockDim.x) dst[i] = __ldcg(src + i);
+        __syncthreads();
+        for (int row = wid; row < rows; row += nw)
+            warp_row<W, false>(smem, u, bias, out, T, R, N, mode, row, lane);
+    } else {
+        for (int row = wid; row < rows; row += nw)
+            warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane);
+    }
 }
 
 template <typename W>
@@ -265,14 +341,14 @@ __global__ void rope_store(const float* __restrict__ qkv, const int* __restrict_
     }
 }
 
-// Causal attention of query row t (position pos + t) over cache positions 0..pos + t, one block of 128 threads
-// per (head, row); online softmax over chunks of ACH positions. grid (H, T); hd ≤ 128, hd % 4 == 0.
+// Causal attention of query row t (position pos + t) over cache positions 0..pos + t, one block of 256 threads
+// per (head, row); online softmax over chunks of ACH positions. grid (H, T), 256 threads; hd ≤ 128, hd % 4 == 0.
 __global__ void attention(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
                           const int* __restrict__ pos, float scale, float* __restrict__ out, int H, int Hkv, int hd,
                           int cap) {
     __shared__ float sc[ACH];
     __shared__ float qs[128];
-    __shared__ float part[128];
+    __shared__ float part[256];
     __shared__ float red[32];
     int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
     int g = h / (H / Hkv);
@@ -306,8 +382,16 @@ __global__ void attention(const float* __restrict__ q, const float* __restrict__
         l = l * corr + sum;
         acc *= corr;
         m = mn;
-        if (grp < G)
-            for (int s = grp; s < cn; s += G) acc += sc[s] * V0[(size_t)(c0 + s) * hd + d];
+        if (grp < G) {
+            const float* vp = V0 + (size_t)c0 * hd + d;
+            int s = grp;
+            for (; s + 3 * G < cn; s += 4 * G) {
+                float v0 = vp[(size_t)s * hd], v1 = vp[(size_t)(s + G) * hd];
+                float v2 = vp[(size_t)(s + 2 * G) * hd], v3 = vp[(size_t)(s + 3 * G) * hd];
+                acc += sc[s] * v0 + sc[s + G] * v1 + sc[s + 2 * G] * v2 + sc[s + 3 * G] * v3;
+            }
+            for (; s < cn; s += G) acc += sc[s] * vp[(size_t)s * hd];
+        }
         __syncthreads();
     }
     if (grp < G) part[grp * hd + d] = acc;
@@ -422,6 +506,7 @@ __global__ void verify(const float* __restrict__ P, int V, const int* __restrict
 """
 
 WEIGHT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+SMEM_MAX = 96 * 1024  # dynamic shared memory the fused low-rank kernel may take (phase 2's r-vectors)
 NULL = np.uint64(0)  # an 8-byte zero: a null pointer argument
 TEMPLATES = ("gemv", "lowrank", "embed")
 
@@ -437,7 +522,8 @@ class Kernels:
         self._f = {}
         dev = cp.cuda.Device()
         self.sms = dev.attributes["MultiProcessorCount"]
-        self._resident: dict[str, int] = {}
+        self._resident: dict = {}
+        self._smem_set: dict = {}
 
     def fn(self, name: str, wtype=None):
         key = name if wtype is None else f"{name}<{WEIGHT_TYPES[wtype]}>"
@@ -458,28 +544,38 @@ class Kernels:
         self.fn("gemv", self.wtype(w))((blocks,), (128,), (x, w, self._p(bias), out, self._i(T), self._i(K), self._i(N),
                                                             self._i(mode)))
 
-    def lowrank_grid(self, wtype: str) -> int:
-        """Blocks of 256 threads that are resident at once (the grid barrier needs all of them running)."""
-        g = self._resident.get(wtype)
+    def lowrank_grid(self, wtype: str, smem: int) -> int:
+        """Blocks of 256 threads resident at once with `smem` bytes of dynamic shared memory each (the grid
+        barrier needs every block running)."""
+        key = (wtype, smem)
+        g = self._resident.get(key)
         if g is None:
             f = self.fn("lowrank", wtype)
-            per_sm = 2
+            per_sm = 1
             try:
                 from cupy.cuda import driver
-                per_sm = max(1, min(4, driver.occupancyMaxActiveBlocksPerMultiprocessor(f.ptr, 256, 0)))
-            except Exception:
+                ptr = getattr(f, "ptr", None) or f.kernel.ptr
+                if not self._smem_set.get(wtype):
+                    driver.funcSetAttribute(ptr, 8, SMEM_MAX)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+                    self._smem_set[wtype] = True
+                per_sm = max(1, min(4, driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, 256, smem)))
+            except Exception:  # noqa: BLE001
                 pass
-            g = self._resident[wtype] = per_sm * self.sms
+            g = self._resident[key] = per_sm * self.sms
         return g
 
     def lowrank(self, x, v, u, bias, mid, out, bar, T: int, mode: int = 0):
         R, K = v.shape
         N = u.shape[0]
-        rows = max(R, N // 2 if mode == 2 else N)
+        rows = N // 2 if mode == 2 else N
         wt = self.wtype(v)
-        blocks = max(1, min(self.lowrank_grid(wt), (rows + 7) // 8))
+        smem = T * R * 4
+        stage = smem <= SMEM_MAX
+        smem = smem if stage else 0
+        blocks = max(1, min(self.lowrank_grid(wt, smem), max(R, (rows + 7) // 8)))
         self.fn("lowrank", wt)((blocks,), (256,), (x, v, u, self._p(bias), mid, out, bar, self._i(T), self._i(K),
-                                                     self._i(R), self._i(N), self._i(mode)))
+                                                     self._i(R), self._i(N), self._i(mode), self._i(int(stage))),
+                               shared_mem=smem)
 
     def embed(self, tok, table, pe, pos, x, T: int):
         D = table.shape[1]
@@ -495,7 +591,7 @@ class Kernels:
                                self._i(hd), self._i(cap)))
 
     def attention(self, q, kc, vc, pos, scale, out, T, H, Hkv, hd, cap):
-        self.fn("attention")((H, T), (128,), (q, kc, vc, pos, self.cp.float32(scale), out, self._i(H),
+        self.fn("attention")((H, T), (256,), (q, kc, vc, pos, self.cp.float32(scale), out, self._i(H),
                                              self._i(Hkv), self._i(hd), self._i(cap)))
 
     def advance(self, pos, T: int):

@@ -204,10 +204,9 @@ def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]]
     g.generate(prompts[0], max_tokens=8, temperature=0, **kw).text()
     for p in prompts:
         gen = g.generate(p, max_tokens=n, temperature=0, **kw)
-        t = time.perf_counter()
         gen.text()
-        dt = time.perf_counter() - t
-        tps.append(len(gen.stats.tokens) / dt)
+        st = gen.stats
+        tps.append((st.decode_tokens - 1) / st.decode_seconds)  # as Stats.summary: steps after the first token
         toks.append(gen.stats.tokens)
         last = gen
     return tps, toks, last
@@ -249,6 +248,45 @@ def model_bench(name: str, cpu, hf_model, n: int, runs: int, prompts) -> list[di
     return rows
 
 
+def profile_step(g, pos: int = 64) -> list[tuple[str, float]]:
+    """Microseconds per kernel of one decode step (layer 0's kernels; 100 launches in a graph each)."""
+    cp, k, c = g.cp, g.k, g.cfg
+    cache = g.new_cache(256)
+    cache.pos = pos
+    with g.stream:
+        posd = g._pos(cache)
+        b = g._buffers(1)
+        for key in ("x", "h", "hrows", "qkv", "q", "att", "act", "logits"):
+            b[key][...] = cp.random.standard_normal(b[key].shape, dtype=cp.float32)
+        cache.k[...] = cp.random.standard_normal(cache.k.shape, dtype=cp.float32)
+        cache.v[...] = cp.random.standard_normal(cache.v.shape, dtype=cp.float32)
+    g.stream.synchronize()
+    L = g.layers[0]
+    llama = c.arch == "llama"
+    H, Hkv, hd, cap = c.n_heads, c.n_kv_heads, c.head_dim, cache.capacity
+    kc, vc = cache.k[0], cache.v[0]
+    items = [
+        ("embed", lambda i: k.embed(b["tok"], g.embed_table, g.pos_embed, posd, b["x"], 1)),
+        ("norm", lambda i: k.norm(b["x"], L.attn_norm[0], L.attn_norm[1], L.attn_norm[2], b["h"], 1, not llama)),
+        ("qkv", lambda i: L.qkv(b["h"], b["qkv"], 1, 0)),
+        ("rope_store", lambda i: k.rope_store(b["qkv"], posd, g.rope_cos, g.rope_sin, llama, b["q"], kc, vc, 1, H, Hkv,
+                                              hd, cap)),
+        (f"attention (pos {pos})", lambda i: k.attention(b["q"], kc, vc, posd, 0.125, b["att"], 1, H, Hkv, hd, cap)),
+        ("wo (+x)", lambda i: L.wo(b["att"], b["x"], 1, 1)),
+        ("up (+act)", lambda i: L.up(b["h"], b["act"], 1, 2 if llama else 3)),
+        ("down (+x)", lambda i: L.down(b["act"], b["x"], 1, 1)),
+        ("head", lambda i: g.head(b["hrows"], b["logits"], 1, 0)),
+        ("argmax", lambda i: k.argmax_step(b["logits"], c.vocab_size, b["tok"], g.pos_scratch, cache.hist, 0)),
+        ("whole step", lambda i: g._step(1, cache, posd, b, "last", "none")),
+    ]
+    out = []
+    for name, fn in items:
+        t = graph_time(cp, fn, 20 if name == "whole step" else 100)
+        out.append((name, t * 1e6))
+        print(f"  {name}: {t * 1e6:.2f} µs", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,smollm2-shape,gpt2-shape")
@@ -256,6 +294,7 @@ def main():
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of a decode step of each model")
     args = ap.parse_args()
     import cupy as cp
     dev = cp.cuda.Device()
@@ -310,6 +349,8 @@ def main():
                 folder = os.path.join(tmp, m)
                 hf = hf_random(m, folder)
                 cpu = minirt.load(folder)
+            if args.profile:
+                report.setdefault("profile", {})[m] = profile_step(to_gpu(cpu, "float16"))
             report["models"] += model_bench(m, cpu, hf, args.n, args.r, prompts)
         except Exception as e:  # noqa: BLE001
             import traceback
