@@ -456,19 +456,30 @@ def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool 
 
 
 def copy_lowrank(src: Path, dst: Path, progress: bool = True) -> Path:
-    """A low-rank export folder → its model.gguf, after checking that minirt reads it and that it matches
-    the manifest."""
-    from .readers.gguf import read_gguf
+    """A low-rank export folder (minirt svd) → its model.gguf, a GGUF minirt loads on its own (factor tensors
+    blk.N.SITE.lr_u/lr_v, ranks in the minirt.lowrank.manifest key), after checking it: readable, with
+    the factors the manifest names at the ranks it gives, and the same manifest as lowrank.json."""
+    from .readers.gguf import _parse, read_gguf
     gg, manifest = src / "model.gguf", src / "lowrank.json"
     if not gg.is_file():
         raise MinirtError(f"{src}: no model.gguf in the low-rank export")
     try:
-        json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        listed = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinirtError(f"{manifest}: unreadable manifest ({e})") from None
     ck = read_gguf(gg)
-    if not any(".lr_" in k or k.startswith("head.lr_") for k in ck.tensors):
-        raise MinirtError(f"{gg}: no factor tensors (lr_u/lr_v): not a low-rank export")
+    try:
+        inside = json.loads(_parse(gg)[0]["minirt.lowrank.manifest"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise MinirtError(f"{gg}: no minirt.lowrank.manifest metadata: not a low-rank export") from None
+    if not isinstance(listed, dict) or listed.get("matrices") != inside.get("matrices"):
+        raise MinirtError(f"{src}: lowrank.json and model.gguf describe different factors (mixed-up export?)")
+    for m in inside.get("matrices", []):
+        if not m.get("rank"):
+            continue
+        u, v = ck.tensors.get(f"{m['name']}.lr_u"), ck.tensors.get(f"{m['name']}.lr_v")
+        if u is None or v is None or u.shape != (m["shape"][0], m["rank"]) or v.shape != (m["rank"], m["shape"][1]):
+            raise MinirtError(f"{gg}: factors of {m['name']} missing or not of rank {m['rank']} (corrupt export)")
     if dst.is_dir():
         raise MinirtError(f"{dst} is a folder; give an output file name ending in .gguf")
     tmp = dst.with_name(dst.name + ".part")
@@ -479,7 +490,8 @@ def copy_lowrank(src: Path, dst: Path, progress: bool = True) -> Path:
         tmp.unlink(missing_ok=True)
         raise MinirtError(f"writing {dst} failed: {e}") from None
     if progress:
-        print(f"convert: wrote {dst} (low-rank export, {len(ck.tensors)} tensors)", file=sys.stderr)
+        n = sum(1 for m in inside.get("matrices", []) if m.get("rank"))
+        print(f"convert: wrote {dst} (low-rank export, {n} factored matrices)", file=sys.stderr)
     return dst
 
 

@@ -522,3 +522,38 @@ def test_llama2c_tokenizer_bin(tmp_path):
     with pytest.raises(MinirtError, match="truncated"):
         convert(ckpt, tmp_path / "t.gguf", progress=False)
     assert no_output_left(tmp_path / "t.gguf")
+
+
+# ---- low-rank exports -----------------------------------------------------------------------------------
+def test_lowrank_export_to_gguf(models, tmp_path):
+    """minirt svd's folder (model.gguf + lowrank.json) → one GGUF that minirt loads with the same factors."""
+    from minirt.lowrank import export, with_lowrank
+    src = tmp_path / "src.gguf"
+    write_llama_gguf(src, models["llama_gqa"])
+    m = with_lowrank(minirt.load(str(src)), rank=8, progress=False)
+    folder = export(m, tmp_path / "lr", progress=False)
+    out = tmp_path / "lr.gguf"
+    convert(folder, out, progress=False)
+    got = minirt.load(str(out))
+    assert [f.rank for f in got.lowrank] == [f.rank for f in m.lowrank] and any(f.rank == 8 for f in got.lowrank)
+    np.testing.assert_array_equal(got.logits(IDS), minirt.load(str(folder)).logits(IDS))
+    np.testing.assert_allclose(got.logits(IDS), m.logits(IDS), rtol=0, atol=1e-5)
+    r = GGUFReader(str(out))
+    assert "blk.0.qkv.lr_u" in {t.name for t in r.tensors} and "minirt.lowrank.manifest" in r.fields
+
+    for bad, needle in [("manifest", "describe different factors"), ("truncate", "truncated")]:
+        broken = tmp_path / f"broken-{bad}"
+        broken.mkdir()
+        (broken / "model.gguf").write_bytes((folder / "model.gguf").read_bytes())
+        info = json.loads((folder / "lowrank.json").read_text())
+        if bad == "manifest":
+            info["matrices"][0]["rank"] += 1
+        else:
+            _truncate(broken / "model.gguf", 0.8)
+        (broken / "lowrank.json").write_text(json.dumps(info))
+        dst = tmp_path / f"{bad}.gguf"
+        with pytest.raises(MinirtError, match=needle):
+            convert(broken, dst, progress=False)
+        assert no_output_left(dst)
+    with pytest.raises(MinirtError, match="only to GGUF"):
+        convert(folder, tmp_path / "hf-out", progress=False)
