@@ -60,7 +60,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="dense")
     p.add_argument("--draft", default="ngram",
                    help="drafter for --mode speculative: ngram[:N] (prompt lookup), layers:N (early exit), "
-                        "or a model name/path with the same tokenizer")
+                        "lowrank[:E|:pP] (low-rank twin), or a model name/path with the same tokenizer")
     p.add_argument("--draft-k", type=int, default=4, help="draft length K (adapted as acceptance varies)")
     p.add_argument("--block", type=int, default=4, help="--mode jacobi: positions refined together (1-7)")
 
@@ -296,6 +296,7 @@ def cmd_bench(args) -> None:
                                 [0.0, args.pinv_tol] if args.pinv_tol > 0 else [0.0])
         print(f"greedy, {len(bench.FREE_WRITING)} free prompts, {args.n_gen} tokens each, {numba.get_num_threads()} threads")
         print(jacobi.report_bench(rows, args.block, args.pinv_window))
+        print(jacobi.report_costs(*jacobi.pass_costs(model, args.block), args.block, rows))
         return
     if args.mode == "pinv":
         from .pinv import with_pinv

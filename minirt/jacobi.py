@@ -132,10 +132,10 @@ def run_bench(model, prompts: list[str], n: int, block: int, window: int, tols: 
             m.pinv.stats.rows = m.pinv.stats.shortcut = 0
         tps, st, same = [], JacobiStats(), True
         for i, p in enumerate(prompts):
-            t = time.perf_counter()
             g = m.generate(p, max_tokens=n, temperature=0, mode=mode, block=block)
             g.text()
-            tps.append(len(g.stats.tokens) / (time.perf_counter() - t))
+            if g.stats.decode_tokens >= 8:  # decode speed, the prompt pass not counted (as Stats.summary)
+                tps.append((g.stats.decode_tokens - 1) / g.stats.decode_seconds)
             if tol is None:
                 dense_tokens.append(g.stats.tokens)
             else:
@@ -146,6 +146,46 @@ def run_bench(model, prompts: list[str], n: int, block: int, window: int, tols: 
         pinv = getattr(m, "pinv", None)
         rows.append(JacobiBench(label, tps, st, pinv.stats.fraction if pinv is not None else 0.0, same))
     return rows
+
+
+def pass_costs(model, n: int, context: int = 64, reps: int = 20) -> tuple[float, float, float]:
+    """Median seconds of one decode step, of an n-position pass (as a Jacobi iteration or verification runs
+    it, after `context` positions), and of the gate/up (fc) products inside that n-position pass."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    cache = model.new_cache(context + n + 1)
+    model.forward(rng.integers(0, model.cfg.vocab_size, context), cache)
+
+    def med(f):
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    def run(k):
+        model.forward(rng.integers(0, model.cfg.vocab_size, k), cache, logits="all")
+        cache.truncate(context)
+    step, block = med(lambda: run(1)), med(lambda: run(n))
+    h = rng.standard_normal((n, model.cfg.dim)).astype(np.float32)
+    out = np.empty((n, model.layers[0].up.out_features), np.float32)
+    up = med(lambda: [L.up.forward(h, out) for L in model.layers])
+    return step, block, up
+
+
+def report_costs(step: float, block: float, up: float, n: int, rows: list[JacobiBench]) -> str:
+    """Where the time goes, and the best Jacobi could do: iterations whose gate/up products are free."""
+    c, u = block / step, up / block
+    lines = [f"costs: one decode step {step * 1e3:.2f} ms; a {n}-position pass {block * 1e3:.2f} ms = {c:.2f} steps, "
+             f"of which gate/up {up * 1e3:.2f} ms ({u:.0%})"]
+    for r in rows[1:]:
+        s = r.stats
+        if s.blocks:
+            bound = s.tokens_per_pass / (s.iterations_per_block * c * (1 - u) + c)
+            lines.append(f"{r.label}: even with free gate/up in every iteration, at most {bound:.2f}x dense "
+                         f"({s.tokens_per_pass:.2f} tokens per {s.iterations_per_block:.2f} iterations + 1 exact pass)")
+    return "\n".join(lines)
 
 
 def report_bench(rows: list[JacobiBench], block: int, window: int) -> str:
