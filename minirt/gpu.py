@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import MinirtError
 from .generate import Generation
+from .gpu_kernels import SMEM_NORM
 from .linear import Dense, Quant
 from .lowrank import LowRank
 from .sampling import Sampler, SamplingParams
@@ -105,6 +106,10 @@ class GDense:
     def __call__(self, x, out, T: int, mode: int = 0):
         self.k.gemv(x, self.w, self.b, out, T, mode)
 
+    def norm_fwd(self, x, norm, layer: bool, out, T: int, mode: int = 0):
+        """self(norm(x)) in one kernel (T · in_features floats in shared memory)."""
+        self.k.gemv_norm(x, norm, layer, self.w, self.b, out, T, mode)
+
     @property
     def nbytes(self) -> int:
         return self.w.nbytes + (0 if self.b is None else self.b.nbytes)
@@ -131,6 +136,19 @@ class GLowRank:
         if mid is None:
             mid = self._mid[T] = self.cp.empty((T, self.u.shape[1]), self.cp.float32)
         self.k.lowrank(x, self.v, self.u, self.b, mid, out, self.bar, T, mode)
+
+    def norm_fwd(self, x, norm, layer: bool, out, T: int, mode: int = 0):
+        mid = self._mid.get(T)
+        if mid is None:
+            mid = self._mid[T] = self.cp.empty((T, self.u.shape[1]), self.cp.float32)
+        if self.k.lowrank_norm_fits(T, self.in_features, self.u.shape[1]):
+            self.k.lowrank(x, self.v, self.u, self.b, mid, out, self.bar, T, mode, norm=norm, layer=layer)
+            return
+        h = self._mid.get(("h", T))
+        if h is None:
+            h = self._mid[("h", T)] = self.cp.empty((T, self.in_features), self.cp.float32)
+        self.k.norm(x, norm[0], norm[1], norm[2], h, T, layer)
+        self(h, out, T, mode)
 
     @property
     def nbytes(self) -> int:
@@ -257,23 +275,35 @@ class GPUModel:
         H, Hkv, hd, cap = c.n_heads, c.n_kv_heads, c.head_dim, cache.capacity
         scale = 1.0 / math.sqrt(hd)
         x, h = b["x"], b["h"]
+        # steps of a few positions (decode, verification): norms inside the matmuls, RoPE and the cache store
+        # inside attention, residual adds and activations in the matmuls' epilogues: 5 kernels a layer
+        fused = T <= self.GRAPH_MAX_T and T * max(c.dim, 1) * 4 <= SMEM_NORM
+        up_mode = 2 if llama else 3
         k.embed(b["tok"], self.embed_table, self.pos_embed, pos, x, T)
         for li, L in enumerate(self.layers):
             kc, vc = cache.k[li], cache.v[li]
-            k.norm(x, *L.attn_norm[:2], L.attn_norm[2], h, T, layer_norm)
-            L.qkv(h, b["qkv"], T, 0)
-            k.rope_store(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, b["q"], kc, vc, T, H, Hkv, hd, cap)
-            k.attention(b["q"], kc, vc, pos, scale, b["att"], T, H, Hkv, hd, cap)
+            if fused:
+                L.qkv.norm_fwd(x, L.attn_norm, layer_norm, b["qkv"], T, 0)
+            else:
+                k.norm(x, *L.attn_norm[:2], L.attn_norm[2], h, T, layer_norm)
+                L.qkv(h, b["qkv"], T, 0)
+                k.rope_store(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, b["q"], kc, vc, T, H, Hkv, hd, cap)
+            k.attention(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, kc, vc, scale, b["att"], T, H, Hkv, hd,
+                        cap, store=fused)
             L.wo(b["att"], x, T, 1)
-            k.norm(x, *L.ffn_norm[:2], L.ffn_norm[2], h, T, layer_norm)
-            L.up(h, b["act"], T, 2 if llama else 3)
+            if fused:
+                L.up.norm_fwd(x, L.ffn_norm, layer_norm, b["act"], T, up_mode)
+            else:
+                k.norm(x, *L.ffn_norm[:2], L.ffn_norm[2], h, T, layer_norm)
+                L.up(h, b["act"], T, up_mode)
             L.down(b["act"], x, T, 1)
-        if head == "last":
-            k.norm(x[T - 1:], *self.norm[:2], self.norm[2], b["hrows"], 1, layer_norm)
-            self.head(b["hrows"], b["logits"], 1, 0)
+        rows = x[T - 1:] if head == "last" else x
+        R = rows.shape[0]
+        if R <= self.GRAPH_MAX_T and R * c.dim * 4 <= SMEM_NORM:
+            self.head.norm_fwd(rows, self.norm, layer_norm, b["logits"], R, 0)
         else:
-            k.norm(x, *self.norm[:2], self.norm[2], b["hrows"], T, layer_norm)
-            self.head(b["hrows"], b["logits"], T, 0)
+            k.norm(rows, *self.norm[:2], self.norm[2], b["hrows"], R, layer_norm)
+            self.head(b["hrows"], b["logits"], R, 0)
         if finish == "argmax":
             k.argmax_step(b["logits"], c.vocab_size, self._buffers(1)["tok"], pos, cache.hist, T)
         elif finish == "advance":

@@ -121,13 +121,16 @@ __device__ __forceinline__ float dot8(const float* wf, const float* xp) {
     return wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
 }
 
-#define UNR 4  // 16-byte weight loads issued per lane before the arithmetic that uses them
+// 16-byte weight loads issued per lane before the arithmetic that uses them
+template <typename W> struct Unr { static constexpr int v = 8; };
+template <> struct Unr<float> { static constexpr int v = 4; };
 
 // a[i] (+ a2[i] for a second row wr2) += Σ_{k in [k0, k1)} w[k] · x[t0 + i][k] over this lane's k (lanes
 // stride 8 elements, a warp covers 256 per round); k0, k1 multiples of 8; xs: the row stride of x.
 template <typename W, bool CG, bool TWO>
 __device__ __forceinline__ void dot_range(const float* x, int xs, const W* __restrict__ wr, const W* __restrict__ wr2,
                                           int k0, int k1, int lane, int t0, int nt, float* a, float* a2) {
+    constexpr int UNR = Unr<W>::v;
     for (int kb = k0 + lane * 8; kb < k1; kb += 256 * UNR) {
         Pack<W> p[UNR], q[UNR];
 #pragma unroll
@@ -183,7 +186,8 @@ __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w
         if (mode == 2) dot_range<W, CG, true>(x, K, wr, wr2, 0, K, lane, t0, nt, a, a2);
         else dot_range<W, CG, false>(x, K, wr, wr2, 0, K, lane, t0, nt, a, a2);
 #pragma unroll
-        for (int i = 0; i < TT; ++i) { a[i] = warp_sum(a[i]); if (mode == 2) a2[i] = warp_sum(a2[i]); }
+        for (int i = 0; i < TT; ++i)
+            if (i < nt) { a[i] = warp_sum(a[i]); if (mode == 2) a2[i] = warp_sum(a2[i]); }
         if (lane == 0)
             for (int i = 0; i < nt; ++i) store_out(out, t0 + i, row, N, rows, mode, a[i], a2[i], bias);
     }
@@ -205,7 +209,8 @@ __device__ __forceinline__ void block_row(const float* x, const W* __restrict__ 
         for (int i = 0; i < TT; ++i) { a[i] = 0.f; a2[i] = 0.f; }
         dot_range<W, false, false>(x, K, wr, wr, k0, k1, lane, t0, nt, a, a2);
 #pragma unroll
-        for (int i = 0; i < TT; ++i) a[i] = warp_sum(a[i]);
+        for (int i = 0; i < TT; ++i)
+            if (i < nt) a[i] = warp_sum(a[i]);
         if (lane == 0)
             for (int i = 0; i < TT; ++i) red[warp * TT + i] = a[i];
         __syncthreads();
@@ -225,6 +230,40 @@ __global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const
     int lane = threadIdx.x & 31, nw = (gridDim.x * blockDim.x) >> 5;
     for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nw)
         warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane);
+}
+
+// Normalized rows of x into shared memory (warp t normalizes row t): RMSNorm (layer 0) or LayerNorm (1).
+__device__ void stage_norm(const float* x, const float* __restrict__ nw, const float* __restrict__ nb, float eps,
+                           int layer, float* sx, int T, int D) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int t = warp; t < T; t += nwarps) {
+        const float* xr = x + (size_t)t * D;
+        float mu = 0.f;
+        if (layer) {
+            float s = 0.f;
+            for (int i = lane; i < D; i += 32) s += xr[i];
+            mu = warp_sum(s) / D;
+        }
+        float ss = 0.f;
+        for (int i = lane; i < D; i += 32) { float d = xr[i] - mu; ss += d * d; }
+        float r = 1.f / sqrtf(warp_sum(ss) / D + eps);
+        for (int i = lane; i < D; i += 32) sx[t * D + i] = (xr[i] - mu) * r * nw[i] + (nb ? nb[i] : 0.f);
+    }
+    __syncthreads();
+}
+
+// out = epilogue(norm(x) · Wᵀ + b): every block normalizes the T rows of x into shared memory first (one
+// kernel instead of two). T · K floats must fit in shared memory; out must not alias x.
+template <typename W>
+__global__ void gemv_norm(const float* __restrict__ x, const float* __restrict__ nw, const float* __restrict__ nb,
+                          float eps, int layer, const W* __restrict__ w, const float* __restrict__ bias,
+                          float* __restrict__ out, int T, int K, int N, int mode) {
+    extern __shared__ float smem[];
+    stage_norm(x, nw, nb, eps, layer, smem, T, K);
+    int rows = mode == 2 ? N / 2 : N;
+    int lane = threadIdx.x & 31, nw_ = (gridDim.x * blockDim.x) >> 5;
+    for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nw_)
+        warp_row<W, false>(smem, w, bias, out, T, K, N, mode, row, lane);
 }
 
 // Grid-wide barrier for a grid whose blocks are all resident (the launcher sizes it from the occupancy).
@@ -251,16 +290,21 @@ __device__ void grid_barrier(int* bar) {
 // out = epilogue((x · vᵀ) · uᵀ + b): v (R, K), u (N, R), mid (T, R) scratch; R a multiple of 8 (zero-padded).
 // Phase 1: blocks take rows of v (warps split K). Grid barrier. Phase 2: each block copies the r-vector(s)
 // into shared memory once (stage = 1; else reads them through L2), warps take rows of u.
+// With nw (norm weights) non-null, x is normalized into shared memory first (stage must then be 1, and the
+// shared memory hold max(T·K, T·R) floats).
 template <typename W>
-__global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
+__global__ void lowrank(const float* __restrict__ x, const float* __restrict__ nw, const float* __restrict__ nb,
+                        float eps, int layer, const W* __restrict__ v, const W* __restrict__ u,
                         const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
                         int T, int K, int R, int N, int mode, int stage) {
     extern __shared__ float smem[];
     __shared__ float red[32 * TT];
-    int lane = threadIdx.x & 31, nw = (gridDim.x * blockDim.x) >> 5;
+    int lane = threadIdx.x & 31, nw_ = (gridDim.x * blockDim.x) >> 5;
     int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const float* xs = x;
+    if (nw) { stage_norm(x, nw, nb, eps, layer, smem, T, K); xs = smem; }
     for (int row = blockIdx.x; row < R; row += gridDim.x)
-        block_row<W>(x, v, mid, T, K, R, row, red);
+        block_row<W>(xs, v, mid, T, K, R, row, red);
     grid_barrier(bar);
     int rows = mode == 2 ? N / 2 : N;
     if (stage) {
@@ -268,10 +312,10 @@ __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, co
         float4* dst = reinterpret_cast<float4*>(smem);
         for (int i = threadIdx.x; i < T * R / 4; i += blockDim.x) dst[i] = __ldcg(src + i);
         __syncthreads();
-        for (int row = wid; row < rows; row += nw)
+        for (int row = wid; row < rows; row += nw_)
             warp_row<W, false>(smem, u, bias, out, T, R, N, mode, row, lane);
     } else {
-        for (int row = wid; row < rows; row += nw)
+        for (int row = wid; row < rows; row += nw_)
             warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane);
     }
 }
@@ -342,20 +386,53 @@ __global__ void rope_store(const float* __restrict__ qkv, const int* __restrict_
 }
 
 // Causal attention of query row t (position pos + t) over cache positions 0..pos + t, one block of 256 threads
-// per (head, row); online softmax over chunks of ACH positions. grid (H, T), 256 threads; hd ≤ 128, hd % 4 == 0.
-__global__ void attention(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
-                          const int* __restrict__ pos, float scale, float* __restrict__ out, int H, int Hkv, int hd,
-                          int cap) {
+// per (head, row); online softmax over chunks of ACH positions. grid (H, T); hd ≤ 128, hd % 4 == 0.
+// Fused with the split of q|k|v rows, RoPE (rotate-half, use_rope) and the cache store: every block writes
+// the T new keys/values of its kv group (the blocks of a group write identical values), then reads the cache.
+__global__ void attention(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
+                          const float* __restrict__ sn, int use_rope, float* kc, float* vc, float scale,
+                          float* __restrict__ out, int T, int H, int Hkv, int hd, int cap, int store) {
     __shared__ float sc[ACH];
     __shared__ float qs[128];
     __shared__ float part[256];
     __shared__ float red[32];
     int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
-    int g = h / (H / Hkv);
-    int n = *pos + t + 1;
-    const float* qv = q + ((size_t)t * H + h) * hd;
-    for (int i = tid; i < hd; i += nt) qs[i] = qv[i];
+    int g = h / (H / Hkv), half = hd / 2, p0 = *pos, W = (H + 2 * Hkv) * hd;
+    for (int e = tid; e < (store ? T * half : 0); e += nt) {  // store = 0: rope_store wrote them (long prompts)
+        int j = e / half, i = e % half, p = p0 + j;
+        const float* row = qkv + (size_t)j * W;
+        int ks = (H + g) * hd, vs = (H + Hkv + g) * hd;
+        float a = row[ks + i], b = row[ks + half + i];
+        float* kd = kc + ((size_t)g * cap + p) * hd;
+        float* vd = vc + ((size_t)g * cap + p) * hd;
+        if (use_rope) {
+            float c = cs[(size_t)p * half + i], s = sn[(size_t)p * half + i];
+            kd[i] = a * c - b * s;
+            kd[half + i] = b * c + a * s;
+        } else {
+            kd[i] = a;
+            kd[half + i] = b;
+        }
+        vd[i] = row[vs + i];
+        vd[half + i] = row[vs + half + i];
+    }
+    {
+        const float* row = qkv + (size_t)t * W + h * hd;
+        int p = p0 + t;
+        for (int i = tid; i < half; i += nt) {
+            float a = row[i], b = row[half + i];
+            if (use_rope) {
+                float c = cs[(size_t)p * half + i], s = sn[(size_t)p * half + i];
+                qs[i] = a * c - b * s;
+                qs[half + i] = b * c + a * s;
+            } else {
+                qs[i] = a;
+                qs[half + i] = b;
+            }
+        }
+    }
     __syncthreads();
+    int n = p0 + t + 1;
     const float* K0 = kc + (size_t)g * cap * hd;
     const float* V0 = vc + (size_t)g * cap * hd;
     int G = nt / hd, grp = tid / hd, d = tid % hd;
@@ -408,17 +485,38 @@ __global__ void advance(int* pos, int T) {
 }
 
 // Greedy step end: token = argmax(logits row 0); tok[0] = token, hist[pos + T] = token, pos += T.
-__global__ void argmax_step(const float* __restrict__ logits, int V, int* tok, int* pos, int* hist, int T) {
+// Blocks reduce slices; the last block to finish (count) reduces their partials (pval, pidx) and resets count.
+__global__ void argmax_step(const float* __restrict__ logits, int V, int* tok, int* pos, int* hist, int T,
+                            float* pval, int* pidx, unsigned int* count) {
     __shared__ float redf[32];
     __shared__ int redi[32];
+    __shared__ bool last;
     float bv = -INF;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += gridDim.x * blockDim.x) {
         float v = logits[i];
         if (v > bv) { bv = v; bi = i; }
     }
     block_argmax(bv, bi, redf, redi);
     if (threadIdx.x == 0) {
+        pval[blockIdx.x] = bv;
+        pidx[blockIdx.x] = bi;
+        __threadfence();
+        last = atomicAdd(count, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    bv = -INF;
+    bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < (int)gridDim.x; i += blockDim.x) {
+        float v = __ldcg(pval + i);
+        int j = __ldcg(pidx + i);
+        if (v > bv || (v == bv && j < bi)) { bv = v; bi = j; }
+    }
+    block_argmax(bv, bi, redf, redi);
+    if (threadIdx.x == 0) {
+        *count = 0u;
         int p = *pos;
         tok[0] = bi;
         hist[p + T] = bi;
@@ -506,9 +604,11 @@ __global__ void verify(const float* __restrict__ P, int V, const int* __restrict
 """
 
 WEIGHT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+SMEM_NORM = 48 * 1024  # shared memory for normalized rows in gemv_norm (T · K floats)
 SMEM_MAX = 96 * 1024  # dynamic shared memory the fused low-rank kernel may take (phase 2's r-vectors)
+ARGMAX_BLOCKS = 48
 NULL = np.uint64(0)  # an 8-byte zero: a null pointer argument
-TEMPLATES = ("gemv", "lowrank", "embed")
+TEMPLATES = ("gemv", "gemv_norm", "lowrank", "embed")
 
 
 class Kernels:
@@ -524,6 +624,7 @@ class Kernels:
         self.sms = dev.attributes["MultiProcessorCount"]
         self._resident: dict = {}
         self._smem_set: dict = {}
+        self._argmax = None  # partials of the multi-block argmax (fixed pointers: graph-safe)
 
     def fn(self, name: str, wtype=None):
         key = name if wtype is None else f"{name}<{WEIGHT_TYPES[wtype]}>"
@@ -540,9 +641,17 @@ class Kernels:
     def gemv(self, x, w, bias, out, T: int, mode: int = 0):
         N, K = w.shape
         rows = N // 2 if mode == 2 else N
-        blocks = min((rows + 3) // 4, 65535 * 4)
-        self.fn("gemv", self.wtype(w))((blocks,), (128,), (x, w, self._p(bias), out, self._i(T), self._i(K), self._i(N),
-                                                            self._i(mode)))
+        self.fn("gemv", self.wtype(w))(((rows + 7) // 8,), (256,), (x, w, self._p(bias), out, self._i(T), self._i(K),
+                                                                    self._i(N), self._i(mode)))
+
+    def gemv_norm(self, x, norm, layer: bool, w, bias, out, T: int, mode: int = 0):
+        """gemv of norm(x) (norm = (weight, bias or None, eps)); T · K · 4 bytes must be ≤ SMEM_NORM."""
+        N, K = w.shape
+        rows = N // 2 if mode == 2 else N
+        self.fn("gemv_norm", self.wtype(w))(((rows + 7) // 8,), (256,),
+                                            (x, norm[0], self._p(norm[1]), self.cp.float32(norm[2]),
+                                             self._i(int(layer)), w, self._p(bias), out, self._i(T), self._i(K),
+                                             self._i(N), self._i(mode)), shared_mem=T * K * 4)
 
     def lowrank_grid(self, wtype: str, smem: int) -> int:
         """Blocks of 256 threads resident at once with `smem` bytes of dynamic shared memory each (the grid
@@ -564,18 +673,25 @@ class Kernels:
             g = self._resident[key] = per_sm * self.sms
         return g
 
-    def lowrank(self, x, v, u, bias, mid, out, bar, T: int, mode: int = 0):
+    @staticmethod
+    def lowrank_norm_fits(T: int, K: int, R: int) -> bool:
+        return max(T * K, T * R) * 4 <= SMEM_MAX
+
+    def lowrank(self, x, v, u, bias, mid, out, bar, T: int, mode: int = 0, norm=None, layer: bool = False):
+        """Fused low-rank matmul; with norm = (weight, bias, eps), of norm(x) (needs lowrank_norm_fits)."""
         R, K = v.shape
         N = u.shape[0]
         rows = N // 2 if mode == 2 else N
         wt = self.wtype(v)
-        smem = T * R * 4
+        smem = max(T * R, T * K if norm is not None else 0) * 4
         stage = smem <= SMEM_MAX
         smem = smem if stage else 0
+        nw, nb, eps = norm if norm is not None else (None, None, 0.0)
         blocks = max(1, min(self.lowrank_grid(wt, smem), max(R, (rows + 7) // 8)))
-        self.fn("lowrank", wt)((blocks,), (256,), (x, v, u, self._p(bias), mid, out, bar, self._i(T), self._i(K),
-                                                     self._i(R), self._i(N), self._i(mode), self._i(int(stage))),
-                               shared_mem=smem)
+        self.fn("lowrank", wt)((blocks,), (256,), (x, self._p(nw), self._p(nb), self.cp.float32(eps),
+                                                     self._i(int(layer)), v, u, self._p(bias), mid, out, bar,
+                                                     self._i(T), self._i(K), self._i(R), self._i(N), self._i(mode),
+                                                     self._i(int(stage))), shared_mem=smem)
 
     def embed(self, tok, table, pe, pos, x, T: int):
         D = table.shape[1]
@@ -590,15 +706,20 @@ class Kernels:
                               (qkv, pos, cos, sin, self._i(int(use_rope)), q, kc, vc, self._i(H), self._i(Hkv),
                                self._i(hd), self._i(cap)))
 
-    def attention(self, q, kc, vc, pos, scale, out, T, H, Hkv, hd, cap):
-        self.fn("attention")((H, T), (256,), (q, kc, vc, pos, self.cp.float32(scale), out, self._i(H),
-                                             self._i(Hkv), self._i(hd), self._i(cap)))
+    def attention(self, qkv, pos, cos, sin, use_rope, kc, vc, scale, out, T, H, Hkv, hd, cap, store: bool = True):
+        self.fn("attention")((H, T), (256,), (qkv, pos, cos, sin, self._i(int(use_rope)), kc, vc,
+                                             self.cp.float32(scale), out, self._i(T), self._i(H), self._i(Hkv),
+                                             self._i(hd), self._i(cap), self._i(int(store))))
 
     def advance(self, pos, T: int):
         self.fn("advance")((1,), (32,), (pos, self._i(T)))
 
     def argmax_step(self, logits, V: int, tok, pos, hist, T: int):
-        self.fn("argmax_step")((1,), (1024,), (logits, self._i(V), tok, pos, hist, self._i(T)))
+        if self._argmax is None:
+            cp = self.cp
+            self._argmax = (cp.empty(ARGMAX_BLOCKS, cp.float32), cp.empty(ARGMAX_BLOCKS, cp.int32),
+                            cp.zeros(1, cp.uint32))
+        self.fn("argmax_step")((ARGMAX_BLOCKS,), (256,), (logits, self._i(V), tok, pos, hist, self._i(T), *self._argmax))
 
     def verify(self, P, V: int, draft, K: int, Q, u, greedy: bool, result):
         self.fn("verify")((1,), (1024,), (P, self._i(V), draft, self._i(K), self._p(Q), u, self._i(int(greedy)), result))

@@ -267,15 +267,13 @@ def profile_step(g, pos: int = 64) -> list[tuple[str, float]]:
     kc, vc = cache.k[0], cache.v[0]
     items = [
         ("embed", lambda i: k.embed(b["tok"], g.embed_table, g.pos_embed, posd, b["x"], 1)),
-        ("norm", lambda i: k.norm(b["x"], L.attn_norm[0], L.attn_norm[1], L.attn_norm[2], b["h"], 1, not llama)),
-        ("qkv", lambda i: L.qkv(b["h"], b["qkv"], 1, 0)),
-        ("rope_store", lambda i: k.rope_store(b["qkv"], posd, g.rope_cos, g.rope_sin, llama, b["q"], kc, vc, 1, H, Hkv,
-                                              hd, cap)),
-        (f"attention (pos {pos})", lambda i: k.attention(b["q"], kc, vc, posd, 0.125, b["att"], 1, H, Hkv, hd, cap)),
+        ("norm + qkv", lambda i: L.qkv.norm_fwd(b["x"], L.attn_norm, not llama, b["qkv"], 1, 0)),
+        (f"rope + store + attention (pos {pos})", lambda i: k.attention(b["qkv"], posd, g.rope_cos, g.rope_sin, llama,
+                                                                       kc, vc, 0.125, b["att"], 1, H, Hkv, hd, cap)),
         ("wo (+x)", lambda i: L.wo(b["att"], b["x"], 1, 1)),
-        ("up (+act)", lambda i: L.up(b["h"], b["act"], 1, 2 if llama else 3)),
+        ("norm + up (+act)", lambda i: L.up.norm_fwd(b["x"], L.ffn_norm, not llama, b["act"], 1, 2 if llama else 3)),
         ("down (+x)", lambda i: L.down(b["act"], b["x"], 1, 1)),
-        ("head", lambda i: g.head(b["hrows"], b["logits"], 1, 0)),
+        ("norm + head", lambda i: g.head.norm_fwd(b["x"], g.norm, not llama, b["logits"], 1, 0)),
         ("argmax", lambda i: k.argmax_step(b["logits"], c.vocab_size, b["tok"], g.pos_scratch, cache.hist, 0)),
         ("whole step", lambda i: g._step(1, cache, posd, b, "last", "none")),
     ]
