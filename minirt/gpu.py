@@ -20,7 +20,6 @@ import numpy as np
 
 from .errors import MinirtError
 from .generate import Generation
-from .gpu_kernels import SMEM_NORM
 from .linear import Dense, Quant
 from .lowrank import LowRank
 from .sampling import Sampler, SamplingParams
@@ -103,12 +102,9 @@ class GDense:
         self.w = to_device_dtype(cp, w, dtype)
         self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
 
-    def __call__(self, x, out, T: int, mode: int = 0):
-        self.k.gemv(x, self.w, self.b, out, T, mode)
-
-    def norm_fwd(self, x, norm, layer: bool, out, T: int, mode: int = 0):
-        """self(norm(x)) in one kernel (T · in_features floats in shared memory)."""
-        self.k.gemv_norm(x, norm, layer, self.w, self.b, out, T, mode)
+    def __call__(self, x, out, T: int, mode: int = 0, **norm):
+        """out = epilogue(x · Wᵀ + b) (modes: see gemv_kernels); norm: nst, norm, layer, ost (see Kernels.gemv)."""
+        self.k.gemv(x, self.w, self.b, out, T, mode, **norm)
 
     @property
     def nbytes(self) -> int:
@@ -131,24 +127,11 @@ class GLowRank:
         self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
         self._mid: dict[int, object] = {}
 
-    def __call__(self, x, out, T: int, mode: int = 0):
+    def __call__(self, x, out, T: int, mode: int = 0, **norm):
         mid = self._mid.get(T)
         if mid is None:
             mid = self._mid[T] = self.cp.empty((T, self.u.shape[1]), self.cp.float32)
-        self.k.lowrank(x, self.v, self.u, self.b, mid, out, self.bar, T, mode)
-
-    def norm_fwd(self, x, norm, layer: bool, out, T: int, mode: int = 0):
-        mid = self._mid.get(T)
-        if mid is None:
-            mid = self._mid[T] = self.cp.empty((T, self.u.shape[1]), self.cp.float32)
-        if self.k.lowrank_norm_fits(T, self.in_features, self.u.shape[1]):
-            self.k.lowrank(x, self.v, self.u, self.b, mid, out, self.bar, T, mode, norm=norm, layer=layer)
-            return
-        h = self._mid.get(("h", T))
-        if h is None:
-            h = self._mid[("h", T)] = self.cp.empty((T, self.in_features), self.cp.float32)
-        self.k.norm(x, norm[0], norm[1], norm[2], h, T, layer)
-        self(h, out, T, mode)
+        self.k.lowrank(x, self.v, self.u, self.b, mid, out, self.bar, T, mode, **norm)
 
     @property
     def nbytes(self) -> int:
@@ -253,7 +236,8 @@ class GPUModel:
             s = dict(tok=cp.zeros(T, cp.int32), x=cp.empty((T, c.dim), f), h=cp.empty((T, c.dim), f),
                      hrows=cp.empty((T, c.dim), f), qkv=cp.empty((T, c.q_dim + 2 * c.kv_dim), f),
                      q=cp.empty((T, c.n_heads, c.head_dim), f), att=cp.empty((T, c.q_dim), f),
-                     act=cp.empty((T, c.hidden_dim), f), logits=cp.empty((T, c.vocab_size), f))
+                     act=cp.empty((T, c.hidden_dim), f), logits=cp.empty((T, c.vocab_size), f),
+                     st=cp.zeros((2 * len(self.layers) + 1, T, 2), cp.float64))
             self._scratch[T] = s
         return s
 
@@ -277,30 +261,36 @@ class GPUModel:
         x, h = b["x"], b["h"]
         # steps of a few positions (decode, verification): norms inside the matmuls, RoPE and the cache store
         # inside attention, residual adds and activations in the matmuls' epilogues: 5 kernels a layer
-        fused = T <= self.GRAPH_MAX_T and T * max(c.dim, 1) * 4 <= SMEM_NORM
+        # (the norms read the Σx, Σx² that the kernels writing x accumulate: st, one slot per norm)
+        fused = T <= self.GRAPH_MAX_T
         up_mode = 2 if llama else 3
-        k.embed(b["tok"], self.embed_table, self.pos_embed, pos, x, T)
+        st = b["st"]
+        k.embed(b["tok"], self.embed_table, self.pos_embed, pos, x, T, st)
         for li, L in enumerate(self.layers):
             kc, vc = cache.k[li], cache.v[li]
             if fused:
-                L.qkv.norm_fwd(x, L.attn_norm, layer_norm, b["qkv"], T, 0)
+                L.qkv(x, b["qkv"], T, 0, nst=st[2 * li], norm=L.attn_norm, layer=layer_norm)
             else:
                 k.norm(x, *L.attn_norm[:2], L.attn_norm[2], h, T, layer_norm)
                 L.qkv(h, b["qkv"], T, 0)
                 k.rope_store(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, b["q"], kc, vc, T, H, Hkv, hd, cap)
             k.attention(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, kc, vc, scale, b["att"], T, H, Hkv, hd,
                         cap, store=fused)
-            L.wo(b["att"], x, T, 1)
             if fused:
-                L.up.norm_fwd(x, L.ffn_norm, layer_norm, b["act"], T, up_mode)
+                L.wo(b["att"], x, T, 1, ost=st[2 * li + 1])
+                L.up(x, b["act"], T, up_mode, nst=st[2 * li + 1], norm=L.ffn_norm, layer=layer_norm)
+                L.down(b["act"], x, T, 1, ost=st[2 * li + 2])
             else:
+                L.wo(b["att"], x, T, 1)
                 k.norm(x, *L.ffn_norm[:2], L.ffn_norm[2], h, T, layer_norm)
                 L.up(h, b["act"], T, up_mode)
-            L.down(b["act"], x, T, 1)
+                L.down(b["act"], x, T, 1)
         rows = x[T - 1:] if head == "last" else x
         R = rows.shape[0]
-        if R <= self.GRAPH_MAX_T and R * c.dim * 4 <= SMEM_NORM:
-            self.head.norm_fwd(rows, self.norm, layer_norm, b["logits"], R, 0)
+        if fused:
+            last = st[2 * len(self.layers)]
+            self.head(rows, b["logits"], R, 0, nst=last[T - 1:] if head == "last" else last, norm=self.norm,
+                      layer=layer_norm)
         else:
             k.norm(rows, *self.norm[:2], self.norm[2], b["hrows"], R, layer_norm)
             self.head(b["hrows"], b["logits"], R, 0)

@@ -114,23 +114,38 @@ __device__ __forceinline__ float gelu_new(float v) {
 
 // x rows of activations: CG = true reads through L2 only (data written earlier in the same kernel).
 template <bool CG>
-__device__ __forceinline__ float dot8(const float* wf, const float* xp) {
+__device__ __forceinline__ void ld8x(const float* xp, float* f) {
     float4 a, b;
     if (CG) { a = __ldcg(reinterpret_cast<const float4*>(xp)); b = __ldcg(reinterpret_cast<const float4*>(xp + 4)); }
     else { a = *reinterpret_cast<const float4*>(xp); b = *reinterpret_cast<const float4*>(xp + 4); }
-    return wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
-// 16-byte weight loads issued per lane before the arithmetic that uses them
-template <typename W> struct Unr { static constexpr int v = 8; };
-template <> struct Unr<float> { static constexpr int v = 4; };
+// The norm applied on the fly to the rows of x: h = (x − mu) · r · w + b, from statistics that the kernels
+// producing x accumulated (st: per row Σx and Σx², double). w == nullptr: x as it is.
+struct Norm {
+    const double* st;
+    const float* w;
+    const float* b;
+    float eps;
+    int layer;
+};
 
-// a[i] (+ a2[i] for a second row wr2) += Σ_{k in [k0, k1)} w[k] · x[t0 + i][k] over this lane's k (lanes
-// stride 8 elements, a warp covers 256 per round); k0, k1 multiples of 8; xs: the row stride of x.
-template <typename W, bool CG, bool TWO>
-__device__ __forceinline__ void dot_range(const float* x, int xs, const W* __restrict__ wr, const W* __restrict__ wr2,
-                                          int k0, int k1, int lane, int t0, int nt, float* a, float* a2) {
-    constexpr int UNR = Unr<W>::v;
+__device__ __forceinline__ void norm_coef(const Norm& nm, int t, int D, float& mu, float& r) {
+    double s = nm.st[2 * t], ss = nm.st[2 * t + 1];
+    double m = nm.layer ? s / D : 0.0;
+    mu = (float)m;
+    r = 1.f / sqrtf((float)(ss / D - m * m) + nm.eps);
+}
+
+#define UNR 4  // 16-byte weight loads issued per lane before the arithmetic that uses them
+
+// a[i] (+ a2[i] for a second row wr2) += Σ_{k in [k0, k1)} w[k] · h[t0 + i][k] over this lane's k (lanes
+// stride 8 elements, a warp covers 256 per round); k0, k1 multiples of 8; h = x, or norm(x) with NORM.
+template <typename W, bool CG, bool TWO, bool NORM>
+__device__ __forceinline__ void dot_range(const float* x, int K, const W* __restrict__ wr, const W* __restrict__ wr2,
+                                          int k0, int k1, int lane, int t0, int nt, const Norm& nm,
+                                          const float* mu, const float* r, float* a, float* a2) {
     for (int kb = k0 + lane * 8; kb < k1; kb += 256 * UNR) {
         Pack<W> p[UNR], q[UNR];
 #pragma unroll
@@ -142,15 +157,29 @@ __device__ __forceinline__ void dot_range(const float* x, int xs, const W* __res
         for (int u = 0; u < UNR; ++u) {
             int k = kb + u * 256;
             if (k < k1) {
-                float wf[8], wg[8];
+                float wf[8], wg[8], nw[8], nb[8];
                 cvt(p[u], wf);
                 if (TWO) cvt(q[u], wg);
+                if (NORM) {
+                    ld8x<false>(nm.w + k, nw);
+                    if (nm.b) ld8x<false>(nm.b + k, nb);
+                    else
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) nb[j] = 0.f;
+                }
 #pragma unroll
                 for (int i = 0; i < TT; ++i) {
                     if (i < nt) {
-                        const float* xp = x + (size_t)(t0 + i) * xs + k;
-                        a[i] += dot8<CG>(wf, xp);
-                        if (TWO) a2[i] += dot8<CG>(wg, xp);
+                        float h[8];
+                        ld8x<CG>(x + (size_t)(t0 + i) * K + k, h);
+                        if (NORM)
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) h[j] = (h[j] - mu[i]) * r[i] * nw[j] + nb[j];
+                        float s = 0.f, s2 = 0.f;
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) { s += wf[j] * h[j]; if (TWO) s2 += wg[j] * h[j]; }
+                        a[i] += s;
+                        if (TWO) a2[i] += s2;
                     }
                 }
             }
@@ -158,38 +187,53 @@ __device__ __forceinline__ void dot_range(const float* x, int xs, const W* __res
     }
 }
 
-__device__ __forceinline__ void store_out(float* out, int t, int row, int N, int rows, int mode, float a, float a2,
-                                          const float* __restrict__ bias) {
-    float b = bias ? bias[row] : 0.f;
-    if (mode == 0) out[(size_t)t * N + row] = a + b;
-    else if (mode == 1) out[(size_t)t * N + row] += a + b;
-    else if (mode == 3) out[(size_t)t * N + row] = gelu_new(a + b);
+// Store one output and return it. mode 0: out = acc + b · 1: out += acc + b · 2: out = silu(g + bg) · (u + bu)
+// · 3: out = gelu(acc + b)
+__device__ __forceinline__ float store_out(float* out, int t, int row, int N, int rows, int mode, float a, float a2,
+                                           const float* __restrict__ bias) {
+    float b = bias ? bias[row] : 0.f, v;
+    if (mode == 0) v = out[(size_t)t * N + row] = a + b;
+    else if (mode == 1) v = out[(size_t)t * N + row] += a + b;
+    else if (mode == 3) v = out[(size_t)t * N + row] = gelu_new(a + b);
     else {
         float g = a + b, u = a2 + (bias ? bias[row + rows] : 0.f);
-        out[(size_t)t * rows + row] = g / (1.f + expf(-g)) * u;
+        v = out[(size_t)t * rows + row] = g / (1.f + expf(-g)) * u;
     }
+    return v;
 }
 
-// One warp computes output row `row` (and, for SwiGLU, row + rows) for all T rows of x, then stores it.
-// mode 0: out = acc + b · 1: out += acc + b · 2: out = silu(g + bg) · (u + bu) · 3: out = gelu(acc + b)
+// One warp computes output row `row` (and, for SwiGLU, row + rows) for all T rows of x, then stores it;
+// with sacc (shared, 2 doubles per row of x), adds the stored values and their squares to it.
 template <typename W, bool CG>
 __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w, const float* __restrict__ bias,
-                                         float* out, int T, int K, int N, int mode, int row, int lane) {
+                                         float* out, int T, int K, int N, int mode, int row, int lane,
+                                         const Norm& nm, double* sacc) {
     int rows = mode == 2 ? N / 2 : N;
     const W* wr = w + (size_t)row * K;
     const W* wr2 = w + (size_t)(row + (mode == 2 ? rows : 0)) * K;
     for (int t0 = 0; t0 < T; t0 += TT) {
         int nt = min(TT, T - t0);
-        float a[TT], a2[TT];
+        float a[TT], a2[TT], mu[TT], r[TT];
 #pragma unroll
-        for (int i = 0; i < TT; ++i) { a[i] = 0.f; a2[i] = 0.f; }
-        if (mode == 2) dot_range<W, CG, true>(x, K, wr, wr2, 0, K, lane, t0, nt, a, a2);
-        else dot_range<W, CG, false>(x, K, wr, wr2, 0, K, lane, t0, nt, a, a2);
+        for (int i = 0; i < TT; ++i) {
+            a[i] = 0.f; a2[i] = 0.f; mu[i] = 0.f; r[i] = 1.f;
+            if (nm.w && i < nt) norm_coef(nm, t0 + i, K, mu[i], r[i]);
+        }
+        if (nm.w) {
+            if (mode == 2) dot_range<W, CG, true, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+            else dot_range<W, CG, false, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+        } else {
+            if (mode == 2) dot_range<W, CG, true, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+            else dot_range<W, CG, false, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+        }
 #pragma unroll
         for (int i = 0; i < TT; ++i)
             if (i < nt) { a[i] = warp_sum(a[i]); if (mode == 2) a2[i] = warp_sum(a2[i]); }
         if (lane == 0)
-            for (int i = 0; i < nt; ++i) store_out(out, t0 + i, row, N, rows, mode, a[i], a2[i], bias);
+            for (int i = 0; i < nt; ++i) {
+                float v = store_out(out, t0 + i, row, N, rows, mode, a[i], a2[i], bias);
+                if (sacc) { atomicAdd(sacc + 2 * (t0 + i), (double)v); atomicAdd(sacc + 2 * (t0 + i) + 1, (double)v * v); }
+            }
     }
 }
 
@@ -197,17 +241,21 @@ __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w
 // red: ≥ 32 · TT floats of shared memory. Plain store (mode 0), no bias.
 template <typename W>
 __device__ __forceinline__ void block_row(const float* x, const W* __restrict__ w, float* out, int T, int K, int N,
-                                          int row, float* red) {
+                                          int row, float* red, const Norm& nm) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     int slice = ((K + nwarps * 8 - 1) / (nwarps * 8)) * 8;
     int k0 = min(K, warp * slice), k1 = min(K, k0 + slice);
     const W* wr = w + (size_t)row * K;
     for (int t0 = 0; t0 < T; t0 += TT) {
         int nt = min(TT, T - t0);
-        float a[TT], a2[TT];
+        float a[TT], a2[TT], mu[TT], r[TT];
 #pragma unroll
-        for (int i = 0; i < TT; ++i) { a[i] = 0.f; a2[i] = 0.f; }
-        dot_range<W, false, false>(x, K, wr, wr, k0, k1, lane, t0, nt, a, a2);
+        for (int i = 0; i < TT; ++i) {
+            a[i] = 0.f; a2[i] = 0.f; mu[i] = 0.f; r[i] = 1.f;
+            if (nm.w && i < nt) norm_coef(nm, t0 + i, K, mu[i], r[i]);
+        }
+        if (nm.w) dot_range<W, false, false, true>(x, K, wr, wr, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
+        else dot_range<W, false, false, false>(x, K, wr, wr, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
 #pragma unroll
         for (int i = 0; i < TT; ++i)
             if (i < nt) a[i] = warp_sum(a[i]);
@@ -223,47 +271,34 @@ __device__ __forceinline__ void block_row(const float* x, const W* __restrict__ 
     }
 }
 
+// Output statistics (ost, T ≤ 16 rows): the block's sums gather in shared memory, then one atomic per value.
+__device__ __forceinline__ void stats_begin(double* sacc, double* ost, int T) {
+    if (ost) {
+        if ((int)threadIdx.x < 2 * T) sacc[threadIdx.x] = 0.0;
+        __syncthreads();
+    }
+}
+__device__ __forceinline__ void stats_end(double* sacc, double* ost, int T) {
+    if (ost) {
+        __syncthreads();
+        if ((int)threadIdx.x < 2 * T) atomicAdd(ost + threadIdx.x, sacc[threadIdx.x]);
+    }
+}
+
+// out = epilogue(h · Wᵀ + b), h = x or norm(x) (nst: statistics of x; nw, nb, eps, layer: the norm).
+// ost: where the statistics of the stored outputs accumulate (the next norm's input), or null.
 template <typename W>
 __global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const float* __restrict__ bias,
-                     float* __restrict__ out, int T, int K, int N, int mode) {
+                     float* __restrict__ out, int T, int K, int N, int mode, const double* __restrict__ nst,
+                     const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer, double* ost) {
+    __shared__ double sacc[32];
+    Norm nm{nst, nw, nb, eps, layer};
+    stats_begin(sacc, ost, T);
     int rows = mode == 2 ? N / 2 : N;
-    int lane = threadIdx.x & 31, nw = (gridDim.x * blockDim.x) >> 5;
-    for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nw)
-        warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane);
-}
-
-// Normalized rows of x into shared memory (warp t normalizes row t): RMSNorm (layer 0) or LayerNorm (1).
-__device__ void stage_norm(const float* x, const float* __restrict__ nw, const float* __restrict__ nb, float eps,
-                           int layer, float* sx, int T, int D) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int t = warp; t < T; t += nwarps) {
-        const float* xr = x + (size_t)t * D;
-        float mu = 0.f;
-        if (layer) {
-            float s = 0.f;
-            for (int i = lane; i < D; i += 32) s += xr[i];
-            mu = warp_sum(s) / D;
-        }
-        float ss = 0.f;
-        for (int i = lane; i < D; i += 32) { float d = xr[i] - mu; ss += d * d; }
-        float r = 1.f / sqrtf(warp_sum(ss) / D + eps);
-        for (int i = lane; i < D; i += 32) sx[t * D + i] = (xr[i] - mu) * r * nw[i] + (nb ? nb[i] : 0.f);
-    }
-    __syncthreads();
-}
-
-// out = epilogue(norm(x) · Wᵀ + b): every block normalizes the T rows of x into shared memory first (one
-// kernel instead of two). T · K floats must fit in shared memory; out must not alias x.
-template <typename W>
-__global__ void gemv_norm(const float* __restrict__ x, const float* __restrict__ nw, const float* __restrict__ nb,
-                          float eps, int layer, const W* __restrict__ w, const float* __restrict__ bias,
-                          float* __restrict__ out, int T, int K, int N, int mode) {
-    extern __shared__ float smem[];
-    stage_norm(x, nw, nb, eps, layer, smem, T, K);
-    int rows = mode == 2 ? N / 2 : N;
-    int lane = threadIdx.x & 31, nw_ = (gridDim.x * blockDim.x) >> 5;
-    for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nw_)
-        warp_row<W, false>(smem, w, bias, out, T, K, N, mode, row, lane);
+    int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
+    for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nwarp)
+        warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane, nm, ost ? sacc : nullptr);
+    stats_end(sacc, ost, T);
 }
 
 // Grid-wide barrier for a grid whose blocks are all resident (the launcher sizes it from the occupancy).
@@ -287,50 +322,77 @@ __device__ void grid_barrier(int* bar) {
     __syncthreads();
 }
 
-// out = epilogue((x · vᵀ) · uᵀ + b): v (R, K), u (N, R), mid (T, R) scratch; R a multiple of 8 (zero-padded).
-// Phase 1: blocks take rows of v (warps split K). Grid barrier. Phase 2: each block copies the r-vector(s)
-// into shared memory once (stage = 1; else reads them through L2), warps take rows of u.
-// With nw (norm weights) non-null, x is normalized into shared memory first (stage must then be 1, and the
-// shared memory hold max(T·K, T·R) floats).
+// out = epilogue((h · vᵀ) · uᵀ + b): v (R, K), u (N, R), mid (T, R) scratch; R a multiple of 8 (zero-padded);
+// h = x or norm(x) as in gemv. Phase 1: blocks take rows of v (warps split K). Grid barrier. Phase 2: each
+// block copies the r-vectors into shared memory once (stage = 1; else reads them through L2), warps take
+// rows of u. The r-vectors never leave the chip (L2, then shared memory).
 template <typename W>
-__global__ void lowrank(const float* __restrict__ x, const float* __restrict__ nw, const float* __restrict__ nb,
-                        float eps, int layer, const W* __restrict__ v, const W* __restrict__ u,
+__global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
                         const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
-                        int T, int K, int R, int N, int mode, int stage) {
+                        int T, int K, int R, int N, int mode, int stage, const double* __restrict__ nst,
+                        const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer,
+                        double* ost) {
     extern __shared__ float smem[];
     __shared__ float red[32 * TT];
-    int lane = threadIdx.x & 31, nw_ = (gridDim.x * blockDim.x) >> 5;
+    __shared__ double sacc[32];
+    Norm nm{nst, nw, nb, eps, layer}, none{nullptr, nullptr, nullptr, 0.f, 0};
+    int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
     int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const float* xs = x;
-    if (nw) { stage_norm(x, nw, nb, eps, layer, smem, T, K); xs = smem; }
     for (int row = blockIdx.x; row < R; row += gridDim.x)
-        block_row<W>(xs, v, mid, T, K, R, row, red);
+        block_row<W>(x, v, mid, T, K, R, row, red, nm);
     grid_barrier(bar);
+    stats_begin(sacc, ost, T);
     int rows = mode == 2 ? N / 2 : N;
+    double* sa = ost ? sacc : nullptr;
     if (stage) {
         const float4* src = reinterpret_cast<const float4*>(mid);
         float4* dst = reinterpret_cast<float4*>(smem);
         for (int i = threadIdx.x; i < T * R / 4; i += blockDim.x) dst[i] = __ldcg(src + i);
         __syncthreads();
-        for (int row = wid; row < rows; row += nw_)
-            warp_row<W, false>(smem, u, bias, out, T, R, N, mode, row, lane);
+        for (int row = wid; row < rows; row += nwarp)
+            warp_row<W, false>(smem, u, bias, out, T, R, N, mode, row, lane, none, sa);
     } else {
-        for (int row = wid; row < rows; row += nw_)
-            warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane);
+        for (int row = wid; row < rows; row += nwarp)
+            warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane, none, sa);
     }
+    stats_end(sacc, ost, T);
 }
 
+__device__ double block_sum_d(double v, double* red) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    v = l < nw ? red[l] : 0.0;
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// x[t] = table[tok[t]] (+ pe[pos + t]); st (nslots, T, 2): slot 0 gets Σx, Σx² of the row, the others zero
+// (the matmuls that update x accumulate into them during the step).
 template <typename W>
 __global__ void embed(const int* __restrict__ tok, const W* __restrict__ table, const float* __restrict__ pe,
-                      const int* __restrict__ pos, float* __restrict__ x, int D) {
+                      const int* __restrict__ pos, float* __restrict__ x, int D, double* st, int nslots, int T) {
+    __shared__ double red[32];
     int t = blockIdx.x;
     size_t id = (size_t)tok[t];
     int p = *pos + t;
+    double s = 0.0, ss = 0.0;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float v = to_f(table[id * D + i]);
         if (pe) v += pe[(size_t)p * D + i];
         x[(size_t)t * D + i] = v;
+        s += v;
+        ss += (double)v * v;
     }
+    for (int j = threadIdx.x; j < 2 * (nslots - 1); j += blockDim.x)
+        st[((size_t)(1 + j / 2) * T + t) * 2 + (j & 1)] = 0.0;
+    s = block_sum_d(s, red);
+    ss = block_sum_d(ss, red);
+    if (threadIdx.x == 0) { st[2 * t] = s; st[2 * t + 1] = ss; }
 }
 
 extern "C" {
@@ -604,11 +666,10 @@ __global__ void verify(const float* __restrict__ P, int V, const int* __restrict
 """
 
 WEIGHT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
-SMEM_NORM = 48 * 1024  # shared memory for normalized rows in gemv_norm (T · K floats)
 SMEM_MAX = 96 * 1024  # dynamic shared memory the fused low-rank kernel may take (phase 2's r-vectors)
 ARGMAX_BLOCKS = 48
 NULL = np.uint64(0)  # an 8-byte zero: a null pointer argument
-TEMPLATES = ("gemv", "gemv_norm", "lowrank", "embed")
+TEMPLATES = ("gemv", "lowrank", "embed")
 
 
 class Kernels:
@@ -638,20 +699,18 @@ class Kernels:
         return {"float16": "float16", "float32": "float32"}.get(str(a.dtype), "bfloat16")
 
     # ---- launchers ------------------------------------------------------------------------------------
-    def gemv(self, x, w, bias, out, T: int, mode: int = 0):
+    def _norm_args(self, nst, norm, layer, ost):
+        nw, nb, eps = norm if norm is not None else (None, None, 0.0)
+        return (self._p(nst), self._p(nw), self._p(nb), self.cp.float32(eps), self._i(int(layer)), self._p(ost))
+
+    def gemv(self, x, w, bias, out, T: int, mode: int = 0, nst=None, norm=None, layer: bool = False, ost=None):
+        """out = epilogue(h · wᵀ + bias); h = x, or norm(x) with norm = (weight, bias, eps) and nst the (T, 2)
+        float64 statistics of x; ost: (T, 2) statistics to which the stored outputs are added (or None)."""
         N, K = w.shape
         rows = N // 2 if mode == 2 else N
         self.fn("gemv", self.wtype(w))(((rows + 7) // 8,), (256,), (x, w, self._p(bias), out, self._i(T), self._i(K),
-                                                                    self._i(N), self._i(mode)))
-
-    def gemv_norm(self, x, norm, layer: bool, w, bias, out, T: int, mode: int = 0):
-        """gemv of norm(x) (norm = (weight, bias or None, eps)); T · K · 4 bytes must be ≤ SMEM_NORM."""
-        N, K = w.shape
-        rows = N // 2 if mode == 2 else N
-        self.fn("gemv_norm", self.wtype(w))(((rows + 7) // 8,), (256,),
-                                            (x, norm[0], self._p(norm[1]), self.cp.float32(norm[2]),
-                                             self._i(int(layer)), w, self._p(bias), out, self._i(T), self._i(K),
-                                             self._i(N), self._i(mode)), shared_mem=T * K * 4)
+                                                                    self._i(N), self._i(mode),
+                                                                    *self._norm_args(nst, norm, layer, ost)))
 
     def lowrank_grid(self, wtype: str, smem: int) -> int:
         """Blocks of 256 threads resident at once with `smem` bytes of dynamic shared memory each (the grid
@@ -673,29 +732,25 @@ class Kernels:
             g = self._resident[key] = per_sm * self.sms
         return g
 
-    @staticmethod
-    def lowrank_norm_fits(T: int, K: int, R: int) -> bool:
-        return max(T * K, T * R) * 4 <= SMEM_MAX
-
-    def lowrank(self, x, v, u, bias, mid, out, bar, T: int, mode: int = 0, norm=None, layer: bool = False):
-        """Fused low-rank matmul; with norm = (weight, bias, eps), of norm(x) (needs lowrank_norm_fits)."""
+    def lowrank(self, x, v, u, bias, mid, out, bar, T: int, mode: int = 0, nst=None, norm=None, layer=False,
+                ost=None):
+        """The fused low-rank matmul; nst, norm, layer, ost as in gemv."""
         R, K = v.shape
         N = u.shape[0]
         rows = N // 2 if mode == 2 else N
         wt = self.wtype(v)
-        smem = max(T * R, T * K if norm is not None else 0) * 4
+        smem = T * R * 4
         stage = smem <= SMEM_MAX
         smem = smem if stage else 0
-        nw, nb, eps = norm if norm is not None else (None, None, 0.0)
         blocks = max(1, min(self.lowrank_grid(wt, smem), max(R, (rows + 7) // 8)))
-        self.fn("lowrank", wt)((blocks,), (256,), (x, self._p(nw), self._p(nb), self.cp.float32(eps),
-                                                     self._i(int(layer)), v, u, self._p(bias), mid, out, bar,
-                                                     self._i(T), self._i(K), self._i(R), self._i(N), self._i(mode),
-                                                     self._i(int(stage))), shared_mem=smem)
+        self.fn("lowrank", wt)((blocks,), (256,), (x, v, u, self._p(bias), mid, out, bar, self._i(T), self._i(K),
+                                                     self._i(R), self._i(N), self._i(mode), self._i(int(stage)),
+                                                     *self._norm_args(nst, norm, layer, ost)), shared_mem=smem)
 
-    def embed(self, tok, table, pe, pos, x, T: int):
+    def embed(self, tok, table, pe, pos, x, T: int, st):
         D = table.shape[1]
-        self.fn("embed", self.wtype(table))((T,), (256,), (tok, table, self._p(pe), pos, x, self._i(D)))
+        self.fn("embed", self.wtype(table))((T,), (256,), (tok, table, self._p(pe), pos, x, self._i(D), st,
+                                                           self._i(st.shape[0]), self._i(T)))
 
     def norm(self, x, w, b, eps: float, out, T: int, layer: bool):
         D = x.shape[-1]

@@ -266,14 +266,15 @@ def profile_step(g, pos: int = 64) -> list[tuple[str, float]]:
     H, Hkv, hd, cap = c.n_heads, c.n_kv_heads, c.head_dim, cache.capacity
     kc, vc = cache.k[0], cache.v[0]
     items = [
-        ("embed", lambda i: k.embed(b["tok"], g.embed_table, g.pos_embed, posd, b["x"], 1)),
-        ("norm + qkv", lambda i: L.qkv.norm_fwd(b["x"], L.attn_norm, not llama, b["qkv"], 1, 0)),
+        ("embed", lambda i: k.embed(b["tok"], g.embed_table, g.pos_embed, posd, b["x"], 1, b["st"])),
+        ("norm + qkv", lambda i: L.qkv(b["x"], b["qkv"], 1, 0, nst=b["st"][0], norm=L.attn_norm, layer=not llama)),
         (f"rope + store + attention (pos {pos})", lambda i: k.attention(b["qkv"], posd, g.rope_cos, g.rope_sin, llama,
                                                                        kc, vc, 0.125, b["att"], 1, H, Hkv, hd, cap)),
-        ("wo (+x)", lambda i: L.wo(b["att"], b["x"], 1, 1)),
-        ("norm + up (+act)", lambda i: L.up.norm_fwd(b["x"], L.ffn_norm, not llama, b["act"], 1, 2 if llama else 3)),
-        ("down (+x)", lambda i: L.down(b["act"], b["x"], 1, 1)),
-        ("norm + head", lambda i: g.head.norm_fwd(b["x"], g.norm, not llama, b["logits"], 1, 0)),
+        ("wo (+x, Σx²)", lambda i: L.wo(b["att"], b["x"], 1, 1, ost=b["st"][1])),
+        ("norm + up (+act)", lambda i: L.up(b["x"], b["act"], 1, 2 if llama else 3, nst=b["st"][0], norm=L.ffn_norm,
+                                            layer=not llama)),
+        ("down (+x, Σx²)", lambda i: L.down(b["act"], b["x"], 1, 1, ost=b["st"][2])),
+        ("norm + head", lambda i: g.head(b["x"], b["logits"], 1, 0, nst=b["st"][0], norm=g.norm, layer=not llama)),
         ("argmax", lambda i: k.argmax_step(b["logits"], c.vocab_size, b["tok"], g.pos_scratch, cache.hist, 0)),
         ("whole step", lambda i: g._step(1, cache, posd, b, "last", "none")),
     ]
