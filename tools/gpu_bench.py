@@ -200,7 +200,8 @@ def decode_tps(g, n: int, runs: int, prompt: list[int]) -> list[float]:
 
 def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]], object]:
     """Through Generation (streaming: one token read per step, text detokenized), decode tok/s per prompt."""
-    tps, toks, last = [], [], None
+    from minirt.speculative import SpecStats
+    tps, toks, spec = [], [], SpecStats()
     g.generate(prompts[0], max_tokens=8, temperature=0, **kw).text()
     for p in prompts:
         gen = g.generate(p, max_tokens=n, temperature=0, **kw)
@@ -208,8 +209,11 @@ def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]]
         st = gen.stats
         tps.append((st.decode_tokens - 1) / st.decode_seconds)  # as Stats.summary: steps after the first token
         toks.append(gen.stats.tokens)
-        last = gen
-    return tps, toks, last
+        if gen.drafter is not None:
+            spec.steps += gen.spec.steps
+            spec.proposed += gen.spec.proposed
+            spec.accepted += gen.spec.accepted
+    return tps, toks, spec
 
 
 def model_bench(name: str, cpu, hf_model, n: int, runs: int, prompts) -> list[dict]:
@@ -228,9 +232,9 @@ def model_bench(name: str, cpu, hf_model, n: int, runs: int, prompts) -> list[di
         same = dense_toks == spec_toks
         rows.append(dict(model=name, mode="dense (generate, streamed)", weights="float16", tps=gt))
         rows.append(dict(model=name, mode="speculative ngram K=4 (generate)", weights="float16", tps=st,
-                         identical=same, acceptance=last.spec.acceptance, per_call=last.spec.mean_accepted))
+                         identical=same, acceptance=last.acceptance, per_call=last.mean_accepted))
         print(f"  {name} generate dense {ms(gt)} · speculative {ms(st)} tok/s, identical {same}, "
-              f"{last.spec.summary()}", flush=True)
+              f"{last.summary()} (all prompts)", flush=True)
     del g
     t = time.perf_counter()
     lr = with_lowrank(cpu, energy=0.9)
@@ -274,7 +278,8 @@ def profile_step(g, pos: int = 64) -> list[tuple[str, float]]:
         ("norm + up (+act)", lambda i: L.up(b["x"], b["act"], 1, 2 if llama else 3, nst=b["st"][0], norm=L.ffn_norm,
                                             layer=not llama)),
         ("down (+x, Σx²)", lambda i: L.down(b["act"], b["x"], 1, 1, ost=b["st"][2])),
-        ("norm + head", lambda i: g.head(b["x"], b["logits"], 1, 0, nst=b["st"][0], norm=g.norm, layer=not llama)),
+        ("final norm", lambda i: k.norm(b["x"], *g.norm[:2], g.norm[2], b["hrows"], 1, not llama)),
+        ("head", lambda i: g.head(b["hrows"], b["logits"], 1, 0)),
         ("argmax", lambda i: k.argmax_step(b["logits"], c.vocab_size, b["tok"], g.pos_scratch, cache.hist, 0)),
         ("whole step", lambda i: g._step(1, cache, posd, b, "last", "none")),
     ]
