@@ -323,7 +323,8 @@ __device__ void grid_barrier(int* bar) {
 }
 
 // out = epilogue((h · vᵀ) · uᵀ + b): v (R, K), u (N, R), mid (T, R) scratch; R a multiple of 8 (zero-padded);
-// h = x or norm(x) as in gemv. Phase 1: blocks take rows of v (warps split K). Grid barrier. Phase 2: each
+// h = x or norm(x) as in gemv. Phase 1: blocks take rows of v (warps split K; p1warp: a warp per row, for
+// short rows). Grid barrier. Phase 2: each
 // block copies the r-vectors into shared memory once (stage = 1; else reads them through L2), warps take
 // rows of u. The r-vectors never leave the chip (L2, then shared memory).
 template <typename W>
@@ -331,15 +332,19 @@ __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, co
                         const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
                         int T, int K, int R, int N, int mode, int stage, const double* __restrict__ nst,
                         const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer,
-                        double* ost) {
+                        double* ost, int p1warp) {
     extern __shared__ float smem[];
     __shared__ float red[32 * TT];
     __shared__ double sacc[32];
     Norm nm{nst, nw, nb, eps, layer}, none{nullptr, nullptr, nullptr, 0.f, 0};
     int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
     int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    for (int row = blockIdx.x; row < R; row += gridDim.x)
-        block_row<W>(x, v, mid, T, K, R, row, red, nm);
+    if (p1warp)  // short rows of v: a warp per row (no block-level reduction)
+        for (int row = wid; row < R; row += nwarp)
+            warp_row<W, false>(x, v, nullptr, mid, T, K, R, 0, row, lane, nm, nullptr);
+    else
+        for (int row = blockIdx.x; row < R; row += gridDim.x)
+            block_row<W>(x, v, mid, T, K, R, row, red, nm);
     grid_barrier(bar);
     stats_begin(sacc, ost, T);
     int rows = mode == 2 ? N / 2 : N;
@@ -668,6 +673,7 @@ __global__ void verify(const float* __restrict__ P, int V, const int* __restrict
 WEIGHT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 SMEM_MAX = 96 * 1024  # dynamic shared memory the fused low-rank kernel may take (phase 2's r-vectors)
 ARGMAX_BLOCKS = 48
+LOWRANK_WARP_K = 1024  # phase 1 of the fused low-rank kernel: a warp per row of V up to this width
 NULL = np.uint64(0)  # an 8-byte zero: a null pointer argument
 TEMPLATES = ("gemv", "lowrank", "embed")
 
@@ -742,10 +748,12 @@ class Kernels:
         smem = T * R * 4
         stage = smem <= SMEM_MAX
         smem = smem if stage else 0
-        blocks = max(1, min(self.lowrank_grid(wt, smem), max(R, (rows + 7) // 8)))
+        p1warp = K <= LOWRANK_WARP_K
+        blocks = max(1, min(self.lowrank_grid(wt, smem), max((R + 7) // 8 if p1warp else R, (rows + 7) // 8)))
         self.fn("lowrank", wt)((blocks,), (256,), (x, v, u, self._p(bias), mid, out, bar, self._i(T), self._i(K),
                                                      self._i(R), self._i(N), self._i(mode), self._i(int(stage)),
-                                                     *self._norm_args(nst, norm, layer, ost)), shared_mem=smem)
+                                                     *self._norm_args(nst, norm, layer, ost), self._i(int(p1warp))),
+                               shared_mem=smem)
 
     def embed(self, tok, table, pe, pos, x, T: int, st):
         D = table.shape[1]
