@@ -31,7 +31,7 @@ from .readers.base import Tensor
 
 SITES = ("qkv", "wo", "up", "down")  # the Linears of a layer, by the name of the attribute
 STORAGE = ("F32", "F16", "Q8_0")
-DAMPING = 1e-2  # λ: ridge added to the calibration Gram, relative to its mean diagonal
+DAMPING = 1e-3  # λ: ridge added to the calibration Gram, relative to its mean diagonal
 MANIFEST = "lowrank.json"
 
 
@@ -229,6 +229,10 @@ def with_lowrank(model, energy: float | None = None, rank: int | None = None, pa
     if energy is None and rank is None and params is None:
         raise MinirtError("low-rank mode needs --energy E, --rank R or --params P")
     check_choice(energy, rank, params)
+    if rank is not None:  # before any decomposition: a rank no matrix can have is a typo, not a request
+        limit = min(min(getattr(L, a).out_features, getattr(L, a).in_features) for L in model.layers for a in SITES)
+        if rank > limit:
+            raise MinirtError(f"rank {rank} is larger than min(n, m) = {limit} of the model's smallest matrix")
     grams = calibration
     if calibration is not None and not isinstance(calibration, dict):
         grams = calibration_grams(model, calibration, progress=progress)

@@ -17,7 +17,8 @@ import numpy as np
 from .errors import MinirtError
 from .sampling import Sampler
 
-PROBE = 8
+PROBE = 16      # steps without drafting before drafting is retried (doubling while retries fail) …
+PROBE_MAX = 128  # … up to this: when acceptance collapses, probes cost well under 5% of plain decoding
 K_MAX = 6  # K+1 = 7 positions: below Quant.GEMM_MIN_ROWS (8) and BLAS_MIN_ROWS (16)
 
 
@@ -119,8 +120,23 @@ class ModelDrafter:
         self.pending = list(context[self.cache.pos:])
 
 
+def lowrank_twin(model, arg: str = ""):
+    """The model with its matrices factored (plain SVD, on the fly): lowrank[:E] keeps energy E (default 0.9),
+    lowrank:pP keeps a share P of each matrix's parameters. It shares embeddings, norms, head and every matrix
+    left dense with the model; the factors are Q8_0 when the model is quantized, float32 otherwise."""
+    from .linear import Quant
+    from .lowrank import with_lowrank
+    try:
+        kw = dict(params=float(arg[1:])) if arg.startswith("p") else dict(energy=float(arg) if arg else 0.9)
+    except ValueError:
+        raise MinirtError(f"--draft lowrank[:E] needs an energy (0.9) or a parameter share (p0.5), got {arg!r}") from None
+    storage = "Q8_0" if isinstance(model.layers[0].up, Quant) and model.layers[0].up.nb else "F32"
+    return with_lowrank(model, storage=storage, progress=True, **kw)
+
+
 def make_drafter(model, spec: str, capacity: int):
-    """--draft values: ngram[:N] · layers:N · PATH-or-NAME of a model with the same tokenizer."""
+    """--draft values: ngram[:N] · layers:N · lowrank[:E | :pP] · PATH-or-NAME of a model with the same
+    tokenizer (a low-rank export of the model, made with minirt svd, is one)."""
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
         return NGramDrafter(int(arg) if arg else 4)
@@ -133,7 +149,7 @@ def make_drafter(model, spec: str, capacity: int):
             raise MinirtError(f"--draft layers:N needs 1 ≤ N < {model.cfg.n_layers}, got {n}")
         return ModelDrafter(model.truncated(n), capacity, shares_cache=True)
     if kind == "lowrank":
-        raise MinirtError("--draft lowrank is not implemented yet (it comes with the low-rank mode)")
+        return ModelDrafter(lowrank_twin(model, arg), capacity)
     import minirt
     draft = minirt.load(spec)
     a, b = model.tokenizer, draft.tokenizer
@@ -159,7 +175,7 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
     drafter.start(context, cache)
     last = first
     produced = 1
-    kk = k
+    kk = 1 if adaptive else k  # adaptive: K starts at one token and grows with every fully accepted draft
     idle = 0  # steps since K fell to 0 (no drafting); drafting is retried after `probe` steps,
     probe = PROBE  # an interval that doubles while retries keep failing
     while produced < max_tokens:
@@ -212,9 +228,9 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
         stats.proposed += n_draft
         stats.accepted += n_ok
         stats.ks.append(n_draft)
-        if adaptive and n_draft:  # grow on full acceptance, shrink on early rejection (down to no drafting)
-            kk = min(k_max, kk + 1) if n_ok == n_draft else max(0, kk - 1) if n_ok == 0 else kk
-            probe = PROBE if n_ok else min(8 * PROBE, 2 * probe) if kk == 0 else probe
+        if adaptive and n_draft:  # grow on full acceptance; on a rejection of the first token stop drafting
+            kk = min(k_max, kk + 1) if n_ok == n_draft else 0 if n_ok == 0 else kk
+            probe = PROBE if n_ok else min(PROBE_MAX, 2 * probe)
         for tok in out:
             context.append(tok)
             produced += 1

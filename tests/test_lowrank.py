@@ -73,3 +73,106 @@ def test_energy_trades_size_for_accuracy(smollm2):
 def test_bad_arguments(kw):
     with pytest.raises(MinirtError):
         factor(np.ones((8, 8), np.float32), **kw)
+
+
+# ---- activation-aware factors, parameter ratios, exports ----------------------------------------------
+def test_activation_aware_minimises_error_on_activations():
+    """SVD-LLM factors are optimal in the norm of the calibration activations (Eckart–Young in the whitened
+    space): at every rank their output error ‖(W − W_r)Xᵀ‖ is no larger than plain SVD's, and smaller when
+    the activations are far from isotropic, while plain SVD wins in the plain Frobenius norm."""
+    from minirt.lowrank import SVD
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 32))
+    x = rng.standard_normal((400, 32)) * np.logspace(0, -2, 32)  # a few input directions dominate
+    plain, aware = SVD(w), SVD(w, x.T @ x, damping=1e-9)
+    for r in (2, 8, 16):
+        ep, ea = (np.linalg.norm((w - np.matmul(*d.factors(r)).astype(np.float64)) @ x.T) for d in (plain, aware))
+        fp, fa = (np.linalg.norm(w - np.matmul(*d.factors(r)).astype(np.float64)) for d in (plain, aware))
+        assert ea < 0.9 * ep
+        sv = np.linalg.svd(w @ np.linalg.cholesky(x.T @ x), compute_uv=False)  # the rank-r optimum, directly
+        assert np.isclose(ea, np.sqrt((sv[r:] ** 2).sum()), rtol=1e-4)
+        assert fp <= fa
+        # the energy reported is the share of the output energy kept: 1 − error² / ‖W Xᵀ‖²
+        assert np.isclose(aware.energy(r), 1 - ea ** 2 / np.linalg.norm(w @ x.T) ** 2, atol=1e-3)
+
+
+def test_params_ratio_sets_ranks():
+    from minirt.lowrank import SVD
+    d = SVD(np.random.default_rng(4).standard_normal((96, 64)))
+    for p in (0.3, 0.5, 0.9):
+        r = d.rank(params=p)
+        assert r == int(p * 96 * 64 / 160) and r * 160 <= p * 96 * 64
+    assert d.rank(params=0.5, multiple=32) == 32  # block storage rounds up to whole blocks (19 → 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_gguf(tmp_path_factory):
+    from .test_parity import make_llama, write_llama_gguf
+    path = tmp_path_factory.mktemp("lr") / "tiny.gguf"
+    write_llama_gguf(path, make_llama(tied=True))
+    return path
+
+
+@pytest.mark.parametrize("storage", ["F32", "F16", "Q8_0"])
+def test_export_load_round_trip(storage, tiny_llama_gguf, tmp_path):
+    """minirt svd's folder loads back (by path) as the same model: identical logits, same ranks."""
+    import json
+
+    import gguf
+
+    import minirt
+    from minirt.lowrank import export
+    base = minirt.load(tiny_llama_gguf)
+    m = with_lowrank(base, params=0.4, storage=storage, head=True, force=True)
+    out = export(m, tmp_path / "tiny-lr", progress=False)
+    back = minirt.load(out)
+    ids = list(range(1, 40, 3))
+    assert np.array_equal(m.logits(ids), back.logits(ids))
+    assert [(f.name, f.rank) for f in back.lowrank] == [(f.name, f.rank) for f in m.lowrank]
+    assert isinstance(back.head, LowRank) and isinstance(back.layers[1].up, LowRank)
+    man = json.loads((out / "lowrank.json").read_text())
+    assert man["storage"] == storage and man["params"] == 0.4 and len(man["matrices"]) == 9
+    names = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert "blk.0.attn_q.weight" not in names and "blk.0.qkv.lr_u" in names and "output.lr_v" in names
+    assert names["blk.1.down.lr_v"].tensor_type.name == storage
+    assert not (tmp_path / "tiny-lr.part").exists()
+
+
+def test_export_refuses_non_empty_folder(tiny_llama_gguf, tmp_path):
+    import minirt
+    from minirt.lowrank import export
+    m = with_lowrank(minirt.load(tiny_llama_gguf), rank=4)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(MinirtError, match="not an empty folder"):
+        export(m, tmp_path / "x", progress=False)
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--energy", "0"], "energy must be in (0, 1]"),
+    (["--energy", "1.5"], "energy must be in (0, 1]"),
+    (["--params", "2"], "params ratio"),
+    (["--rank", "65"], "larger than min(n, m) = 64"),
+    (["--energy", "0.9", "--rank", "3"], "exactly one"),
+    ([], "exactly one"),
+    (["--energy", "0.9", "--calibration", "no-such-file.txt"], "calibration file"),
+])
+def test_svd_cli_bad_arguments(args, needle, tiny_llama_gguf, tmp_path):
+    from .test_errors_and_fetch import assert_one_line_error, run_cli
+    r = run_cli("svd", tiny_llama_gguf, "-o", tmp_path / "out", *args)
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_svd_cli_export_then_generate(tiny_llama_gguf, tmp_path):
+    from .test_errors_and_fetch import assert_one_line_error, run_cli
+    calib = tmp_path / "calib.txt"
+    calib.write_text("calibration text " * 50)
+    r = run_cli("svd", tiny_llama_gguf, "--params", "0.5", "-o", tmp_path / "lr", "--calibration", calib)
+    assert r.returncode == 1 and "tokenizer" in r.stderr  # the tiny GGUF has no tokenizer to read text with
+    r = run_cli("svd", tiny_llama_gguf, "--params", "0.5", "-o", tmp_path / "lr")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "lr" / "model.gguf").is_file() and "8 of 8 matrices factored" in r.stderr
+    r = run_cli("perplexity", "-m", tmp_path / "lr", "-f", calib, "--mode", "lowrank", "--energy", "0.5")
+    assert_one_line_error(r, "low-rank export already")

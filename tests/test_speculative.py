@@ -31,6 +31,21 @@ def test_greedy_is_token_identical(smollm2_fast, prompt, draft):
     assert spec.spec.steps > 0
 
 
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_greedy_lowrank_twin_is_token_identical(smollm2_fast, prompt):
+    """The low-rank twin (Q8_0 factors of a 4-layer cut, to keep the SVDs quick) drafts; output is unchanged
+    and the twin shares the model's embeddings, norms and head."""
+    model = smollm2_fast.truncated(4)
+    plain = model.generate(prompt, max_tokens=16, temperature=0)
+    plain.text()
+    spec = model.generate(prompt, max_tokens=16, temperature=0, mode="speculative", draft="lowrank:p0.5", draft_k=3)
+    spec.text()
+    assert spec.stats.tokens == plain.stats.tokens
+    twin = spec.drafter.model
+    assert twin.head is model.head and twin.layers[0].attn_norm is model.layers[0].attn_norm
+    assert all(f.rank for f in twin.lowrank) and spec.spec.proposed > 0
+
+
 def test_self_draft_accepts_everything(smollm2_fast, smollm2_path):
     """The model as its own drafter: every greedy draft is accepted, several tokens per verify call."""
     gen = smollm2_fast.generate(PROMPTS[0], max_tokens=20, temperature=0, mode="speculative",
@@ -54,8 +69,10 @@ def test_cache_after_rollbacks_equals_fresh_run(smollm2):
 def test_bad_draft_arguments(smollm2_fast):
     with pytest.raises(minirt.MinirtError, match="layers"):
         smollm2_fast.generate("hi", mode="speculative", draft="layers:99")
-    with pytest.raises(minirt.MinirtError, match="not implemented"):
-        smollm2_fast.generate("hi", mode="speculative", draft="lowrank")
+    with pytest.raises(minirt.MinirtError, match="energy"):
+        smollm2_fast.generate("hi", mode="speculative", draft="lowrank:abc")
+    with pytest.raises(minirt.MinirtError, match="energy must be in"):
+        smollm2_fast.generate("hi", mode="speculative", draft="lowrank:1.5")
     with pytest.raises(minirt.MinirtError, match="draft length"):
         smollm2_fast.generate("hi", mode="speculative", draft_k=0)
 
@@ -103,14 +120,17 @@ def exact_marginals(model, prompt, params, steps):
 CHI2_999 = {7: 24.32}  # chi-square critical value, 7 degrees of freedom, significance 0.001
 
 
-@pytest.mark.parametrize("params", [dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
-                                    dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.3)])
-def test_sampled_tokens_follow_the_model(tiny, params):
+@pytest.mark.parametrize("params,draft", [
+    (dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), "layers:1"),
+    (dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.3), "layers:1"),
+    (dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), "lowrank:0.6"),  # q from a different model
+])
+def test_sampled_tokens_follow_the_model(tiny, params, draft):
     prompt, steps, n = [1, 2, 3], 3, 3000
     marg = exact_marginals(tiny, prompt, SamplingParams(**params), steps)
     counts = np.zeros((steps, VOCAB))
     for seed in range(n):
-        gen = tiny.generate(prompt, max_tokens=steps, seed=seed, mode="speculative", draft="layers:1", draft_k=2,
+        gen = tiny.generate(prompt, max_tokens=steps, seed=seed, mode="speculative", draft=draft, draft_k=2,
                             **params)
         gen.text()
         for step, tok in enumerate(gen.stats.tokens):
