@@ -204,13 +204,15 @@ __device__ __forceinline__ float store_out(float* out, int t, int row, int N, in
 
 // One warp computes output row `row` (and, for SwiGLU, row + rows) for all T rows of x, then stores it;
 // with sacc (shared, 2 doubles per row of x), adds the stored values and their squares to it.
+// pair (modes 0, 1, 3): the warp also computes row + pair, its loads interleaved with row's (more in flight).
 template <typename W, bool CG>
 __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w, const float* __restrict__ bias,
                                          float* out, int T, int K, int N, int mode, int row, int lane,
-                                         const Norm& nm, double* sacc) {
+                                         const Norm& nm, double* sacc, int pair = 0) {
     int rows = mode == 2 ? N / 2 : N;
+    bool two = mode == 2 || pair;
     const W* wr = w + (size_t)row * K;
-    const W* wr2 = w + (size_t)(row + (mode == 2 ? rows : 0)) * K;
+    const W* wr2 = w + (size_t)(row + (mode == 2 ? rows : pair)) * K;
     for (int t0 = 0; t0 < T; t0 += TT) {
         int nt = min(TT, T - t0);
         float a[TT], a2[TT], mu[TT], r[TT];
@@ -220,32 +222,41 @@ __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w
             if (nm.w && i < nt) norm_coef(nm, t0 + i, K, mu[i], r[i]);
         }
         if (nm.w) {
-            if (mode == 2) dot_range<W, CG, true, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+            if (two) dot_range<W, CG, true, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
             else dot_range<W, CG, false, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
         } else {
-            if (mode == 2) dot_range<W, CG, true, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+            if (two) dot_range<W, CG, true, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
             else dot_range<W, CG, false, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
         }
 #pragma unroll
         for (int i = 0; i < TT; ++i)
-            if (i < nt) { a[i] = warp_sum(a[i]); if (mode == 2) a2[i] = warp_sum(a2[i]); }
+            if (i < nt) { a[i] = warp_sum(a[i]); if (two) a2[i] = warp_sum(a2[i]); }
         if (lane == 0)
             for (int i = 0; i < nt; ++i) {
                 float v = store_out(out, t0 + i, row, N, rows, mode, a[i], a2[i], bias);
                 if (sacc) { atomicAdd(sacc + 2 * (t0 + i), (double)v); atomicAdd(sacc + 2 * (t0 + i) + 1, (double)v * v); }
+                if (pair && mode != 2) {
+                    v = store_out(out, t0 + i, row + pair, N, rows, mode, a2[i], 0.f, bias);
+                    if (sacc) {
+                        atomicAdd(sacc + 2 * (t0 + i), (double)v);
+                        atomicAdd(sacc + 2 * (t0 + i) + 1, (double)v * v);
+                    }
+                }
             }
     }
 }
 
 // A block computes output row `row` with its warps splitting K (for matrices with few, long rows).
 // red: ≥ 32 · TT floats of shared memory. Plain store (mode 0), no bias.
+// pair: also row + pair (loads interleaved). red: ≥ 2 · 32 · TT floats.
 template <typename W>
 __device__ __forceinline__ void block_row(const float* x, const W* __restrict__ w, float* out, int T, int K, int N,
-                                          int row, float* red, const Norm& nm) {
+                                          int row, float* red, const Norm& nm, int pair = 0) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     int slice = ((K + nwarps * 8 - 1) / (nwarps * 8)) * 8;
     int k0 = min(K, warp * slice), k1 = min(K, k0 + slice);
     const W* wr = w + (size_t)row * K;
+    const W* wr2 = w + (size_t)(row + pair) * K;
     for (int t0 = 0; t0 < T; t0 += TT) {
         int nt = min(TT, T - t0);
         float a[TT], a2[TT], mu[TT], r[TT];
@@ -254,18 +265,24 @@ __device__ __forceinline__ void block_row(const float* x, const W* __restrict__ 
             a[i] = 0.f; a2[i] = 0.f; mu[i] = 0.f; r[i] = 1.f;
             if (nm.w && i < nt) norm_coef(nm, t0 + i, K, mu[i], r[i]);
         }
-        if (nm.w) dot_range<W, false, false, true>(x, K, wr, wr, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
-        else dot_range<W, false, false, false>(x, K, wr, wr, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
+        if (pair) {
+            if (nm.w) dot_range<W, false, true, true>(x, K, wr, wr2, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
+            else dot_range<W, false, true, false>(x, K, wr, wr2, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
+        } else {
+            if (nm.w) dot_range<W, false, false, true>(x, K, wr, wr, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
+            else dot_range<W, false, false, false>(x, K, wr, wr, k0, k1, lane, t0, nt, nm, mu, r, a, a2);
+        }
 #pragma unroll
         for (int i = 0; i < TT; ++i)
-            if (i < nt) a[i] = warp_sum(a[i]);
+            if (i < nt) { a[i] = warp_sum(a[i]); if (pair) a2[i] = warp_sum(a2[i]); }
         if (lane == 0)
-            for (int i = 0; i < TT; ++i) red[warp * TT + i] = a[i];
+            for (int i = 0; i < TT; ++i) { red[warp * TT + i] = a[i]; red[(32 + warp) * TT + i] = a2[i]; }
         __syncthreads();
         if ((int)threadIdx.x < nt) {
-            float s = 0.f;
-            for (int j = 0; j < nwarps; ++j) s += red[j * TT + threadIdx.x];
+            float s = 0.f, s2 = 0.f;
+            for (int j = 0; j < nwarps; ++j) { s += red[j * TT + threadIdx.x]; s2 += red[(32 + j) * TT + threadIdx.x]; }
             out[(size_t)(t0 + threadIdx.x) * N + row] = s;
+            if (pair) out[(size_t)(t0 + threadIdx.x) * N + row + pair] = s2;
         }
         __syncthreads();
     }
@@ -334,7 +351,7 @@ __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, co
                         const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer,
                         double* ost, int p1warp) {
     extern __shared__ float smem[];
-    __shared__ float red[32 * TT];
+    __shared__ float red[2 * 32 * TT];
     __shared__ double sacc[32];
     Norm nm{nst, nw, nb, eps, layer}, none{nullptr, nullptr, nullptr, 0.f, 0};
     int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
@@ -342,23 +359,28 @@ __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, co
     if (p1warp)  // short rows of v: a warp per row (no block-level reduction)
         for (int row = wid; row < R; row += nwarp)
             warp_row<W, false>(x, v, nullptr, mid, T, K, R, 0, row, lane, nm, nullptr);
-    else
-        for (int row = blockIdx.x; row < R; row += gridDim.x)
-            block_row<W>(x, v, mid, T, K, R, row, red, nm);
+    else {
+        int p1 = (R % 2 == 0 && R / 2 >= (int)gridDim.x) ? R / 2 : 0;  // two rows at a time when blocks take several
+        for (int row = blockIdx.x; row < (p1 ? p1 : R); row += gridDim.x)
+            block_row<W>(x, v, mid, T, K, R, row, red, nm, p1);
+    }
     grid_barrier(bar);
     stats_begin(sacc, ost, T);
     int rows = mode == 2 ? N / 2 : N;
     double* sa = ost ? sacc : nullptr;
+    // several rows per warp: take them two at a time (rows row and row + half)
+    int half = (mode != 2 && rows % 2 == 0 && rows / 2 >= nwarp) ? rows / 2 : 0;
+    int todo = half ? half : rows;
     if (stage) {
         const float4* src = reinterpret_cast<const float4*>(mid);
         float4* dst = reinterpret_cast<float4*>(smem);
         for (int i = threadIdx.x; i < T * R / 4; i += blockDim.x) dst[i] = __ldcg(src + i);
         __syncthreads();
-        for (int row = wid; row < rows; row += nwarp)
-            warp_row<W, false>(smem, u, bias, out, T, R, N, mode, row, lane, none, sa);
+        for (int row = wid; row < todo; row += nwarp)
+            warp_row<W, false>(smem, u, bias, out, T, R, N, mode, row, lane, none, sa, half);
     } else {
-        for (int row = wid; row < rows; row += nwarp)
-            warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane, none, sa);
+        for (int row = wid; row < todo; row += nwarp)
+            warp_row<W, true>(mid, u, bias, out, T, R, N, mode, row, lane, none, sa, half);
     }
     stats_end(sacc, ost, T);
 }

@@ -199,7 +199,7 @@ def test_fused_lowrank_kernel_vs_float64(dtype):
     k = kernels()
     rng = np.random.default_rng(1)
     for K, r, N, mode in [(576, 37, 1536, 0), (576, 144, 576, 1), (64, 8, 256, 2), (768, 200, 3072, 3),
-                          (4096, 1024, 4096, 0), (8192, 64, 8192, 2)]:
+                          (4096, 1024, 4096, 0), (8192, 64, 8192, 2), (2048, 512, 8192, 3), (8192, 256, 8192, 1)]:
         u = rng.standard_normal((N, r)).astype(np.float32) / np.sqrt(r)
         v = rng.standard_normal((r, K)).astype(np.float32) / np.sqrt(K)
         b = rng.standard_normal(N).astype(np.float32)

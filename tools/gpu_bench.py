@@ -154,8 +154,9 @@ def hf_smollm2(path: str):
     """SmolLM2 in transformers, read from the same GGUF (dequantized by transformers), else None."""
     try:
         import transformers
+        import torch
         return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                                 attn_implementation="eager")
+                                                                 attn_implementation="eager", dtype=torch.float16)
     except Exception as e:  # noqa: BLE001
         print(f"  transformers could not read the GGUF ({type(e).__name__}: {str(e)[:120]}); using the shape twin",
               flush=True)
@@ -164,7 +165,9 @@ def hf_smollm2(path: str):
 
 def hf_generate_tps(model, vocab: int, n: int, runs: int) -> list[float]:
     import torch
-    model = model.half().cuda().eval()
+    if next(model.parameters()).dtype != torch.float16:
+        model = model.half()
+    model = model.to("cuda").eval()
     ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
     out = []
     with torch.no_grad():
