@@ -349,13 +349,25 @@ __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, co
                         const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
                         int T, int K, int R, int N, int mode, int stage, const double* __restrict__ nst,
                         const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer,
-                        double* ost, int p1warp) {
+                        double* ost, int p1warp, int prefetch) {
     extern __shared__ float smem[];
     __shared__ float red[2 * 32 * TT];
     __shared__ double sacc[32];
     Norm nm{nst, nw, nb, eps, layer}, none{nullptr, nullptr, nullptr, 0.f, 0};
     int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
     int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int rows = mode == 2 ? N / 2 : N;
+    int half = (mode != 2 && rows % 2 == 0 && rows / 2 >= nwarp) ? rows / 2 : 0;  // phase 2 pairs rows
+    int todo = half ? half : rows;
+    if (prefetch) {  // u does not depend on phase 1: start pulling this warp's phase-2 rows into L2 now
+        size_t rb = (size_t)R * sizeof(W);  // bytes per row of u
+        for (int row = wid; row < todo; row += nwarp)
+            for (int j = 0; j < (mode == 2 || half ? 2 : 1); ++j) {
+                const char* base = reinterpret_cast<const char*>(u + (size_t)(row + j * (mode == 2 ? rows : half)) * R);
+                for (size_t o = (size_t)lane * 128; o < rb; o += 32 * 128)
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + o));
+            }
+    }
     if (p1warp)  // short rows of v: a warp per row (no block-level reduction)
         for (int row = wid; row < R; row += nwarp)
             warp_row<W, false>(x, v, nullptr, mid, T, K, R, 0, row, lane, nm, nullptr);
@@ -366,11 +378,7 @@ __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, co
     }
     grid_barrier(bar);
     stats_begin(sacc, ost, T);
-    int rows = mode == 2 ? N / 2 : N;
     double* sa = ost ? sacc : nullptr;
-    // several rows per warp: take them two at a time (rows row and row + half)
-    int half = (mode != 2 && rows % 2 == 0 && rows / 2 >= nwarp) ? rows / 2 : 0;
-    int todo = half ? half : rows;
     if (stage) {
         const float4* src = reinterpret_cast<const float4*>(mid);
         float4* dst = reinterpret_cast<float4*>(smem);
@@ -711,6 +719,7 @@ class Kernels:
         self._f = {}
         dev = cp.cuda.Device()
         self.sms = dev.attributes["MultiProcessorCount"]
+        self.l2 = dev.attributes["L2CacheSize"]
         self._resident: dict = {}
         self._smem_set: dict = {}
         self._argmax = None  # partials of the multi-block argmax (fixed pointers: graph-safe)
@@ -774,7 +783,8 @@ class Kernels:
         blocks = max(1, min(self.lowrank_grid(wt, smem), max((R + 7) // 8 if p1warp else R, (rows + 7) // 8)))
         self.fn("lowrank", wt)((blocks,), (256,), (x, v, u, self._p(bias), mid, out, bar, self._i(T), self._i(K),
                                                      self._i(R), self._i(N), self._i(mode), self._i(int(stage)),
-                                                     *self._norm_args(nst, norm, layer, ost), self._i(int(p1warp))),
+                                                     *self._norm_args(nst, norm, layer, ost), self._i(int(p1warp)),
+                                                     self._i(int(u.nbytes <= self.l2 // 2))),
                                shared_mem=smem)
 
     def embed(self, tok, table, pe, pos, x, T: int, st):
