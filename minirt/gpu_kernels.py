@@ -345,7 +345,7 @@ __device__ void grid_barrier(int* bar) {
 // block copies the r-vectors into shared memory once (stage = 1; else reads them through L2), warps take
 // rows of u. The r-vectors never leave the chip (L2, then shared memory).
 template <typename W>
-__global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
+__global__ void __launch_bounds__(256, 3) lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
                         const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
                         int T, int K, int R, int N, int mode, int stage, const double* __restrict__ nst,
                         const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer,

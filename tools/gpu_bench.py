@@ -361,17 +361,18 @@ def main():
     print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     if not args.skip_kernels:
         print("fused low-rank kernel:", flush=True)
-    try:
-        from cupy.cuda import driver
+        try:
+            from cupy.cuda import driver
 
-        from minirt.gpu_kernels import kernels
-        kk = kernels()
-        f = kk.fn("lowrank", "float16")
-        ptr = getattr(f, "ptr", None) or f.kernel.ptr
-        print(f"  lowrank<half>: {driver.funcGetAttribute(4, ptr)} registers, resident grid "
-              f"{kk.lowrank_grid('float16', 8192)} blocks of 256 (8 KiB shared)", flush=True)
-    except Exception as e:  # noqa: BLE001
-        print(f"  (no kernel attributes: {e})")
+            from minirt.gpu_kernels import kernels
+            kk = kernels()
+            for name in ("lowrank", "gemv"):
+                f = kk.fn(name, "float16")
+                ptr = getattr(f, "ptr", None) or f.kernel.ptr
+                print(f"  {name}<half>: {driver.funcGetAttribute(4, ptr)} registers", flush=True)
+            print(f"  lowrank resident grid: {kk.lowrank_grid('float16', 8192)} blocks of 256 (8 KiB shared)")
+        except Exception as e:  # noqa: BLE001
+            print(f"  (no kernel attributes: {e})")
         report["kernels"] = kernel_bench(cp, bw, l2)
     from minirt.bench import FREE_WRITING, grounded_prompts
     prompts = FREE_WRITING
