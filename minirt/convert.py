@@ -299,13 +299,13 @@ def write_hf(src: Source, dst: Path, qtype: str | None = None, progress: bool = 
         if data.ndim == 2:
             types.add(ty)
     dtype = qtype or (types.pop() if len(types) == 1 else "F32")
-    files = {"config.json": json.dumps(_hf_config(src, dtype), indent=2) + "\n"}
+    files = {"config.json": (json.dumps(_hf_config(src, dtype), indent=2) + "\n").encode()}
     files.update(_hf_tokenizer_files(src))
     tmp = _fresh_dir(dst)
     try:
         write_safetensors(tmp / "model.safetensors", tensors)
-        for fname, text in files.items():
-            (tmp / fname).write_text(text, encoding="utf-8")
+        for fname, data in files.items():
+            (tmp / fname).write_bytes(data)
         if dst.is_dir():
             dst.rmdir()  # empty (checked by _fresh_dir)
         os.replace(tmp, dst)
@@ -329,14 +329,41 @@ def _fresh_dir(dst: Path) -> Path:
     return tmp
 
 
-def _hf_tokenizer_files(src: Source) -> dict[str, str]:
+def _tokenizer_config(src: Source, tokens: list[str], cls: str) -> dict:
     v = src.vocab
-    if v.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.tokens" not in v:
-        if v.get("tokenizer.ggml.model"):
-            print(f"convert: the {v.get('tokenizer.ggml.model')!r} (SentencePiece) vocabulary is not written to "
-                  f"the Hugging Face folder (only byte-level BPE is)", file=sys.stderr)
+    tc = {"tokenizer_class": cls, "model_max_length": src.ck.config.max_ctx, "clean_up_tokenization_spaces": False}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        tid = v.get(f"tokenizer.ggml.{key}_token_id")
+        if tid is not None and 0 <= tid < len(tokens):
+            tc[f"{role}_token"] = tokens[tid]
+    for flag in ("add_bos_token", "add_eos_token"):
+        if f"tokenizer.ggml.{flag}" in v:
+            tc[flag] = bool(v[f"tokenizer.ggml.{flag}"])
+    if isinstance(v.get("tokenizer.chat_template"), str):
+        tc["chat_template"] = v["tokenizer.chat_template"]
+    return tc
+
+
+def _hf_tokenizer_files(src: Source) -> dict[str, bytes]:
+    v = src.vocab
+    model = v.get("tokenizer.ggml.model")
+    if model not in ("gpt2", "llama") or "tokenizer.ggml.tokens" not in v:
+        if model:
+            print(f"convert: the {model!r} vocabulary is not written to the Hugging Face folder (byte-level BPE "
+                  f"and SentencePiece are)", file=sys.stderr)
         return {}
     tokens = v["tokenizer.ggml.tokens"]
+    if model == "llama":  # SentencePiece: a tokenizer.model built from pieces, scores and types
+        from .readers.spm import model_proto
+        proto = model_proto(tokens, v.get("tokenizer.ggml.scores"), v.get("tokenizer.ggml.token_type"),
+                            unk_id=v.get("tokenizer.ggml.unknown_token_id", 0),
+                            bos_id=v.get("tokenizer.ggml.bos_token_id", -1),
+                            eos_id=v.get("tokenizer.ggml.eos_token_id", -1),
+                            add_dummy_prefix=bool(v.get("tokenizer.ggml.add_space_prefix", True)),
+                            remove_extra_whitespaces=bool(v.get("tokenizer.ggml.remove_extra_whitespaces", False)))
+        tc = _tokenizer_config(src, tokens, "LlamaTokenizer")
+        return {"tokenizer.model": proto,
+                "tokenizer_config.json": (json.dumps(tc, indent=2, ensure_ascii=False) + "\n").encode()}
     types = v.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     merges = [m.split(" ", 1) for m in v.get("tokenizer.ggml.merges", [])]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
@@ -352,19 +379,9 @@ def _hf_tokenizer_files(src: Source) -> dict[str, str]:
                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                     "vocab": {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != TOKEN_UNUSED},
                     "merges": merges}}
-    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": src.ck.config.max_ctx,
-          "clean_up_tokenization_spaces": False}
-    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        tid = v.get(f"tokenizer.ggml.{key}_token_id")
-        if tid is not None and 0 <= tid < len(tokens):
-            tc[f"{role}_token"] = tokens[tid]
-    for flag in ("add_bos_token", "add_eos_token"):
-        if f"tokenizer.ggml.{flag}" in v:
-            tc[flag] = bool(v[f"tokenizer.ggml.{flag}"])
-    if isinstance(v.get("tokenizer.chat_template"), str):
-        tc["chat_template"] = v["tokenizer.chat_template"]
-    return {"tokenizer.json": json.dumps(tj, ensure_ascii=False) + "\n",
-            "tokenizer_config.json": json.dumps(tc, indent=2, ensure_ascii=False) + "\n"}
+    tc = _tokenizer_config(src, tokens, "PreTrainedTokenizerFast")
+    return {"tokenizer.json": (json.dumps(tj, ensure_ascii=False) + "\n").encode(),
+            "tokenizer_config.json": (json.dumps(tc, indent=2, ensure_ascii=False) + "\n").encode()}
 
 
 def _add_vocab(writer, vocab: dict) -> None:

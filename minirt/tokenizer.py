@@ -144,7 +144,8 @@ class SPMTokenizer(Tokenizer):
     def __init__(self, spec: TokenizerSpec):
         import sentencepiece as spm
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(spec.spm_model))
+            self.sp = (spm.SentencePieceProcessor(model_proto=spec.spm_proto) if spec.spm_proto is not None
+                       else spm.SentencePieceProcessor(model_file=str(spec.spm_model)))
         except (OSError, RuntimeError) as e:
             raise MinirtError(f"{spec.spm_model}: not a readable SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()

@@ -518,6 +518,25 @@ def test_llama2c_tokenizer_bin(tmp_path):
     assert types[:3] == [2, 3, 3]
     assert all(t == (6 if sp.is_byte(i) else 1) for i, t in enumerate(types) if i >= 3)
     assert (f["tokenizer.ggml.bos_token_id"].contents(), f["tokenizer.ggml.eos_token_id"].contents()) == (1, 2)
+    # minirt runs the GGUF's SentencePiece vocabulary (a tokenizer.model built from pieces, scores, types), and
+    # the HF folder gets that tokenizer.model: both encode botchan's lines as the original model does
+    hf, back = tmp_path / "hf", tmp_path / "back.gguf"
+    convert(gg, hf, progress=False)
+    convert(hf, back, progress=False)
+    lines = [" ".join(ln.split()) for ln in pull("botchan").read_text(encoding="utf-8-sig").splitlines()[:400]]
+    lines = [ln for ln in lines if ln]
+    tok_gguf, tok_hf = minirt.load(str(gg)).tokenizer, minirt.load(str(hf)).tokenizer
+    from_file = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+    assert tok_gguf.bos_id == 1 and tok_gguf.eos_id == 2 and tok_gguf.add_bos
+    for ln in lines:
+        want = sp.encode(ln)
+        assert tok_gguf.encode(ln, add_bos=False) == want and tok_hf.encode(ln, add_bos=False) == want, ln
+        assert from_file.encode(ln) == want and tok_gguf.decode(want) == sp.decode(want)
+    b = GGUFReader(str(back)).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert b[key].contents() == f[key].contents(), key
+
     _truncate(tmp_path / "tokenizer.bin", 0.5)
     with pytest.raises(MinirtError, match="truncated"):
         convert(ckpt, tmp_path / "t.gguf", progress=False)

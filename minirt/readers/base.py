@@ -47,6 +47,7 @@ class TokenizerSpec:
     special: dict[str, int] = field(default_factory=dict)
     pre: str = "gpt2"                           # pre-tokenizer: "gpt2" | "smollm" (single digits)
     spm_model: Path | None = None               # spm: path of tokenizer.model
+    spm_proto: bytes | None = None              # spm: or its bytes (built from a GGUF `llama` vocabulary)
     tiktoken_file: Path | None = None           # bpe given as a .tiktoken ranks file
     bos_id: int | None = None
     eos_id: int | None = None
