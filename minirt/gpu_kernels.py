@@ -345,7 +345,7 @@ __device__ void grid_barrier(int* bar) {
 // block copies the r-vectors into shared memory once (stage = 1; else reads them through L2), warps take
 // rows of u. The r-vectors never leave the chip (L2, then shared memory).
 template <typename W>
-__global__ void __launch_bounds__(256, 3) lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
+__global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, const W* __restrict__ u,
                         const float* __restrict__ bias, float* mid, float* __restrict__ out, int* bar,
                         int T, int K, int R, int N, int mode, int stage, const double* __restrict__ nst,
                         const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer,
@@ -720,6 +720,7 @@ class Kernels:
         dev = cp.cuda.Device()
         self.sms = dev.attributes["MultiProcessorCount"]
         self.l2 = dev.attributes["L2CacheSize"]
+        self.prefetch = True  # fused low-rank: pull U into L2 during phase 1 (where U fits in half the L2)
         self._resident: dict = {}
         self._smem_set: dict = {}
         self._argmax = None  # partials of the multi-block argmax (fixed pointers: graph-safe)
@@ -784,7 +785,7 @@ class Kernels:
         self.fn("lowrank", wt)((blocks,), (256,), (x, v, u, self._p(bias), mid, out, bar, self._i(T), self._i(K),
                                                      self._i(R), self._i(N), self._i(mode), self._i(int(stage)),
                                                      *self._norm_args(nst, norm, layer, ost), self._i(int(p1warp)),
-                                                     self._i(int(u.nbytes <= self.l2 // 2))),
+                                                     self._i(int(self.prefetch and u.nbytes <= self.l2 // 2))),
                                shared_mem=smem)
 
     def embed(self, tok, table, pe, pos, x, T: int, st):

@@ -115,6 +115,9 @@ def kernel_bench(cp, bw: float, l2: int) -> list[dict]:
             x16 = x32.astype(cp.float16)
             out32 = cp.empty((T, N), cp.float32)
             t_fused = graph_time(cp, lambda i: sets[i % nsets][0](x32, out32, T, 0), 200)
+            k.prefetch = False
+            t_nopf = graph_time(cp, lambda i: sets[i % nsets][0](x32, out32, T, 0), 200)
+            k.prefetch = True
             t_cublas = cublas_time([(s[2], s[1]) for s in sets], x16, 200)
             # correctness of this very configuration
             lin, u16, v16 = sets[0]
@@ -123,11 +126,13 @@ def kernel_bench(cp, bw: float, l2: int) -> list[dict]:
             rel = float(cp.linalg.norm(out32 - ref) / cp.linalg.norm(ref))
             nbytes = wbytes + 4 * T * (K + N)
             roof = nbytes / bw
-            rows.append(dict(K=K, N=N, r=r, T=T, fused_us=t_fused * 1e6, cublas_us=t_cublas * 1e6,
+            rows.append(dict(K=K, N=N, r=r, T=T, fused_us=t_fused * 1e6, fused_no_prefetch_us=t_nopf * 1e6,
+                             cublas_us=t_cublas * 1e6,
                              roofline_us=roof * 1e6, fused_pct_roofline=100 * roof / t_fused,
                              fused_GBps=nbytes / t_fused / 1e9, speedup_vs_cublas=t_cublas / t_fused, rel_err=rel,
                              weight_sets=nsets))
-            print(f"  {K}→{N} r={r} T={T}: fused {t_fused * 1e6:.2f} µs, cuBLAS×2 {t_cublas * 1e6:.2f} µs, "
+            print(f"  {K}→{N} r={r} T={T}: fused {t_fused * 1e6:.2f} µs (no L2 prefetch {t_nopf * 1e6:.2f}), "
+                  f"cuBLAS×2 {t_cublas * 1e6:.2f} µs, "
                   f"roofline {roof * 1e6:.2f} µs ({100 * roof / t_fused:.0f}%), rel err {rel:.1e}", flush=True)
     return rows
 
@@ -423,10 +428,12 @@ def main():
             note = f"{r['MiB']:.0f} MiB weights read per token"
         print(f"| {r['model']} | {r['mode']} | {r['weights']} | {ms(r['tps'])} | {note} |")
     if "kernels" in report:
-        print("\n| K→N | rank | T | fused µs | 2× cuBLAS µs | roofline µs | fused % of roofline | fused vs cuBLAS |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| K→N | rank | T | fused µs | (no L2 prefetch) | 2× cuBLAS µs | roofline µs | fused % of roofline "
+              "| fused vs cuBLAS |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in report["kernels"]:
-            print(f"| {r['K']}→{r['N']} | {r['r']} | {r['T']} | {r['fused_us']:.2f} | {r['cublas_us']:.2f} | "
+            print(f"| {r['K']}→{r['N']} | {r['r']} | {r['T']} | {r['fused_us']:.2f} | {r['fused_no_prefetch_us']:.2f} | "
+                  f"{r['cublas_us']:.2f} | "
                   f"{r['roofline_us']:.2f} | {r['fused_pct_roofline']:.0f}% | {r['speedup_vs_cublas']:.2f}x |")
 
 
