@@ -720,7 +720,7 @@ class Kernels:
         dev = cp.cuda.Device()
         self.sms = dev.attributes["MultiProcessorCount"]
         self.l2 = dev.attributes["L2CacheSize"]
-        self.prefetch = True  # fused low-rank: pull U into L2 during phase 1 (where U fits in half the L2)
+        self.prefetch = False  # fused low-rank: pull U into L2 during phase 1 (measured: no gain; off)
         self._resident: dict = {}
         self._smem_set: dict = {}
         self._argmax = None  # partials of the multi-block argmax (fixed pointers: graph-safe)
