@@ -308,8 +308,9 @@ def cmd_bench(args) -> None:
             from .registry import pull
             text = open(pull("botchan"), "rb").read().decode("utf-8").replace("\r\n", " ")
             prompts = bench.grounded_prompts([text[i:i + 600] for i in (20000, 60000, 100000, 140000)])
-        res = bench.run_speculative(model, prompts, args.n_gen, args.draft, args.draft_k)
-        print(f"greedy, {len(prompts)} {args.prompts} prompts, {args.n_gen} tokens each, {numba.get_num_threads()} threads")
+        res = bench.run_speculative(model, prompts, args.n_gen, args.draft, args.draft_k, args.repetitions)
+        print(f"greedy, {len(prompts)} {args.prompts} prompts × {args.repetitions}, {args.n_gen} tokens each, "
+              f"{numba.get_num_threads()} threads; speedup = total plain time / total speculative time")
         print("| model | drafter | K | acceptance | tokens per verify call | dense tok/s | speculative tok/s "
               "| speedup | identical output |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -402,12 +402,16 @@ def describe_export(model, manifest_json: str) -> None:
 
 def summary(model) -> str:
     """One line: how many matrices are factored, their ranks, and the bytes read per token."""
-    kept = [f.rank for f in model.lowrank if f.rank]
-    s = f"low rank: {len(kept)} of {len(model.lowrank)} matrices factored"
+    layers = [f for f in model.lowrank if f.name != "head"]
+    kept = [f.rank for f in layers if f.rank]
+    s = f"low rank: {len(kept)} of {len(layers)} layer matrices factored"
     if kept:
-        s += (f", ranks {min(kept)}/{int(np.median(kept))}/{max(kept)} (min/median/max), "
-              f"{model.weight_bytes / 2**20:.1f} MiB read per token")
-    return s
+        s += f", ranks {min(kept)}/{int(np.median(kept))}/{max(kept)} (min/median/max)"
+    head = [f for f in model.lowrank if f.name == "head"]
+    if head:  # the head (tied to the embeddings or not) is reported on its own
+        s += (f"; head {head[0].shape[0]}×{head[0].shape[1]}: " +
+              (f"rank {head[0].rank}, energy {head[0].energy:.3f}" if head[0].rank else "kept dense"))
+    return s + f"; {model.weight_bytes / 2**20:.1f} MiB read per token"
 
 
 def lowrank_linear(lin: Linear, name: str, energy=None, rank=None, force: bool = False):

@@ -148,8 +148,11 @@ def make_drafter(model, spec: str, capacity: int):
         if not 1 <= n < model.cfg.n_layers:
             raise MinirtError(f"--draft layers:N needs 1 ≤ N < {model.cfg.n_layers}, got {n}")
         return ModelDrafter(model.truncated(n), capacity, shares_cache=True)
-    if kind == "lowrank":
-        return ModelDrafter(lowrank_twin(model, arg), capacity)
+    if kind == "lowrank":  # factored once per model and setting, then reused by every generation
+        twins = model.__dict__.setdefault("_lowrank_twins", {})
+        if arg not in twins:
+            twins[arg] = lowrank_twin(model, arg)
+        return ModelDrafter(twins[arg], capacity)
     import minirt
     draft = minirt.load(spec)
     a, b = model.tokenizer, draft.tokenizer
@@ -186,7 +189,8 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
         room = cache.capacity - cache.pos - 1
         if room < 1:
             return
-        draft, qs = drafter.propose(context, max(0, min(kk, k_max, room, max_tokens - produced - 1)), sampler)
+        n = max(0, min(kk, k_max, room, max_tokens - produced - 1))
+        draft, qs = drafter.propose(context, n, sampler) if n else ([], None)
         n_draft = len(draft)
         logits = model.forward([last] + draft, cache, logits="all")  # K+1 positions, one call
         hist = list(context)

@@ -173,6 +173,6 @@ def test_svd_cli_export_then_generate(tiny_llama_gguf, tmp_path):
     assert r.returncode == 1 and "tokenizer" in r.stderr  # the tiny GGUF has no tokenizer to read text with
     r = run_cli("svd", tiny_llama_gguf, "--params", "0.5", "-o", tmp_path / "lr")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "lr" / "model.gguf").is_file() and "8 of 8 matrices factored" in r.stderr
+    assert (tmp_path / "lr" / "model.gguf").is_file() and "8 of 8 layer matrices factored" in r.stderr
     r = run_cli("perplexity", "-m", tmp_path / "lr", "-f", calib, "--mode", "lowrank", "--energy", "0.5")
     assert_one_line_error(r, "low-rank export already")

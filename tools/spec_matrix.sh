@@ -14,7 +14,7 @@ for model in smollm2 "$f32"; do
   for prompts in free grounded; do
     for draft in "${drafters[@]}"; do
       set -- $draft
-      minirt bench -m "$model" --mode speculative --draft "$1" --draft-k "$2" -n 64 --prompts "$prompts" 2>/dev/null \
+      minirt bench -m "$model" --mode speculative --draft "$1" --draft-k "$2" -n 64 -r 2 --prompts "$prompts" 2>/dev/null \
         | tail -n 1 | sed "s/^/| $prompts /"
     done
   done
