@@ -205,7 +205,8 @@ def plan_rows(x, tol, ridge, Xw, G, L, state, slot_src, exact_idx, coef, src, nc
 
 @njit(**JIT)
 def combine_rows(rows, coef, src, ncoef, Yw, Ynew, bias, out):
-    """out[i] = Σ_j coef[i, j] · Y[src[i, j]] + bias for the predicted rows i, Y = [Yw; Ynew]."""
+    """out[i] = Σ_j coef[i, j] · Y[src[i, j]] + bias for the predicted rows i, Y = [Yw; Ynew − bias]
+    (Yw holds x·W without the bias; Ynew: this call's exact rows as the wrapped Linear wrote them)."""
     S, N = Yw.shape
     for i in rows:
         for n in range(N):
@@ -218,7 +219,19 @@ def combine_rows(rows, coef, src, ncoef, Yw, Ynew, bias, out):
                     out[i, n] += c * Yw[s, n]
             else:
                 for n in range(N):
-                    out[i, n] += c * Ynew[s - S, n]
+                    out[i, n] += c * (Ynew[s - S, n] - bias[n])
+
+
+@njit(**JIT)
+def store_rows(slot_src, Yw, y_new, bias):
+    """Window slots that exact rows of this call entered (slot_src ≥ S) take those rows' outputs, less the bias."""
+    S, N = Yw.shape
+    for s in range(S):
+        e = slot_src[s] - S
+        if e >= 0:
+            for n in range(N):
+                Yw[s, n] = y_new[e, n] - bias[n]
+            slot_src[s] = s
 
 
 class PinvStats:
@@ -227,10 +240,18 @@ class PinvStats:
     def __init__(self):
         self.rows = 0
         self.shortcut = 0
+        self.repeats = 0   # predicted rows with residual < 1e-3: inputs the window already held (up to rounding)
 
     @property
     def fraction(self) -> float:
         return self.shortcut / self.rows if self.rows else 0.0
+
+    @property
+    def repeat_fraction(self) -> float:
+        return self.repeats / self.rows if self.rows else 0.0
+
+    def clear(self) -> None:
+        self.rows = self.shortcut = self.repeats = 0
 
 
 class PinvState:
@@ -291,6 +312,8 @@ class PinvLinear(Linear):
         if st.enabled:
             st.stats.rows += T
             st.stats.shortcut += T - E
+            if E < T:
+                st.stats.repeats += int(np.count_nonzero(resid[:T][ncoef[:T] > 0] < 1e-3))
         if E == T:
             y_new = self.inner.forward(x, out)
         elif E:
@@ -299,17 +322,11 @@ class PinvLinear(Linear):
             out[idx] = y_new
         else:
             y_new = out[:0]
-        if E and self.bias is not None:
-            y_new = y_new - self.bias
-        if E < T:
-            pred = np.flatnonzero(ncoef[:T])
-            combine_rows(pred, coef, src, ncoef, self.Yw, y_new,
-                         self.bias if self.bias is not None else self._zero_bias, out)
-        S = len(self.slot_src)
-        moved = np.flatnonzero(self.slot_src >= S)
-        if len(moved):   # exact rows that entered the window: their outputs too
-            self.Yw[moved] = y_new[self.slot_src[moved] - S]
-            self.slot_src[moved] = moved
+        bias = self.bias if self.bias is not None else self._zero_bias
+        if E < T:  # predictions first: they may use window slots that this call's exact rows replace
+            combine_rows(np.flatnonzero(ncoef[:T]), coef, src, ncoef, self.Yw, y_new, bias, out)
+        if E:
+            store_rows(self.slot_src, self.Yw, y_new, bias)
         return out
 
     @property
