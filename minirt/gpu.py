@@ -198,6 +198,7 @@ class GPUModel:
         self.cp, self.k, self.dtype = cp, kernels(), dtype
         self.cfg, self.tokenizer, self.source, self.file_type = c, model.tokenizer, model.source, model.file_type
         self.lowrank = getattr(model, "lowrank", None)
+        self.cpu = model  # the host model (its matrices stay in their stored format): drafters factor it
         self.stream = cp.cuda.Stream(non_blocking=True)
         with self.stream:
             def up(lin):
@@ -395,6 +396,15 @@ class GPUModel:
     def generate(self, prompt, **kwargs):
         return GPUGeneration(self, prompt, **kwargs)
 
+    def lowrank_twin(self, arg: str = "") -> "GPUModel":
+        """The --draft lowrank[:ARG] twin on the device: the host model factored, then uploaded. Kept where
+        make_drafter looks for twins, so every generation reuses it."""
+        from .speculative import lowrank_twin
+        twins = self.__dict__.setdefault("_lowrank_twins", {})
+        if arg not in twins:
+            twins[arg] = GPUModel(lowrank_twin(self.cpu, arg), self.dtype)
+        return twins[arg]
+
     def truncated(self, n_layers: int) -> "GPUModel":
         """The first n_layers with the final norm and head (early-exit drafter), sharing every weight."""
         m = copy.copy(self)
@@ -505,6 +515,12 @@ class GPUGeneration(Generation):
     """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, the next step
     launched before the host handles the current token."""
 
+    def __init__(self, model, prompt, **kwargs):
+        draft = str(kwargs.get("draft", ""))
+        if kwargs.get("mode") == "speculative" and draft.partition(":")[0] == "lowrank":
+            model.lowrank_twin(draft.partition(":")[2])  # a device twin, before make_drafter factors one
+        super().__init__(model, prompt, **kwargs)
+
     def _dense_tokens(self):
         m, cache = self.model, self.cache
         p = self.sampler.params
@@ -540,7 +556,7 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
     """minirt.speculative.speculative_tokens on the device: the K+1 positions scored by one graph replay,
     the acceptance rule applied by one verification kernel (one host sync per step). Same drafters, same
     adaptive K, same rule: greedy output is identical to plain greedy decoding on the GPU."""
-    from .speculative import K_MAX, PROBE
+    from .speculative import K_MAX, PROBE, PROBE_MAX
     k_max = min(2 * k, K_MAX)
     ds = DeviceSampler(model, sampler, prompt)
     context = list(prompt)
@@ -549,7 +565,7 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
     yield first
     context.append(first)
     drafter.start(context, cache)
-    last, produced, kk, idle, probe = first, 1, k, 0, PROBE
+    last, produced, kk, idle, probe = first, 1, 1 if adaptive else k, 0, PROBE  # as speculative_tokens
     while produced < max_tokens:
         if kk == 0:
             idle += 1
@@ -558,7 +574,8 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
         room = cache.capacity - cache.pos - 1
         if room < 1:
             return
-        draft, qs = drafter.propose(context, max(0, min(kk, k_max, room, max_tokens - produced - 1)), sampler)
+        n = max(0, min(kk, k_max, room, max_tokens - produced - 1))
+        draft, qs = drafter.propose(context, n, sampler) if n else ([], None)
         n_draft = len(draft)
         rows = model.forward_device([last] + draft, cache, logits="all")
         n_ok, tok = ds.verify(rows, draft, qs)
@@ -568,9 +585,9 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
         stats.proposed += n_draft
         stats.accepted += n_ok
         stats.ks.append(n_draft)
-        if adaptive and n_draft:
-            kk = min(k_max, kk + 1) if n_ok == n_draft else max(0, kk - 1) if n_ok == 0 else kk
-            probe = PROBE if n_ok else min(8 * PROBE, 2 * probe) if kk == 0 else probe
+        if adaptive and n_draft:  # speculative_tokens' policy: grow on full acceptance, stop on a first rejection
+            kk = min(k_max, kk + 1) if n_ok == n_draft else 0 if n_ok == 0 else kk
+            probe = PROBE if n_ok else min(PROBE_MAX, 2 * probe)
         for t in out:
             context.append(t)
             ds.push(t)

@@ -187,6 +187,25 @@ def test_speculative_greedy_identical_to_dense(cpu_models):
     assert st.proposed > 0 and st.steps < 40
 
 
+@pytest.mark.gpu
+def test_speculative_lowrank_twin_drafter(cpu_models):
+    """--draft lowrank on the device: the factored twin runs on the GPU and greedy output stays identical."""
+    from minirt.gpu import speculative_tokens_gpu, to_gpu
+    from minirt.sampling import Sampler, SamplingParams
+    from minirt.speculative import SpecStats, make_drafter
+    g = to_gpu(cpu_models["llama"], "float32")
+    twin = g.lowrank_twin("")
+    assert type(twin) is type(g) and twin.lowrank
+    ids = _ids(g.cpu, 10, seed=7)
+    dense = g.decode_greedy(ids, g.new_cache(64), 24)
+    st = SpecStats()
+    drafter = make_drafter(g, "lowrank", 64)
+    assert drafter.model is twin
+    spec = list(speculative_tokens_gpu(g, g.new_cache(64), ids, Sampler(SamplingParams(temperature=0)), drafter, 3,
+                                       24, st))
+    assert spec == dense and st.steps > 0
+
+
 # ---- the fused low-rank kernel -----------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_gpu
