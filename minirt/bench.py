@@ -71,7 +71,8 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
             for _ in range(n):
                 tok = int(np.argmax(model.forward([tok], cache)[0]))
             tg.append(n / (time.perf_counter() - t))
-    return BenchResult(pp, tg, model.weight_bytes, memory_bandwidth() if bandwidth else float("nan"))
+    bw = getattr(model, "memory_bandwidth", memory_bandwidth)  # a GPU model measures its own device memory
+    return BenchResult(pp, tg, model.weight_bytes, bw() if bandwidth else float("nan"))
 
 
 def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n: int, mode: str = "dense") -> str:
