@@ -202,25 +202,35 @@ def _as_float(t: Tensor) -> np.ndarray:
     return t.float32()
 
 
-def encode(t: Tensor, target: str | None, gguf_out: bool):
-    """(array, GGML type name) of a tensor in the target type (None: as stored, where the output can hold it).
-    GGUF keeps 1-D tensors in F32 (llama.cpp's rule); block types need rows of whole 32-value blocks."""
-    from gguf import GGMLQuantizationType as Q, quants
+def out_type(t: Tensor, target: str | None, gguf_out: bool) -> str:
+    """The type a tensor is written in: target, or as stored (None) where the output can hold it. GGUF keeps
+    1-D tensors in F32 (llama.cpp's rule); block types need rows of whole 32-value blocks."""
     if len(t.shape) == 1:
-        want = "F32" if gguf_out else (target or (t.qtype if t.qtype in HF_TYPES else "F32"))
-    elif target is None:
-        want = t.qtype if (gguf_out or t.qtype in HF_TYPES) else "F32"
-    else:
-        want = target if (target in HF_TYPES or t.shape[-1] % 32 == 0) else "F32"
+        return "F32" if gguf_out else (target or (t.qtype if t.qtype in HF_TYPES else "F32"))
+    if target is None:
+        return t.qtype if (gguf_out or t.qtype in HF_TYPES) else "F32"
+    return target if (target in HF_TYPES or t.shape[-1] % 32 == 0) else "F32"
+
+
+def out_nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    block, size = GGML_QUANT_SIZES[Q[qtype]]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return rows * (shape[-1] // block) * size
+
+
+def encode(t: Tensor, want: str) -> np.ndarray:
+    """The tensor's data in type `want`: float32/float16 values, bf16 bits as uint16, or uint8 block rows."""
+    from gguf import GGMLQuantizationType as Q, quants
     if want == t.qtype:
-        return t.data, want
+        return t.data
     w = _as_float(t)
     if want == "F32":
-        return np.ascontiguousarray(w, dtype=np.float32), want
+        return np.ascontiguousarray(w, dtype=np.float32)
     if want == "F16":
-        return w.astype(np.float16), want
+        return w.astype(np.float16)
     data = quants.quantize(w, Q[want])
-    return (data.view(np.uint16) if want == "BF16" else data), want
+    return data.view(np.uint16) if want == "BF16" else data
 
 
 def _hf_config(src: Source, dtype: str) -> dict:
@@ -265,20 +275,26 @@ def _complete_biases(ck: Checkpoint) -> dict[str, Tensor]:
 
 
 # ---- writers --------------------------------------------------------------------------------------------
-def write_safetensors(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict | None = None) -> None:
-    """safetensors: u64 header length, JSON header (8-byte aligned), raw little-endian data in order."""
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors: u64 header length, JSON header (8-byte aligned), raw little-endian data in order.
+    tensors: name → (dtype "F32"/"F16"/"BF16", shape, a function giving the array): each array is made
+    only when its turn comes, so a large model is never held in memory whole."""
     header, offset = {}, 0
-    for name, (a, dtype) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for name, (dtype, shape, _) in tensors.items():
+        n = int(np.prod(shape)) * (4 if dtype == "F32" else 2)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for a, _ in tensors.values():
-            f.write(np.ascontiguousarray(a).tobytes())
+        for name, (_, shape, make) in tensors.items():
+            a = np.ascontiguousarray(make())
+            a0, a1 = header[name]["data_offsets"]
+            assert a.shape == tuple(shape) and a.nbytes == a1 - a0, name
+            a.tofile(f)
 
 
 def write_hf(src: Source, dst: Path, qtype: str | None = None, progress: bool = True) -> Path:
@@ -292,11 +308,12 @@ def write_hf(src: Source, dst: Path, qtype: str | None = None, progress: bool = 
     full = _complete_biases(ck)
     for name in sorted(full, key=_order):
         t = full[name]
-        data, ty = encode(t, qtype, gguf_out=False)
-        if c.arch == "gpt2" and name.split(".")[-1] in ("wqkv", "wo", "w_up", "w_down"):
-            data = np.ascontiguousarray(data.T)  # Conv1D stores (in, out)
-        tensors[hf_name(c.arch, name)] = (data, ty)
-        if data.ndim == 2:
+        ty = out_type(t, qtype, gguf_out=False)
+        if c.arch == "gpt2" and name.split(".")[-1] in ("wqkv", "wo", "w_up", "w_down"):  # Conv1D: (in, out)
+            tensors[hf_name(c.arch, name)] = (ty, t.shape[::-1], lambda t=t, ty=ty: encode(t, ty).T)
+        else:
+            tensors[hf_name(c.arch, name)] = (ty, t.shape, lambda t=t, ty=ty: encode(t, ty))
+        if len(t.shape) == 2:
             types.add(ty)
     dtype = qtype or (types.pop() if len(types) == 1 else "F32")
     files = {"config.json": (json.dumps(_hf_config(src, dtype), indent=2) + "\n").encode()}
@@ -436,16 +453,22 @@ def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool 
         else:
             writer.add_layer_norm_eps(c.norm_eps)
         counts: dict[str, int] = {}
+        plan = []  # tensor infos first (the header), then each tensor's data made and written in turn
         for name in sorted(ck.tensors, key=_order):
             t = ck.tensors[name]
-            if c.arch == "llama" and name.split(".")[-1] in ("wq", "bq", "wk", "bk"):
-                heads = c.n_heads if name.endswith("q") else c.n_kv_heads
-                t = t.take_rows(rope_permutation(heads, t.shape[0]))
-            data, ty = encode(t, qtype, gguf_out=True)
+            ty = out_type(t, qtype, gguf_out=True)
+            nbytes = out_nbytes(t.shape, ty)
             if ty in ("F32", "F16"):
-                writer.add_tensor(gguf_name(name), data)
-            else:
-                writer.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType[ty])
+                writer.add_tensor_info(gguf_name(name), t.shape, np.dtype(np.float32 if ty == "F32" else np.float16),
+                                       nbytes)
+            elif ty == "BF16":
+                writer.add_tensor_info(gguf_name(name), t.shape, np.dtype(np.uint16), nbytes,
+                                       raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:  # block types: given as uint8 rows, as GGUFWriter.add_tensor takes them
+                rows = int(np.prod(t.shape[:-1]))
+                writer.add_tensor_info(gguf_name(name), (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
+                                       raw_dtype=gguf.GGMLQuantizationType[ty])
+            plan.append((name, t, ty))
             if len(t.shape) == 2:
                 counts[ty] = counts.get(ty, 0) + int(np.prod(t.shape))
         main = max(counts, key=counts.get) if counts else "F32"
@@ -454,7 +477,12 @@ def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool 
         _add_vocab(writer, src.vocab)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for name, t, ty in plan:
+            if c.arch == "llama" and name.split(".")[-1] in ("wq", "bq", "wk", "bk"):  # HF order → adjacent pairs
+                heads = c.n_heads if name.endswith("q") else c.n_kv_heads
+                t = t.take_rows(rope_permutation(heads, t.shape[0]))
+            writer.write_tensor_data(np.ascontiguousarray(encode(t, ty)))
         writer.close()
         os.replace(tmp, dst)
     except BaseException as e:
