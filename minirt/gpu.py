@@ -556,8 +556,8 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
     """minirt.speculative.speculative_tokens on the device: the K+1 positions scored by one graph replay,
     the acceptance rule applied by one verification kernel (one host sync per step). Same drafters, same
     adaptive K, same rule: greedy output is identical to plain greedy decoding on the GPU."""
-    from .speculative import K_MAX, PROBE, PROBE_MAX
-    k_max = min(2 * k, K_MAX)
+    from .speculative import DraftLength
+    length = DraftLength(k, adaptive)
     ds = DeviceSampler(model, sampler, prompt)
     context = list(prompt)
     first = ds.sample(model.forward_device(prompt, cache))
@@ -565,16 +565,12 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
     yield first
     context.append(first)
     drafter.start(context, cache)
-    last, produced, kk, idle, probe = first, 1, 1 if adaptive else k, 0, PROBE  # as speculative_tokens
+    last, produced = first, 1
     while produced < max_tokens:
-        if kk == 0:
-            idle += 1
-            if idle >= probe:
-                kk, idle = 1, 0
         room = cache.capacity - cache.pos - 1
         if room < 1:
             return
-        n = max(0, min(kk, k_max, room, max_tokens - produced - 1))
+        n = max(0, min(length.next(), room, max_tokens - produced - 1))
         draft, qs = drafter.propose(context, n, sampler) if n else ([], None)
         n_draft = len(draft)
         rows = model.forward_device([last] + draft, cache, logits="all")
@@ -585,9 +581,7 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
         stats.proposed += n_draft
         stats.accepted += n_ok
         stats.ks.append(n_draft)
-        if adaptive and n_draft:  # speculative_tokens' policy: grow on full acceptance, stop on a first rejection
-            kk = min(k_max, kk + 1) if n_ok == n_draft else 0 if n_ok == 0 else kk
-            probe = PROBE if n_ok else min(PROBE_MAX, 2 * probe)
+        length.update(n_draft, n_ok)
         for t in out:
             context.append(t)
             ds.push(t)

@@ -20,7 +20,7 @@ import copy
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +313,8 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Write a factored model (from with_lowrank) as an export folder: model.gguf + lowrank.json.
     The unfactored tensors and all metadata come from the model's source GGUF, byte for byte."""
     import gguf
+
+    from .quantize import copy_metadata, copy_tensor
     src = Path(model.source) if model.source else None
     if src is None or src.is_dir() or not getattr(model, "lowrank", None):
         raise MinirtError("svd export needs a factored model loaded from a GGUF file "
@@ -335,23 +337,12 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
         writer = gguf.GGUFWriter(str(tmp_dir / "model.gguf"), arch)
-        for name, field in reader.fields.items():
-            if name.startswith("GGUF.") or name == "general.architecture":
-                continue
-            vtype = field.types[0]
-            if vtype == gguf.GGUFValueType.ARRAY:
-                writer.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
-            else:
-                writer.add_key_value(name, field.contents(), vtype)
+        copy_metadata(reader, writer)
         info = manifest(model)
         writer.add_string("minirt.lowrank.manifest", json.dumps(info))
         for t in reader.tensors:
-            if t.name in skip:
-                continue
-            data = np.asarray(t.data)
-            raw = t.tensor_type if t.tensor_type not in (gguf.GGMLQuantizationType.F32,
-                                                         gguf.GGMLQuantizationType.F16) else None
-            writer.add_tensor(t.name, data, raw_shape=data.shape if raw is None else None, raw_dtype=raw)
+            if t.name not in skip:
+                copy_tensor(writer, t)
         for k, name in enumerate(factored):
             lin = model.head if name == "head" else getattr(model.layers[int(name.split(".")[1])], name.split(".")[2])
             gname = "output" if name == "head" else f"blk.{name.split('.')[1]}.{name.split('.')[2]}"

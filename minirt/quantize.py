@@ -17,6 +17,28 @@ from .errors import MinirtError
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 
+def copy_metadata(reader, writer, skip=()) -> None:
+    """Every key/value of a gguf.GGUFReader into a GGUFWriter, types kept (but the header's own fields, the
+    architecture, which the writer already has, and the keys in skip)."""
+    import gguf
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in skip:
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(name, field.contents(), vtype)
+
+
+def copy_tensor(writer, t) -> None:
+    """A tensor of a gguf.GGUFReader into a GGUFWriter, its bytes and type as they are."""
+    from gguf import GGMLQuantizationType as Q
+    data = np.asarray(t.data)
+    raw = t.tensor_type if t.tensor_type not in (Q.F32, Q.F16) else None
+    writer.add_tensor(t.name, data, raw_shape=data.shape if raw is None else None, raw_dtype=raw)
+
+
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, progress: bool = True) -> Path:
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -35,16 +57,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, pr
     tmp = dst.with_name(dst.name + ".part")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        for name, field in reader.fields.items():
-            if name.startswith("GGUF.") or name == "general.architecture":
-                continue
-            vtype = field.types[0]
-            if name == "general.file_type":
-                continue
-            if vtype == gguf.GGUFValueType.ARRAY:
-                writer.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
-            else:
-                writer.add_key_value(name, field.contents(), vtype)
+        copy_metadata(reader, writer, skip=("general.file_type",))
         writer.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}[qtype])
         target = Q[qtype]
         n = len(reader.tensors)
@@ -61,9 +74,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, pr
                     data = gguf.quants.quantize(w, target)
                 writer.add_tensor(t.name, data, raw_dtype=target if qtype not in ("F32", "F16") else None)
             else:
-                data = np.asarray(t.data)
-                raw = t.tensor_type if t.tensor_type not in (Q.F32, Q.F16) else None
-                writer.add_tensor(t.name, data, raw_shape=data.shape if raw is None else None, raw_dtype=raw)
+                copy_tensor(writer, t)
             if progress and (sys.stderr.isatty() or i + 1 == n or (i + 1) % 50 == 0):
                 sys.stderr.write(f"\r[{i + 1}/{n}] {t.name:40}" + ("" if sys.stderr.isatty() else "\n"))
                 sys.stderr.flush()

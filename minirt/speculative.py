@@ -17,7 +17,8 @@ import numpy as np
 from .errors import MinirtError
 from .sampling import Sampler
 
-PROBE = 16      # steps without drafting before drafting is retried (doubling while retries fail) …
+MISSES = 3       # drafting stops after this many verify calls in a row accepted nothing …
+PROBE = 16      # … and is retried after this many steps (doubling while retries fail) …
 PROBE_MAX = 128  # … up to this: when acceptance collapses, probes cost well under 5% of plain decoding
 K_MAX = 6  # K+1 = 7 positions: below Quant.GEMM_MIN_ROWS (8) and BLAS_MIN_ROWS (16)
 
@@ -45,10 +46,10 @@ class SpecStats:
 
 class NGramDrafter:
     """Prompt lookup: propose what followed the most recent earlier occurrence of the longest suffix n-gram
-    of the context (n = max_n … 1). Deterministic, so its q is one-hot."""
+    of the context (n = max_n … min_n). Deterministic, so its q is one-hot."""
 
-    def __init__(self, max_n: int = 4):
-        self.max_n = max_n
+    def __init__(self, max_n: int = 4, min_n: int = 2):
+        self.max_n, self.min_n = max_n, min(min_n, max_n)  # a single matching token is too weak a cue
 
     def start(self, context: list[int], cache) -> None:
         pass
@@ -56,7 +57,7 @@ class NGramDrafter:
     def propose(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray] | None]:
         ctx = np.asarray(context)
         L = len(ctx)
-        for n in range(min(self.max_n, L - 1), 0, -1):
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
             suffix = ctx[L - n:]
             # candidate starts s with ctx[s:s+n] == suffix and s + n < L (something follows)
             windows = np.lib.stride_tricks.sliding_window_view(ctx[:L - 1], n)
@@ -162,13 +163,44 @@ def make_drafter(model, spec: str, capacity: int):
     return ModelDrafter(draft, capacity)
 
 
+class DraftLength:
+    """Adaptive K: start at one draft token, grow by one on every fully accepted draft (up to 2K, at most
+    K_MAX), halve on a rejection of the first token, and stop drafting after MISSES calls in a row accepted
+    nothing; then retry after PROBE steps, doubling the wait while retries fail (up to PROBE_MAX).
+    adaptive=False keeps K fixed."""
+
+    def __init__(self, k: int, adaptive: bool = True):
+        self.k_max, self.adaptive = min(2 * k, K_MAX), adaptive
+        self.k = 1 if adaptive else k
+        self.idle, self.probe, self.misses = 0, PROBE, 0
+
+    def next(self) -> int:
+        """The draft length for this step (0: a plain decode step)."""
+        if self.k == 0:
+            self.idle += 1
+            if self.idle >= self.probe:
+                self.k, self.idle = 1, 0
+        return min(self.k, self.k_max)
+
+    def update(self, n_draft: int, n_ok: int) -> None:
+        if not self.adaptive or not n_draft:
+            return
+        self.misses = 0 if n_ok else self.misses + 1
+        if n_ok == n_draft:
+            self.k = min(self.k_max, self.k + 1)
+        elif n_ok == 0:
+            stop = self.misses >= MISSES or (self.k == 1 and self.misses > 1)
+            self.k = 0 if stop else max(1, self.k // 2)
+        self.probe = PROBE if n_ok else min(PROBE_MAX, 2 * self.probe) if self.k == 0 else self.probe
+
+
 def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafter, k: int, max_tokens: int,
                        stats: SpecStats, adaptive: bool = True):
     """Yield generated token ids (the end-of-generation token included, so the caller can stop on it).
 
     Verification batches stay below the model's batched-GEMM threshold (K ≤ K_MAX), so every position is
     computed with exactly the arithmetic of a single decode step: greedy output is token-identical."""
-    k_max = min(2 * k, K_MAX)
+    length = DraftLength(k, adaptive)
     # The prompt is prefilled in one call and the first token drawn from it, exactly as plain decoding
     # does; from then on the cache holds everything but the last emitted token.
     context = list(prompt)
@@ -178,18 +210,11 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
     drafter.start(context, cache)
     last = first
     produced = 1
-    kk = 1 if adaptive else k  # adaptive: K starts at one token and grows with every fully accepted draft
-    idle = 0  # steps since K fell to 0 (no drafting); drafting is retried after `probe` steps,
-    probe = PROBE  # an interval that doubles while retries keep failing
     while produced < max_tokens:
-        if kk == 0:
-            idle += 1
-            if idle >= probe:
-                kk, idle = 1, 0
         room = cache.capacity - cache.pos - 1
         if room < 1:
             return
-        n = max(0, min(kk, k_max, room, max_tokens - produced - 1))
+        n = max(0, min(length.next(), room, max_tokens - produced - 1))
         draft, qs = drafter.propose(context, n, sampler) if n else ([], None)
         n_draft = len(draft)
         logits = model.forward([last] + draft, cache, logits="all")  # K+1 positions, one call
@@ -232,9 +257,7 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
         stats.proposed += n_draft
         stats.accepted += n_ok
         stats.ks.append(n_draft)
-        if adaptive and n_draft:  # grow on full acceptance; on a rejection of the first token stop drafting
-            kk = min(k_max, kk + 1) if n_ok == n_draft else 0 if n_ok == 0 else kk
-            probe = PROBE if n_ok else min(PROBE_MAX, 2 * probe)
+        length.update(n_draft, n_ok)
         for tok in out:
             context.append(tok)
             produced += 1

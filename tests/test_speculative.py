@@ -66,6 +66,34 @@ def test_cache_after_rollbacks_equals_fresh_run(smollm2):
     assert np.abs(got - want).max() < 2e-3
 
 
+def test_draft_length_policy():
+    """Adaptive K: grows on full acceptance up to 2K (≤ K_MAX), halves on a first-token rejection, stops after
+    misses in a row, then probes at doubling intervals: a collapsed drafter costs a few probes, not K per step."""
+    from minirt.speculative import K_MAX, MISSES, PROBE, PROBE_MAX, DraftLength
+    d = DraftLength(4)
+    ks = []
+    for _ in range(8):
+        ks.append(d.next())
+        d.update(ks[-1], ks[-1])
+    assert ks == [1, 2, 3, 4, 5, 6, 6, 6] and K_MAX == 6
+    d.update(d.next(), 0)
+    assert d.next() == 3
+    drafted = []
+    for step in range(600):  # from now on every draft is rejected
+        k = d.next()
+        if k:
+            drafted.append((step, k))
+            d.update(k, 0)
+    assert drafted[:2] == [(0, 3), (1, 1)] and MISSES == 3  # halved, then stopped at the third miss in a row
+    gaps = [b - a for (a, _), (b, _) in zip(drafted[1:], drafted[2:])]
+    assert gaps == [2 * PROBE, 4 * PROBE, PROBE_MAX, PROBE_MAX, PROBE_MAX]  # probes of one token, further apart
+    assert all(k == 1 for _, k in drafted[1:])
+    fixed = DraftLength(3, adaptive=False)
+    fixed.update(3, 0)
+    assert fixed.next() == 3
+    assert PROBE_MAX >= 4 * PROBE
+
+
 def test_bad_draft_arguments(smollm2_fast):
     with pytest.raises(minirt.MinirtError, match="layers"):
         smollm2_fast.generate("hi", mode="speculative", draft="layers:99")
