@@ -198,6 +198,22 @@ def _check_args(args) -> None:
         raise MinirtError(f"--ctx must be ≥ 2, got {args.ctx}")
     if args.draft_k < 1:
         raise MinirtError(f"--draft-k must be ≥ 1, got {args.draft_k}")
+    _check_pinv_args(args)
+
+
+def _check_pinv_args(args) -> None:
+    """--mode pinv / jacobi flags, checked before a model is loaded."""
+    import math
+    if args.mode not in ("pinv", "jacobi"):
+        return
+    if not 1 <= args.pinv_window <= 4096:
+        raise MinirtError(f"--pinv-window must be between 1 and 4096, got {args.pinv_window}")
+    if not (math.isfinite(args.pinv_tol) and args.pinv_tol >= 0):
+        raise MinirtError(f"--pinv-tol must be a finite number ≥ 0, got {args.pinv_tol}")
+    if args.mode == "jacobi" and not 1 <= args.block <= 7:
+        raise MinirtError(f"--block must be between 1 and 7, got {args.block}")
+    if args.mode == "jacobi" and getattr(args, "temperature", 0) != 0:
+        raise MinirtError("--mode jacobi decodes greedily: add --temperature 0")
 
 
 def cmd_generate(args) -> None:
@@ -277,6 +293,7 @@ def cmd_perplexity(args) -> None:
         raise MinirtError(f"{args.file} is not UTF-8 text") from None
     if args.ctx < 4 or (args.chunks is not None and args.chunks < 1):
         raise MinirtError("--ctx must be ≥ 4 and --chunks ≥ 1")
+    _check_pinv_args(args)
     model = _load(args)
     r = perplexity(model, text, ctx=args.ctx, chunks=args.chunks)
     print(f"{r.n_tokens} tokens, {r.chunks} chunks of {args.ctx}, {r.seconds:.1f} s", file=sys.stderr)
@@ -289,6 +306,7 @@ def cmd_bench(args) -> None:
     from . import bench
     if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
         raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
+    _check_pinv_args(args)
     model = _load(args)
     if args.mode == "jacobi":
         from . import jacobi

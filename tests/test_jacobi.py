@@ -46,3 +46,15 @@ def test_bad_jacobi_arguments(smollm2_fast):
         smollm2_fast.generate("hi", mode="jacobi", temperature=0.8)
     with pytest.raises(minirt.MinirtError, match="block size"):
         smollm2_fast.generate("hi", mode="jacobi", temperature=0, block=8)
+
+
+def test_cli_modes(capsys):
+    from minirt.cli import main
+    assert main(["generate", "-p", "Once upon a time", "-n", "6", "--temperature", "0", "--mode", "jacobi",
+                 "--block", "3", "--pinv-tol", "0.2"]) == 0
+    err = capsys.readouterr().err
+    assert "jacobi:" in err and "exact passes" in err and "of FFN rows predicted" in err
+    assert main(["generate", "-p", "Once upon a time", "-n", "6", "--mode", "pinv", "--pinv-window", "8"]) == 0
+    assert "pinv: window 8, tol 0.1" in capsys.readouterr().err
+    assert main(["generate", "-p", "hi", "-n", "4", "--mode", "jacobi"]) == 1     # sampling: one-line error
+    assert "greedily" in capsys.readouterr().err
