@@ -8,7 +8,7 @@
 set -euo pipefail
 f32=${1:-/tmp/minirt-bench/smollm2-F32.gguf}
 [ -f "$f32" ] || { mkdir -p "$(dirname "$f32")"; minirt quantize smollm2 "$f32" --type F32 >/dev/null; }
-drafters=("ngram 1" "ngram 2" "ngram 4" "ngram 6" "layers:10 2" "lowrank:p0.9 2" "lowrank:0.99 2")
+drafters=("ngram 2" "ngram 4" "ngram 6" "layers:10 2" "lowrank:p0.9 2" "lowrank:0.99 2")
 [ -n "${2:-}" ] && drafters+=("$2 2")
 for model in smollm2 "$f32"; do
   for prompts in free grounded; do
