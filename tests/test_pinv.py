@@ -160,3 +160,45 @@ def test_mode_pinv_needs_the_transition(smollm2_fast):
         with_pinv(smollm2_fast, 0, 0.1)
     with pytest.raises(minirt.MinirtError, match="tolerance"):
         with_pinv(smollm2_fast, 8, float("nan"))
+
+
+def tiny_gpt2(dim=16, hidden=64, layers=2, vocab=40, seed=0):
+    """A random GPT-2 (LayerNorm, biases everywhere, fc + gelu) small enough that a window of `dim` rows spans
+    every FFN input."""
+    from minirt.config import ModelConfig
+    from minirt.model import Model
+    from minirt.readers.base import Checkpoint, Tensor, TokenizerSpec
+    rng = np.random.default_rng(seed)
+    cfg = ModelConfig("gpt2", vocab_size=vocab, dim=dim, n_layers=layers, n_heads=2, n_kv_heads=2, head_dim=dim // 2,
+                      hidden_dim=hidden, max_ctx=128, norm_eps=1e-5)
+
+    def t(*shape, scale=0.5):
+        return Tensor(rng.normal(0, scale, shape).astype(np.float32), "F32", shape)
+    tensors = {"embed": t(vocab, dim, scale=1.0), "pos_embed": t(128, dim, scale=0.3),
+               "norm.weight": t(dim, scale=1.0), "norm.bias": t(dim, scale=0.1)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        tensors |= {p + "attn_norm.weight": t(dim, scale=1.0), p + "attn_norm.bias": t(dim, scale=0.1),
+                    p + "ffn_norm.weight": t(dim, scale=1.0), p + "ffn_norm.bias": t(dim, scale=0.1),
+                    p + "wqkv": t(3 * dim, dim), p + "bqkv": t(3 * dim, scale=0.1), p + "wo": t(dim, dim),
+                    p + "bo": t(dim, scale=0.1), p + "w_up": t(hidden, dim), p + "b_up": t(hidden, scale=0.5),
+                    p + "w_down": t(dim, hidden), p + "b_down": t(dim, scale=0.1)}
+    return Model.from_checkpoint(Checkpoint(cfg, tensors, TokenizerSpec("none"), None))
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_gpt2_fc_predicted_exactly_once_the_window_spans_the_inputs(one_call):
+    """GPT-2's fc (with bias): once S = H exact rows fill a layer's window, every later input lies in their
+    row space, so rows are predicted and the logits still equal dense ones, in one call or one token a step."""
+    from minirt.pinv import with_pinv
+    m = tiny_gpt2()
+    pm = with_pinv(m, 16, 1e-3)
+    ids = list(np.random.default_rng(1).integers(0, 40, 60))
+    want = m.logits(ids)
+    if one_call:
+        got = pm.logits(ids)
+    else:
+        cache = pm.new_cache(len(ids))
+        got = np.vstack([pm.forward([i], cache) for i in ids])
+    assert pm.pinv.stats.fraction > 0.5
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
