@@ -543,8 +543,10 @@ def copy_lowrank(src: Path, dst: Path, progress: bool = True) -> Path:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | None = None,
             tokenizer: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Convert src (Hugging Face folder, GGUF, llama2.c .bin, low-rank export folder) to dst: a .gguf file,
-    or else a Hugging Face folder. qtype: the matrices' type (default: as stored)."""
-    src, dst = Path(src), Path(dst)
+    or else a Hugging Face folder; src may also be a registry name (`minirt list`). qtype: the matrices' type
+    (default: as stored)."""
+    from .registry import resolve
+    src, dst = resolve(src), Path(dst)
     if qtype is not None and qtype not in TYPES:
         raise MinirtError(f"unknown type {qtype!r}: choose one of {', '.join(TYPES)}")
     to_gguf = dst.suffix == ".gguf"
