@@ -214,6 +214,44 @@ def test_tokenizer_round_trip(smol_vocab_gguf, smollm2_path, tmp_path):
         assert got[key].contents() == src_fields[key].contents(), key
 
 
+def _tiny_llama_folder(path, vocab):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+def test_other_hf_tokenizer_files(smol_vocab_gguf, tmp_path):
+    """GPT-2 style vocab.json + merges.txt, and a SentencePiece tokenizer.model, reach llama.cpp's keys."""
+    import sentencepiece as spm
+    from minirt.registry import pull
+    src = GGUFReader(str(smol_vocab_gguf)).fields
+    tokens, merges = src["tokenizer.ggml.tokens"].contents(), src["tokenizer.ggml.merges"].contents()
+    folder = _tiny_llama_folder(tmp_path / "bpe", len(tokens))
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    convert(folder, tmp_path / "bpe.gguf", progress=False)
+    got = GGUFReader(str(tmp_path / "bpe.gguf")).fields
+    assert got["tokenizer.ggml.model"].contents() == "gpt2" and got["tokenizer.ggml.tokens"].contents() == tokens
+    assert got["tokenizer.ggml.merges"].contents() == merges
+    assert (got["tokenizer.ggml.bos_token_id"].contents(), got["tokenizer.ggml.eos_token_id"].contents()) == (1, 2)
+
+    model = pull("botchan").parent / "botchan_en_bpe_1000.model"
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    folder = _tiny_llama_folder(tmp_path / "spm", sp.get_piece_size())
+    (folder / "tokenizer.model").write_bytes(model.read_bytes())
+    convert(folder, tmp_path / "spm.gguf", progress=False)
+    got = GGUFReader(str(tmp_path / "spm.gguf")).fields
+    assert got["tokenizer.ggml.model"].contents() == "llama"
+    assert got["tokenizer.ggml.tokens"].contents() == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    tok = minirt.load(str(tmp_path / "spm.gguf")).tokenizer
+    for text in ("Because of an hereditary recklessness, I have been playing always a losing game.",
+                 "The janitor of the school had to carry me home on his back."):
+        assert tok.encode(text, add_bos=False) == sp.encode(text)
+
+
 # ---- pytorch_model.bin ----------------------------------------------------------------------------------
 def test_pytorch_bin_folder(models, tmp_path):
     folder = tmp_path / "bin"
