@@ -106,6 +106,8 @@ def source_kind(path: Path) -> str:
         return "gguf"
     if is_llama2c(path):
         return "llama2c"
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        raise MinirtError(f"{path}: give the Hugging Face folder holding this file and its config.json")
     raise MinirtError(f"{path}: not a GGUF file, a llama2.c checkpoint, a Hugging Face folder or a low-rank export")
 
 
@@ -198,10 +200,6 @@ def _hf_vocab(folder: Path, ck: Checkpoint) -> dict:
 
 
 # ---- tensor encoding ------------------------------------------------------------------------------------
-def _as_float(t: Tensor) -> np.ndarray:
-    return t.float32()
-
-
 def out_type(t: Tensor, target: str | None, gguf_out: bool) -> str:
     """The type a tensor is written in: target, or as stored (None) where the output can hold it. GGUF keeps
     1-D tensors in F32 (llama.cpp's rule); block types need rows of whole 32-value blocks."""
@@ -224,7 +222,7 @@ def encode(t: Tensor, want: str) -> np.ndarray:
     from gguf import GGMLQuantizationType as Q, quants
     if want == t.qtype:
         return t.data
-    w = _as_float(t)
+    w = t.float32()
     if want == "F32":
         return np.ascontiguousarray(w, dtype=np.float32)
     if want == "F16":
