@@ -577,10 +577,7 @@ def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: S
         n_ok, tok = ds.verify(rows, draft, qs)
         out = draft[:n_ok] + [tok]
         cache.truncate(cache.pos - (n_draft - n_ok))
-        stats.steps += 1
-        stats.proposed += n_draft
-        stats.accepted += n_ok
-        stats.ks.append(n_draft)
+        stats.record(n_draft, n_ok)
         length.update(n_draft, n_ok)
         for t in out:
             context.append(t)

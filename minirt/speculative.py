@@ -30,6 +30,13 @@ class SpecStats:
     accepted: int = 0       # draft tokens accepted
     ks: list[int] = field(default_factory=list)
 
+    def record(self, n_draft: int, n_ok: int) -> None:
+        """One verify call: n_draft tokens proposed, n_ok accepted."""
+        self.steps += 1
+        self.proposed += n_draft
+        self.accepted += n_ok
+        self.ks.append(n_draft)
+
     @property
     def acceptance(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
@@ -253,10 +260,7 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
             break
         # keep in the cache: last + accepted drafts; the emitted final token becomes the new `last`
         cache.truncate(cache.pos - (n_draft - n_ok))
-        stats.steps += 1
-        stats.proposed += n_draft
-        stats.accepted += n_ok
-        stats.ks.append(n_draft)
+        stats.record(n_draft, n_ok)
         length.update(n_draft, n_ok)
         for tok in out:
             context.append(tok)
