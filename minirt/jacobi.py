@@ -194,7 +194,7 @@ def report_bench(rows: list[JacobiBench], block: int, window: int) -> str:
     def ms(xs):
         return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
     base = statistics.mean(rows[0].tps)
-    lines = [f"| setting | block | window | iterations per block | converged | tokens per exact pass | "
+    lines = ["| setting | block | window | iterations per block | converged | tokens per exact pass | "
              "FFN rows by transition in iterations (of them repeats) | tok/s | vs dense | identical to dense |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -7,7 +7,6 @@ The tiny models come from tests/test_parity.py (random transformers models with 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
