@@ -369,13 +369,8 @@ def _hf_tokenizer_files(src: Source) -> dict[str, bytes]:
         return {}
     tokens = v["tokenizer.ggml.tokens"]
     if model == "llama":  # SentencePiece: a tokenizer.model built from pieces, scores and types
-        from .readers.spm import model_proto
-        proto = model_proto(tokens, v.get("tokenizer.ggml.scores"), v.get("tokenizer.ggml.token_type"),
-                            unk_id=v.get("tokenizer.ggml.unknown_token_id", 0),
-                            bos_id=v.get("tokenizer.ggml.bos_token_id", -1),
-                            eos_id=v.get("tokenizer.ggml.eos_token_id", -1),
-                            add_dummy_prefix=bool(v.get("tokenizer.ggml.add_space_prefix", True)),
-                            remove_extra_whitespaces=bool(v.get("tokenizer.ggml.remove_extra_whitespaces", False)))
+        from .readers.spm import proto_from_gguf
+        proto = proto_from_gguf(v)
         tc = _tokenizer_config(src, tokens, "LlamaTokenizer")
         return {"tokenizer.model": proto,
                 "tokenizer_config.json": (json.dumps(tc, indent=2, ensure_ascii=False) + "\n").encode()}

@@ -230,16 +230,9 @@ def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
                              pre=meta.get("tokenizer.ggml.pre", "gpt2"),
                              add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), **common)
     if model == "llama":  # SentencePiece: pieces, scores and types → a tokenizer.model built in memory
-        from .spm import model_proto
-        tokens = list(meta["tokenizer.ggml.tokens"])
-        proto = model_proto(tokens, meta.get("tokenizer.ggml.scores"), meta.get("tokenizer.ggml.token_type"),
-                            unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
-                            bos_id=meta.get("tokenizer.ggml.bos_token_id", -1),
-                            eos_id=meta.get("tokenizer.ggml.eos_token_id", -1),
-                            add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-                            remove_extra_whitespaces=bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
-        return TokenizerSpec("spm", spm_proto=proto, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-                             **common)
+        from .spm import proto_from_gguf
+        return TokenizerSpec("spm", spm_proto=proto_from_gguf(meta),
+                             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)), **common)
     if model is None:
         return TokenizerSpec("none", **common)
     raise MinirtError(f"{path}: tokenizer type {model!r} inside GGUF is not supported yet (byte-level BPE is)")

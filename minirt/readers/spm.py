@@ -60,3 +60,14 @@ def model_proto(tokens: list[str], scores: list[float] | None, types: list[int] 
                   + _int(5, 1))
     out += _bytes(3, normalizer)
     return bytes(out)
+
+
+def proto_from_gguf(meta: dict) -> bytes:
+    """A tokenizer.model from a GGUF's SentencePiece (`llama`) vocabulary keys: pieces, scores, types, specials."""
+    return model_proto(list(meta["tokenizer.ggml.tokens"]), meta.get("tokenizer.ggml.scores"),
+                       meta.get("tokenizer.ggml.token_type"),
+                       unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
+                       bos_id=meta.get("tokenizer.ggml.bos_token_id", -1),
+                       eos_id=meta.get("tokenizer.ggml.eos_token_id", -1),
+                       add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                       remove_extra_whitespaces=bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
