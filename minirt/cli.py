@@ -146,8 +146,10 @@ def _load(args):
         from .lowrank import summary
         if not getattr(model, "lowrank", None):
             model = _factored(model, args)
-        elif _factor_choice(args) != (None, None, None) or args.calibration:
-            raise MinirtError(f"{args.model} is a low-rank export already; drop --energy/--rank/--params/--calibration")
+        elif (_factor_choice(args) != (None, None, None) or args.calibration or args.factor_type != "F32"
+              or args.lowrank_head or args.calib_tokens != 4096):
+            raise MinirtError(f"{args.model} is a low-rank export already; drop the factoring flags "
+                              "(--energy/--rank/--params/--calibration/--calib-tokens/--factor-type/--lowrank-head)")
         print(summary(model), file=sys.stderr)
     mode = getattr(args, "mode", "dense")
     if (mode == "pinv" or mode == "jacobi" and args.pinv_tol > 0) and args.cmd != "bench":
@@ -214,6 +216,10 @@ def _check_pinv_args(args) -> None:
         raise MinirtError(f"--block must be between 1 and 7, got {args.block}")
     if args.mode == "jacobi" and getattr(args, "temperature", 0) != 0:
         raise MinirtError("--mode jacobi decodes greedily: add --temperature 0")
+    if args.mode == "jacobi" and args.cmd == "bench" and args.n_gen < 9:
+        raise MinirtError(f"bench --mode jacobi times decoding: give -n 9 or more, got {args.n_gen}")
+    if getattr(args, "device", "cpu") == "cuda" and (args.mode == "pinv" or args.pinv_tol > 0):
+        raise MinirtError(f"--mode {args.mode} with the transition runs on the CPU only: drop --device cuda")
 
 
 def cmd_generate(args) -> None:
@@ -324,7 +330,7 @@ def cmd_bench(args) -> None:
             prompts = bench.FREE_WRITING
         else:
             from .registry import pull
-            text = open(pull("botchan"), "rb").read().decode("utf-8").replace("\r\n", " ")
+            text = open(pull("botchan", args.cache_dir), "rb").read().decode("utf-8").replace("\r\n", " ")
             prompts = bench.grounded_prompts([text[i:i + 600] for i in (20000, 60000, 100000, 140000)])
         res = bench.run_speculative(model, prompts, args.n_gen, args.draft, args.draft_k, args.repetitions)
         print(f"greedy, {len(prompts)} {args.prompts} prompts × {args.repetitions}, {args.n_gen} tokens each, "
@@ -361,7 +367,7 @@ def cmd_convert(args) -> None:
 def cmd_svd(args) -> None:
     import minirt
 
-    from .lowrank import check_choice, export, summary
+    from .lowrank import check_choice, check_out, export, summary
     from .registry import cache_dir, resolve
     check_choice(*_factor_choice(args))
     if args.calibration is not None and not os.path.isfile(args.calibration):
@@ -375,6 +381,7 @@ def cmd_svd(args) -> None:
         tag = f"e{e}" if e is not None else f"r{r}" if r is not None else f"p{p}"
         out = cache_dir(args.cache_dir) / (f"{src.stem}-lowrank-{tag}" + ("-cal" if args.calibration else "")
                                           + ("" if args.factor_type == "F32" else f"-{args.factor_type}"))
+    check_out(out)  # before the work, not after it
     model = minirt.load(src, threads=args.threads)
     model = _factored(model, args, default_energy=None)
     print(summary(model), file=sys.stderr)

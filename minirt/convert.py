@@ -291,7 +291,8 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -
         for name, (_, shape, make) in tensors.items():
             a = np.ascontiguousarray(make())
             a0, a1 = header[name]["data_offsets"]
-            assert a.shape == tuple(shape) and a.nbytes == a1 - a0, name
+            if a.shape != tuple(shape) or a.nbytes != a1 - a0:  # never write a file its header misdescribes
+                raise MinirtError(f"tensor {name}: {a.shape} does not match the header's {tuple(shape)}")
             a.tofile(f)
 
 

@@ -309,6 +309,19 @@ def manifest(model) -> dict:
     return info
 
 
+def check_out(out_dir) -> Path:
+    """The export folder: must not exist, or be an empty folder (checked before any work is done)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MinirtError(f"{out} exists and is not an empty folder; choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MinirtError(f"cannot write {out}: {parent} is not a folder")
+            break
+    return out
+
+
 def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Write a factored model (from with_lowrank) as an export folder: model.gguf + lowrank.json.
     The unfactored tensors and all metadata come from the model's source GGUF, byte for byte."""
@@ -319,9 +332,7 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     if src is None or src.is_dir() or not getattr(model, "lowrank", None):
         raise MinirtError("svd export needs a factored model loaded from a GGUF file "
                           "(a Hugging Face folder: convert it first with `minirt convert FOLDER model.gguf`)")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MinirtError(f"{out} exists and is not an empty folder; choose another --out")
+    out = check_out(out_dir)
     storage = model.lowrank_info["storage"]
     factored = {f.name: f for f in model.lowrank if f.rank}
     skip = set()
@@ -333,8 +344,12 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
         skip.update(f"blk.{i}.{t}" for t in GGUF_SOURCES[site])
     reader = gguf.GGUFReader(str(src), "r")
     arch = reader.fields["general.architecture"].contents()
-    tmp_dir = out.with_name(out.name + ".part")
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    import tempfile
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".part-"))
+    except OSError as e:
+        raise MinirtError(f"cannot write {out}: {e.strerror}") from None
     try:
         writer = gguf.GGUFWriter(str(tmp_dir / "model.gguf"), arch)
         copy_metadata(reader, writer)
@@ -362,6 +377,7 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
         writer.write_tensors_to_file()
         writer.close()
         (tmp_dir / MANIFEST).write_text(json.dumps(dict(info, source=src.name), indent=1) + "\n")
+        tmp_dir.chmod(0o755)  # mkdtemp's folders are private
         if out.exists():
             out.rmdir()
         os.replace(tmp_dir, out)

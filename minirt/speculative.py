@@ -18,7 +18,7 @@ from .errors import MinirtError
 from .sampling import Sampler
 
 MISSES = 3       # drafting stops after this many verify calls in a row accepted nothing …
-PROBE = 16      # … and is retried after this many steps (doubling while retries fail) …
+PROBE = 16      # … and is retried after 2·PROBE steps, the wait doubling while retries fail …
 PROBE_MAX = 128  # … up to this: when acceptance collapses, probes cost well under 5% of plain decoding
 K_MAX = 6  # K+1 = 7 positions: below Quant.GEMM_MIN_ROWS (8) and BLAS_MIN_ROWS (16)
 
@@ -147,7 +147,13 @@ def make_drafter(model, spec: str, capacity: int):
     tokenizer (a low-rank export of the model, made with minirt svd, is one)."""
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
-        return NGramDrafter(int(arg) if arg else 4)
+        try:
+            n = int(arg) if arg else 4
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise MinirtError(f"--draft ngram[:N] needs a longest n-gram N ≥ 1, got {spec!r}")
+        return NGramDrafter(n)
     if kind == "layers":
         try:
             n = int(arg)
@@ -173,7 +179,7 @@ def make_drafter(model, spec: str, capacity: int):
 class DraftLength:
     """Adaptive K: start at one draft token, grow by one on every fully accepted draft (up to 2K, at most
     K_MAX), halve on a rejection of the first token, and stop drafting after MISSES calls in a row accepted
-    nothing; then retry after PROBE steps, doubling the wait while retries fail (up to PROBE_MAX).
+    nothing; then retry after 2·PROBE steps, doubling the wait while retries fail (up to PROBE_MAX).
     adaptive=False keeps K fixed."""
 
     def __init__(self, k: int, adaptive: bool = True):

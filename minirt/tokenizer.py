@@ -147,7 +147,8 @@ class SPMTokenizer(Tokenizer):
             self.sp = (spm.SentencePieceProcessor(model_proto=spec.spm_proto) if spec.spm_proto is not None
                        else spm.SentencePieceProcessor(model_file=str(spec.spm_model)))
         except (OSError, RuntimeError) as e:
-            raise MinirtError(f"{spec.spm_model}: not a readable SentencePiece model ({e})") from None
+            where = spec.spm_model if spec.spm_proto is None else "the SentencePiece vocabulary in the GGUF"
+            raise MinirtError(f"{where}: not a readable SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
         self.bos_id = spec.bos_id if spec.bos_id is not None else (bos if bos >= 0 else None)

@@ -534,6 +534,20 @@ def test_llama2c_to_gguf_and_hf(version, shared, tmp_path):
     assert r.fields["llama.attention.head_count_kv"].contents() == L2_KV
 
 
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_llama2c_one_layer(version, tmp_path, monkeypatch):
+    """With one layer the per-layer arrays still carry their layer axis (a single-layer file converts)."""
+    monkeypatch.setattr(sys.modules[__name__], "L2_LAYERS", 1)
+    ckpt = tmp_path / "model.bin"
+    w = write_llama2c(ckpt, llama2c_weights(True, seed=7), version)
+    assert w["wq"].shape[0] == 1
+    ref = llama2c_forward(w, L2_IDS)
+    for out in (tmp_path / "m.gguf", tmp_path / "hf"):
+        convert(ckpt, out, progress=False)
+        got = minirt.load(str(out)).logits(L2_IDS)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_llama2c_tokenizer_bin(tmp_path):
     """A tokenizer.bin exported from a real SentencePiece model (botchan's) lands in llama.cpp's keys."""
     import sentencepiece as spm
@@ -635,3 +649,14 @@ def test_smollm2_to_hf_runs_in_transformers(smollm2_path, smollm2, tmp_path):
     np.testing.assert_array_equal(minirt.load(str(back)).logits(ids), minirt.load(str(hf)).logits(ids))
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0][len(ids):]
     assert tok.decode(out) == "".join(smollm2.generate(text, max_tokens=8, temperature=0))
+
+
+def test_partial_byte_pieces_stay_loadable():
+    """A SentencePiece vocabulary with some but not all 256 <0xNN> pieces (llama2.c tokenizers can have that)
+    still builds a model sentencepiece loads: byte fallback needs all 256, so a partial set stays plain."""
+    import sentencepiece as spm
+
+    from minirt.readers.spm import model_proto
+    toks = ["<unk>", "<s>", "</s>", "<0x41>", "▁a", "▁b", "a", "b"]
+    sp = spm.SentencePieceProcessor(model_proto=model_proto(toks, [0.0] * 8, [2, 3, 3, 6, 1, 1, 1, 1]))
+    assert sp.encode("a b") == [4, 5]

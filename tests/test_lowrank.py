@@ -135,7 +135,7 @@ def test_export_load_round_trip(storage, tiny_llama_gguf, tmp_path):
     names = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
     assert "blk.0.attn_q.weight" not in names and "blk.0.qkv.lr_u" in names and "output.lr_v" in names
     assert names["blk.1.down.lr_v"].tensor_type.name == storage
-    assert not (tmp_path / "tiny-lr.part").exists()
+    assert not list(tmp_path.glob("tiny-lr.part*"))
 
 
 def test_export_refuses_non_empty_folder(tiny_llama_gguf, tmp_path):
@@ -157,9 +157,11 @@ def test_export_refuses_non_empty_folder(tiny_llama_gguf, tmp_path):
     (["--energy", "0.9", "--rank", "3"], "exactly one"),
     ([], "exactly one"),
     (["--energy", "0.9", "--calibration", "no-such-file.txt"], "calibration file"),
+    (["--rank", "4", "-o", "{tiny}/x"], "not a folder"),   # checked before any work
 ])
 def test_svd_cli_bad_arguments(args, needle, tiny_llama_gguf, tmp_path):
     from .test_errors_and_fetch import assert_one_line_error, run_cli
+    args = [a.replace("{tiny}", str(tiny_llama_gguf)) for a in args]
     r = run_cli("svd", tiny_llama_gguf, "-o", tmp_path / "out", *args)
     assert_one_line_error(r, needle)
     assert not (tmp_path / "out").exists()
@@ -175,4 +177,6 @@ def test_svd_cli_export_then_generate(tiny_llama_gguf, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "lr" / "model.gguf").is_file() and "8 of 8 layer matrices factored" in r.stderr
     r = run_cli("perplexity", "-m", tmp_path / "lr", "-f", calib, "--mode", "lowrank", "--energy", "0.5")
+    assert_one_line_error(r, "low-rank export already")
+    r = run_cli("perplexity", "-m", tmp_path / "lr", "-f", calib, "--mode", "lowrank", "--factor-type", "F16")
     assert_one_line_error(r, "low-rank export already")

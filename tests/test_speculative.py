@@ -97,6 +97,9 @@ def test_draft_length_policy():
 def test_bad_draft_arguments(smollm2_fast):
     with pytest.raises(minirt.MinirtError, match="layers"):
         smollm2_fast.generate("hi", mode="speculative", draft="layers:99")
+    for bad in ("ngram:x", "ngram:0", "ngram:-1"):
+        with pytest.raises(minirt.MinirtError, match="ngram"):
+            smollm2_fast.generate("hi", mode="speculative", draft=bad)
     with pytest.raises(minirt.MinirtError, match="energy"):
         smollm2_fast.generate("hi", mode="speculative", draft="lowrank:abc")
     with pytest.raises(minirt.MinirtError, match="energy must be in"):

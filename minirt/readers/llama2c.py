@@ -32,6 +32,8 @@ MAGIC = 0x616B3432
 HEADER = 256
 
 
+PER_LAYER = {"attn_norm.weight", "ffn_norm.weight", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+
 def is_llama2c(path: Path) -> bool:
     """A guess from the header alone: the versioned magic, or seven plausible legacy int32."""
     try:
@@ -113,8 +115,11 @@ def read_llama2c(path: str | Path) -> Checkpoint:
         pos += nbytes
         return a
 
+    def stacked(name: str, k: int) -> bool:  # per-layer arrays keep their layer axis, even with one layer
+        return k > 1 or name in PER_LAYER
+
     for name, shape, k in layout:
-        raw[name] = take(k * np.prod(shape), np.float32).reshape((k,) + shape) if k > 1 else \
+        raw[name] = take(k * np.prod(shape), np.float32).reshape((k,) + shape) if stacked(name, k) else \
             take(np.prod(shape), np.float32).reshape(shape)
     if version == 2:
         q = {name: take(k * np.prod(shape), np.int8).reshape((k,) + shape) for name, shape, k in mats}
@@ -122,7 +127,7 @@ def read_llama2c(path: str | Path) -> Checkpoint:
             s = take(k * np.prod(shape) // group, np.float32)
             raw[name] = (q[name].reshape(-1, group).astype(np.float32) * s[:, None]).reshape(q[name].shape)
         for name, shape, k in mats:
-            if k == 1:
+            if not stacked(name, k):
                 raw[name] = raw[name].reshape(shape)
 
     cfg = ModelConfig("llama", vocab_size=vocab, dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hs,

@@ -48,12 +48,15 @@ def model_proto(tokens: list[str], scores: list[float] | None, types: list[int] 
     scores = scores if scores is not None else [0.0] * n
     types = types if types is not None else [1] * n
     out = bytearray()
+    byte_fallback = sum(t == 6 for t in types) == 256  # SentencePiece wants all 256 byte pieces or none
+    if not byte_fallback:
+        types = [1 if t == 6 else t for t in types]  # a partial set stays as plain pieces
     for tok, score, ty in zip(tokens, scores, types):
         piece = _bytes(1, tok.encode("utf-8")) + _key(2, 5) + struct.pack("<f", score)
         if ty != 1:
             piece += _int(3, ty)
         out += _bytes(1, piece)
-    trainer = (_int(3, 2) + _int(4, n) + _int(35, any(t == 6 for t in types)) + _int(40, unk_id) + _int(41, bos_id)
+    trainer = (_int(3, 2) + _int(4, n) + _int(35, byte_fallback) + _int(40, unk_id) + _int(41, bos_id)
                + _int(42, eos_id) + _int(43, pad_id))
     out += _bytes(2, trainer)
     normalizer = (_bytes(1, b"identity") + _int(3, add_dummy_prefix) + _int(4, remove_extra_whitespaces)
