@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,21 @@ def lowrank_from_tensors(u: Tensor, v: Tensor, bias, exact: bool = False, energy
     return LowRank(make_linear([u], exact=exact), make_linear([v], exact=exact), bias, energy)
 
 
+def factored_linear(d: SVD, lin: Linear, name: str, r: int, storage: str = "F32", force: bool = False):
+    """(the Linear at rank r, its Factored record), or (lin as it was, rank 0) where factors of rank r would
+    be no smaller than the matrix (the break-even rule) and force is off."""
+    n, m = d.shape
+    if r * (n + m) >= n * m and not force:
+        return lin, Factored(name, (n, m), 0, 1.0)
+    u, v = d.factors(r)
+    if storage == "F32":
+        new = LowRank(u, v, lin.bias, d.energy(r))
+    else:
+        new = lowrank_from_tensors(store(u, storage), store(v, storage), lin.bias, getattr(lin, "exact", False),
+                                   d.energy(r))
+    return new, Factored(name, (n, m), r, d.energy(r))
+
+
 class Factorizer:
     """Decomposes every attention and MLP matrix of a model once (plain, or activation-aware from
     calibration Grams) and builds low-rank copies of the model at any energy, rank or parameter ratio."""
@@ -194,17 +210,9 @@ class Factorizer:
 
         def replace(name, lin):
             d = self.svd[name]
-            n, m = d.shape
-            r = d.rank(energy, rank, params, multiple)
-            if r * (n + m) >= n * m and not force:  # break-even: the factors would be no smaller
-                report.append(Factored(name, (n, m), 0, 1.0))
-                return lin
-            u, v = d.factors(r)
-            report.append(Factored(name, (n, m), r, d.energy(r)))
-            if storage == "F32":
-                return LowRank(u, v, lin.bias, d.energy(r))
-            exact = getattr(lin, "exact", False)
-            return lowrank_from_tensors(store(u, storage), store(v, storage), lin.bias, exact, d.energy(r))
+            new, f = factored_linear(d, lin, name, d.rank(energy, rank, params, multiple), storage, force)
+            report.append(f)
+            return new
 
         for i, L in enumerate(src.layers):
             L2 = copy.copy(L)
@@ -334,17 +342,10 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
                           "(a Hugging Face folder: convert it first with `minirt convert FOLDER model.gguf`)")
     out = check_out(out_dir)
     storage = model.lowrank_info["storage"]
-    factored = {f.name: f for f in model.lowrank if f.rank}
-    skip = set()
-    for name in factored:
-        if name == "head":
-            skip.add("output.weight")
-            continue
-        _, i, site = name.split(".")
-        skip.update(f"blk.{i}.{t}" for t in GGUF_SOURCES[site])
+    sites = list(_factored_sites(model))
+    skip = {t for _, _, replaced in sites for t in replaced}
     reader = gguf.GGUFReader(str(src), "r")
     arch = reader.fields["general.architecture"].contents()
-    import tempfile
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".part-"))
@@ -358,9 +359,7 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
         for t in reader.tensors:
             if t.name not in skip:
                 copy_tensor(writer, t)
-        for k, name in enumerate(factored):
-            lin = model.head if name == "head" else getattr(model.layers[int(name.split(".")[1])], name.split(".")[2])
-            gname = "output" if name == "head" else f"blk.{name.split('.')[1]}.{name.split('.')[2]}"
+        for k, (gname, lin, _) in enumerate(sites):
             for part, sub in (("lr_u", lin.u), ("lr_v", lin.v)):
                 if storage == "Q8_0":  # the blocks exactly as they ran (no second rounding)
                     t = _raw_blocks(sub)
@@ -371,7 +370,7 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
             if lin.bias is not None:
                 writer.add_tensor(f"{gname}.lr_b", np.asarray(lin.bias, np.float32))
             if progress:
-                _progress(k + 1, len(factored), "factors written")
+                _progress(k + 1, len(sites), "factors written")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -388,6 +387,19 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
             raise MinirtError(f"writing {out} failed: {e}") from None
         raise
     return out
+
+
+def _factored_sites(model):
+    """(GGUF name prefix, LowRank, source tensors it replaces) for every factored matrix of a model."""
+    for f in model.lowrank:
+        if not f.rank:
+            continue
+        if f.name == "head":
+            yield "output", model.head, ("output.weight",)
+        else:
+            _, i, site = f.name.split(".")
+            yield (f"blk.{i}.{site}", getattr(model.layers[int(i)], site),
+                   tuple(f"blk.{i}.{t}" for t in GGUF_SOURCES[site]))
 
 
 def _raw_blocks(q: Quant) -> Tensor:
@@ -425,12 +437,7 @@ def lowrank_linear(lin: Linear, name: str, energy=None, rank=None, force: bool =
     """One Linear factored on its own (tests and experiments): (new Linear, Factored)."""
     check_choice(energy, rank)
     d = SVD(dense_matrix(lin))
-    n, m = d.shape
-    r = d.rank(energy, None if rank is None else min(rank, n, m))
-    if r * (n + m) >= n * m and not force:
-        return lin, Factored(name, (n, m), 0, 1.0)
-    u, v = d.factors(r)
-    return LowRank(u, v, lin.bias, d.energy(r)), Factored(name, (n, m), r, d.energy(r))
+    return factored_linear(d, lin, name, d.rank(energy, None if rank is None else min(rank, *d.shape)), force=force)
 
 
 __all__ = ["LowRank", "Factorizer", "with_lowrank", "export", "calibration_grams", "factor"]
