@@ -178,7 +178,8 @@ def _factored(model, args, default_energy: float | None = 0.9):
     if args.calibration is not None:
         if args.calib_tokens < 2:
             raise MinirtError(f"--calib-tokens must be ≥ 2, got {args.calib_tokens}")
-        calib = calibration_tokens(model, args.calibration, args.calib_tokens)
+        label = f"calibration file {args.calibration}"
+        calib = calibration_tokens(model, _read_text(args.calibration, label), args.calib_tokens, label)
     return with_lowrank(model, energy, rank, params, calibration=calib, storage=args.factor_type,
                         head=args.lowrank_head, progress=True)
 
@@ -284,19 +285,24 @@ def cmd_chat(args) -> None:
         history = prompt + reply + "<|im_end|>\n"
 
 
+def _read_text(path, label) -> str:
+    """A UTF-8 text file's bytes as they are (CRLF line endings stay); label names it in errors."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise MinirtError(f"cannot read {label}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MinirtError(f"{label} is not UTF-8 text") from None
+
+
 def cmd_perplexity(args) -> None:
     from .perplexity import perplexity
     from .registry import REGISTRY, pull
     path = args.file
     if not os.path.exists(path) and path in REGISTRY and REGISTRY[path].kind == "data":
         path = pull(path, args.cache_dir)
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")  # bytes as they are: CRLF line endings stay
-    except OSError as e:
-        raise MinirtError(f"cannot read {args.file}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise MinirtError(f"{args.file} is not UTF-8 text") from None
+    text = _read_text(path, args.file)
     if args.ctx < 4 or (args.chunks is not None and args.chunks < 1):
         raise MinirtError("--ctx must be ≥ 4 and --chunks ≥ 1")
     _check_pinv_args(args)

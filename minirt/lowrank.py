@@ -288,16 +288,11 @@ def calibration_grams(model, ids, ctx: int = 512, progress: bool = False) -> dic
     return grams
 
 
-def calibration_tokens(model, path: str | os.PathLike, max_tokens: int = 4096) -> np.ndarray:
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise MinirtError(f"cannot read calibration file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise MinirtError(f"calibration file {path} is not UTF-8 text") from None
+def calibration_tokens(model, text: str, max_tokens: int = 4096, label: str = "the calibration text") -> np.ndarray:
+    """The first max_tokens tokens of a calibration text (no BOS), at least 2."""
     ids = model.tokenizer.encode(text, add_bos=False)[:max_tokens]
     if len(ids) < 2:
-        raise MinirtError(f"calibration file {path} gives fewer than 2 tokens")
+        raise MinirtError(f"{label} gives fewer than 2 tokens")
     return np.asarray(ids, np.int64)
 
 
