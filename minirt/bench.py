@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from .progress import Progress
+
 
 @njit(parallel=True, cache=True, fastmath=True)
 def _stream_sum(a):
@@ -26,8 +28,9 @@ def _stream_sum(a):
     return part.sum()
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the median of several parallel streaming sums over a large array."""
+def memory_bandwidth(gib: float = 0.25, repeats: int = 9) -> float:
+    """Read bandwidth in bytes/s: the median of several parallel streaming sums over an array 8× the size of
+    a 32 MB L3 (256 MiB: big enough to stream from memory, small enough not to weigh on a laptop's RAM)."""
     a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
     _stream_sum(a[:1024])
     rates = []
@@ -57,6 +60,7 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
     model.forward(rng.integers(0, vocab, max(p, 1)), model.new_cache(max(p, 1)))
     model.forward([1], warm)
     pp, tg = [], []
+    bar = Progress("bench", r, "runs", every=2.0)
     for _ in range(r):
         if p:
             cache = model.new_cache(p)
@@ -71,6 +75,8 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
             for _ in range(n):
                 tok = int(np.argmax(model.forward([tok], cache)[0]))
             tg.append(n / (time.perf_counter() - t))
+        bar.update(1, note=(f"pp{p} {pp[-1]:.1f} t/s " if p else "") + (f"tg{n} {tg[-1]:.1f} t/s" if n else ""))
+    bar.close()
     bw = getattr(model, "memory_bandwidth", memory_bandwidth)  # a GPU model measures its own device memory
     return BenchResult(pp, tg, model.weight_bytes, bw() if bandwidth else float("nan"))
 

@@ -9,103 +9,135 @@ from .errors import MinirtError
 from .generate import MODES
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, where it has a meaningful one and the help does not name it already."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "(default" in h or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*a, **kw)
+
     def error(self, message):  # one line, exit 2, instead of usage + message
         raise MinirtError(f"{message} (see: {self.prog} --help)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=os.environ.get("MINIRT_MODEL", "smollm2"),
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", default=os.environ.get("MINIRT_MODEL", "smollm2"),
                    help="registry name (see `minirt list`) or a path to a .gguf file / Hugging Face folder")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--cache-dir", default=None, help="where models are cached (default: weights/ or $MINIRT_HOME)")
-    p.add_argument("--dequantize", action="store_true",
+    g.add_argument("--cache-dir", default=None, help="where models are cached (default: ~/.cache/minirt or $MINIRT_HOME)")
+    g.add_argument("--dequantize", action="store_true",
                    help="expand quantized matrices to float32 instead of running on the stored format")
-    p.add_argument("--exact", action="store_true",
+    g.add_argument("--exact", action="store_true",
                    help="float32 activations in the quantized decode kernels (no int8 rounding; slower)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda (the GPU backend: CuPy, float16 weights on the "
+    g = p.add_argument_group("performance")
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda (the GPU backend: CuPy, float16 weights on the "
                    "device) or auto (cuda when CuPy finds a GPU)")
-    p.add_argument("--energy", type=float, default=None,
-                   help="--mode lowrank: keep this fraction of each matrix's singular-value energy (default 0.9)")
-    p.add_argument("--rank", type=int, default=None, help="--mode lowrank: keep this rank instead")
-    p.add_argument("--pinv-window", type=int, default=16,
+
+
+def _mode_args(p: argparse.ArgumentParser, modes=MODES, bench: bool = False) -> None:
+    g = p.add_argument_group("modes (research: low rank, speculative decoding, the pinv transition)")
+    g.add_argument("--mode", choices=modes, default="dense", help="how to decode")
+    if "speculative" in modes:
+        g.add_argument("--draft", default="ngram",
+                       help="drafter for --mode speculative: ngram[:N] (prompt lookup), layers:N (early exit), "
+                            "lowrank[:E|:pP] (low-rank twin), or a model name/path with the same tokenizer")
+        g.add_argument("--draft-k", type=int, default=4, help="draft length K (adapted as acceptance varies)")
+    if "jacobi" in modes:
+        g.add_argument("--block", type=int, default=4, help="--mode jacobi: positions refined together (1-7)")
+    g.add_argument("--pinv-window", type=int, default=16,
                    help="--mode pinv/jacobi: exactly computed FFN rows kept per layer to predict from (S)")
-    p.add_argument("--pinv-tol", type=float, default=0.1,
+    g.add_argument("--pinv-tol", type=float, default=0.1,
                    help="--mode pinv/jacobi: a row is predicted when its relative residual is at most this (0: never)")
-    _factor_args(p)
+    g.add_argument("--energy", type=float, default=None,
+                   help="--mode lowrank: keep this fraction of each matrix's singular-value energy (default 0.9)")
+    g.add_argument("--rank", type=int, default=None, help="--mode lowrank: keep this rank instead")
+    _factor_args(g)
 
 
-def _factor_args(p: argparse.ArgumentParser) -> None:
+def _factor_args(p) -> None:
     """How low-rank factors are made (--mode lowrank on the fly, and minirt svd)."""
     p.add_argument("--params", type=float, default=None,
                    help="low rank: keep this fraction of each matrix's parameters instead")
     p.add_argument("--calibration", default=None,
                    help="low rank: activation-aware factors (SVD-LLM) from this text file's activations")
-    p.add_argument("--calib-tokens", type=int, default=4096, help="tokens of the calibration text used")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="low rank: tokens of the calibration text used")
     p.add_argument("--factor-type", default="F32", choices=("F32", "F16", "Q8_0"),
                    help="low rank: how the factors are stored (Q8_0 rounds ranks up to multiples of 32)")
     p.add_argument("--lowrank-head", action="store_true", help="low rank: factor the output head too")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("--min-p", type=float, default=0.05, help="0 = off")
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ctx", type=int, default=None, help="context size (default: the model's)")
-    p.add_argument("--mode", choices=MODES, default="dense")
-    p.add_argument("--draft", default="ngram",
-                   help="drafter for --mode speculative: ngram[:N] (prompt lookup), layers:N (early exit), "
-                        "lowrank[:E|:pP] (low-rank twin), or a model name/path with the same tokenizer")
-    p.add_argument("--draft-k", type=int, default=4, help="draft length K (adapted as acceptance varies)")
-    p.add_argument("--block", type=int, default=4, help="--mode jacobi: positions refined together (1-7)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus: keep the smallest set with this mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below this × the top probability (0 = off)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalise tokens already seen (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
+    g = p.add_argument_group("output")
+    g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most")
+    g.add_argument("--stop", action="append", default=[],
+                   help="stop string, repeatable; escapes such as \\n and \\t are understood")
+    g.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: 4096 or the model's maximum "
+                   "if smaller; at most the model's maximum)")
 
 
 def build_parser() -> Parser:
-    ap = Parser(prog="minirt", description="A minimal LLM runtime on numpy and Numba.")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    from . import __version__
+    ap = Parser(prog="minirt", description="A minimal LLM runtime on numpy and Numba.",
+                epilog="Run `minirt COMMAND --help` for a command's options. Set MINIRT_DEBUG=1 (or --debug) for "
+                       "tracebacks of internal errors.")
+    ap.add_argument("--version", action="version", version=f"minirt {__version__}")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
+    sub = ap.add_subparsers(dest="cmd", parser_class=Parser, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate text from a prompt")
+    pr = g.add_argument_group("prompt")
+    pr.add_argument("-p", "--prompt", default=None, help="prompt text ('-' reads standard input)")
+    pr.add_argument("-f", "--prompt-file", default=None, help="read the prompt from this file")
+    pr.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    pr.add_argument("--system", default=None, help="system message for --chat")
     _model_args(g)
-    g.add_argument("-p", "--prompt", default=None, help="prompt text ('-' reads standard input)")
-    g.add_argument("-f", "--prompt-file", default=None)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--system", default=None, help="system message for --chat")
     _sampling_args(g)
+    _mode_args(g)
 
-    c = sub.add_parser("chat", help="interactive chat with an instruct model (reads lines from stdin)")
+    c = sub.add_parser("chat", help="interactive chat with an instruct model (/help inside for commands)")
+    c.add_argument("--system", "-s", default=None, help="system message (default: the template's own)")
     _model_args(c)
-    c.add_argument("--system", default=None)
     _sampling_args(c)
+    _mode_args(c)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity's method)")
-    _model_args(pp)
     pp.add_argument("-f", "--file", required=True, help="text file, or a registry data name such as botchan")
-    pp.add_argument("-c", "--ctx", type=int, default=512)
+    pp.add_argument("-c", "--ctx", type=int, default=512, help="window size in tokens")
     pp.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
-    pp.add_argument("--mode", choices=("dense", "lowrank", "pinv"), default="dense")
+    _model_args(pp)
+    _mode_args(pp, ("dense", "lowrank", "pinv"))
 
     b = sub.add_parser("bench", help="prompt (pp) and generation (tg) speed, like llama-bench")
-    _model_args(b)
-    b.add_argument("-p", "--n-prompt", type=int, default=128)
-    b.add_argument("-n", "--n-gen", type=int, default=128)
-    b.add_argument("-r", "--repetitions", type=int, default=5)
-    b.add_argument("--mode", choices=MODES, default="dense")
-    b.add_argument("--draft", default="ngram", help="drafter for --mode speculative (see generate --help)")
-    b.add_argument("--draft-k", type=int, default=4)
-    b.add_argument("--block", type=int, default=4, help="--mode jacobi: positions refined together (1-7)")
+    b.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (pp test)")
+    b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg test)")
+    b.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test")
     b.add_argument("--prompts", choices=("free", "grounded"), default="free",
                    help="speculative: free writing, or rewriting/summarising passages of botchan.txt")
+    _model_args(b)
+    _mode_args(b)
 
     q = sub.add_parser("quantize", help="re-encode a GGUF file's matrices (F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
     q.add_argument("model", help="registry name or GGUF path")
     q.add_argument("out", help="output .gguf path")
-    q.add_argument("--type", required=True, choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"))
-    q.add_argument("--cache-dir", default=None)
+    q.add_argument("--type", required=True, choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"),
+                   help="type of the weight matrices")
+    q.add_argument("--cache-dir", default=None, help="where models are cached")
 
     cv = sub.add_parser("convert", help="convert weights (HF folder, GGUF, llama2.c, low-rank export → GGUF or HF)")
     cv.add_argument("src", help="Hugging Face folder, .gguf file, llama2.c checkpoint, or low-rank export folder")
@@ -119,16 +151,20 @@ def build_parser() -> Parser:
     sv.add_argument("--energy", type=float, default=None, help="keep this fraction of the singular-value energy")
     sv.add_argument("--rank", type=int, default=None, help="keep this rank")
     _factor_args(sv)
-    sv.add_argument("-o", "--out", default=None, help="output folder (default: weights/NAME-lowrank-…)")
-    sv.add_argument("-t", "--threads", type=int, default=None)
-    sv.add_argument("--cache-dir", default=None)
+    sv.add_argument("-o", "--out", default=None, help="output folder (default: the cache, NAME-lowrank-…)")
+    sv.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    sv.add_argument("--cache-dir", default=None, help="where models are cached")
 
     pl = sub.add_parser("pull", help="fetch models or data into the cache ahead of time")
-    pl.add_argument("names", nargs="+")
-    pl.add_argument("--cache-dir", default=None)
+    pl.add_argument("names", nargs="+", help="registry names (see minirt list)")
+    pl.add_argument("--cache-dir", default=None, help="where models are cached")
 
-    ls = sub.add_parser("list", help="known models and data, and whether they are cached")
-    ls.add_argument("--cache-dir", default=None)
+    rm = sub.add_parser("rm", help="delete cached models or data")
+    rm.add_argument("names", nargs="+", help="registry names or low-rank export folders in the cache")
+    rm.add_argument("--cache-dir", default=None, help="where models are cached")
+
+    ls = sub.add_parser("list", help="known models and data, whether they are cached, and their size")
+    ls.add_argument("--cache-dir", default=None, help="where models are cached")
     return ap
 
 
@@ -186,7 +222,8 @@ def _factored(model, args, default_energy: float | None = 0.9):
 
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
+                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
+                stop=[_unescape(s) for s in args.stop],
                 mode=args.mode, ctx=args.ctx, draft=args.draft, draft_k=args.draft_k,
                 block=args.block)
 
@@ -223,6 +260,26 @@ def _check_pinv_args(args) -> None:
         raise MinirtError(f"--mode {args.mode} with the transition runs on the CPU only: drop --device cuda")
 
 
+def _load_timed(args):
+    """_load, then a warm-up run, each timed on stderr: so that prompt and decode speeds are the model's own."""
+    import time
+    t0 = time.perf_counter()
+    model = _load(args)
+    load = time.perf_counter() - t0
+    warm = model.warmup() if hasattr(model, "warmup") else 0.0
+    first = " (the first run compiles the kernels; later runs read them from the cache)" if warm > 3 else ""
+    print(f"load: {load:.2f} s · warm-up: {warm:.2f} s{first}", file=sys.stderr)
+    return model
+
+
+def _unescape(s: str) -> str:
+    """Backslash escapes typed on a command line (\\n, \\t, \\\\, \\u00e9 …) as the characters they name;
+    other text, non-ASCII included, as it is."""
+    import re
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|[nrt0\\'\"])",
+                  lambda m: m.group(0).encode("ascii").decode("unicode_escape"), s)
+
+
 def cmd_generate(args) -> None:
     if args.prompt is not None and args.prompt_file is not None:
         raise MinirtError("give --prompt or --prompt-file, not both")
@@ -238,7 +295,7 @@ def cmd_generate(args) -> None:
     else:
         raise MinirtError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
     _check_args(args)
-    model = _load(args)
+    model = _load_timed(args)
     gen = model.generate(prompt, chat=args.chat, system=args.system, **_sampling(args))
     for piece in gen:
         sys.stdout.write(piece)
@@ -254,35 +311,105 @@ def cmd_generate(args) -> None:
               "predicted", file=sys.stderr)
 
 
-def cmd_chat(args) -> None:
-    _check_args(args)
-    model = _load(args)
-    tok = model.tokenizer
-    tok.chat_prompt("")  # fails early, with one line, for a model without a chat template
-    history = ""
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        line = sys.stdin.readline()
+CHAT_HELP = """commands:
+  /bye (or Ctrl-D)      leave
+  /clear                forget the conversation (the system message stays)
+  /system TEXT          set the system message (and clear)
+  /help                 this help
+  \"\"\"                   start or end a message of several lines
+Ctrl-C stops a reply and returns to the prompt."""
+
+
+def _read_message(interactive: bool) -> str | None:
+    """One user message: a line, or the lines between two \"\"\" (as in ollama). None at the end of input."""
+    prompt = ">>> " if interactive else ""
+    try:
+        line = input(prompt) if interactive else sys.stdin.readline()
+    except EOFError:
+        return None
+    if not interactive:
         if not line:
-            break
-        if not line.strip():
+            return None
+        line = line.rstrip("\n")
+    if not line.lstrip().startswith('"""'):
+        return line
+    parts, rest = [], line.lstrip()[3:]
+    while True:
+        if rest.rstrip().endswith('"""'):
+            parts.append(rest.rstrip()[:-3])
+            return "\n".join(parts)
+        parts.append(rest)
+        try:
+            rest = input("... ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return "\n".join(parts)
+        if not interactive:
+            if not rest:
+                return "\n".join(parts)
+            rest = rest.rstrip("\n")
+
+
+def cmd_chat(args) -> None:
+    """A terminal front end over minirt.Chat: reads messages, streams replies, handles the commands."""
+    from .chat import Chat
+    _check_args(args)
+    model = _load_timed(args)
+    opts = _sampling(args)
+    chat = Chat(model, system=args.system, ctx=opts.pop("ctx"), **opts)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print("minirt chat: /help for commands, /bye or Ctrl-D to leave", file=sys.stderr)
+    while True:
+        try:
+            text = _read_message(interactive)
+        except KeyboardInterrupt:  # at the prompt, as ollama does: say how to leave
+            print("\nUse Ctrl-D or /bye to leave.", file=sys.stderr)
             continue
-        turn = tok.chat_prompt(line.rstrip("\n"), args.system if not history else "")
-        if history:  # later turns: no system block, just the user turn after what came before
-            turn = turn[turn.index("<|im_start|>user"):]
-        prompt = history + turn
-        gen = model.generate(prompt, **_sampling(args))
-        reply = ""
-        for piece in gen:
-            reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        print(gen.stats.summary(), file=sys.stderr)
-        history = prompt + reply + "<|im_end|>\n"
+        if text is None:
+            if interactive:
+                sys.stderr.write("\n")
+            return
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd in ("/bye", "/exit", "/quit", "exit", "quit"):
+            return
+        if cmd in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        if cmd == "/clear":
+            chat.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if cmd.startswith("/system"):
+            chat.system = cmd[len("/system"):].strip() or None
+            chat.clear()
+            print("(system message set; conversation cleared)", file=sys.stderr)
+            continue
+        if cmd.startswith("/"):
+            print(f"unknown command {cmd.split()[0]}; /help lists them", file=sys.stderr)
+            continue
+        stream = chat.send(text)
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write("\n")
+            print("(reply stopped)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n\n" if interactive else "\n")
+        sys.stdout.flush()
+        for notice in chat.notices:
+            print(f"({notice})", file=sys.stderr)
+        chat.notices.clear()
+        if not interactive:
+            print(chat.last.stats.summary(), file=sys.stderr)
 
 
 def _read_text(path, label) -> str:
@@ -397,38 +524,70 @@ def cmd_svd(args) -> None:
 def cmd_pull(args) -> None:
     from .registry import pull
     for name in args.names:
-        print(pull(name, args.cache_dir))
+        print(pull(name, args.cache_dir, what="name"))
+
+
+def cmd_rm(args) -> None:
+    from .registry import remove
+    for name in args.names:
+        d, size = remove(name, args.cache_dir)
+        print(f"deleted {d} ({size / 1e6:.1f} MB)")
 
 
 def cmd_list(args) -> None:
-    from .registry import REGISTRY, cache_dir, is_present
+    from .registry import REGISTRY, cache_dir, entry_dir, exports, folder_size, is_present
     print(f"cache: {cache_dir(args.cache_dir)}")
     for e in REGISTRY.values():
-        mark = "present" if is_present(e, args.cache_dir) else "-"
+        size = folder_size(entry_dir(e, args.cache_dir))
+        mark = f"{size / 1e6:7.1f} MB" if is_present(e, args.cache_dir) else "        -"
         alias = f" ({', '.join(e.aliases)})" if e.aliases else ""
         kind = "model" if e.kind == "models" else "data"
-        print(f"{kind:5} {e.name + alias:28} {mark:8} {e.spec.get('description', '')}")
+        print(f"{kind:6} {e.name + alias:28} {mark} {e.spec.get('description', '')}")
+    for d in exports(args.cache_dir):
+        print(f"{'export':6} {d.name:28} {folder_size(d) / 1e6:7.1f} MB low-rank export (minirt svd)")
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
-            "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "list": cmd_list}
+            "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "rm": cmd_rm,
+            "list": cmd_list}
+
+
+def _one_line(text: str) -> str:
+    """An error message as one printable line: text taken from files may hold newlines or terminal control
+    sequences, which are shown escaped instead of acting on the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv[:1] or os.environ.get("MINIRT_DEBUG", "") not in ("", "0")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = debug or args.debug
+        if args.cmd is None:
+            parser.print_help(sys.stderr)
+            return 2
         if getattr(args, "threads", None) is not None and args.threads < 1:
             raise MinirtError(f"--threads must be ≥ 1, got {args.threads}")
         COMMANDS[args.cmd](args)
         return 0
     except MinirtError as e:
-        print(f"minirt: error: {e}", file=sys.stderr)
+        print(f"minirt: error: {_one_line(str(e))}", file=sys.stderr)
         return 2 if "--help" in str(e) else 1
     except KeyboardInterrupt:
         print("minirt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a bug in minirt, not the user's input: one line, the traceback on request
+        if debug:
+            import traceback
+            traceback.print_exc()
+        where = "" if debug else " (run with --debug or MINIRT_DEBUG=1 for the traceback)"
+        print(f"minirt: internal error: {_one_line(f'{type(e).__name__}: {e}')}{where}; please report it",
+              file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

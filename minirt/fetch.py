@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import MinirtError
+from .progress import Progress
 
 CHUNK = 1 << 20
 
@@ -44,41 +46,6 @@ def verify(path: Path, spec: dict, label: str) -> None:
             if got != spec[kind]:
                 raise MinirtError(f"{label}: {kind} mismatch (got {got[:12]}…, expected {spec[kind][:12]}…); "
                                   "the download is corrupt, fetch again")
-
-
-class Progress:
-    """A one-line progress bar on stderr (only when stderr is a terminal, or forced)."""
-
-    def __init__(self, label: str, total: int | None, done: int = 0):
-        self.label, self.total, self.done = label, total, done
-        self.live = sys.stderr.isatty()
-        self.t0 = self.last = time.monotonic()
-        self.start = done
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.live and now - self.last > 0.2:
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = (self.done - self.start) / max(now - self.t0, 1e-9) / 1e6
-        if self.total:
-            frac = self.done / self.total
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.done / 1e6:8.1f}/{self.total / 1e6:.1f} MB "
-                             f"{rate:6.1f} MB/s")
-        else:
-            sys.stderr.write(f"\r{self.label} {self.done / 1e6:8.1f} MB {rate:6.1f} MB/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.live:
-            self._draw(time.monotonic())
-            sys.stderr.write("\n")
-        else:
-            sys.stderr.write(f"{self.label}: {self.done / 1e6:.1f} MB\n")
 
 
 def http_download(url: str, dest: Path, spec: dict | None = None, timeout: float = 15.0) -> Path:
@@ -119,7 +86,7 @@ def http_download(url: str, dest: Path, spec: dict | None = None, timeout: float
                     spec["sha256"] = linked
                 elif len(etag) == 40:
                     spec["git_sha1"] = etag
-            bar = Progress(dest.name, total, have)
+            bar = Progress(f"downloading {dest.name}", total, "MB", have, scale=1e6)
             try:
                 with open(part, "ab" if have else "wb") as f:
                     for chunk in iter(lambda: resp.read(CHUNK), b""):
@@ -141,6 +108,31 @@ def http_download(url: str, dest: Path, spec: dict | None = None, timeout: float
     return dest
 
 
+def _run_with_progress(cmd: list[str], label: str, timeout: float) -> tuple[int, list[str]]:
+    """Run a command, showing its elapsed time and latest output line as progress; (exit status, output lines)."""
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+    except OSError as e:
+        raise MinirtError(f"{label} failed: {e}") from None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in proc.stdout), daemon=True)
+    reader.start()
+    bar = Progress(label)
+    try:
+        while reader.is_alive():
+            reader.join(0.25)
+            if time.monotonic() - bar.t0 > timeout:
+                proc.kill()
+                raise MinirtError(f"{label}: no result after {timeout:.0f} s")
+            bar.update(0, note=next((ln.strip() for ln in reversed(lines) if ln.strip()), ""))
+    finally:
+        bar.close()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(), lines
+
+
 def pip_fetch(requirement: str, dist: str, files: dict[str, dict], dest_dir: Path) -> None:
     """Fetch a package from the configured package index with pip and extract verified files from it.
 
@@ -151,13 +143,10 @@ def pip_fetch(requirement: str, dist: str, files: dict[str, dict], dest_dir: Pat
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", tmp, requirement]
         cmd += ["--no-binary", ":all:"] if dist == "sdist" else ["--only-binary", ":all:"]
-        sys.stderr.write(f"fetching {requirement} with pip …\n")
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise MinirtError(f"pip download {requirement} failed: {e}") from None
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        returncode, lines = _run_with_progress(cmd, f"fetching {requirement} with pip", timeout=1800)
+        if returncode != 0:
+            errs = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["(no output)"]
+            last = errs[-1]
             raise MinirtError(f"pip download {requirement} failed ({last}); check your connection to the package index")
         archives = [p for p in Path(tmp).iterdir() if p.is_file()]
         if len(archives) != 1:

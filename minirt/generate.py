@@ -18,12 +18,15 @@ class Stats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     stop_reason: str = ""
+    cached_tokens: int = 0      # prompt tokens whose KV a chat's earlier turns left in the cache
     tokens: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
-        pp = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        run = self.prompt_tokens - self.cached_tokens
+        pp = run / self.prompt_seconds if self.prompt_seconds else 0.0
         tg = (self.decode_tokens - 1) / self.decode_seconds if self.decode_seconds and self.decode_tokens > 1 else 0.0
-        return (f"prompt: {self.prompt_tokens} tokens, {pp:.1f} tok/s · decode: {self.decode_tokens} tokens, "
+        cached = f" ({self.cached_tokens} reused)" if self.cached_tokens else ""
+        return (f"prompt: {self.prompt_tokens} tokens{cached}, {pp:.1f} tok/s · decode: {self.decode_tokens} tokens, "
                 f"{tg:.1f} tok/s · stop: {self.stop_reason}")
 
 
@@ -33,13 +36,16 @@ class Generation:
     prompt: text (encoded with the tokenizer, BOS added where the model wants it) or a list of token ids.
     chat: wrap a text prompt in the model's chat template (system: its system message).
     stop: strings that end generation (not included in the output). The end-of-generation tokens always stop.
+    cache: a KV cache that already holds the first cache.pos tokens of the prompt (a chat's earlier turns):
+    only the rest is prefilled. Token sources that cannot continue a cache (speculative, jacobi, the GPU)
+    start it over.
     """
 
     def __init__(self, model, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] | list[str] = (), chat: bool = False, system: str | None = None,
                  mode: str = "dense", ctx: int | None = None, draft: str = "ngram", draft_k: int = 4,
-                 block: int = 4):
+                 block: int = 4, cache=None):
         if mode not in MODES:
             raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         if mode == "lowrank" and not getattr(model, "lowrank", None):
@@ -72,7 +78,11 @@ class Generation:
         self.prompt_ids = ids
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
-        self.cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * max(draft_k, block) + 1))
+        if cache is None:
+            cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * max(draft_k, block) + 1))
+        elif len(ids) > cache.capacity:
+            raise MinirtError(f"the prompt has {len(ids)} tokens, but the cache holds {cache.capacity}")
+        self.cache = cache
         self.stats = Stats(prompt_tokens=len(ids))
         self.draft_k = draft_k
         self.drafter = None
@@ -86,10 +96,18 @@ class Generation:
             if not 1 <= block <= BLOCK_MAX:
                 raise MinirtError(f"jacobi block size must be between 1 and {BLOCK_MAX}, got {block}")
             self.jacobi = JacobiStats()
+        if not self._continues_cache():
+            cache.truncate(0)
+        elif cache.pos >= len(ids):
+            cache.truncate(len(ids) - 1)  # the last prompt token is run: its logits give the first token
+        self.stats.cached_tokens = cache.pos
+
+    def _continues_cache(self) -> bool:
+        return self.drafter is None and self.mode != "jacobi"
 
     def _dense_tokens(self):
         """Prefill the prompt in one call, then one forward call per token."""
-        logits = self.model.forward(self.prompt_ids, self.cache)[0]
+        logits = self.model.forward(self.prompt_ids[self.cache.pos:], self.cache)[0]
         history = list(self.prompt_ids)
         while True:
             tok = self.sampler(logits, history)

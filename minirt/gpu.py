@@ -521,6 +521,9 @@ class GPUGeneration(Generation):
             model.lowrank_twin(draft.partition(":")[2])  # a device twin, before make_drafter factors one
         super().__init__(model, prompt, **kwargs)
 
+    def _continues_cache(self) -> bool:
+        return False
+
     def _dense_tokens(self):
         m, cache = self.model, self.cache
         p = self.sampler.params

@@ -211,6 +211,18 @@ class Model:
         return m
 
     # ---- conveniences -------------------------------------------------------------------------
+    def warmup(self) -> float:
+        """Run the kernels once (one position, then a few at once, as a decode step and a prompt pass do) so
+        that compiling or loading them from Numba's cache is not counted as prompt or decode time, as
+        llama.cpp's warm-up run does. Returns the seconds it took."""
+        import time
+        t0 = time.perf_counter()
+        cache = self.new_cache(8)
+        tok = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
+        self.forward([tok], cache)
+        self.forward([tok] * 5, cache)
+        return time.perf_counter() - t0
+
     def generate(self, prompt, **kwargs):
         """Stream generated text pieces for a prompt (str or token ids); see minirt.generate.Generation."""
         from .generate import Generation

@@ -11,13 +11,13 @@ the mean KL divergence KL(base ‖ model) and how often both put the same token 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import MinirtError
+from .progress import Progress
 
 
 @dataclass
@@ -59,6 +59,7 @@ def perplexity(model, text: str, ctx: int = 512, chunks: int | None = None, prog
     first = ctx // 2
     cache = model.new_cache(ctx)
     nll, t0 = [], time.perf_counter()
+    bar = Progress("perplexity", n_chunks, "windows") if progress else None
     kept, kl, agree = [], [], []
     for i in range(n_chunks):
         window = tokens[i * ctx:(i + 1) * ctx].copy()
@@ -75,13 +76,10 @@ def perplexity(model, text: str, ctx: int = 512, chunks: int | None = None, prog
             b = base[i].astype(np.float64)
             kl.append((np.exp(b) * (b - lp)).sum(axis=-1))
             agree.append(b.argmax(-1) == lp.argmax(-1))
-        if progress:
-            all_nll = np.concatenate(nll)
-            sys.stderr.write(f"\r[{i + 1}/{n_chunks}] PPL {math.exp(all_nll.mean()):.4f} "
-                             f"({time.perf_counter() - t0:.0f} s)")
-            sys.stderr.flush()
-    if progress:
-        sys.stderr.write("\n")
+        if bar:
+            bar.update(1, note=f"PPL {math.exp(np.concatenate(nll).mean()):.4f}")
+    if bar:
+        bar.close()
     x = np.concatenate(nll)
     mean = x.mean()
     ppl = math.exp(mean)

@@ -1,7 +1,7 @@
 """Models and data by name: the registry in weights/registry.json, and the cache that holds their files.
 
-A name resolves to a local path, fetching what is missing. The cache is the repository's weights/
-folder when minirt runs from a checkout, else ~/.cache/minirt; MINIRT_HOME (or --cache-dir) moves it.
+A name resolves to a local path, fetching what is missing. Files go to the one user cache, minirt.home.home()
+(~/.cache/minirt; MINIRT_HOME or --cache-dir moves it), however minirt was installed.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import fetch
 from .errors import MinirtError
+from .home import home
 
 HF_ENDPOINT = "https://huggingface.co"
 
@@ -28,8 +29,17 @@ class Entry:
         return self.spec.get("aliases", [])
 
 
+def _registry_text() -> str:
+    """weights/registry.json: beside the package in a checkout (also when run from the clone root without
+    installing), or the copy an installed wheel carries as minirt.weights."""
+    checkout = Path(__file__).resolve().parent.parent / "weights" / "registry.json"
+    if checkout.is_file():
+        return checkout.read_text()
+    return resources.files("minirt.weights").joinpath("registry.json").read_text()
+
+
 def _load_registry() -> dict[str, Entry]:
-    raw = json.loads(resources.files("minirt.weights").joinpath("registry.json").read_text())
+    raw = json.loads(_registry_text())
     return {name: Entry(name, kind, spec) for kind in ("models", "data") for name, spec in raw[kind].items()}
 
 
@@ -39,22 +49,45 @@ REGISTRY = _load_registry()
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     if override:
         return Path(override).expanduser()
-    if os.environ.get("MINIRT_HOME"):
-        return Path(os.environ["MINIRT_HOME"]).expanduser()
-    here = Path(str(resources.files("minirt.weights")))
-    if (here.parent / "pyproject.toml").exists() and os.access(here, os.W_OK):
-        return here  # running from a source checkout: weights/ is the cache
-    return Path.home() / ".cache" / "minirt"
+    return home()
 
 
-def lookup(name: str) -> Entry:
+def lookup(name: str, what: str = "model") -> Entry:
+    """The registry entry for a name or alias. what: "model" (the error suggests paths too) or "name"
+    (pull, rm: models and data)."""
     key = name.lower()
     for entry in REGISTRY.values():
         if key == entry.name or key in entry.aliases:
             return entry
-    known = ", ".join(e.name for e in REGISTRY.values() if e.kind == "models")
-    raise MinirtError(f"unknown model '{name}': known names are {known}, or pass a path to a .gguf file "
-                      "or a Hugging Face model folder")
+    models = ", ".join(e.name for e in REGISTRY.values() if e.kind == "models")
+    if what == "model":
+        raise MinirtError(f"unknown model '{name}': known names are {models}, or pass a path to a .gguf file "
+                          "or a Hugging Face model folder")
+    data = ", ".join(e.name for e in REGISTRY.values() if e.kind == "data")
+    raise MinirtError(f"unknown name '{name}': models are {models}; data are {data} (minirt list shows them all)")
+
+
+def folder_size(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
+
+
+def exports(cache: str | os.PathLike | None = None) -> list[Path]:
+    """Low-rank export folders (written by minirt svd) in the cache."""
+    root = cache_dir(cache)
+    return sorted(p.parent for p in root.glob("*/lowrank.json")) if root.is_dir() else []
+
+
+def remove(name: str, cache: str | os.PathLike | None = None) -> tuple[Path, int]:
+    """Delete a registry entry's files (or a low-rank export folder) from the cache: (folder, bytes freed)."""
+    import shutil
+    d = cache_dir(cache) / name
+    if not (d / "lowrank.json").is_file():
+        d = entry_dir(lookup(name, "name"), cache)
+    if not d.is_dir():
+        raise MinirtError(f"{name} is not in the cache ({d})")
+    size = folder_size(d)
+    shutil.rmtree(d)
+    return d, size
 
 
 def entry_dir(entry: Entry, cache: str | os.PathLike | None = None) -> Path:
@@ -66,9 +99,9 @@ def is_present(entry: Entry, cache: str | os.PathLike | None = None) -> bool:
     return all((d / f).exists() for f in entry.spec["files"])
 
 
-def pull(name: str, cache: str | os.PathLike | None = None) -> Path:
+def pull(name: str, cache: str | os.PathLike | None = None, what: str = "model") -> Path:
     """Make sure every file of a registry entry is in the cache; return the entry's path."""
-    entry = lookup(name)
+    entry = lookup(name, what)
     d = entry_dir(entry, cache)
     missing = {f: s for f, s in entry.spec["files"].items() if not (d / f).exists()}
     if missing:

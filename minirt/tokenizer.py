@@ -62,15 +62,10 @@ class Tokenizer:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
 
     def chat_prompt(self, user: str, system: str | None = None) -> str:
-        """Render one user turn with the model's chat template (ChatML), ready for the assistant's reply."""
-        t = self.chat_template or ""
-        if "<|im_start|>" not in t:
-            raise MinirtError("this model has no chat template minirt understands (ChatML); use a plain prompt")
-        if system is None:
-            m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t, re.S)
-            system = m.group(1) if m else None
-        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-        return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        """One user turn rendered with the model's chat template, ready for the assistant's reply."""
+        from .chat import render
+        return render(self, ([{"role": "system", "content": system}] if system else [])
+                      + [{"role": "user", "content": user}])
 
 
 class BPETokenizer(Tokenizer):

@@ -1,0 +1,39 @@
+"""Numba's on-disk cache for minirt's kernels, kept in the user cache (home()/numba), never inside the package.
+
+Numba's default puts compiled kernels in the package's __pycache__: inside site-packages that outlives an
+uninstall (and then shadows an editable install as an empty namespace package), and each install path gets
+its own copy. Here a kernel's cache entry is keyed by its module's path *within minirt* and the module's
+content (Numba's source stamp is a hash of the file), so every install of the same code shares one compiled
+copy; the CPU and Numba version are part of Numba's own key. Imported by minirt/__init__ before any kernel.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from numba.core import caching
+
+from .home import home
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+class MinirtCacheLocator(caching.UserProvidedCacheLocator):
+    def __init__(self, py_func, py_file):
+        super().__init__(py_func, py_file)
+        rel = Path(py_file).resolve().parent.relative_to(_PACKAGE.parent)
+        self._cache_path = os.path.join(home(), "numba", *rel.parts)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not Path(py_file).resolve().is_relative_to(_PACKAGE):
+            return None
+        # the source-file mixin: checks the file exists and the cache folder is writable
+        return super(caching.UserProvidedCacheLocator, cls).from_function(py_func, py_file)
+
+
+def install() -> None:
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # renamed in Numba 0.61
+    classes = impl._locator_classes
+    if MinirtCacheLocator not in classes:
+        classes.insert(0, MinirtCacheLocator)
