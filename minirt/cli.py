@@ -261,15 +261,19 @@ def _check_pinv_args(args) -> None:
 
 
 def _load_timed(args):
-    """_load, then a warm-up run, each timed on stderr: so that prompt and decode speeds are the model's own."""
+    """_load, timed: (model, seconds)."""
     import time
     t0 = time.perf_counter()
     model = _load(args)
-    load = time.perf_counter() - t0
+    return model, time.perf_counter() - t0
+
+
+def _warm_up(model, load_seconds: float) -> None:
+    """A warm-up run, then the load and warm-up times on stderr, so that prompt and decode speeds are the
+    model's own. Called once the request is checked, so that a bad request stays a one-line error."""
     warm = model.warmup() if hasattr(model, "warmup") else 0.0
     first = " (the first run compiles the kernels; later runs read them from the cache)" if warm > 3 else ""
-    print(f"load: {load:.2f} s · warm-up: {warm:.2f} s{first}", file=sys.stderr)
-    return model
+    print(f"load: {load_seconds:.2f} s · warm-up: {warm:.2f} s{first}", file=sys.stderr)
 
 
 def _unescape(s: str) -> str:
@@ -295,8 +299,9 @@ def cmd_generate(args) -> None:
     else:
         raise MinirtError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
     _check_args(args)
-    model = _load_timed(args)
+    model, load = _load_timed(args)
     gen = model.generate(prompt, chat=args.chat, system=args.system, **_sampling(args))
+    _warm_up(model, load)
     for piece in gen:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -353,9 +358,10 @@ def cmd_chat(args) -> None:
     """A terminal front end over minirt.Chat: reads messages, streams replies, handles the commands."""
     from .chat import Chat
     _check_args(args)
-    model = _load_timed(args)
+    model, load = _load_timed(args)
     opts = _sampling(args)
     chat = Chat(model, system=args.system, ctx=opts.pop("ctx"), **opts)
+    _warm_up(model, load)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -539,12 +545,12 @@ def cmd_list(args) -> None:
     print(f"cache: {cache_dir(args.cache_dir)}")
     for e in REGISTRY.values():
         size = folder_size(entry_dir(e, args.cache_dir))
-        mark = f"{size / 1e6:7.1f} MB" if is_present(e, args.cache_dir) else "        -"
+        mark = f"present {size / 1e6:7.1f} MB" if is_present(e, args.cache_dir) else f"{'-':18}"
         alias = f" ({', '.join(e.aliases)})" if e.aliases else ""
         kind = "model" if e.kind == "models" else "data"
         print(f"{kind:6} {e.name + alias:28} {mark} {e.spec.get('description', '')}")
     for d in exports(args.cache_dir):
-        print(f"{'export':6} {d.name:28} {folder_size(d) / 1e6:7.1f} MB low-rank export (minirt svd)")
+        print(f"{'export':6} {d.name:28} present {folder_size(d) / 1e6:7.1f} MB low-rank export (minirt svd)")
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MinirtError
+from .progress import Progress
 from .readers.base import Checkpoint, Tensor
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -472,11 +473,16 @@ def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        bar = Progress("convert: writing", len(plan), "tensors", delay=2.0) if progress else None
         for name, t, ty in plan:
             if c.arch == "llama" and name.split(".")[-1] in ("wq", "bq", "wk", "bk"):  # HF order → adjacent pairs
                 heads = c.n_heads if name.endswith("q") else c.n_kv_heads
                 t = t.take_rows(rope_permutation(heads, t.shape[0]))
             writer.write_tensor_data(np.ascontiguousarray(encode(t, ty)))
+            if bar:
+                bar.update(1, note=name)
+        if bar:
+            bar.close()
         writer.close()
         os.replace(tmp, dst)
     except BaseException as e:

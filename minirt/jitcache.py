@@ -5,6 +5,7 @@ uninstall (and then shadows an editable install as an empty namespace package), 
 its own copy. Here a kernel's cache entry is keyed by its module's path *within minirt* and the module's
 content (Numba's source stamp is a hash of the file), so every install of the same code shares one compiled
 copy; the CPU and Numba version are part of Numba's own key. Imported by minirt/__init__ before any kernel.
+The folder is home()/numba, or NUMBA_CACHE_DIR where that is set (Numba's own variable), fixed at import.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from numba.core import caching
 from .home import home
 
 _PACKAGE = Path(__file__).resolve().parent
+_ROOT: list[Path] = []  # the kernel cache folder, fixed when minirt is imported (MINIRT_HOME at that time)
 
 
 class MinirtCacheLocator(caching.UserProvidedCacheLocator):
     def __init__(self, py_func, py_file):
         super().__init__(py_func, py_file)
         rel = Path(py_file).resolve().parent.relative_to(_PACKAGE.parent)
-        self._cache_path = os.path.join(home(), "numba", *rel.parts)
+        self._cache_path = os.path.join(_ROOT[0], *rel.parts)
 
     @classmethod
     def from_function(cls, py_func, py_file):
@@ -32,7 +34,13 @@ class MinirtCacheLocator(caching.UserProvidedCacheLocator):
         return super(caching.UserProvidedCacheLocator, cls).from_function(py_func, py_file)
 
 
+def kernel_dir() -> Path:
+    return _ROOT[0]
+
+
 def install() -> None:
+    if not _ROOT:
+        _ROOT.append(Path(os.environ.get("NUMBA_CACHE_DIR") or home() / "numba"))
     impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # renamed in Numba 0.61
     classes = impl._locator_classes
     if MinirtCacheLocator not in classes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MinirtError
+from .progress import Progress
 from .linear import Dense, Linear, Quant, make_linear
 from .readers.base import Tensor
 
@@ -34,14 +34,6 @@ SITES = ("qkv", "wo", "up", "down")  # the Linears of a layer, by the name of th
 STORAGE = ("F32", "F16", "Q8_0")
 DAMPING = 1e-3  # λ: ridge added to the calibration Gram, relative to its mean diagonal
 MANIFEST = "lowrank.json"
-
-
-def _progress(i: int, n: int, label: str) -> None:
-    """'[i/n] label' on stderr: rewritten in place on a terminal, a few lines otherwise."""
-    tty = sys.stderr.isatty()
-    if tty or i == n or i % max(1, n // 4) == 0:
-        sys.stderr.write(f"\r[{i}/{n}] {label:32}" + ("\n" if not tty or i == n else ""))
-        sys.stderr.flush()
 
 
 def rank_for_energy(s: np.ndarray, energy: float) -> int:
@@ -193,10 +185,13 @@ class Factorizer:
         names = [(f"layers.{i}.{a}", getattr(L, a)) for i, L in enumerate(model.layers) for a in SITES]
         if head:
             names.append(("head", model.head))
-        for k, (name, lin) in enumerate(names):
+        bar = Progress("svd: decomposing", len(names), "matrices") if progress else None
+        for name, lin in names:
             self.svd[name] = SVD(dense_matrix(lin), None if grams is None else grams.get(name))
-            if progress:
-                _progress(k + 1, len(names), f"decomposed {name}")
+            if bar:
+                bar.update(1, note=name)
+        if bar:
+            bar.close()
 
     def build(self, energy=None, rank=None, params=None, storage: str = "F32", force: bool = False):
         """A copy of the model with factored Linears; model.lowrank lists rank and energy per matrix."""
@@ -281,10 +276,13 @@ def calibration_grams(model, ids, ctx: int = 512, progress: bool = False) -> dic
     rec._scratch = {}
     ctx = min(ctx, model.cfg.max_ctx)
     starts = range(0, len(ids), ctx)
-    for k, a in enumerate(starts):
+    bar = Progress("calibration", len(starts), "windows") if progress else None
+    for a in starts:
         rec.forward(ids[a:a + ctx], rec.new_cache(ctx), logits="all")
-        if progress:
-            _progress(k + 1, len(starts), "calibration windows")
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
     return grams
 
 
@@ -354,7 +352,8 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
         for t in reader.tensors:
             if t.name not in skip:
                 copy_tensor(writer, t)
-        for k, (gname, lin, _) in enumerate(sites):
+        bar = Progress("export: writing factors", len(sites), "matrices") if progress else None
+        for gname, lin, _ in sites:
             for part, sub in (("lr_u", lin.u), ("lr_v", lin.v)):
                 if storage == "Q8_0":  # the blocks exactly as they ran (no second rounding)
                     t = _raw_blocks(sub)
@@ -364,8 +363,10 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
                 writer.add_tensor(f"{gname}.{part}", t.data, raw_shape=None if raw else t.data.shape, raw_dtype=raw)
             if lin.bias is not None:
                 writer.add_tensor(f"{gname}.lr_b", np.asarray(lin.bias, np.float32))
-            if progress:
-                _progress(k + 1, len(sites), "factors written")
+            if bar:
+                bar.update(1, note=gname)
+        if bar:
+            bar.close()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -7,12 +7,12 @@ a temporary file and renamed only when complete.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MinirtError
+from .progress import Progress
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
@@ -60,8 +60,8 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, pr
         copy_metadata(reader, writer, skip=("general.file_type",))
         writer.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}[qtype])
         target = Q[qtype]
-        n = len(reader.tensors)
-        for i, t in enumerate(reader.tensors):
+        bar = Progress(f"quantize to {qtype}", len(reader.tensors), "tensors") if progress else None
+        for t in reader.tensors:
             shape = [int(x) for x in reversed(t.shape.tolist())]
             convert = len(shape) == 2 and t.name.endswith(".weight") and shape[1] % 32 == 0
             if convert and t.tensor_type != target:
@@ -75,11 +75,10 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, pr
                 writer.add_tensor(t.name, data, raw_dtype=target if qtype not in ("F32", "F16") else None)
             else:
                 copy_tensor(writer, t)
-            if progress and (sys.stderr.isatty() or i + 1 == n or (i + 1) % 50 == 0):
-                sys.stderr.write(f"\r[{i + 1}/{n}] {t.name:40}" + ("" if sys.stderr.isatty() else "\n"))
-                sys.stderr.flush()
-        if progress and sys.stderr.isatty():
-            sys.stderr.write("\n")
+            if bar:
+                bar.update(1, note=t.name)
+        if bar:
+            bar.close()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -6,7 +6,6 @@ stream of ids into a stream of complete UTF-8 text.
 from __future__ import annotations
 
 import codecs
-import re
 from functools import lru_cache
 
 import numpy as np

