@@ -112,6 +112,8 @@ def build_parser() -> Parser:
 
     c = sub.add_parser("chat", help="interactive chat with an instruct model (/help inside for commands)")
     c.add_argument("--system", "-s", default=None, help="system message (default: the template's own)")
+    c.add_argument("--verbose", action="store_true", help="timings after each reply (always shown when input is "
+                   "not a terminal)")
     _model_args(c)
     _sampling_args(c)
     _mode_args(c)
@@ -399,13 +401,15 @@ def cmd_chat(args) -> None:
         if cmd.startswith("/"):
             print(f"unknown command {cmd.split()[0]}; /help lists them", file=sys.stderr)
             continue
-        stream = chat.send(text)
+        stream = None
         try:
+            stream = chat.send(text)
             for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
-            stream.close()
+        except KeyboardInterrupt:  # stop the reply (what came of it stays in the history), keep the chat
+            if stream is not None:
+                stream.close()
             sys.stdout.write("\n")
             print("(reply stopped)", file=sys.stderr)
             continue
@@ -414,7 +418,7 @@ def cmd_chat(args) -> None:
         for notice in chat.notices:
             print(f"({notice})", file=sys.stderr)
         chat.notices.clear()
-        if not interactive:
+        if not interactive or args.verbose:
             print(chat.last.stats.summary(), file=sys.stderr)
 
 

@@ -26,7 +26,8 @@ class Stats:
         pp = run / self.prompt_seconds if self.prompt_seconds else 0.0
         tg = (self.decode_tokens - 1) / self.decode_seconds if self.decode_seconds and self.decode_tokens > 1 else 0.0
         cached = f" ({self.cached_tokens} reused)" if self.cached_tokens else ""
-        return (f"prompt: {self.prompt_tokens} tokens{cached}, {pp:.1f} tok/s · decode: {self.decode_tokens} tokens, "
+        return (f"prompt: {self.prompt_tokens} tokens{cached}, {pp:.1f} tok/s, first token after "
+                f"{self.prompt_seconds:.2f} s · decode: {self.decode_tokens} tokens, "
                 f"{tg:.1f} tok/s · stop: {self.stop_reason}")
 
 
