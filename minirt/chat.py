@@ -8,32 +8,78 @@ are dropped (the system message is kept) and what is kept is prefilled again.
 """
 from __future__ import annotations
 
-import re
+import json
+from datetime import datetime
+from functools import lru_cache
 
 from .errors import MinirtError
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The conversation as the model's chat template writes it (ChatML, the template minirt knows).
-    messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Where the conversation has no
-    system message, the template's own default (if it has one) is used, as the template itself does."""
-    t = tokenizer.chat_template or ""
-    if "<|im_start|>" not in t:
-        raise MinirtError("this model has no chat template minirt understands (ChatML); use a plain prompt")
-    out = []
-    if not messages or messages[0]["role"] != "system":
-        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t, re.S)
-        if m:
-            out.append(f"<|im_start|>system\n{m.group(1)}<|im_end|>\n")
-    for msg in messages:
-        if msg["role"] not in ("system", "user", "assistant"):
-            raise MinirtError(f"unknown chat role {msg['role']!r}: use system, user or assistant")
-        if msg["role"] == "system" and not msg["content"]:
-            continue
-        out.append(f"<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
+MAX_RENDERED = 4 << 20  # characters a template may write beyond the messages' own text
+
+
+@lru_cache(maxsize=8)
+def _template(source: str):
+    """The model's chat template compiled in jinja2's sandbox, as Hugging Face's apply_chat_template does it
+    (trim_blocks, lstrip_blocks, loop controls, raise_exception, strftime_now, tojson)."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise MinirtError(f"the model's chat template refused the conversation: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise MinirtError(f"the model's chat template does not parse: {e}") from None
+
+
+def special_text(tokenizer, token_id) -> str:
+    """A special token's text ('' where the model has none)."""
+    if token_id is None:
+        return ""
+    return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    """The conversation as the model's own chat template (tokenizer.chat_template: GGUF tokenizer.chat_template,
+    or tokenizer_config.json's chat_template) writes it, rendered with jinja2 in its sandbox, with the model's
+    bos/eos tokens. messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]; extra: more
+    template variables (e.g. tools=None)."""
+    import jinja2
+    source = tokenizer.chat_template
+    if not source:
+        raise MinirtError("this model has no chat template; use a plain prompt (without --chat)")
+    template = _template(source)
+    limit = MAX_RENDERED + sum(len(str(m.get("content", ""))) for m in messages)
+    out, n = [], 0
+    try:
+        for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       bos_token=special_text(tokenizer, tokenizer.bos_id),
+                                       eos_token=special_text(tokenizer, tokenizer.eos_id), **extra):
+            n += len(piece)
+            if n > limit:
+                raise MinirtError(f"the model's chat template wrote more than {limit} characters; it is not usable")
+            out.append(piece)
+    except jinja2.TemplateError as e:
+        raise MinirtError(f"the model's chat template failed: {e}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        raise MinirtError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
     return "".join(out)
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered conversation: a template that writes the BOS token itself gets no second one."""
+    bos = special_text(tokenizer, tokenizer.bos_id)
+    return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
 
 
 class Chat:
@@ -46,7 +92,7 @@ class Chat:
     """
     def __init__(self, model, system: str | None = None, ctx: int | None = None, **options):
         self.model, self.system, self.options = model, system, options
-        render(model.tokenizer, [])  # one line, now, for a model without a chat template
+        render(model.tokenizer, [{"role": "user", "content": "hi"}])  # one line, now, where no template works
         self.cache = model.new_cache(ctx)
         self.cached: list[int] = []   # the tokens whose keys and values are in the cache
         self.notices: list[str] = []  # what the chat did on its own (turns dropped), for the front end to show
@@ -63,7 +109,7 @@ class Chat:
         tok, cap = self.model.tokenizer, self.cache.capacity
         dropped = 0
         while True:
-            ids = tok.encode(render(tok, self.messages))
+            ids = encode_rendered(tok, render(tok, self.messages))
             if len(ids) + reserve <= cap:
                 break
             first = 1 if self.messages and self.messages[0]["role"] == "system" else 0

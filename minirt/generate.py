@@ -67,7 +67,11 @@ class Generation:
         self.sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         tok = model.tokenizer
         if isinstance(prompt, str):
-            ids = tok.encode(tok.chat_prompt(prompt, system) if chat else prompt)
+            if chat:
+                from .chat import encode_rendered
+                ids = encode_rendered(tok, tok.chat_prompt(prompt, system))
+            else:
+                ids = tok.encode(prompt)
         else:
             ids = [int(i) for i in prompt]
         if not ids:
