@@ -15,6 +15,28 @@ from functools import lru_cache
 from .errors import MinirtError
 
 
+# Templates for files that carry none, by architecture (llama.cpp, too, falls back to built-in templates):
+# Gemma 3's, as google's tokenizer_config.json gives it (the gemma3 GGUF files of the registry carry none).
+BUILTIN_TEMPLATES = {
+    "gemma3": (
+        "{{ bos_token }}"
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+        "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+        "{{ message['content'] | trim }}"
+        "{{ '<end_of_turn>\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"),
+}
+
 MAX_RENDERED = 4 << 20  # characters a template may write beyond the messages' own text
 
 
