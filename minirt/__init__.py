@@ -27,13 +27,16 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | None = None,
-         threads: int | None = None, dequantize: bool = False, exact: bool = False, device: str = "cpu") -> Model:
+         threads: int | None = None, dequantize: bool = False, exact: bool = False, device: str = "cpu",
+         ctx: int | None = None) -> Model:
     """Load a model by registry name (fetched and cached on first use) or from a local path.
 
     Quantized matrices (Q8_0, Q4_0, Q4_1, F16, BF16) stay in their stored format and run on kernels
     made for it; dequantize=True expands them to float32 instead. Decode steps on block formats round
     activations to int8 per block (as llama.cpp does); exact=True keeps them float32.
-    device: "cpu", "cuda" (the GPU backend, minirt.gpu: float16 weights on the device) or "auto"."""
+    device: "cpu", "cuda" (the GPU backend, minirt.gpu: float16 weights on the device) or "auto".
+    ctx: the context used (what new caches and generations hold): default min(4096, the model's trained
+    maximum); more is asked for here, up to that maximum (above it is a MinirtError, before the model is built)."""
     from .readers import read_checkpoint
     from .registry import resolve
     if device != "cpu":
@@ -41,7 +44,8 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
         device = resolve_device(device)  # fails with one line before any loading
     if threads is not None:
         set_threads(threads)
-    m = Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)), dequantize=dequantize, exact=exact)
+    m = Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)), dequantize=dequantize, exact=exact,
+                              ctx=ctx)
     if device == "cuda":
         from .gpu import to_gpu
         return to_gpu(m)

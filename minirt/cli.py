@@ -286,6 +286,22 @@ def _unescape(s: str) -> str:
                   lambda m: m.group(0).encode("ascii").decode("unicode_escape"), s)
 
 
+def _prefill_progress():
+    """A progress(done, total) callback for Generation: a bar for prompts that take more than a moment."""
+    from .progress import Progress
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress("prompt", total, "tokens", delay=2.0)
+        bar.update(done - bar.done)
+        if done >= total:
+            bar.close()
+            bar = None  # the next prompt (a chat's next turn) gets a bar of its own
+    return progress
+
+
 def cmd_generate(args) -> None:
     if args.prompt is not None and args.prompt_file is not None:
         raise MinirtError("give --prompt or --prompt-file, not both")
@@ -302,7 +318,7 @@ def cmd_generate(args) -> None:
         raise MinirtError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
     _check_args(args)
     model, load = _load_timed(args)
-    gen = model.generate(prompt, chat=args.chat, system=args.system, **_sampling(args))
+    gen = model.generate(prompt, chat=args.chat, system=args.system, progress=_prefill_progress(), **_sampling(args))
     _warm_up(model, load)
     for piece in gen:
         sys.stdout.write(piece)
@@ -362,7 +378,7 @@ def cmd_chat(args) -> None:
     _check_args(args)
     model, load = _load_timed(args)
     opts = _sampling(args)
-    chat = Chat(model, system=args.system, ctx=opts.pop("ctx"), **opts)
+    chat = Chat(model, system=args.system, ctx=opts.pop("ctx"), progress=_prefill_progress(), **opts)
     _warm_up(model, load)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -1,10 +1,12 @@
-"""The generation loop: prefill the prompt in one forward call, then one token per step, streaming text."""
+"""The generation loop: prefill the prompt in one forward call (chunked inside), then one token per step,
+streaming text."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
 from .errors import MinirtError
+from .kvcache import context_size
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer
 
@@ -40,13 +42,15 @@ class Generation:
     cache: a KV cache that already holds the first cache.pos tokens of the prompt (a chat's earlier turns):
     only the rest is prefilled. Token sources that cannot continue a cache (speculative, jacobi, the GPU)
     start it over.
+    ctx: the context this generation may fill (default: the model's, model.ctx); at most the model's maximum.
+    progress: progress(done, total) is called as the prompt's positions are prefilled (for a progress bar).
     """
 
     def __init__(self, model, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] | list[str] = (), chat: bool = False, system: str | None = None,
                  mode: str = "dense", ctx: int | None = None, draft: str = "ngram", draft_k: int = 4,
-                 block: int = 4, cache=None):
+                 block: int = 4, cache=None, progress=None):
         if mode not in MODES:
             raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         if mode == "lowrank" and not getattr(model, "lowrank", None):
@@ -59,8 +63,7 @@ class Generation:
             raise MinirtError("mode 'jacobi' decodes greedily: use temperature 0 (--temperature 0)")
         if draft_k < 1:
             raise MinirtError(f"draft length must be ≥ 1, got {draft_k}")
-        if ctx is not None and ctx < 2:
-            raise MinirtError(f"context size must be ≥ 2, got {ctx}")
+        limit = model.ctx if ctx is None else context_size(model.cfg.max_ctx, ctx)
         if max_tokens < 0:
             raise MinirtError(f"max tokens must be ≥ 0, got {max_tokens}")
         self.model = model
@@ -76,10 +79,13 @@ class Generation:
             ids = [int(i) for i in prompt]
         if not ids:
             raise MinirtError("the prompt is empty (and the model adds no BOS token)")
-        limit = min(ctx or model.cfg.max_ctx, model.cfg.max_ctx)
+        top = model.cfg.max_ctx
+        if len(ids) >= top:
+            raise MinirtError(f"the prompt has {len(ids)} tokens, but the context holds {top} at most (the model's "
+                              "maximum); shorten the prompt")
         if len(ids) >= limit:
-            raise MinirtError(f"the prompt has {len(ids)} tokens, but the context holds {limit}; shorten the prompt"
-                              + (" or raise --ctx" if limit < model.cfg.max_ctx else ""))
+            raise MinirtError(f"the prompt has {len(ids)} tokens, but the context holds {limit}; shorten the prompt "
+                              f"or raise --ctx (up to {top})")
         self.prompt_ids = ids
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
@@ -96,6 +102,7 @@ class Generation:
             self.drafter = make_drafter(model, draft, self.cache.capacity)
             self.spec = SpecStats()
         self.mode, self.block = mode, block
+        self.progress = progress
         if mode == "jacobi":
             from .jacobi import BLOCK_MAX, JacobiStats
             if not 1 <= block <= BLOCK_MAX:
@@ -112,7 +119,7 @@ class Generation:
 
     def _dense_tokens(self):
         """Prefill the prompt in one call, then one forward call per token."""
-        logits = self.model.forward(self.prompt_ids[self.cache.pos:], self.cache)[0]
+        logits = self.model.forward(self.prompt_ids[self.cache.pos:], self.cache, progress=self.progress)[0]
         history = list(self.prompt_ids)
         while True:
             tok = self.sampler(logits, history)
@@ -128,7 +135,7 @@ class Generation:
             return self._dense_tokens()
         from .speculative import speculative_tokens
         return speculative_tokens(self.model, self.cache, self.prompt_ids, self.sampler, self.drafter, self.draft_k,
-                                  self.max_tokens, self.spec)
+                                  self.max_tokens, self.spec, progress=self.progress)
 
     def __iter__(self):
         model, st = self.model, self.stats
@@ -140,7 +147,7 @@ class Generation:
         if self.mode == "jacobi":
             from .jacobi import jacobi_tokens
             source = jacobi_tokens(model, self.cache, self.prompt_ids, self.sampler, self.block, self.max_tokens,
-                                   self.jacobi)
+                                   self.jacobi, progress=self.progress)
         else:
             source = self._tokens()
         pending = ""  # text held back while it could be the start of a stop string

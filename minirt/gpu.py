@@ -197,6 +197,7 @@ class GPUModel:
             raise MinirtError(f"the GPU backend needs head_dim ≤ 128 and divisible by 4 (got {c.head_dim})")
         self.cp, self.k, self.dtype = cp, kernels(), dtype
         self.cfg, self.tokenizer, self.source, self.file_type = c, model.tokenizer, model.source, model.file_type
+        self.ctx = model.ctx  # the context used: new caches' default capacity
         self.lowrank = getattr(model, "lowrank", None)
         self.cpu = model  # the host model (its matrices stay in their stored format): drafters factor it
         self.stream = cp.cuda.Stream(non_blocking=True)
@@ -219,7 +220,8 @@ class GPUModel:
                 self.embed_table = to_device_dtype(cp, t, dtype)
             self.pos_embed = None if model.pos_embed is None else cp.asarray(model.pos_embed)
             self.norm = norm(model.norm)
-            self.rope_cos, self.rope_sin = cp.asarray(model.rope_cos), cp.asarray(model.rope_sin)
+            self.rope_cos, self.rope_sin = map(cp.asarray, model.rope(self.ctx))
+            self._rope_retired: list = []  # smaller tables that graphs captured earlier may still read
             self.pos_scratch = cp.zeros(1, cp.int32)  # position for caches that are not GPUCaches (views)
             self.result = cp.zeros(2, cp.int32)
         self.stream.synchronize()
@@ -227,7 +229,14 @@ class GPUModel:
 
     # ---- buffers and caches -----------------------------------------------------------------------
     def new_cache(self, capacity: int | None = None) -> GPUCache:
-        return GPUCache(self.cp, self.cfg, min(capacity or self.cfg.max_ctx, self.cfg.max_ctx))
+        """A cache for capacity positions (default: the context used, self.ctx), at most the model's maximum."""
+        return GPUCache(self.cp, self.cfg, min(capacity or self.ctx, self.cfg.max_ctx))
+
+    def _rope(self, n: int) -> None:
+        """RoPE tables on the device covering positions 0..n−1: grown (from the host model's) with the caches."""
+        if self.cfg.arch == "llama" and self.rope_cos.shape[0] < n:
+            self._rope_retired.append((self.rope_cos, self.rope_sin))
+            self.rope_cos, self.rope_sin = map(self.cp.asarray, self.cpu.rope(n))
 
     def _buffers(self, T: int) -> dict:
         s = self._scratch.get(T)
@@ -299,6 +308,7 @@ class GPUModel:
     def _run(self, T: int, cache, head: str, finish: str) -> dict:
         """Launch a step; steps of ≤ GRAPH_MAX_T positions on a GPUCache are captured once (on their second
         use: the first runs eagerly, which loads the kernels and allocates scratch) and replayed."""
+        self._rope(cache.capacity)  # before any capture: a graph keeps the tables it was captured with
         b = self._buffers(T)
         pos = self._pos(cache)
         if not isinstance(cache, GPUCache) or T > self.GRAPH_MAX_T:
@@ -350,12 +360,15 @@ class GPUModel:
         self._advance_host(cache, T)
         return b["logits"][:1 if logits == "last" else T]
 
-    def forward(self, tokens, cache, logits="last") -> np.ndarray:
-        """Run positions cache.pos … cache.pos+T−1 and return logits (rows, vocab) float32 on the host."""
+    def forward(self, tokens, cache, logits="last", progress=None) -> np.ndarray:
+        """Run positions cache.pos … cache.pos+T−1 and return logits (rows, vocab) float32 on the host.
+        progress(done, total) is called once, when the positions have run (the device runs them in one pass)."""
         if isinstance(logits, str) and logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last', 'all' or an index, not {logits!r}")
         rows = self.forward_device(tokens, cache, logits if isinstance(logits, str) else "all")
         out = rows.get(stream=self.stream)
+        if progress is not None:
+            progress(len(np.atleast_1d(tokens)), len(np.atleast_1d(tokens)))
         return out if isinstance(logits, str) else np.ascontiguousarray(out[logits])
 
     def logits(self, token_ids) -> np.ndarray:

@@ -49,7 +49,7 @@ def _set_transition(model, on: bool) -> None:
 
 
 def jacobi_tokens(model, cache, prompt: list[int], sampler, block: int, max_tokens: int, stats: JacobiStats,
-                  max_iter: int | None = None):
+                  max_iter: int | None = None, progress=None):
     """Yield greedily decoded token ids (an end-of-generation token included, so the caller can stop on it)."""
     if not sampler.params.greedy:
         raise MinirtError("jacobi mode decodes greedily: use --temperature 0")
@@ -58,7 +58,7 @@ def jacobi_tokens(model, cache, prompt: list[int], sampler, block: int, max_toke
     max_iter = block if max_iter is None else max_iter
     context = list(prompt)
     _set_transition(model, False)   # the prompt and every verification pass are exact
-    first = sampler(model.forward(prompt, cache)[0], context)
+    first = sampler(model.forward(prompt, cache, progress=progress)[0], context)
     yield first
     context.append(first)
     produced = 1

@@ -59,10 +59,11 @@ def layernorm(x, w, b, eps, out):
             out[t, i] = (x[t, i] - mu) * r * w[i] + b[i]
 
 
-def rope_tables(max_ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of position · θ^(−2i/hd), computed in float64 and stored as float32 (max_ctx, hd/2)."""
+def rope_tables(n: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of position · θ^(−2i/hd) for positions 0..n−1, computed in float64 and stored as float32
+    (n, hd/2). A position's row does not depend on n: tables of any length agree where they overlap."""
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    ang = np.arange(max_ctx, dtype=np.float64)[:, None] * inv[None, :]
+    ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
@@ -105,40 +106,44 @@ def qkv_rope_store(qkv, positions, cos, sin, use_rope, q, kc, vc):
 def attention(q, kc, vc, pos0, scale, scores, out):
     """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled;
     query t sits at position pos0+t and sees positions 0..pos0+t. Query head h reads kv head h // (H/Hkv).
-    scores is scratch (T·H, ≥ pos0+T); out (T, H, hd)."""
+    scores is scratch (n_parts, ≥ pos0+T), one row per part: the (t, h) tasks are dealt to the parts in turn
+    (a task's cost grows with t, so contiguous ranges would not balance), and the scratch stays
+    O(threads · context) rather than O(T · H · context). out (T, H, hd)."""
     T, H, hd = q.shape
     group = H // kc.shape[0]
-    for task in prange(T * H):
-        t = task // H
-        h = task % H
-        g = h // group
-        n = pos0 + t + 1
-        qv = q[t, h]
-        sc = scores[task]
-        m = -np.inf
-        for s in range(n):
-            kv = kc[g, s]
-            acc = np.float32(0.0)
+    n_parts = scores.shape[0]
+    for part in prange(n_parts):
+        sc = scores[part]
+        for task in range(part, T * H, n_parts):
+            t = task // H
+            h = task % H
+            g = h // group
+            n = pos0 + t + 1
+            qv = q[t, h]
+            m = -np.inf
+            for s in range(n):
+                kv = kc[g, s]
+                acc = np.float32(0.0)
+                for i in range(hd):
+                    acc += qv[i] * kv[i]
+                acc *= scale
+                sc[s] = acc
+                m = max(m, acc)
+            total = np.float32(0.0)
+            for s in range(n):
+                e = np.exp(sc[s] - m)
+                sc[s] = e
+                total += e
+            o = out[t, h]
+            o[:] = 0.0
+            for s in range(n):
+                pr = sc[s]
+                vv = vc[g, s]
+                for i in range(hd):
+                    o[i] += pr * vv[i]
+            inv = np.float32(1.0) / total
             for i in range(hd):
-                acc += qv[i] * kv[i]
-            acc *= scale
-            sc[s] = acc
-            m = max(m, acc)
-        total = np.float32(0.0)
-        for s in range(n):
-            e = np.exp(sc[s] - m)
-            sc[s] = e
-            total += e
-        o = out[t, h]
-        o[:] = 0.0
-        for s in range(n):
-            pr = sc[s]
-            vv = vc[g, s]
-            for i in range(hd):
-                o[i] += pr * vv[i]
-        inv = np.float32(1.0) / total
-        for i in range(hd):
-            o[i] *= inv
+                o[i] *= inv
 
 
 @njit(parallel=True, **JIT)

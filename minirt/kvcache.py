@@ -1,10 +1,27 @@
-"""The KV cache: keys and values of every layer for positions 0..pos-1, preallocated once."""
+"""The KV cache: keys and values of every layer for positions 0..pos-1, preallocated once; and the context
+size a run uses, which sizes the caches (and through them the RoPE tables), not the model's trained maximum."""
 from __future__ import annotations
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import MinirtError
+
+DEFAULT_CTX = 4096  # the context used when none is asked for (llama.cpp's and ollama's default)
+
+
+def context_size(max_ctx: int, ctx: int | None = None) -> int:
+    """The context a run uses: ctx when given (2 ≤ ctx ≤ max_ctx, the model's trained maximum), else
+    min(DEFAULT_CTX, max_ctx). A file may claim a huge maximum; nothing is sized by it."""
+    if ctx is None:
+        return min(DEFAULT_CTX, max_ctx)
+    if isinstance(ctx, bool) or not isinstance(ctx, (int, np.integer)):
+        raise MinirtError(f"context size must be an integer, got {ctx!r}")
+    if ctx < 2:
+        raise MinirtError(f"context size must be ≥ 2, got {ctx}")
+    if ctx > max_ctx:
+        raise MinirtError(f"context size {ctx} exceeds the model's maximum of {max_ctx}: use --ctx {max_ctx} or less")
+    return int(ctx)
 
 
 class KVCache:

@@ -1,7 +1,8 @@
 """Model: a ModelConfig, one Linear per weight matrix, norms and embeddings, and the forward pass.
 
-forward(tokens, cache) runs T new positions (the whole prompt at once, or one token per decode step)
-against the KV cache and returns logits for the rows asked for. GPT-2 and LLaMA share the pass:
+forward(tokens, cache) runs T new positions (a whole prompt, or one token per decode step) against the KV
+cache and returns logits for the rows asked for; a long prompt goes through the layers PREFILL_CHUNK
+positions at a time, so that memory is bounded by the chunk and the cache. GPT-2 and LLaMA share the pass:
     x = embed[tokens] (+ pos_embed[positions])                          GPT-2: learned positions
     per layer:  h = norm(x);  q,k,v = h·Wqkv;  RoPE(q,k) (LLaMA);  cache ← k,v
                 x += attention(q, cache)·Wo
@@ -11,19 +12,28 @@ against the KV cache and returns logits for the rows asked for. GPT-2 and LLaMA 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from . import kernels
 from .config import ModelConfig
 from .errors import MinirtError
-from .kvcache import KVCache
+from .kvcache import KVCache, context_size
 from .linear import Dense, Linear, Quant, make_linear
 from .readers import Checkpoint, Tensor
 from .threads import blas_single_threaded
 from .tokenizer import Tokenizer, build_tokenizer
+
+# Positions per pass through the layers (llama.cpp's micro-batch plays this part). A longer prompt runs in
+# ⌈T/PREFILL_CHUNK⌉ balanced chunks against the cache, so activation buffers hold at most PREFILL_CHUNK rows
+# (and more than PREFILL_CHUNK/2: every chunk takes the batched kernels a single pass would take, and
+# every kernel computes a row from that row and the cache alone, so the logits are the same bits).
+# 256 rows keep BLAS GEMMs at full speed while SmolLM2's buffers stay under 10 MB.
+PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -67,22 +77,26 @@ class Layer:
 
 class Model:
     def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: Embedding, pos_embed: np.ndarray | None,
-                 norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = ""):
+                 norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = "",
+                 ctx: int | None = None):
         self.cfg, self.layers, self.embed, self.pos_embed = cfg, layers, embed, pos_embed
         self.norm, self.head, self.tokenizer = norm, head, tokenizer
         self.source, self.file_type = source, file_type
-        if cfg.arch == "llama":
-            self.rope_cos, self.rope_sin = kernels.rope_tables(cfg.max_ctx, cfg.head_dim, cfg.rope_theta)
-        else:  # no rotary embedding: empty tables keep one kernel signature
-            self.rope_cos = self.rope_sin = np.zeros((1, 1), np.float32)
-        self._scratch: dict[int, dict[str, np.ndarray]] = {}
+        self.ctx = context_size(cfg.max_ctx, ctx)  # the context used: new caches' default capacity
+        # RoPE tables grow with the caches that use them (rope()); GPT-2's are never read: one kernel signature
+        half = cfg.head_dim // 2 if cfg.arch == "llama" else 1
+        self.rope_cos = self.rope_sin = np.zeros((0 if cfg.arch == "llama" else 1, half), np.float32)
+        self._scratch: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_checkpoint(cls, ck: Checkpoint, dequantize: bool = False, exact: bool = False) -> "Model":
+    def from_checkpoint(cls, ck: Checkpoint, dequantize: bool = False, exact: bool = False,
+                        ctx: int | None = None) -> "Model":
         """Build the model. Matrices stay in their stored format (Quant) unless dequantize=True (float32).
         Decode steps on block formats round activations to int8 per block, as llama.cpp does;
-        exact=True keeps them float32 (slower; what the float reference tests use)."""
+        exact=True keeps them float32 (slower; what the float reference tests use).
+        ctx: the context used (default min(DEFAULT_CTX, the model's maximum)); above the maximum is an error."""
         cfg, t = ck.config, ck.tensors
+        ctx = context_size(cfg.max_ctx, ctx)  # refused before any building
 
         def linear(ws, bs=None):
             return make_linear(ws, bs, dequantize, exact)
@@ -120,7 +134,7 @@ class Model:
         pos = np.array(t["pos_embed"].float32()) if "pos_embed" in t else None
         ck.release_pages()
         tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
-        model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type)
+        model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type, ctx)
         if "minirt.lowrank.manifest" in ck.metadata:
             from .lowrank import describe_export
             describe_export(model, ck.metadata["minirt.lowrank.manifest"])
@@ -128,34 +142,47 @@ class Model:
 
     # ---- the forward pass -------------------------------------------------------------------------
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        return KVCache(self.cfg, min(capacity or self.cfg.max_ctx, self.cfg.max_ctx))
+        """A KV cache for capacity positions (default: the context used, self.ctx), at most the model's maximum."""
+        return KVCache(self.cfg, min(capacity or self.ctx, self.cfg.max_ctx))
+
+    def rope(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """RoPE cos/sin tables covering positions 0..n−1, grown on demand: sized by the caches in use
+        (doubling, up to the model's maximum, so that growing caches rebuild them rarely), never by a
+        maximum the file claims. A position's row is the same in tables of every length."""
+        c = self.cfg
+        have = self.rope_cos.shape[0]
+        if c.arch == "llama" and have < n:
+            self.rope_cos, self.rope_sin = kernels.rope_tables(max(n, min(2 * have, c.max_ctx)), c.head_dim,
+                                                               c.rope_theta)
+        return self.rope_cos, self.rope_sin
 
     def _buffers(self, T: int) -> dict[str, np.ndarray]:
-        """Activation buffers for T positions, allocated once per distinct T and reused."""
-        s = self._scratch.get(T)
-        if s is None:
+        """Activation buffers for T ≤ PREFILL_CHUNK positions: views of one set, grown to the largest T seen."""
+        s = self._scratch
+        if not s or len(s["h"]) < T:
             c = self.cfg
             up_rows = self.layers[0].up.out_features
-            s = dict(h=np.empty((T, c.dim), np.float32), o=np.empty((T, c.dim), np.float32),
+            s.clear()
+            s.update(h=np.empty((T, c.dim), np.float32), o=np.empty((T, c.dim), np.float32),
                      qkv=np.empty((T, c.q_dim + 2 * c.kv_dim), np.float32),
                      q=np.empty((T, c.n_heads, c.head_dim), np.float32),
                      att=np.empty((T, c.n_heads, c.head_dim), np.float32),
                      up=np.empty((T, up_rows), np.float32), act=np.empty((T, c.hidden_dim), np.float32))
-            if len(self._scratch) > 8:
-                self._scratch.clear()
-            self._scratch[T] = s
-        return s
+        return {k: v[:T] for k, v in s.items()}
 
-    def forward(self, tokens, cache: KVCache, logits="last") -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, logits="last",
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Run positions cache.pos … cache.pos+T−1 and return logits (rows, vocab) as float32.
 
-        logits: "last" (one row), "all", or anything that indexes the T rows (a slice, an index array)."""
+        logits: "last" (one row), "all", or anything that indexes the T rows (a slice, an index array).
+        More than PREFILL_CHUNK positions run in chunks (see PREFILL_CHUNK); progress(done, total), if
+        given, is called after each chunk with the positions run so far (for a prefill progress bar)."""
         if len(np.atleast_1d(tokens)) < 4:
-            return self._forward(tokens, cache, logits)
+            return self._forward(tokens, cache, logits, progress)
         with blas_single_threaded():
-            return self._forward(tokens, cache, logits)
+            return self._forward(tokens, cache, logits, progress)
 
-    def _forward(self, tokens, cache: KVCache, logits) -> np.ndarray:
+    def _forward(self, tokens, cache: KVCache, logits, progress) -> np.ndarray:
         c = self.cfg
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         T = len(tokens)
@@ -163,14 +190,38 @@ class Model:
             raise MinirtError("no tokens to run")
         if tokens.min() < 0 or tokens.max() >= c.vocab_size:
             raise MinirtError(f"token id out of range 0..{c.vocab_size - 1}")
+        if isinstance(logits, str):
+            if logits not in ("last", "all"):
+                raise ValueError(f"logits must be 'last', 'all' or an index, not {logits!r}")
+            want = np.arange(T - 1, T) if logits == "last" else np.arange(T)
+        else:
+            want = np.atleast_1d(np.arange(T)[logits])  # checked before the cache moves
         cache.reserve(T)
+        self.rope(cache.capacity)
+        # attention scratch: one row of scores per thread (kernels.attention), not one per (position, head)
+        scores = np.empty((numba.get_num_threads(), cache.pos + T), np.float32)
+        final = np.empty((len(want), c.dim), np.float32)  # the last hidden state of the rows asked for
+        n_chunks = -(-T // PREFILL_CHUNK)
+        bounds = [T * i // n_chunks for i in range(n_chunks + 1)]  # balanced: no short last chunk
+        for a, b in zip(bounds, bounds[1:]):
+            x = self._layers(tokens[a:b], cache, scores)
+            sel = np.flatnonzero((want >= a) & (want < b))
+            final[sel] = x[want[sel] - a]
+            if progress is not None:
+                progress(b, T)
+        h = self.norm(final, np.empty_like(final))
+        return self.head.forward(h, np.empty((len(h), c.vocab_size), np.float32))
+
+    def _layers(self, tokens: np.ndarray, cache: KVCache, scores: np.ndarray) -> np.ndarray:
+        """The residual stream (T, dim) after every layer for positions cache.pos …; the cache advances by T."""
+        c = self.cfg
+        T = len(tokens)
         pos0 = cache.pos
         positions = np.arange(pos0, pos0 + T, dtype=np.int64)
         s = self._buffers(T)
         x = self.embed[tokens]
         if self.pos_embed is not None:
             x += self.pos_embed[positions]
-        scores = np.empty((T * c.n_heads, pos0 + T), np.float32)
         scale = 1.0 / math.sqrt(c.head_dim)
         qd = c.q_dim
         for li, L in enumerate(self.layers):
@@ -188,15 +239,7 @@ class Model:
                 kernels.gelu_new(s["up"], s["act"])
             x += L.down.forward(s["act"], s["o"])
         cache.pos = pos0 + T
-        if isinstance(logits, str):
-            if logits not in ("last", "all"):
-                raise ValueError(f"logits must be 'last', 'all' or an index, not {logits!r}")
-            rows = x[-1:] if logits == "last" else x
-        else:
-            rows = x[logits]
-        rows = np.ascontiguousarray(rows)
-        h = self.norm(rows, np.empty_like(rows))
-        return self.head.forward(h, np.empty((len(h), c.vocab_size), np.float32))
+        return x
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits (T, vocab) for every position of a token sequence, from a fresh cache."""
@@ -207,7 +250,7 @@ class Model:
         """The first n_layers with the final norm and head (early exit): a drafter sharing every weight."""
         from dataclasses import replace
         m = Model(replace(self.cfg, n_layers=n_layers), self.layers[:n_layers], self.embed, self.pos_embed,
-                  self.norm, self.head, self.tokenizer, self.source, self.file_type)
+                  self.norm, self.head, self.tokenizer, self.source, self.file_type, self.ctx)
         return m
 
     # ---- conveniences -------------------------------------------------------------------------

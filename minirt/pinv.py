@@ -361,7 +361,7 @@ class PinvModel(Model):
 
     pinv: PinvState
 
-    def forward(self, tokens, cache, logits="last"):
+    def forward(self, tokens, cache, logits="last", progress=None):
         if cache.pos == 0:
             self.pinv.reset()
-        return super().forward(tokens, cache, logits)
+        return super().forward(tokens, cache, logits, progress)

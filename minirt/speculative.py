@@ -208,7 +208,7 @@ class DraftLength:
 
 
 def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafter, k: int, max_tokens: int,
-                       stats: SpecStats, adaptive: bool = True):
+                       stats: SpecStats, adaptive: bool = True, progress=None):
     """Yield generated token ids (the end-of-generation token included, so the caller can stop on it).
 
     Verification batches stay below the model's batched-GEMM threshold (K ≤ K_MAX), so every position is
@@ -217,7 +217,7 @@ def speculative_tokens(model, cache, prompt: list[int], sampler: Sampler, drafte
     # The prompt is prefilled in one call and the first token drawn from it, exactly as plain decoding
     # does; from then on the cache holds everything but the last emitted token.
     context = list(prompt)
-    first = sampler(model.forward(prompt, cache)[0], context)
+    first = sampler(model.forward(prompt, cache, progress=progress)[0], context)
     yield first
     context.append(first)
     drafter.start(context, cache)

@@ -1,0 +1,209 @@
+"""Bounded memory: chunked prefill gives the single pass's logits, the context used (not the file's maximum)
+sizes the caches and the RoPE tables, and a long prompt's peak memory stays near a short one's."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import minirt
+import minirt.model
+from minirt import kernels
+from minirt.config import ModelConfig
+from minirt.generate import Generation
+from minirt.kvcache import DEFAULT_CTX
+from minirt.readers.base import Checkpoint, Tensor, TokenizerSpec
+
+from . import reference as ref
+
+VOCAB, DIM, HEADS, KV_HEADS, HD, HIDDEN, LAYERS = 97, 32, 4, 2, 8, 64, 2
+
+
+def tiny_checkpoint(arch: str = "llama", max_ctx: int = 512, seed: int = 0) -> Checkpoint:
+    """A random 2-layer model in minirt's canonical tensor names (float32), logits of std ≈ 1."""
+    cfg = ModelConfig(arch, vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS,
+                      n_kv_heads=KV_HEADS if arch == "llama" else HEADS, head_dim=HD, hidden_dim=HIDDEN,
+                      max_ctx=max_ctx, norm_eps=1e-5, rope_theta=10000.0)
+    rng = np.random.default_rng(seed)
+
+    def t(*shape, scale=None, mean=0.0):
+        scale = shape[-1] ** -0.5 if scale is None else scale
+        return Tensor((mean + rng.normal(0, scale, shape)).astype(np.float32), "F32", shape)
+
+    tensors = {"embed": t(VOCAB, DIM, scale=1.0), "norm.weight": t(DIM, scale=0.1, mean=1.0)}
+    if arch == "gpt2":
+        tensors |= {"pos_embed": t(max_ctx, DIM, scale=0.1), "norm.bias": t(DIM, scale=0.1)}
+    for i in range(LAYERS):
+        p = f"layers.{i}."
+        tensors |= {p + "attn_norm.weight": t(DIM, scale=0.1, mean=1.0), p + "ffn_norm.weight": t(DIM, scale=0.1, mean=1.0),
+                    p + "wo": t(DIM, DIM), p + "w_up": t(HIDDEN, DIM), p + "w_down": t(DIM, HIDDEN)}
+        if arch == "llama":
+            tensors |= {p + "wq": t(HEADS * HD, DIM), p + "wk": t(KV_HEADS * HD, DIM),
+                        p + "wv": t(KV_HEADS * HD, DIM), p + "w_gate": t(HIDDEN, DIM)}
+        else:
+            tensors |= {p + "wqkv": t(3 * DIM, DIM), p + "bqkv": t(3 * DIM, scale=0.1), p + "bo": t(DIM, scale=0.1),
+                        p + "b_up": t(HIDDEN, scale=0.1), p + "b_down": t(DIM, scale=0.1),
+                        p + "attn_norm.bias": t(DIM, scale=0.1), p + "ffn_norm.bias": t(DIM, scale=0.1)}
+    return Checkpoint(cfg, tensors, TokenizerSpec("none"), None)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request):
+    ck = tiny_checkpoint(request.param)
+    return minirt.Model.from_checkpoint(ck), ck
+
+
+def run(model, monkeypatch, chunk: int, ids, logits, prefix=(), progress=None):
+    """Logits and cache of forward(ids) after a prefix, with PREFILL_CHUNK set to chunk."""
+    monkeypatch.setattr(minirt.model, "PREFILL_CHUNK", chunk)
+    cache = model.new_cache(len(prefix) + len(ids))
+    if len(prefix):
+        model.forward(prefix, cache)
+    return model.forward(ids, cache, logits=logits, progress=progress), cache
+
+
+SELECTIONS = ["last", "all", slice(3, 90, 7), np.array([99, 0, 50, 31, 32, 64, 65]), np.arange(100) % 3 == 0]
+
+
+@pytest.mark.parametrize("logits", SELECTIONS, ids=["last", "all", "slice", "index", "mask"])
+@pytest.mark.parametrize("prefix_len", [0, 11])
+def test_chunked_forward_equals_single_pass(tiny, monkeypatch, logits, prefix_len):
+    """100 positions in chunks of ≤ 32 (4 chunks of 25, boundaries inside the rows asked for), after an
+    existing cache or not: the same logits and cache as one pass. Up to float rounding only: at these tiny
+    sizes OpenBLAS takes a small-matrix path whose summation order depends on the number of rows (at
+    SmolLM2's sizes it does not, and test_chunked_smollm2_equals_single_pass asks for the same bits)."""
+    model, _ = tiny
+    rng = np.random.default_rng(1)
+    prefix, ids = rng.integers(0, VOCAB, prefix_len), rng.integers(0, VOCAB, 100)
+    one, c1 = run(model, monkeypatch, 10**6, ids, logits, prefix)
+    calls = []
+    chunked, c2 = run(model, monkeypatch, 32, ids, logits, prefix, progress=lambda d, t: calls.append((d, t)))
+    assert chunked.shape == one.shape == (len(np.arange(100)[logits]) if not isinstance(logits, str)
+                                          else 1 if logits == "last" else 100, VOCAB)
+    assert one.std() > 1
+    np.testing.assert_allclose(chunked, one, rtol=0, atol=2e-5)
+    assert c1.pos == c2.pos == prefix_len + 100
+    np.testing.assert_allclose(c1.k[:, :, :c1.pos], c2.k[:, :, :c2.pos], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(c1.v[:, :, :c1.pos], c2.v[:, :, :c2.pos], rtol=0, atol=2e-5)
+    assert calls == [(25, 100), (50, 100), (75, 100), (100, 100)]
+
+
+def test_chunked_forward_matches_float64_reference(tiny, monkeypatch):
+    """Independent oracle: 300 positions in 10 chunks against reference.py's float64 forward."""
+    model, ck = tiny
+    w = {k: np.asarray(v.data, np.float64) for k, v in ck.tensors.items()}
+    ids = np.random.default_rng(2).integers(0, VOCAB, 300)
+    want = (ref.llama_forward if ck.config.arch == "llama" else ref.gpt2_forward)(w, ck.config, ids)
+    got, _ = run(model, monkeypatch, 32, ids, "all")
+    assert np.abs(want).std() > 0.5
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+
+
+def test_bad_selection_leaves_the_cache(tiny):
+    model, _ = tiny
+    cache = model.new_cache(50)
+    with pytest.raises(IndexError):
+        model.forward(np.arange(10), cache, logits=np.array([10]))
+    assert cache.pos == 0
+
+
+def test_chunked_smollm2_equals_single_pass(smollm2, monkeypatch, botchan_text):
+    """SmolLM2 (exact kernels): 300 prompt positions after a 40-token cache run as 2 chunks of 150 with the
+    real PREFILL_CHUNK, equal to one pass for the last row and a spread of rows across the boundary."""
+    assert 150 <= minirt.model.PREFILL_CHUNK < 300
+    ids = smollm2.tokenizer.encode(botchan_text[:5000])[:340]
+    rows = np.array([0, 1, 148, 149, 150, 151, 298, 299])
+    outs = []
+    for chunk in (minirt.model.PREFILL_CHUNK, 10**6):
+        monkeypatch.setattr(minirt.model, "PREFILL_CHUNK", chunk)
+        cache = smollm2.new_cache(len(ids))
+        smollm2.forward(ids[:40], cache)
+        outs.append(smollm2.forward(ids[40:], cache, logits=rows))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert outs[0].std() > 1
+
+
+# ---- the context used -------------------------------------------------------------------------------
+def test_default_context_is_4096_or_the_models_maximum():
+    assert DEFAULT_CTX == 4096
+    small = minirt.Model.from_checkpoint(tiny_checkpoint(max_ctx=512))
+    assert small.ctx == 512 and small.new_cache().capacity == 512
+    big = minirt.Model.from_checkpoint(tiny_checkpoint(max_ctx=10000))
+    assert big.ctx == 4096 and big.new_cache().capacity == 4096
+    asked = minirt.Model.from_checkpoint(tiny_checkpoint(max_ctx=10000), ctx=6000)
+    assert asked.ctx == 6000 and asked.new_cache().capacity == 6000
+    assert asked.truncated(1).ctx == 6000
+    with pytest.raises(minirt.MinirtError, match=r"context holds 4096; shorten the prompt or raise --ctx \(up to 10000\)"):
+        Generation(big, [1] * 5000, max_tokens=1)
+    with pytest.raises(minirt.MinirtError, match="context holds 10000 at most"):
+        Generation(big, [1] * 10000, max_tokens=1)
+    g = Generation(big, [1] * 5000, max_tokens=10, ctx=8000)  # a generation may ask for more than model.ctx
+    assert g.cache.capacity > 5000
+
+
+@pytest.mark.parametrize("ctx", [10001, 2**40])
+def test_context_above_the_maximum_is_refused(ctx):
+    ck = tiny_checkpoint(max_ctx=10000)
+    with pytest.raises(minirt.MinirtError, match="exceeds the model's maximum of 10000"):
+        minirt.Model.from_checkpoint(ck, ctx=ctx)
+    model = minirt.Model.from_checkpoint(ck)
+    with pytest.raises(minirt.MinirtError, match="exceeds the model's maximum of 10000"):
+        Generation(model, [1, 2, 3], ctx=ctx)
+    for bad in (1, 0, -5, 2.5, "4096"):
+        with pytest.raises(minirt.MinirtError, match="context size"):
+            minirt.Model.from_checkpoint(ck, ctx=bad)
+
+
+def test_load_refuses_a_context_above_the_maximum(smollm2_path):
+    with pytest.raises(minirt.MinirtError, match="context size 9000 exceeds the model's maximum of 8192"):
+        minirt.load(smollm2_path, ctx=9000)
+
+
+def test_rope_tables_follow_the_caches_not_the_files_maximum(monkeypatch):
+    """A file claiming a context of 2²⁰ builds no table at load; tables grow with the caches that are used,
+    and a grown table gives the same bits as one built at full length."""
+    model = minirt.Model.from_checkpoint(tiny_checkpoint(max_ctx=2**20))
+    assert model.rope_cos.nbytes == 0 and model.ctx == DEFAULT_CTX
+    ids = np.random.default_rng(3).integers(0, VOCAB, 40)
+    small = model.forward(ids, model.new_cache(64), logits="all")
+    assert model.rope_cos.shape == (64, HD // 2)
+    model.forward(ids[:5], model.new_cache())
+    assert model.rope_cos.shape == (DEFAULT_CTX, HD // 2) and model.rope_cos.nbytes < 2**20
+    np.testing.assert_array_equal(model.forward(ids, model.new_cache(64), logits="all"), small)
+    cos, sin = kernels.rope_tables(300, HD, 10000.0)
+    cos2, sin2 = kernels.rope_tables(40, HD, 10000.0)
+    np.testing.assert_array_equal(cos[:40], cos2)
+    np.testing.assert_array_equal(sin[:40], sin2)
+
+
+# ---- peak memory ----------------------------------------------------------------------------------------
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np
+    sys.path.insert(0, {root!r})
+    from tests.test_memory import tiny_checkpoint
+    import minirt
+    model = minirt.Model.from_checkpoint(tiny_checkpoint(max_ctx=8192))
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rng = np.random.default_rng(0)
+    model.forward(rng.integers(0, 97, 16), model.new_cache(17))
+    short = rss()
+    model.forward(rng.integers(0, 97, 4096), model.new_cache(4097))
+    print(json.dumps([short, rss()]))
+""")
+
+
+def test_long_prompt_peak_memory_near_a_short_ones():
+    """A 4096-position prompt on a 4-head model: one pass would hold 4096·4·4096 float32 scores (268 MB);
+    chunked, the peak grows by the KV cache (2 MB), the chunk's buffers and the token arrays only."""
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT.format(root=root)], capture_output=True, text=True,
+                       timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    short, long = json.loads(r.stdout.strip().splitlines()[-1])
+    assert long - short < 40e6, (short, long)
