@@ -103,9 +103,26 @@ def qkv_rope_store(qkv, positions, cos, sin, use_rope, q, kc, vc):
 
 
 @njit(parallel=True, **JIT)
-def attention(q, kc, vc, pos0, scale, scores, out):
+def head_rmsnorm(x, start, n_heads, hd, w, eps):
+    """In place, per head: x[t, start + h·hd : … + hd] = RMSNorm over the head's hd values · w (q/k norms)."""
+    T = x.shape[0]
+    for task in prange(T * n_heads):
+        t = task // n_heads
+        a = start + (task % n_heads) * hd
+        ss = np.float32(0.0)
+        for i in range(hd):
+            ss += x[t, a + i] * x[t, a + i]
+        r = np.float32(1.0) / np.sqrt(ss / hd + np.float32(eps))
+        for i in range(hd):
+            x[t, a + i] = x[t, a + i] * r * w[i]
+
+
+@njit(parallel=True, **JIT)
+def attention(q, kc, vc, pos0, scale, window, scores, out):
     """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled;
-    query t sits at position pos0+t and sees positions 0..pos0+t. Query head h reads kv head h // (H/Hkv).
+    query t sits at position pos0+t and sees positions 0..pos0+t, or with window > 0 only the last `window`
+    of them (sliding-window layers: position s is seen from p when p − s < window). Query head h reads kv
+    head h // (H/Hkv).
     scores is scratch (n_parts, ≥ pos0+T), one row per part: the (t, h) tasks are dealt to the parts in turn
     (a task's cost grows with t, so contiguous ranges would not balance), and the scratch stays
     O(threads · context) rather than O(T · H · context). out (T, H, hd)."""
@@ -119,9 +136,10 @@ def attention(q, kc, vc, pos0, scale, scores, out):
             h = task % H
             g = h // group
             n = pos0 + t + 1
+            s0 = max(0, n - window) if window > 0 else 0
             qv = q[t, h]
             m = -np.inf
-            for s in range(n):
+            for s in range(s0, n):
                 kv = kc[g, s]
                 acc = np.float32(0.0)
                 for i in range(hd):
@@ -130,13 +148,13 @@ def attention(q, kc, vc, pos0, scale, scores, out):
                 sc[s] = acc
                 m = max(m, acc)
             total = np.float32(0.0)
-            for s in range(n):
+            for s in range(s0, n):
                 e = np.exp(sc[s] - m)
                 sc[s] = e
                 total += e
             o = out[t, h]
             o[:] = 0.0
-            for s in range(n):
+            for s in range(s0, n):
                 pr = sc[s]
                 vv = vc[g, s]
                 for i in range(hd):
@@ -157,6 +175,17 @@ def swiglu(gate_up, out):
 
 
 GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@njit(parallel=True, **JIT)
+def geglu(gate_up, out):
+    """out = gelu_tanh(gate) · up, where gate_up = [gate | up] along features (Gemma's FFN)."""
+    T, F = out.shape
+    for t in prange(T):
+        for i in range(F):
+            g = gate_up[t, i]
+            out[t, i] = (np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (
+                g + np.float32(0.044715) * g * g * g)))) * gate_up[t, F + i]
 
 
 @njit(parallel=True, **JIT)

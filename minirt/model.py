@@ -71,8 +71,12 @@ class Layer:
     qkv: Linear     # rows: q (n_heads·hd) | k (n_kv·hd) | v (n_kv·hd)
     wo: Linear
     ffn_norm: Norm
-    up: Linear      # LLaMA: gate | up (2·hidden rows); GPT-2: fc (hidden rows)
+    up: Linear      # gated FFNs: gate | up (2·hidden rows); GPT-2: fc (hidden rows)
     down: Linear
+    q_norm: np.ndarray | None = None      # traits.qk_norm: RMSNorm weights over each head (hd,)
+    k_norm: np.ndarray | None = None
+    post_attn_norm: Norm | None = None    # traits.post_norms
+    post_ffn_norm: Norm | None = None
 
 
 class Model:
@@ -83,9 +87,11 @@ class Model:
         self.norm, self.head, self.tokenizer = norm, head, tokenizer
         self.source, self.file_type = source, file_type
         self.ctx = context_size(cfg.max_ctx, ctx)  # the context used: new caches' default capacity
-        # RoPE tables grow with the caches that use them (rope()); GPT-2's are never read: one kernel signature
-        half = cfg.head_dim // 2 if cfg.arch == "llama" else 1
-        self.rope_cos = self.rope_sin = np.zeros((0 if cfg.arch == "llama" else 1, half), np.float32)
+        # RoPE tables, one pair per base the layers use, grow with the caches that use them (rope()); without
+        # RoPE (GPT-2) one empty pair is never read: one kernel signature
+        self.thetas = sorted({cfg.layer_theta(i) for i in range(cfg.n_layers)}) if cfg.traits.rope else [0.0]
+        empty = np.zeros((0 if cfg.traits.rope else 1, max(cfg.head_dim // 2, 1)), np.float32)
+        self.rope_tables = {th: (empty, empty) for th in self.thetas}
         self._scratch: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -116,17 +122,26 @@ class Model:
             # copies: once loading is done nothing refers to the mapped file, which is then unmapped
             return Norm(np.array(t[prefix + ".weight"].float32()), None if b is None else np.array(b.float32()), eps)
 
+        tr = cfg.traits
         layers = []
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            if cfg.arch == "llama":
-                qkv = matrix(p + "qkv", [p + "wq", p + "wk", p + "wv"], [p + "bq", p + "bk", p + "bv"])
-                up = matrix(p + "up", [p + "w_gate", p + "w_up"], [p + "b_gate", p + "b_up"])
-            else:
+            if tr.fused_qkv:
                 qkv = matrix(p + "qkv", [p + "wqkv"], [p + "bqkv"])
+            else:
+                qkv = matrix(p + "qkv", [p + "wq", p + "wk", p + "wv"], [p + "bq", p + "bk", p + "bv"])
+            if tr.ffn == "gelu":
                 up = matrix(p + "up", [p + "w_up"], [p + "b_up"])
-            layers.append(Layer(norm(p + "attn_norm"), qkv, matrix(p + "wo", [p + "wo"], [p + "bo"]),
-                                norm(p + "ffn_norm"), up, matrix(p + "down", [p + "w_down"], [p + "b_down"])))
+            else:
+                up = matrix(p + "up", [p + "w_gate", p + "w_up"], [p + "b_gate", p + "b_up"])
+            L = Layer(norm(p + "attn_norm"), qkv, matrix(p + "wo", [p + "wo"], [p + "bo"]),
+                      norm(p + "ffn_norm"), up, matrix(p + "down", [p + "w_down"], [p + "b_down"]))
+            if tr.qk_norm:
+                L.q_norm = np.array(t[p + "q_norm"].float32())
+                L.k_norm = np.array(t[p + "k_norm"].float32())
+            if tr.post_norms:
+                L.post_attn_norm, L.post_ffn_norm = norm(p + "post_attn_norm"), norm(p + "post_ffn_norm")
+            layers.append(L)
             ck.release_pages()
         head = matrix("head", ["embed" if cfg.tied_head else "head"], [])
         table = head if cfg.tied_head else (linear([t["embed"]]) if "head.lr_u" in t else None)
@@ -145,16 +160,24 @@ class Model:
         """A KV cache for capacity positions (default: the context used, self.ctx), at most the model's maximum."""
         return KVCache(self.cfg, min(capacity or self.ctx, self.cfg.max_ctx))
 
-    def rope(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """RoPE cos/sin tables covering positions 0..n−1, grown on demand: sized by the caches in use
-        (doubling, up to the model's maximum, so that growing caches rebuild them rarely), never by a
-        maximum the file claims. A position's row is the same in tables of every length."""
+    def rope(self, n: int, theta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """RoPE cos/sin tables (for base theta, default the model's) covering positions 0..n−1, grown on
+        demand: sized by the caches in use (doubling, up to the model's maximum, so that growing caches
+        rebuild them rarely), never by a maximum the file claims. A position's row is the same in tables of
+        every length."""
         c = self.cfg
-        have = self.rope_cos.shape[0]
-        if c.arch == "llama" and have < n:
-            self.rope_cos, self.rope_sin = kernels.rope_tables(max(n, min(2 * have, c.max_ctx)), c.head_dim,
-                                                               c.rope_theta)
-        return self.rope_cos, self.rope_sin
+        for th in self.thetas:
+            have = self.rope_tables[th][0].shape[0]
+            if c.traits.rope and have < n:
+                self.rope_tables[th] = kernels.rope_tables(max(n, min(2 * have, c.max_ctx)), c.head_dim, th)
+        if not c.traits.rope:
+            return self.rope_tables[self.thetas[0]]
+        return self.rope_tables[c.rope_theta if theta is None else theta]
+
+    @property
+    def rope_cos(self) -> np.ndarray:
+        """The global layers' cos table as it is now (not grown)."""
+        return self.rope_tables[self.cfg.rope_theta if self.cfg.traits.rope else self.thetas[0]][0]
 
     def _buffers(self, T: int) -> dict[str, np.ndarray]:
         """Activation buffers for T ≤ PREFILL_CHUNK positions: views of one set, grown to the largest T seen."""
@@ -222,22 +245,27 @@ class Model:
         x = self.embed[tokens]
         if self.pos_embed is not None:
             x += self.pos_embed[positions]
-        scale = 1.0 / math.sqrt(c.head_dim)
+        tr = c.traits
+        if tr.embed_scale:
+            x *= np.float32(math.sqrt(c.dim))
         qd = c.q_dim
+        act = {"swiglu": kernels.swiglu, "geglu": kernels.geglu, "gelu": kernels.gelu_new}[tr.ffn]
         for li, L in enumerate(self.layers):
             L.attn_norm(x, s["h"])
             L.qkv.forward(s["h"], s["qkv"])
-            kernels.qkv_rope_store(s["qkv"], positions, self.rope_cos, self.rope_sin, c.arch == "llama",
-                                   s["q"], cache.k[li], cache.v[li])
-            kernels.attention(s["q"], cache.k[li], cache.v[li], pos0, scale, scores, s["att"])
-            x += L.wo.forward(s["att"].reshape(T, qd), s["o"])
+            if L.q_norm is not None:
+                kernels.head_rmsnorm(s["qkv"], 0, c.n_heads, c.head_dim, L.q_norm, c.norm_eps)
+                kernels.head_rmsnorm(s["qkv"], qd, c.n_kv_heads, c.head_dim, L.k_norm, c.norm_eps)
+            cos, sin = self.rope(0, c.layer_theta(li))
+            kernels.qkv_rope_store(s["qkv"], positions, cos, sin, tr.rope, s["q"], cache.k[li], cache.v[li])
+            kernels.attention(s["q"], cache.k[li], cache.v[li], pos0, c.scale, c.layer_window(li), scores, s["att"])
+            o = L.wo.forward(s["att"].reshape(T, qd), s["o"])
+            x += o if L.post_attn_norm is None else L.post_attn_norm(o, o)
             L.ffn_norm(x, s["h"])
             L.up.forward(s["h"], s["up"])
-            if c.arch == "llama":
-                kernels.swiglu(s["up"], s["act"])
-            else:
-                kernels.gelu_new(s["up"], s["act"])
-            x += L.down.forward(s["act"], s["o"])
+            act(s["up"], s["act"])
+            o = L.down.forward(s["act"], s["o"])
+            x += o if L.post_ffn_norm is None else L.post_ffn_norm(o, o)
         cache.pos = pos0 + T
         return x
 
