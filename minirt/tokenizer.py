@@ -6,6 +6,7 @@ stream of ids into a stream of complete UTF-8 text.
 from __future__ import annotations
 
 import codecs
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -132,6 +133,25 @@ class BPETokenizer(Tokenizer):
         return self.id_bytes[token_id]
 
 
+def _trie_pattern(words: list[str]) -> str:
+    """A regular expression matching any of the words, longest first, as a trie (one branch per distinct
+    next character), so that thousands of words cost a few comparisons per position, not thousands."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = True
+
+    def pat(node: dict) -> str:
+        alts = [re.escape(ch) + pat(sub) for ch, sub in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+    return pat(trie)
+
+
 class SPMTokenizer(Tokenizer):
     """A SentencePiece model file (tokenizer.model)."""
 
@@ -150,18 +170,37 @@ class SPMTokenizer(Tokenizer):
         self.add_bos = spec.add_bos
         self.chat_template = spec.chat_template
         self.eog_ids = frozenset({self.eos_id} - {None})
-        self._bytes = []
-        for i in range(self.vocab_size):
-            piece = self.sp.id_to_piece(i)
-            if self.sp.is_byte(i):
-                self._bytes.append(bytes([int(piece[1:-1], 16)]))
-            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        proto = pb.ModelProto()
+        proto.ParseFromString(spec.spm_proto if spec.spm_proto is not None else open(spec.spm_model, "rb").read())
+        CONTROL, USER, BYTE = (pb.ModelProto.SentencePiece.Type.Value(n) for n in ("CONTROL", "USER_DEFINED", "BYTE"))
+        self._bytes, special = [], {}
+        for i, p in enumerate(proto.pieces):
+            if p.type == BYTE:
+                self._bytes.append(bytes([int(p.piece[1:-1], 16)]))
+            elif p.type == CONTROL or self.sp.is_unknown(i):
                 self._bytes.append(b"")
             else:
-                self._bytes.append(piece.replace("\u2581", " ").encode())
+                self._bytes.append(p.piece.replace("\u2581", " ").encode())
+            if p.type in (CONTROL, USER) and p.piece:
+                special.setdefault(p.piece, i)
+        # control and user-defined pieces are matched in the text as they are, before SentencePiece sees the
+        # rest (as llama.cpp and Hugging Face do): chat markers such as <start_of_turn>, Gemma's whitespace runs
+        self.special = special
+        self._special_re = re.compile(_trie_pattern(list(special))) if special else None
 
     def _encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        if self._special_re is None:
+            return self.sp.encode(text)
+        out, pos = [], 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                out += self.sp.encode(text[pos:m.start()])
+            out.append(self.special[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out += self.sp.encode(text[pos:])
+        return out
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]
