@@ -82,6 +82,8 @@ class Model:
         """Build the model. Matrices stay in their stored format (Quant) unless dequantize=True (float32).
         Decode steps on block formats round activations to int8 per block, as llama.cpp does;
         exact=True keeps them float32 (slower; what the float reference tests use)."""
+        from .readers.validate import validate
+        validate(ck)  # readers validate what they return; a Checkpoint built by hand is checked here
         cfg, t = ck.config, ck.tensors
 
         def linear(ws, bs=None):
