@@ -271,19 +271,53 @@ def read_gguf(path: Path) -> Checkpoint:
 
 def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
     model = meta.get("tokenizer.ggml.model")
-    common = dict(bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-                  chat_template=meta.get("tokenizer.chat_template"))
+
+    def ints(key: str, n: int) -> list:
+        v = meta.get(key)
+        if not isinstance(v, list) or len(v) != n or not all(type(x) is int for x in v):
+            raise MinirtError(f"{path}: metadata {key} is not a list of {n} integers (corrupt vocabulary)")
+        return v
+
+    def opt_id(key: str):
+        v = meta.get(key)
+        if v is not None and (type(v) is not int or v < 0):
+            raise MinirtError(f"{path}: metadata {key} is {str(v)[:40]}, not a token id")
+        return v
+
+    template = meta.get("tokenizer.chat_template")
+    common = dict(bos_id=opt_id("tokenizer.ggml.bos_token_id"), eos_id=opt_id("tokenizer.ggml.eos_token_id"),
+                  chat_template=template if isinstance(template, str) else None)
+    if model in ("gpt2", "llama"):
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise MinirtError(f"{path}: metadata tokenizer.ggml.tokens is not a list of strings")
+        types = ints("tokenizer.ggml.token_type", len(tokens)) if "tokenizer.ggml.token_type" in meta else None
     if model == "gpt2":
-        tokens = list(meta["tokenizer.ggml.tokens"])
-        types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-        special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # CONTROL, USER_DEFINED
-        return TokenizerSpec("bpe", tokens=tokens, merges=list(meta.get("tokenizer.ggml.merges", [])), special=special,
-                             pre=meta.get("tokenizer.ggml.pre", "gpt2"),
-                             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), **common)
+        special: dict[str, int] = {}
+        for i, (t, ty) in enumerate(zip(tokens, types or [])):
+            if ty in (3, 4):  # CONTROL, USER_DEFINED
+                if t in special or not t:
+                    raise MinirtError(f"{path}: special token {t[:40]!r} (id {i}) is empty or repeated")
+                special[t] = i
+        merges = meta.get("tokenizer.ggml.merges", [])
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise MinirtError(f"{path}: metadata tokenizer.ggml.merges is not a list of strings")
+        pre = meta.get("tokenizer.ggml.pre", "gpt2")
+        return TokenizerSpec("bpe", tokens=tokens, merges=merges, special=special, pre=pre if isinstance(pre, str) else "",
+                             add_bos=meta.get("tokenizer.ggml.add_bos_token", False) is True, **common)
     if model == "llama":  # SentencePiece: pieces, scores and types → a tokenizer.model built in memory
         from .spm import proto_from_gguf
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is not None and (not isinstance(scores, list) or len(scores) != len(tokens)
+                                   or not all(isinstance(x, (int, float)) for x in scores)):
+            raise MinirtError(f"{path}: metadata tokenizer.ggml.scores is not a list of {len(tokens)} numbers")
+        for key in ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            v = opt_id(key)
+            if v is not None and v >= len(tokens):
+                raise MinirtError(f"{path}: metadata {key} {v} is past the {len(tokens)} tokens")
         return TokenizerSpec("spm", spm_proto=proto_from_gguf(meta),
-                             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)), **common)
+                             add_bos=meta.get("tokenizer.ggml.add_bos_token", True) is True, **common)
     if model is None:
         return TokenizerSpec("none", **common)
-    raise MinirtError(f"{path}: tokenizer type {model!r} inside GGUF is not supported yet (byte-level BPE is)")
+    raise MinirtError(f"{path}: tokenizer type {str(model)[:40]!r} inside GGUF is not supported yet (byte-level BPE "
+                      f"is)")

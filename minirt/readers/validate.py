@@ -168,6 +168,40 @@ def check_tensors(cfg: ModelConfig, tensors: dict, where, ignored: list[str] = (
     return used
 
 
+def check_tokenizer(spec, vocab_size: int, where) -> None:
+    """The tokenizer description against the model: lists of the right types, special tokens non-empty and
+    unique (an empty one would make tiktoken's encoder loop forever), every id inside the embedding. A
+    vocabulary shorter than the embedding is accepted (padded embeddings are common: the extra ids decode
+    to nothing); a longer one is an error (its ids could not be embedded)."""
+    def bad(what: str):
+        raise MinirtError(f"{where}: tokenizer: {what}")
+
+    def in_range(i, what: str):
+        if i is not None and (type(i) is not int or not 0 <= i < vocab_size):
+            bad(f"{what} {_short(i)} is not an id in 0..{vocab_size - 1}")
+
+    in_range(spec.bos_id, "BOS token")
+    in_range(spec.eos_id, "EOS token")
+    if spec.chat_template is not None and not isinstance(spec.chat_template, str):
+        bad("the chat template is not a string")
+    if not isinstance(spec.pre, str):
+        bad("the pre-tokenizer name is not a string")
+    if spec.kind != "bpe":
+        return
+    if not isinstance(spec.tokens, list) or not all(isinstance(t, str) for t in spec.tokens):
+        bad("the token list is not a list of strings")
+    if len(spec.tokens) > vocab_size:
+        bad(f"{len(spec.tokens)} tokens for an embedding of {vocab_size} rows")
+    if not isinstance(spec.merges, list) or not all(isinstance(m, str) for m in spec.merges):
+        bad("the merges are not a list of strings")
+    if not isinstance(spec.special, dict):
+        bad("the special tokens are not a table")
+    for name, i in spec.special.items():
+        if not isinstance(name, str) or not name:
+            bad(f"special token {_short(name)} is empty or not a string")
+        in_range(i, f"special token {_short(name)}")
+
+
 def validate(ck, explicit_head_dim: bool = False):
     """Check a Checkpoint's config and tensors (in place: unused tensors dropped); returns it."""
     if getattr(ck, "validated", False):
@@ -175,5 +209,6 @@ def validate(ck, explicit_head_dim: bool = False):
     where = ck.source if ck.source is not None else "checkpoint"
     check_config(ck.config, where, explicit_head_dim)
     ck.tensors = check_tensors(ck.config, ck.tensors, where, getattr(ck, "ignored", []))
+    check_tokenizer(ck.tokenizer, ck.config.vocab_size, where)
     ck.validated = True
     return ck
