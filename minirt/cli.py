@@ -127,6 +127,11 @@ def build_parser() -> Parser:
     pl.add_argument("names", nargs="+")
     pl.add_argument("--cache-dir", default=None)
 
+    sh = sub.add_parser("show", help="describe a model file before trusting it (architecture, sizes, tensor "
+                        "types, tokenizer, template), like ollama show")
+    sh.add_argument("model", help="registry name or a path to a .gguf file / Hugging Face folder")
+    sh.add_argument("--cache-dir", default=None, help="where models are cached (default: weights/ or $MINIRT_HOME)")
+
     ls = sub.add_parser("list", help="known models and data, and whether they are cached")
     ls.add_argument("--cache-dir", default=None)
     return ap
@@ -400,6 +405,13 @@ def cmd_pull(args) -> None:
         print(pull(name, args.cache_dir))
 
 
+def cmd_show(args) -> None:
+    from .readers import describe
+    from .registry import resolve
+    for key, value in describe(resolve(args.model, args.cache_dir)).items():
+        print(f"{key:>15}  {value}")
+
+
 def cmd_list(args) -> None:
     from .registry import REGISTRY, cache_dir, is_present
     print(f"cache: {cache_dir(args.cache_dir)}")
@@ -410,7 +422,7 @@ def cmd_list(args) -> None:
         print(f"{kind:5} {e.name + alias:28} {mark:8} {e.spec.get('description', '')}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
+COMMANDS = {"show": cmd_show, "generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
             "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "list": cmd_list}
 
 
