@@ -134,6 +134,26 @@ def tensor_nbytes(qtype: str, shape: tuple) -> int:
     return n // block * size
 
 
+# byte offsets of the float16 scales inside one block (llama.cpp's block_q* structs)
+SCALES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82),
+          "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _finite(t) -> bool:
+    """No NaN or infinity among a tensor's values (floats) or block scales (quantized): one pass over the
+    bytes, done once at load (llama.cpp's --check-tensors does the same)."""
+    import numpy as np
+    raw = np.asarray(t.data)
+    if t.qtype == "F32" or t.qtype == "F16":
+        return bool(np.isfinite(raw).all())
+    if t.qtype == "BF16":
+        return not bool(((raw.view(np.uint16) & 0x7F80) == 0x7F80).any())
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[t.qtype]][1]
+    blocks = raw.reshape(-1).view(np.uint8).reshape(-1, size)
+    return all(bool(np.isfinite(blocks[:, o:o + 2].copy().view(np.float16)).all()) for o in SCALES[t.qtype])
+
+
 def check_tensors(cfg: ModelConfig, tensors: dict, where, ignored: list[str] = ()) -> dict:
     """The tensors the architecture uses, checked (present, shape, type, byte count); returns them without
     the unused ones, which are named in one warning line."""
@@ -159,6 +179,8 @@ def check_tensors(cfg: ModelConfig, tensors: dict, where, ignored: list[str] = (
         if getattr(t.data, "nbytes", -2) != tensor_nbytes(t.qtype, want):
             raise MinirtError(f"{where}: tensor {name} holds {getattr(t.data, 'nbytes', '?')} bytes, not the "
                               f"{tensor_nbytes(t.qtype, want)} its shape and type {t.qtype} need (corrupt file?)")
+        if not _finite(t):
+            raise MinirtError(f"{where}: tensor {name} holds NaN or infinite values (corrupt file?)")
     used = {k: t for k, t in tensors.items() if k in req or k in opt}
     unused = sorted(set(tensors) - set(used)) + list(ignored)
     if unused:

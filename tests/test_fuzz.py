@@ -1,0 +1,384 @@
+"""Loaders that cannot be crashed: mutated model files of every format, and one named test per failure class.
+
+The fuzz oracle, for each mutated file: a MinirtError (one line); or a load whose logits equal the unmutated
+model's; or, where the mutation lies in tensor data or a float setting (epsilon, RoPE base: undetectable
+without checksums, which GGUF lacks), finite logits. Anything else fails: another exception (a traceback),
+a crash of the process, a hang, a memory blow-up, or different logits after an edit outside tensor data
+(a silently wrong load).
+
+Inputs run in a worker process with a memory limit (RLIMIT_AS) and a time limit per input, so a native crash
+or a hang fails the test instead of killing pytest. The worker has imported minirt and loaded its kernels
+once; it is reused across inputs and replaced when one kills it. (Forking a child per input from a warm
+parent does not work here: Numba's thread pools, GNU OpenMP and workqueue alike, refuse or hang in a child
+forked after the parent used them.)
+
+Budget: FUZZ_EXAMPLES inputs in the default run (about a minute); `-m slow` runs test_fuzz_long with more.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import minirt
+from minirt import MinirtError
+from minirt.convert import convert
+
+from .test_errors_and_fetch import make_tiny_gpt2, safetensors_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+IDS = [1, 5, 9, 2, 7, 3]
+FUZZ_EXAMPLES = int(os.environ.get("MINIRT_FUZZ_EXAMPLES", "1000"))
+TIME_LIMIT = 20.0         # seconds per input
+MEMORY_LIMIT = 1 << 30    # bytes of address space above the warm worker's own
+
+WORKER = r"""
+import json, resource, sys, traceback
+import numpy as np
+import minirt
+from minirt import MinirtError
+from minirt.readers.llama2c import is_llama2c, read_llama2c
+def load(p):
+    if p.endswith(".bin") and is_llama2c(p):
+        return minirt.Model.from_checkpoint(read_llama2c(p))
+    return minirt.load(p)
+for p in sys.argv[1:]:
+    load(p).logits(IDS)                           # warm: kernels compiled / loaded from the cache
+with open('/proc/self/status') as f:
+    vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmSize'))
+resource.setrlimit(resource.RLIMIT_AS, (vm + MEMORY_LIMIT, vm + MEMORY_LIMIT))
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    path = json.loads(line)["path"]
+    try:
+        m = load(path)
+        out = m.logits(IDS)
+        r = {"outcome": "ok", "logits": out.astype(np.float32).tobytes().hex(), "finite": bool(np.isfinite(out).all())}
+    except MinirtError as e:
+        r = {"outcome": "error", "message": str(e)}
+    except MemoryError:
+        r = {"outcome": "blow-up", "message": "MemoryError"}
+    except BaseException as e:
+        r = {"outcome": "traceback", "message": "".join(traceback.format_exception(e))[-2000:]}
+    print(json.dumps(r), flush=True)
+""".replace("IDS", repr(IDS)).replace("MEMORY_LIMIT", str(MEMORY_LIMIT))
+
+
+class Worker:
+    """A warm process that loads files one at a time; replaced when an input crashes or hangs it."""
+
+    def __init__(self, warm: list[Path], time_limit: float = TIME_LIMIT):
+        self.warm, self.proc, self.time_limit = [str(p) for p in warm], None, time_limit
+
+    def _start(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, *self.warm], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert json.loads(self._line(300))["ready"]
+
+    def _line(self, timeout: float) -> str | None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline() if ready else None
+
+    def run(self, path: Path) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        try:
+            self.proc.stdin.write(json.dumps({"path": str(path)}) + "\n")
+            self.proc.stdin.flush()
+            line = self._line(self.time_limit)
+        except BrokenPipeError:
+            line = ""
+        if line:
+            return json.loads(line)
+        if line is None:
+            self.close()
+            return {"outcome": "hang"}
+        rc = self.proc.wait()
+        self.proc = None
+        return {"outcome": "crash", "message": f"exit status {rc}"}
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+# ---------------------------------------------------------------------------------------- tiny models
+
+def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """config.json + model.safetensors: 2 layers, width 32, 4 heads sharing 2 KV heads, 64 tokens, untied."""
+    V, D, H, KV, F, L = 64, 32, 4, 2, 48, 2
+    hd = D // H
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
+        num_key_value_heads=KV, intermediate_size=F, max_position_embeddings=64, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False)))
+    rng = np.random.default_rng(seed)
+    r = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    t = {"model.embed_tokens.weight": r(V, D), "model.norm.weight": 1 + r(D), "lm_head.weight": r(V, D)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": 1 + r(D), p + "post_attention_layernorm.weight": 1 + r(D),
+                  p + "self_attn.q_proj.weight": r(H * hd, D), p + "self_attn.k_proj.weight": r(KV * hd, D),
+                  p + "self_attn.v_proj.weight": r(KV * hd, D), p + "self_attn.o_proj.weight": r(D, H * hd),
+                  p + "mlp.gate_proj.weight": r(F, D), p + "mlp.up_proj.weight": r(F, D),
+                  p + "mlp.down_proj.weight": r(D, F)})
+    (folder / "model.safetensors").write_bytes(safetensors_bytes(t))
+    return folder
+
+
+def write_llama2c_v0(path: Path, seed: int = 0) -> Path:
+    """A legacy (v0) llama2.c checkpoint: 7 int32, then float32 arrays in run.c's order (classifier unshared)."""
+    D, F, L, H, KV, V, S = 32, 48, 2, 4, 2, 64, 32
+    hd = D // H
+    rng = np.random.default_rng(seed)
+    r = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    parts = [r(V, D), 1 + r(L, D), r(L, D, D), r(L, KV * hd, D), r(L, KV * hd, D), r(L, D, D), 1 + r(L, D),
+             r(L, F, D), r(L, D, F), r(L, F, D), 1 + r(D), r(S, hd // 2), r(S, hd // 2), r(V, D)]
+    path.write_bytes(struct.pack("<7i", D, F, L, H, KV, -V, S) + b"".join(p.tobytes() for p in parts))
+    return path
+
+
+def write_torch_bin(st_folder: Path, dest: Path) -> Path | None:
+    """The same folder with pytorch_model.bin (torch.save, in a subprocess: torch stays out of this process)."""
+    shutil.copytree(st_folder, dest)
+    code = ("import sys, torch; from safetensors.torch import load_file; "
+            "torch.save(load_file(sys.argv[1]), sys.argv[2])")
+    r = subprocess.run([sys.executable, "-c", code, str(dest / "model.safetensors"), str(dest / "pytorch_model.bin")],
+                       capture_output=True)
+    (dest / "model.safetensors").unlink()
+    return dest if r.returncode == 0 else None
+
+
+# ------------------------------------------------------------------------------------- the formats
+
+class Subject:
+    """A valid model in one format; `member` is the file mutations apply to (the path itself for files)."""
+
+    def __init__(self, name: str, path: Path, member: str | None = None):
+        self.name, self.path, self.member = name, path, member
+        self.file = path / member if member else path
+        self.good = self.file.read_bytes()
+        self.soft = soft_ranges(self)   # byte ranges where a mutation may change the logits (tensor data, floats)
+
+    def materialise(self, data: bytes, where: Path) -> Path:
+        if self.member is None:
+            out = where / self.path.name
+            out.write_bytes(data)
+            return out
+        out = where / self.path.name
+        shutil.copytree(self.path, out)
+        (out / self.member).write_bytes(data)
+        return out
+
+
+OPTIONAL = ("output.weight", "lm_head.weight", "bias")  # renamed away, the model is tied / has no bias:
+# the file then describes another valid model plus a stray tensor (one warning line), as llama.cpp reads it
+
+
+def soft_ranges(s: Subject) -> list[tuple[int, int]]:
+    b = s.good
+    if s.file.suffix in (".gguf", ".safetensors"):
+        names = [n for n in json.loads(b[8:8 + struct.unpack("<Q", b[:8])[0]])] if s.file.suffix == ".safetensors" \
+            else [i[0] for i in __import__("minirt.readers.gguf", fromlist=["_parse"])._parse(s.file)[1]]
+        renames = [(i, i + len(n)) for n in names if n.endswith(OPTIONAL) and (i := b.find(n.encode())) >= 0]
+    if s.file.suffix == ".gguf":
+        from minirt.readers.gguf import _parse
+        start = _parse(s.file)[2]
+        out = [(start, len(b))] + renames
+        for key in (b"layer_norm_rms_epsilon", b"layer_norm_epsilon", b"rope.freq_base"):
+            i = b.find(key)
+            if i >= 0:  # the key (renamed: the default applies) and its float32 value
+                out.append((i, i + len(key) + 8))
+        return out
+    if s.file.suffix == ".safetensors":
+        return [(8 + struct.unpack("<Q", b[:8])[0], len(b))] + renames
+    if s.file.name == "config.json":
+        out = []
+        for key in (b'"rms_norm_eps"', b'"rope_theta"', b'"layer_norm_epsilon"'):
+            i = b.find(key)
+            if i >= 0:  # the key (renamed: the default applies) and its value
+                out.append((i, b.find(b",", i) if b.find(b",", i) > 0 else len(b)))
+        return out
+    if s.file.suffix == ".bin" and s.name == "llama2c":
+        return [(28, len(b))]
+    return []   # pytorch_model.bin: storages are CRC-checked by the zip reader
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory) -> dict[str, Subject]:
+    root = tmp_path_factory.mktemp("fuzz")
+    gpt2 = make_tiny_gpt2(root / "st-gpt2")
+    (gpt2 / "merges.txt").write_text("#version: 0.2\nh e\n")  # GGUF holds no empty arrays
+    llama = make_tiny_llama(root / "st-llama")
+    convert(gpt2, root / "gpt2.gguf", progress=False)
+    convert(llama, root / "llama.gguf", progress=False)
+    convert(llama, root / "llama-q8.gguf", "Q8_0", progress=False)
+    subs = [Subject("gguf-gpt2", root / "gpt2.gguf"), Subject("gguf-llama", root / "llama.gguf"),
+            Subject("gguf-q8", root / "llama-q8.gguf"), Subject("st-gpt2", gpt2, "model.safetensors"),
+            Subject("st-llama", llama, "model.safetensors"), Subject("config-llama", llama, "config.json"),
+            Subject("vocab-gpt2", gpt2, "vocab.json"),
+            Subject("llama2c", write_llama2c_v0(root / "llama2c.bin"))]
+    binf = write_torch_bin(gpt2, root / "bin-gpt2")
+    if binf is not None:
+        subs.append(Subject("bin-gpt2", binf, "pytorch_model.bin"))
+    return {s.name: s for s in subs}
+
+
+@pytest.fixture(scope="module")
+def references(subjects) -> dict[str, bytes]:
+    """Logits of each unmutated subject (llama2c files are read through minirt.convert's reader)."""
+    return {name: reference_logits(s) for name, s in subjects.items()}
+
+
+def load_any(path: Path):
+    from minirt.readers.llama2c import is_llama2c, read_llama2c
+    if path.is_file() and path.suffix == ".bin" and is_llama2c(path):
+        return minirt.Model.from_checkpoint(read_llama2c(path))
+    return minirt.load(str(path))
+
+
+def reference_logits(s: Subject) -> bytes:
+    return load_any(s.path).logits(IDS).astype(np.float32).tobytes()
+
+
+@pytest.fixture(scope="module")
+def worker(subjects):
+    w = Worker([subjects["gguf-gpt2"].path, subjects["gguf-q8"].path])
+    yield w
+    w.close()
+
+
+# ------------------------------------------------------------------------------------- mutations
+
+INTERESTING = [0, 1, 2, 3, 7, 31, 255, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, 10 ** 9,
+               (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+
+
+@st.composite
+def mutations(draw, subject: Subject):
+    """(kind, mutated bytes, the byte range touched)."""
+    b = subject.good
+    n = len(b)
+    head = min(n, max(64, n - sum(e - a for a, e in subject.soft if e == n)))  # bytes before the data
+    kind = draw(st.sampled_from(["truncate", "flip", "flip-header", "field", "field-header", "splice"]))
+    if kind == "truncate":
+        k = draw(st.integers(0, n - 1))
+        return kind, b[:k], (k, n)
+    if kind.startswith("flip"):
+        pos = draw(st.integers(0, (head if kind == "flip-header" else n) - 1))
+        mask = draw(st.integers(1, 255))
+        return kind, b[:pos] + bytes([b[pos] ^ mask]) + b[pos + 1:], (pos, pos + 1)
+    if kind.startswith("field"):
+        width = draw(st.sampled_from([4, 8]))
+        pos = draw(st.integers(0, max(0, (head if kind == "field-header" else n) - width)))
+        value = draw(st.sampled_from(INTERESTING)) & ((1 << (8 * width)) - 1)
+        if draw(st.booleans()):
+            value = (-value) & ((1 << (8 * width)) - 1)
+        return kind, b[:pos] + value.to_bytes(width, "little") + b[pos + width:], (pos, pos + width)
+    a = draw(st.integers(0, n - 1))          # splice: a chunk copied over another place, or removed
+    e = draw(st.integers(a, min(n, a + 64)))
+    dst = draw(st.integers(0, n - 1))
+    return kind, b[:dst] + b[a:e] + b[dst + e - a:], (dst, dst + e - a)
+
+
+def extreme(blob: bytes, touched: tuple[int, int], start: int) -> bool:
+    """Whether the edited bytes read as float32 or float16 values (aligned from the data start) hold a
+    magnitude above 1e4: weights no model has, which may overflow to infinite logits without any bug."""
+    a, e = touched
+    for size, dt in ((4, "<f4"), (2, "<f2")):
+        lo = a - (a - start) % size
+        vals = np.frombuffer(blob[lo:lo + -(-(e - lo) // size) * size], dt)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if (np.abs(vals.astype(np.float64)) > 1e4).any():
+                return True
+    return False
+
+
+def judge(subject: Subject, ref: bytes, touched: tuple[int, int], r: dict, blob: bytes = b"") -> str:
+    """The outcome's class: 'error', 'same', 'data' (finite logits after a data edit) or a failure class."""
+    if r["outcome"] == "error":
+        return "error" if "\n" not in r["message"] else "traceback"
+    if r["outcome"] != "ok":
+        return r["outcome"]
+    if bytes.fromhex(r["logits"]) == ref:
+        return "same"
+    soft = any(a <= touched[0] and touched[1] <= e for a, e in subject.soft)
+    if soft and (r["finite"] or extreme(blob, touched, subject.soft[0][0])):
+        return "data"
+    return "nonfinite" if soft else "wrong"
+
+
+FAILURES = {"traceback", "crash", "hang", "blow-up", "wrong", "nonfinite"}
+
+
+def fuzz(subjects, references, worker, tmp_path_factory, examples: int):
+    counts: dict[str, int] = {}
+    failures: list[str] = []
+    names = sorted(subjects)
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def one(data):
+        s = subjects[data.draw(st.sampled_from(names))]
+        kind, blob, touched = data.draw(mutations(s))
+        if blob == s.good:
+            return
+        where = tmp_path_factory.mktemp("m")
+        path = s.materialise(blob, where)
+        r = worker.run(path)
+        c = judge(s, references[s.name], touched, r, blob)
+        counts[c] = counts.get(c, 0) + 1
+        if c in FAILURES:
+            saved = tmp_path_factory.mktemp("failure") / f"{s.name}-{kind}"  # kept for a look
+            shutil.copytree(where, saved)
+            failures.append(f"{c}: {s.name} {kind} at {touched} ({saved}): {r.get('message', '')[-300:]}")
+        shutil.rmtree(where, ignore_errors=True)
+
+    one()
+    print(f"fuzz outcomes over {sum(counts.values())} inputs: {counts}", file=sys.stderr)
+    return counts, failures
+
+
+def test_fuzz_short(subjects, references, worker, tmp_path_factory):
+    counts, failures = fuzz(subjects, references, worker, tmp_path_factory, FUZZ_EXAMPLES)
+    assert not failures, "\n".join(failures[:10])
+    assert counts.get("error", 0) > 0 and counts.get("same", 0) + counts.get("data", 0) > 0  # both sides exercised
+
+
+@pytest.mark.slow
+def test_fuzz_long(subjects, references, worker, tmp_path_factory):
+    counts, failures = fuzz(subjects, references, worker, tmp_path_factory, 10 * FUZZ_EXAMPLES)
+    assert not failures, "\n".join(failures[:10])
+
+
+def test_worker_reports_crash_and_hang(subjects):
+    """The harness itself: an input that kills or stalls the worker is reported, and a new worker takes over."""
+    import signal
+    good = subjects["gguf-gpt2"].path
+    w = Worker([good], time_limit=5)
+    try:
+        w._start()
+        os.kill(w.proc.pid, signal.SIGSEGV)
+        assert w.run(good)["outcome"] == "crash"
+        w._start()
+        os.kill(w.proc.pid, signal.SIGSTOP)
+        assert w.run(good)["outcome"] == "hang"
+        assert w.run(good)["outcome"] == "ok"
+    finally:
+        w.close()
