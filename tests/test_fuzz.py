@@ -382,3 +382,377 @@ def test_worker_reports_crash_and_hang(subjects):
         assert w.run(good)["outcome"] == "ok"
     finally:
         w.close()
+
+
+# ------------------------------------------------------------------------ one test per failure class
+# Each bad file goes through the worker too: a regression that crashes or hangs fails the test, not pytest.
+
+def refused(worker, path: Path, *needles: str) -> str:
+    r = worker.run(path)
+    assert r["outcome"] == "error", r
+    msg = r["message"]
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+    return msg
+
+
+def gguf_with(src: Path, dst: Path, meta: dict | None = None, drop=(), tensors=None) -> Path:
+    """A copy of a GGUF with metadata keys set ({key: (value, GGUFValueType)}) or dropped, and tensors
+    replaced/added ({name: array}) — written by the gguf package, so placement stays valid."""
+    import gguf
+
+    from minirt.quantize import copy_metadata, copy_tensor
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    copy_metadata(r, w, skip=set(meta or {}) | set(drop))
+    for k, (v, t) in (meta or {}).items():
+        w.add_key_value(k, v, t)
+    tensors = dict(tensors or {})
+    for t in r.tensors:
+        if t.name in tensors:
+            a = tensors.pop(t.name)
+            if a is not None:
+                w.add_tensor(t.name, a)
+        else:
+            copy_tensor(w, t)
+    for name, a in tensors.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def gguf_layout(b: bytes) -> tuple[dict, list[dict]]:
+    """Byte positions of a GGUF's metadata values and tensor-info fields (for byte-level edits)."""
+    from minirt.readers.gguf import _Header
+    h = _Header(memoryview(b), "x")
+    h.take(4 + 4)
+    n_t, n_kv = struct.unpack("<QQ", h.take(16))
+    keys = {}
+    for _ in range(n_kv):
+        key = h.string()
+        (t,) = struct.unpack("<I", h.take(4))
+        keys[key] = (h.pos - 4, h.pos)   # type field, value
+        h.value(t)
+    infos = []
+    for _ in range(n_t):
+        name = h.string()
+        (nd,) = struct.unpack("<I", h.take(4))
+        dims = h.pos
+        h.take(8 * nd)
+        infos.append(dict(name=name, dims=dims, type=h.pos, offset=h.pos + 4))
+        h.take(12)
+    return keys, infos
+
+
+def patched(src: Path, dst: Path, pos: int, data: bytes) -> Path:
+    b = bytearray(src.read_bytes())
+    b[pos:pos + len(data)] = data
+    dst.write_bytes(bytes(b))
+    return dst
+
+
+U32, I32, F32, STR = (4, 5, 6, 8)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("llama.attention.head_count_kv", 1, "the config implies"),        # K/V rows disagree with the config: named tensor
+    ("llama.embedding_length", 48, "the config implies"),
+    ("llama.feed_forward_length", 40, "the config implies"),
+    ("llama.attention.key_length", 16, "the config implies"),
+    ("llama.block_count", 10 ** 9, "block_count"),       # looped forever
+    ("llama.block_count", 1, "layer 1"),                 # fewer layers than the file: never run fewer
+    ("llama.context_length", 1 << 31, "context_length"),  # 16 GiB of RoPE tables
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), "epsilon"),
+    ("llama.rope.freq_base", -10000.0, "freq_base"),
+])
+def test_gguf_config_disagrees(key, value, needle, subjects, worker, tmp_path):
+    import gguf
+    t = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
+    refused(worker, gguf_with(subjects["gguf-llama"].path, tmp_path / "m.gguf", {key: (value, t)}), needle)
+
+
+def test_gguf_shape_mismatch_names_tensor_and_shapes(subjects, worker, tmp_path):
+    """A norm of the wrong width gave NaN logits; now the message names the tensor, expected and found."""
+    bad = gguf_with(subjects["gguf-llama"].path, tmp_path / "m.gguf",
+                    tensors={"blk.0.attn_norm.weight": np.ones(31, np.float32)})
+    refused(worker, bad, "layers.0.attn_norm.weight", "[31]", "[32]")
+
+
+@pytest.mark.parametrize("align, needle", [(0, "alignment"), (3, "alignment"), ((1 << 32) - 1, "alignment")])
+def test_gguf_bad_alignment(align, needle, subjects, worker, tmp_path):
+    import gguf
+    bad = gguf_with(subjects["gguf-llama"].path, tmp_path / "m.gguf",
+                    {"general.alignment": (align, gguf.GGUFValueType.UINT32)})
+    refused(worker, bad, needle)
+
+
+def test_gguf_alignment_not_an_integer(subjects, worker, tmp_path):
+    import gguf
+    bad = gguf_with(subjects["gguf-llama"].path, tmp_path / "m.gguf",
+                    {"general.alignment": (32.0, gguf.GGUFValueType.FLOAT32)})
+    refused(worker, bad, "alignment")
+
+
+@pytest.mark.parametrize("delta, needle", [(32, "offset"), (-32, "offset"), (4, "offset"), (1 << 40, "offset")])
+def test_gguf_tensor_offsets_shifted_overlapping_misaligned(delta, needle, subjects, worker, tmp_path):
+    src = subjects["gguf-llama"].path
+    b = src.read_bytes()
+    _, infos = gguf_layout(b)
+    ti = infos[len(infos) // 2]
+    (off,) = struct.unpack_from("<Q", b, ti["offset"])
+    refused(worker, patched(src, tmp_path / "m.gguf", ti["offset"], struct.pack("<Q", max(0, off + delta))), needle)
+
+
+def test_gguf_dims_wrap_int64(subjects, worker, tmp_path):
+    """Dimensions whose product wraps int64 to a small number."""
+    src = subjects["gguf-llama"].path
+    ti = gguf_layout(src.read_bytes())[1][0]
+    refused(worker, patched(src, tmp_path / "m.gguf", ti["dims"], struct.pack("<QQ", 1 << 32, (1 << 32) + 1)), "shape")
+
+
+def test_gguf_type_relabelled_to_a_larger_block(subjects, worker, tmp_path):
+    src = subjects["gguf-llama"].path
+    ti = gguf_layout(src.read_bytes())[1][3]
+    refused(worker, patched(src, tmp_path / "m.gguf", ti["type"], struct.pack("<I", 8)))  # F32 → Q8_0
+
+
+def test_gguf_type_code_unknown(subjects, worker, tmp_path):
+    src = subjects["gguf-llama"].path
+    ti = gguf_layout(src.read_bytes())[1][3]
+    refused(worker, patched(src, tmp_path / "m.gguf", ti["type"], struct.pack("<I", 4242)), "type")
+
+
+def test_gguf_tensor_count_one_short(subjects, worker, tmp_path):
+    src = subjects["gguf-llama"].path
+    (n,) = struct.unpack_from("<Q", src.read_bytes(), 8)
+    refused(worker, patched(src, tmp_path / "m.gguf", 8, struct.pack("<Q", n - 1)))
+
+
+def test_gguf_arrays_nested_deep(subjects, worker, tmp_path):
+    """2,000 arrays deep raised RecursionError."""
+    deep = struct.pack("<IQ", 9, 1) * 2000 + struct.pack("<IQ", 4, 0)
+    key = b"x.deep"
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + deep
+    b = subjects["gguf-llama"].path.read_bytes()
+    n_kv = struct.unpack_from("<Q", b, 16)[0]
+    _, infos = gguf_layout(b)
+    first_ti = infos[0]["dims"] - 4 - 8 - len(infos[0]["name"].encode())
+    bad = b[:16] + struct.pack("<Q", n_kv + 1) + b[24:first_ti] + kv + b[first_ti:]
+    (tmp_path / "m.gguf").write_bytes(bad)
+    refused(worker, tmp_path / "m.gguf", "nested")
+
+
+def test_gguf_array_longer_than_file(subjects, worker, tmp_path):
+    src = subjects["gguf-gpt2"].path
+    keys, _ = gguf_layout(src.read_bytes())
+    pos = keys["tokenizer.ggml.tokens"][1]
+    refused(worker, patched(src, tmp_path / "m.gguf", pos + 4, struct.pack("<Q", 1 << 60)), "array")
+
+
+def test_tensor_name_with_newline(subjects, worker, tmp_path):
+    """The error names the tensor; the message stays one line (the CLI escapes control characters)."""
+    src = subjects["gguf-llama"].path
+    b = src.read_bytes()
+    i = b.find(b"blk.0.attn_q.weight")
+    bad = b[:i] + b"blk.0.attn\nq.weight" + b[i + len(b"blk.0.attn_q.weight"):]
+    (tmp_path / "m.gguf").write_bytes(bad)
+    r = worker.run(tmp_path / "m.gguf")
+    assert r["outcome"] == "error", r
+
+
+def test_unused_tensor_is_one_warning_line(subjects, tmp_path, capfd):
+    bad = gguf_with(subjects["gguf-llama"].path, tmp_path / "m.gguf",
+                    tensors={"rope_freqs.weight": np.ones(4, np.float32)})
+    ref = minirt.load(subjects["gguf-llama"].path).logits(IDS)
+    capfd.readouterr()
+    got = minirt.load(bad).logits(IDS)
+    err = capfd.readouterr().err
+    np.testing.assert_array_equal(got, ref)
+    assert err.count("\n") == 1 and "rope_freqs.weight" in err and "warning" in err
+
+
+# ---- Hugging Face folders
+
+def folder_with(src: Path, dst: Path, **files) -> Path:
+    shutil.copytree(src, dst)
+    for name, data in files.items():
+        name = name.replace("__", ".")
+        (dst / name).write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
+    return dst
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"vocab_size": 10 ** 12}, "vocab_size"),
+    ({"num_attention_heads": 8}, "the config implies"),                  # shapes disagree with the config
+    ({"num_key_value_heads": 3}, "KV heads"),
+    ({"num_hidden_layers": 1}, "more layers"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+    ({"hidden_size": "32"}, "hidden_size"),
+])
+def test_hf_config_disagrees(edit, needle, subjects, worker, tmp_path):
+    s = subjects["st-llama"]
+    cfg = json.loads((s.path / "config.json").read_text()) | edit
+    refused(worker, folder_with(s.path, tmp_path / "m", config__json=cfg), needle)
+
+
+def test_gpt2_n_inner_disagrees(subjects, worker, tmp_path):
+    s = subjects["st-gpt2"]
+    cfg = json.loads((s.path / "config.json").read_text()) | {"n_inner": 16}
+    refused(worker, folder_with(s.path, tmp_path / "m", config__json=cfg), "w_up")
+
+
+def st_bytes(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize("label", ["gap", "overlap", "negative-shape", "infinity", "float-shape", "trailing"])
+def test_safetensors_layout(label, subjects, worker, tmp_path):
+    a = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+    b = {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}
+    data = b"\0" * 32
+    if label == "gap":
+        b = b | {"data_offsets": [20, 36]}
+        data += b"\0" * 4
+    elif label == "overlap":
+        b = b | {"data_offsets": [8, 24]}
+        data = data[:24]
+    elif label == "negative-shape":
+        a = a | {"shape": [-2, -2]}
+    elif label == "float-shape":
+        a = a | {"shape": [2.0, 2]}
+    elif label == "trailing":
+        data += b"\0" * 8
+    raw = st_bytes({"wte.weight": a, "wpe.weight": b}, data)
+    if label == "infinity":
+        raw = raw.replace(b"[2, 2]", b"[Infinity, 2]").replace(raw[:8], struct.pack("<Q", len(raw) - 8 - 32 + 0))
+        h = raw[8:8 + struct.unpack("<Q", raw[:8])[0]]
+        raw = struct.pack("<Q", len(h)) + h + data
+    refused(worker, folder_with(subjects["st-gpt2"].path, tmp_path / "m", model__safetensors=raw))
+
+
+def test_safetensors_json_nested_deep(subjects, worker, tmp_path):
+    h = b"[" * 100_000 + b"]" * 100_000
+    raw = struct.pack("<Q", len(h)) + h
+    refused(worker, folder_with(subjects["st-gpt2"].path, tmp_path / "m", model__safetensors=raw), "nested")
+
+
+@pytest.mark.parametrize("member", ["config.json", "vocab.json", "tokenizer_config.json"])
+def test_invalid_utf8_in_json(member, subjects, worker, tmp_path):
+    s = subjects["st-gpt2"]
+    src = s.path / member
+    data = (src.read_bytes() if src.exists() else b'{"chat_template": "x"}')
+    bad = data[:1] + b'"\xff\xfe":1,' + data[1:]
+    refused(worker, folder_with(s.path, tmp_path / "m", **{member.replace(".", "__"): bad}), "UTF-8")
+
+
+@pytest.mark.parametrize("added, needle", [
+    ([{"id": 3, "content": ""}], "empty"),
+    ([{"id": 3, "content": "<a>"}, {"id": 4, "content": "<a>"}], "twice"),
+    ([{"id": 10 ** 6, "content": "<a>"}], "outside"),
+    ([{"id": -1, "content": "<a>"}], "outside"),
+    ([{"id": "3", "content": "<a>"}], "integer"),
+])
+def test_tokenizer_json_special_tokens(added, needle, subjects, worker, tmp_path):
+    """An empty special token made tiktoken's encoder loop forever; ids must lie inside the embedding."""
+    s = subjects["st-gpt2"]
+    vocab = json.loads((s.path / "vocab.json").read_text())
+    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added}
+    folder = folder_with(s.path, tmp_path / "m", tokenizer__json=tj)
+    (folder / "vocab.json").unlink()
+    refused(worker, folder, needle)
+
+
+def test_gguf_empty_special_token(subjects, worker, tmp_path):
+    import gguf
+    r = gguf.GGUFReader(str(subjects["gguf-gpt2"].path))
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    tokens[3], types[3] = "", 3
+    bad = gguf_with(subjects["gguf-gpt2"].path, tmp_path / "m.gguf",
+                    {"tokenizer.ggml.tokens": (tokens, gguf.GGUFValueType.ARRAY),
+                     "tokenizer.ggml.token_type": (types, gguf.GGUFValueType.ARRAY)})
+    refused(worker, bad, "empty")
+
+
+# ---- pytorch_model.bin
+
+def bin_folder(subjects, tmp_path, pkl: bytes, storages: dict[str, bytes] | None = None,
+               method=zipfile.ZIP_STORED) -> Path:
+    folder = folder_with(subjects["st-gpt2"].path, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with zipfile.ZipFile(folder / "pytorch_model.bin", "w", method) as z:
+        z.writestr("archive/data.pkl", pkl)
+        for k, v in (storages or {}).items():
+            z.writestr(f"archive/data/{k}", v)
+    return folder
+
+
+def test_pickle_memo_bomb(subjects, worker, tmp_path):
+    """A 9-byte pickle whose memo index asked for 64 GiB."""
+    pkl = b"\x80\x02N" + b"r" + struct.pack("<I", 0xFFFFFFF0) + b"."
+    refused(worker, bin_folder(subjects, tmp_path, pkl), "not a state dict")
+
+
+def test_pickle_build_refused(subjects, worker, tmp_path):
+    """BUILD on anything but a state dict's _metadata is refused (no attribute of a rebuilt object is settable)."""
+    pkl = (b"\x80\x02ccollections\nOrderedDict\n)R}X\x04\x00\x00\x00evilK\x01sb.")
+    refused(worker, bin_folder(subjects, tmp_path, pkl), "BUILD")
+
+
+def test_pickle_build_metadata_allowed(subjects, worker, tmp_path):
+    """torch.save's own use of BUILD (the state dict's _metadata) still loads."""
+    if "bin-gpt2" not in subjects:
+        pytest.skip("torch not available to write the file")
+    data = zipfile.ZipFile(subjects["bin-gpt2"].file).read(
+        next(n for n in zipfile.ZipFile(subjects["bin-gpt2"].file).namelist() if n.endswith("data.pkl")))
+    assert pickle.BUILD in data  # the file torch wrote uses it
+    assert worker.run(subjects["bin-gpt2"].path)["outcome"] == "ok"
+
+
+def _rebuild_pickle(size, stride, numel) -> bytes:
+    """{"wte.weight": _rebuild_tensor_v2(FloatStorage key 0, offset 0, size, stride)} as torch pickles it."""
+    class P:  # protocol-2 pickle written by hand (the restricted reader admits these names only)
+        pass
+    out = b"\x80\x02}X\x0a\x00\x00\x00wte.weightctorch._utils\n_rebuild_tensor_v2\n("
+    out += b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+    out += b"J" + struct.pack("<i", numel) + b"tQ"
+    out += b"K\x00" + pickle.dumps(tuple(size), 2)[2:-1] + pickle.dumps(tuple(stride), 2)[2:-1] + b"\x89"
+    out += b"ccollections\nOrderedDict\n)RtRs."
+    return out
+
+
+def test_stride0_view_expanded(subjects, worker, tmp_path):
+    """A stride-0 view of a one-element storage, sized to 4 TiB."""
+    pkl = _rebuild_pickle((1 << 20, 1 << 20), (0, 0), 1)
+    refused(worker, bin_folder(subjects, tmp_path, pkl, {"0": b"\0" * 4}), "outside its storage")
+
+
+def test_zip_bomb_member(subjects, worker, tmp_path):
+    """A small deflated member that declares gigabytes."""
+    pkl = _rebuild_pickle((4,), (1,), 1 << 28)
+    folder = bin_folder(subjects, tmp_path, pkl, {"0": b"\0" * (1 << 22)}, zipfile.ZIP_DEFLATED)
+    raw = bytearray((folder / "pytorch_model.bin").read_bytes())
+    # declare 1 GiB for the storage in both the local and the central headers
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):
+        start = 0
+        while (i := raw.find(sig, start)) >= 0:
+            name_len_at = i + (26 if sig == b"PK\x03\x04" else 28)
+            (nlen,) = struct.unpack_from("<H", raw, name_len_at)
+            name = raw[name_len_at + (4 if sig == b"PK\x03\x04" else 18):][:nlen]
+            if name.endswith(b"data/0"):
+                struct.pack_into("<I", raw, i + (22 if sig == b"PK\x03\x04" else 24), 1 << 30)
+            start = i + 4
+    (folder / "pytorch_model.bin").write_bytes(bytes(raw))
+    refused(worker, folder)
+
+
+# ---- llama2.c
+
+def test_llama2c_header_sizes(subjects, worker, tmp_path):
+    src = subjects["llama2c"].path
+    for i, (field, value) in enumerate([("layers", 10 ** 6), ("seq", 1 << 30), ("vocab", -(1 << 30)), ("dim", 48)]):
+        pos = {"dim": 0, "layers": 8, "vocab": 20, "seq": 24}[field]
+        refused(worker, patched(src, tmp_path / f"m{i}.bin", pos, struct.pack("<i", value)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -134,6 +135,11 @@ def read_hf_folder(folder: Path) -> Checkpoint:
         cfg, tensors, used = _llama(c, raw)
     else:
         raise MinirtError(f"{folder}: model_type {str(mtype)[:40]!r} is not supported (gpt2 and llama are)")
+    layer = re.compile(r"(?:transformer\.)?(?:model\.layers|h)\.(\d+)\.")
+    past = [n for n in set(raw) - used if (m := layer.match(n)) and int(m.group(1)) >= cfg.n_layers]
+    if past:
+        raise MinirtError(f"{folder}: the file has tensors for more layers ({past[0]}) than config.json's "
+                          f"{cfg.n_layers} (corrupt config?)")
     types = {t.qtype for k, t in tensors.items() if len(t.shape) == 2}
     ck = Checkpoint(cfg, tensors, _tokenizer(folder, hc, cfg), folder, "/".join(sorted(types)),
                     ignored=_ignored(sorted(set(raw) - used)))
