@@ -610,26 +610,27 @@ def st_bytes(header: dict, data: bytes) -> bytes:
 
 @pytest.mark.parametrize("label", ["gap", "overlap", "negative-shape", "infinity", "float-shape", "trailing"])
 def test_safetensors_layout(label, subjects, worker, tmp_path):
-    a = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
-    b = {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}
-    data = b"\0" * 32
-    if label == "gap":
-        b = b | {"data_offsets": [20, 36]}
-        data += b"\0" * 4
-    elif label == "overlap":
-        b = b | {"data_offsets": [8, 24]}
-        data = data[:24]
+    """Edits of the real file's header that the old reader loaded (data shifted) or crashed on."""
+    good = subjects["st-gpt2"].good
+    n = struct.unpack("<Q", good[:8])[0]
+    header, data = json.loads(good[8:8 + n]), good[8 + n:]
+    last = max(header, key=lambda k: header[k]["data_offsets"][0])
+    two_d = next(k for k, v in header.items() if len(v["shape"]) == 2)
+    a, b = header[last]["data_offsets"]
+    if label == "gap":            # the last tensor read 4 bytes later
+        header[last]["data_offsets"], data = [a + 4, b + 4], data + b"\0" * 4
+    elif label == "overlap":      # ... or 4 bytes earlier, over its neighbour
+        header[last]["data_offsets"], data = [a - 4, b - 4], data[:-4]
     elif label == "negative-shape":
-        a = a | {"shape": [-2, -2]}
+        header[two_d]["shape"] = [-x for x in header[two_d]["shape"]]
     elif label == "float-shape":
-        a = a | {"shape": [2.0, 2]}
+        header[two_d]["shape"] = [float(x) for x in header[two_d]["shape"]]
     elif label == "trailing":
         data += b"\0" * 8
-    raw = st_bytes({"wte.weight": a, "wpe.weight": b}, data)
+    h = json.dumps(header).encode()
     if label == "infinity":
-        raw = raw.replace(b"[2, 2]", b"[Infinity, 2]").replace(raw[:8], struct.pack("<Q", len(raw) - 8 - 32 + 0))
-        h = raw[8:8 + struct.unpack("<Q", raw[:8])[0]]
-        raw = struct.pack("<Q", len(h)) + h + data
+        h = h.replace(json.dumps(header[two_d]["shape"]).encode(), b"[Infinity, 8]", 1)
+    raw = struct.pack("<Q", len(h)) + h + data
     refused(worker, folder_with(subjects["st-gpt2"].path, tmp_path / "m", model__safetensors=raw))
 
 
