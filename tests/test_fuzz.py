@@ -309,6 +309,20 @@ def extreme(blob: bytes, touched: tuple[int, int], start: int) -> bool:
     return False
 
 
+FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "layer_norm_epsilon")
+
+
+def floats_changed(subject: Subject, blob: bytes) -> bool:
+    """config.json still parses but gives other float settings (or drops them: the defaults apply)."""
+    if subject.file.name != "config.json":
+        return False
+    try:
+        new, old = json.loads(blob), json.loads(subject.good)
+    except ValueError:
+        return False
+    return isinstance(new, dict) and any(new.get(k) != old.get(k) for k in FLOAT_KEYS)
+
+
 def judge(subject: Subject, ref: bytes, touched: tuple[int, int], r: dict, blob: bytes = b"") -> str:
     """The outcome's class: 'error', 'same', 'data' (finite logits after a data edit) or a failure class."""
     if r["outcome"] == "error":
@@ -317,7 +331,7 @@ def judge(subject: Subject, ref: bytes, touched: tuple[int, int], r: dict, blob:
         return r["outcome"]
     if bytes.fromhex(r["logits"]) == ref:
         return "same"
-    soft = any(a <= touched[0] and touched[1] <= e for a, e in subject.soft)
+    soft = any(a <= touched[0] and touched[1] <= e for a, e in subject.soft) or floats_changed(subject, blob)
     if soft and (r["finite"] or extreme(blob, touched, subject.soft[0][0])):
         return "data"
     return "nonfinite" if soft else "wrong"

@@ -76,7 +76,7 @@ def read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
                           f"{info.compress_size} compressed (corrupt or a zip bomb)")
     try:
         return archive.read(name)
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
         raise MinirtError(f"{path}: cannot read {name} from the archive ({e}; truncated?)") from None
 
 
@@ -164,7 +164,7 @@ def read_torch_bin(path: Path) -> dict[str, Tensor]:
             except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError,
                     struct.error, OverflowError) as e:
                 raise MinirtError(f"{path}: corrupt pickle in the archive ({type(e).__name__}: {str(e)[:80]})") from None
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, UnicodeDecodeError, NotImplementedError) as e:
         raise MinirtError(f"{path}: cannot read the archive ({e}; truncated?)") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
