@@ -771,3 +771,17 @@ def test_llama2c_header_sizes(subjects, worker, tmp_path):
     for i, (field, value) in enumerate([("layers", 10 ** 6), ("seq", 1 << 30), ("vocab", -(1 << 30)), ("dim", 48)]):
         pos = {"dim": 0, "layers": 8, "vocab": 20, "seq": 24}[field]
         refused(worker, patched(src, tmp_path / f"m{i}.bin", pos, struct.pack("<i", value)))
+
+
+def test_show_describes_a_file_and_refuses_a_bad_one(subjects, tmp_path):
+    """minirt show: what the file holds, read and validated without building a model; a bad file is one line."""
+    r = subprocess.run([sys.executable, "-m", "minirt", "show", str(subjects["gguf-q8"].path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = dict(line.strip().split("  ", 1) for line in r.stdout.splitlines())
+    assert out["architecture"].strip() == "llama" and out["layers"].strip() == "2" and out["vocabulary"].strip() == "64"
+    assert out["heads"].strip().startswith("4 (kv 2") and "Q8_0" in out["tensors"] and out["file type"].strip() == "Q8_0"
+    bad = patched(subjects["gguf-q8"].path, tmp_path / "bad.gguf", 8, struct.pack("<Q", 1 << 40))
+    r = subprocess.run([sys.executable, "-m", "minirt", "show", str(bad)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "corrupt GGUF header" in r.stderr, r.stderr
