@@ -491,7 +491,7 @@ def test_gguf_shape_mismatch_names_tensor_and_shapes(subjects, worker, tmp_path)
     """A norm of the wrong width gave NaN logits; now the message names the tensor, expected and found."""
     bad = gguf_with(subjects["gguf-llama"].path, tmp_path / "m.gguf",
                     tensors={"blk.0.attn_norm.weight": np.ones(31, np.float32)})
-    refused(worker, bad, "layers.0.attn_norm.weight", "[31]", "[32]")
+    refused(worker, bad, "blk.0.attn_norm.weight (layers.0.attn_norm.weight)", "[31]", "[32]")
 
 
 @pytest.mark.parametrize("align, needle", [(0, "alignment"), (3, "alignment"), ((1 << 32) - 1, "alignment")])

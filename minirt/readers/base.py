@@ -65,6 +65,7 @@ class Checkpoint:
     mapping: object = None    # the mmap the tensors view, if any
     metadata: dict = field(default_factory=dict)  # minirt's own metadata (e.g. a low-rank export's manifest)
     ignored: list = field(default_factory=list)   # tensor names in the file no reader maps (reported once)
+    names: dict = field(default_factory=dict)     # canonical name → the file's own, where they differ
     validated: bool = False   # set by readers.validate once config and tensors are checked
 
     def release_pages(self) -> None:

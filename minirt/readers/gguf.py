@@ -212,6 +212,7 @@ def read_gguf(path: Path) -> Checkpoint:
 
     tensors: dict[str, Tensor] = {}
     ignored: list[str] = []
+    names: dict[str, str] = {}
     types = Counter()
     for tname, dims, ttype, offset in infos:
         qtype = GGMLQuantizationType(ttype).name
@@ -232,6 +233,7 @@ def read_gguf(path: Path) -> Checkpoint:
         else:
             data = raw if len(shape) > 1 else raw.reshape(-1)
         tensors[name] = Tensor(data, qtype, shape)
+        names[name] = tname
         if len(shape) == 2:
             types[qtype] += rows * shape[-1]
 
@@ -257,7 +259,7 @@ def read_gguf(path: Path) -> Checkpoint:
         tied_head="head" not in tensors and "head.lr_u" not in tensors,
     )
     ck = Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm,
-                    {k: v for k, v in meta.items() if k.startswith("minirt.")}, ignored=ignored)
+                    {k: v for k, v in meta.items() if k.startswith("minirt.")}, ignored=ignored, names=names)
     validate(ck, explicit_head_dim=explicit)  # shapes checked before the Q/K rows are reordered
     tensors = ck.tensors
     if arch == "llama":

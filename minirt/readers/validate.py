@@ -154,11 +154,16 @@ def _finite(t) -> bool:
     return all(bool(np.isfinite(blocks[:, o:o + 2].copy().view(np.float16)).all()) for o in SCALES[t.qtype])
 
 
-def check_tensors(cfg: ModelConfig, tensors: dict, where, ignored: list[str] = ()) -> dict:
+def check_tensors(cfg: ModelConfig, tensors: dict, where, ignored: list[str] = (), names: dict | None = None) -> dict:
     """The tensors the architecture uses, checked (present, shape, type, byte count); returns them without
     the unused ones, which are named in one warning line."""
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     req, opt = expected_shapes(cfg, shapes)
+    names = names or {}
+
+    def label(name: str) -> str:  # the file's name first: what a user can look up with minirt show / gguf-dump
+        return f"{names[name]} ({name})" if name in names else name
+
     for name, want in req.items():
         if name not in tensors:
             raise MinirtError(f"{where}: checkpoint is missing tensor {name} (expected shape {list(want)})")
@@ -172,15 +177,15 @@ def check_tensors(cfg: ModelConfig, tensors: dict, where, ignored: list[str] = (
         if want is None:
             continue
         if shapes[name] != want:
-            raise MinirtError(f"{where}: tensor {name} has shape {list(shapes[name])}, the config implies "
+            raise MinirtError(f"{where}: tensor {label(name)} has shape {list(shapes[name])}, the config implies "
                               f"{list(want)}")
         if t.qtype not in READABLE:
-            raise MinirtError(f"{where}: tensor {name} has type {t.qtype}, which minirt does not read")
+            raise MinirtError(f"{where}: tensor {label(name)} has type {t.qtype}, which minirt does not read")
         if getattr(t.data, "nbytes", -2) != tensor_nbytes(t.qtype, want):
-            raise MinirtError(f"{where}: tensor {name} holds {getattr(t.data, 'nbytes', '?')} bytes, not the "
+            raise MinirtError(f"{where}: tensor {label(name)} holds {getattr(t.data, 'nbytes', '?')} bytes, not the "
                               f"{tensor_nbytes(t.qtype, want)} its shape and type {t.qtype} need (corrupt file?)")
         if not _finite(t):
-            raise MinirtError(f"{where}: tensor {name} holds NaN or infinite values (corrupt file?)")
+            raise MinirtError(f"{where}: tensor {label(name)} holds NaN or infinite values (corrupt file?)")
     used = {k: t for k, t in tensors.items() if k in req or k in opt}
     unused = sorted(set(tensors) - set(used)) + list(ignored)
     if unused:
@@ -230,7 +235,7 @@ def validate(ck, explicit_head_dim: bool = False):
         return ck
     where = ck.source if ck.source is not None else "checkpoint"
     check_config(ck.config, where, explicit_head_dim)
-    ck.tensors = check_tensors(ck.config, ck.tensors, where, getattr(ck, "ignored", []))
+    ck.tensors = check_tensors(ck.config, ck.tensors, where, ck.ignored, ck.names)
     check_tokenizer(ck.tokenizer, ck.config.vocab_size, where)
     ck.validated = True
     return ck
