@@ -422,8 +422,9 @@ def cmd_list(args) -> None:
         print(f"{kind:5} {e.name + alias:28} {mark:8} {e.spec.get('description', '')}")
 
 
-COMMANDS = {"show": cmd_show, "generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
-            "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "list": cmd_list}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
+            "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "list": cmd_list,
+            "show": cmd_show}
 
 
 def main(argv=None) -> int:
