@@ -33,7 +33,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minirt
-from minirt import MinirtError
 from minirt.convert import convert
 
 from .test_errors_and_fetch import make_tiny_gpt2, safetensors_bytes
@@ -48,7 +47,6 @@ WORKER = r"""
 import json, resource, sys, traceback
 import numpy as np
 import minirt
-from minirt import MinirtError
 from minirt.readers.llama2c import is_llama2c, read_llama2c
 def load(p):
     if p.endswith(".bin") and is_llama2c(p):
@@ -377,7 +375,7 @@ def test_fuzz_short(subjects, references, worker, tmp_path_factory):
 
 @pytest.mark.slow
 def test_fuzz_long(subjects, references, worker, tmp_path_factory):
-    counts, failures = fuzz(subjects, references, worker, tmp_path_factory, 10 * FUZZ_EXAMPLES)
+    _, failures = fuzz(subjects, references, worker, tmp_path_factory, 10 * FUZZ_EXAMPLES)
     assert not failures, "\n".join(failures[:10])
 
 
@@ -729,8 +727,6 @@ def test_pickle_build_metadata_allowed(subjects, worker, tmp_path):
 
 def _rebuild_pickle(size, stride, numel) -> bytes:
     """{"wte.weight": _rebuild_tensor_v2(FloatStorage key 0, offset 0, size, stride)} as torch pickles it."""
-    class P:  # protocol-2 pickle written by hand (the restricted reader admits these names only)
-        pass
     out = b"\x80\x02}X\x0a\x00\x00\x00wte.weightctorch._utils\n_rebuild_tensor_v2\n("
     out += b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
     out += b"J" + struct.pack("<i", numel) + b"tQ"
