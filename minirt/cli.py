@@ -165,6 +165,11 @@ def build_parser() -> Parser:
     rm.add_argument("names", nargs="+", help="registry names or low-rank export folders in the cache")
     rm.add_argument("--cache-dir", default=None, help="where models are cached")
 
+    sh = sub.add_parser("show", help="describe a model file before trusting it (architecture, sizes, tensor "
+                        "types, tokenizer, template), like ollama show")
+    sh.add_argument("model", help="registry name or a path to a .gguf file / Hugging Face folder")
+    sh.add_argument("--cache-dir", default=None, help="where models are cached")
+
     ls = sub.add_parser("list", help="known models and data, whether they are cached, and their size")
     ls.add_argument("--cache-dir", default=None, help="where models are cached")
     return ap
@@ -560,6 +565,13 @@ def cmd_rm(args) -> None:
         print(f"deleted {d} ({size / 1e6:.1f} MB)")
 
 
+def cmd_show(args) -> None:
+    from .readers import describe
+    from .registry import resolve
+    for key, value in describe(resolve(args.model, args.cache_dir)).items():
+        print(f"{key:>15}  {value}")
+
+
 def cmd_list(args) -> None:
     from .registry import REGISTRY, cache_dir, entry_dir, exports, folder_size, is_present
     print(f"cache: {cache_dir(args.cache_dir)}")
@@ -575,7 +587,7 @@ def cmd_list(args) -> None:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
             "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "rm": cmd_rm,
-            "list": cmd_list}
+            "list": cmd_list, "show": cmd_show}
 
 
 def _one_line(text: str) -> str:

@@ -101,6 +101,8 @@ class Model:
         Decode steps on block formats round activations to int8 per block, as llama.cpp does;
         exact=True keeps them float32 (slower; what the float reference tests use).
         ctx: the context used (default min(DEFAULT_CTX, the model's maximum)); above the maximum is an error."""
+        from .readers.validate import validate
+        validate(ck)  # readers validate what they return; a Checkpoint built by hand is checked here
         cfg, t = ck.config, ck.tensors
         ctx = context_size(cfg.max_ctx, ctx)  # refused before any building
 

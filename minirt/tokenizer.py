@@ -75,11 +75,17 @@ class BPETokenizer(Tokenizer):
     order (single bytes first, then each merge's result), which is the priority Hugging Face's BPE uses;
     `rank_to_id` maps tiktoken's ranks back to the model's token ids."""
 
-    def __init__(self, spec: TokenizerSpec):
+    def __init__(self, spec: TokenizerSpec, vocab_size: int | None = None):
         import tiktoken
         if spec.tiktoken_file is not None:
             from tiktoken.load import load_tiktoken_bpe
-            ranks = load_tiktoken_bpe(str(spec.tiktoken_file))
+            try:
+                ranks = load_tiktoken_bpe(str(spec.tiktoken_file))
+            except (ValueError, UnicodeDecodeError, OSError) as e:  # binascii.Error is a ValueError
+                raise MinirtError(f"{spec.tiktoken_file}: not a readable .tiktoken file ({str(e)[:60]})") from None
+            if not ranks or b"" in ranks or min(ranks.values()) < 0 or (
+                    vocab_size is not None and max(ranks.values()) >= vocab_size):
+                raise MinirtError(f"{spec.tiktoken_file}: empty tokens or ranks outside the model's vocabulary")
             id_bytes = {i: b for b, i in ranks.items()}
             rank_to_id = np.arange(max(ranks.values()) + 1 + len(spec.special), dtype=np.int64)
             special_ranks = dict(spec.special)
@@ -104,7 +110,7 @@ class BPETokenizer(Tokenizer):
             for mline in spec.merges:
                 a, _, c = mline.partition(" ")
                 merged = to_bytes(a) + to_bytes(c)
-                if merged not in ranks and merged in by_bytes:
+                if merged and merged not in ranks and merged in by_bytes:  # an empty token would never end
                     ranks[merged] = len(order)
                     order.append(by_bytes[merged])
             special_ranks = {}
@@ -113,6 +119,9 @@ class BPETokenizer(Tokenizer):
                 order.append(i)
             rank_to_id = np.array(order, dtype=np.int64)
             n_vocab = len(spec.tokens)
+        if any(not name for name in special_ranks):  # tiktoken's encoder would loop forever on it
+            raise MinirtError("tokenizer: an empty special token (corrupt vocabulary)")
+        n_vocab = max(n_vocab, vocab_size or 0)  # a padded embedding: ids past the vocabulary decode to nothing
         pat = PATTERNS.get(spec.pre, PATTERNS["gpt2"])
         self.enc = tiktoken.Encoding(f"minirt-{spec.pre}", pat_str=pat, mergeable_ranks=ranks,
                                      special_tokens=special_ranks)
@@ -155,7 +164,7 @@ def _trie_pattern(words: list[str]) -> str:
 class SPMTokenizer(Tokenizer):
     """A SentencePiece model file (tokenizer.model)."""
 
-    def __init__(self, spec: TokenizerSpec):
+    def __init__(self, spec: TokenizerSpec, vocab_size: int | None = None):
         import sentencepiece as spm
         try:
             self.sp = (spm.SentencePieceProcessor(model_proto=spec.spm_proto) if spec.spm_proto is not None
@@ -163,7 +172,12 @@ class SPMTokenizer(Tokenizer):
         except (OSError, RuntimeError) as e:
             where = spec.spm_model if spec.spm_proto is None else "the SentencePiece vocabulary in the GGUF"
             raise MinirtError(f"{where}: not a readable SentencePiece model ({e})") from None
-        self.vocab_size = self.sp.get_piece_size()
+        self.vocab_size = self.n_pieces = self.sp.get_piece_size()
+        if vocab_size is not None:
+            if self.n_pieces > vocab_size:
+                raise MinirtError(f"tokenizer: {self.n_pieces} SentencePiece pieces for an embedding of "
+                                  f"{vocab_size} rows (a tokenizer for another model?)")
+            self.vocab_size = vocab_size  # a padded embedding: ids past the pieces decode to nothing
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
         self.bos_id = spec.bos_id if spec.bos_id is not None else (bos if bos >= 0 else None)
         self.eos_id = spec.eos_id if spec.eos_id is not None else (eos if eos >= 0 else None)
@@ -174,14 +188,13 @@ class SPMTokenizer(Tokenizer):
         proto = pb.ModelProto()
         proto.ParseFromString(spec.spm_proto if spec.spm_proto is not None else open(spec.spm_model, "rb").read())
         CONTROL, USER, BYTE = (pb.ModelProto.SentencePiece.Type.Value(n) for n in ("CONTROL", "USER_DEFINED", "BYTE"))
-        self._bytes, special = [], {}
+        self._bytes, special = [b""] * self.vocab_size, {}
         for i, p in enumerate(proto.pieces):
             if p.type == BYTE:
-                self._bytes.append(bytes([int(p.piece[1:-1], 16)]))
-            elif p.type == CONTROL or self.sp.is_unknown(i):
-                self._bytes.append(b"")
-            else:
-                self._bytes.append(p.piece.replace("\u2581", " ").encode())
+                hexbyte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", p.piece)
+                self._bytes[i] = bytes([int(hexbyte.group(1), 16)]) if hexbyte else b""
+            elif not (p.type == CONTROL or self.sp.is_unknown(i)):
+                self._bytes[i] = p.piece.replace("\u2581", " ").encode()
             if p.type in (CONTROL, USER) and p.piece:
                 special.setdefault(p.piece, i)
         # control and user-defined pieces are matched in the text as they are, before SentencePiece sees the
@@ -206,7 +219,7 @@ class SPMTokenizer(Tokenizer):
         return self._bytes[token_id]
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        return self.sp.decode([int(i) for i in ids if int(i) < self.n_pieces])
 
 
 class NoTokenizer(Tokenizer):
@@ -222,9 +235,9 @@ class NoTokenizer(Tokenizer):
 
 def build_tokenizer(spec: TokenizerSpec, vocab_size: int) -> Tokenizer:
     if spec.kind == "bpe":
-        return BPETokenizer(spec)
+        return BPETokenizer(spec, vocab_size)
     if spec.kind == "spm":
-        return SPMTokenizer(spec)
+        return SPMTokenizer(spec, vocab_size)
     return NoTokenizer(vocab_size)
 
 

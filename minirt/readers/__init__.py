@@ -11,6 +11,7 @@ Readers know nothing of kernels; they hand out Tensors that may still be quantiz
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..errors import MinirtError
@@ -31,6 +32,30 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     raise MinirtError(f"{p}: not a GGUF file or a Hugging Face model folder")
 
 
+def describe(path: str | Path) -> dict:
+    """What `minirt show` prints: a file's architecture, sizes, tensor types and counts, tokenizer, template.
+    The file is read and validated as for loading (so a bad file fails here with the same one line), but no
+    model is built and no tensor data is read."""
+    from collections import Counter
+    from .llama2c import is_llama2c, read_llama2c
+    p = Path(path)
+    ck = read_llama2c(p) if p.is_file() and not _has_gguf_magic(p) and is_llama2c(p) else read_checkpoint(p)
+    c, tok = ck.config, ck.tokenizer
+    types = Counter(t.qtype for t in ck.tensors.values())
+    params = sum(math.prod(t.shape) for t in ck.tensors.values())
+    n_tok = (len(tok.tokens) if tok.kind == "bpe" and tok.tokens else None)
+    return {
+        "source": str(ck.source), "architecture": c.arch, "parameters": params, "layers": c.n_layers, "width": c.dim,
+        "ffn width": c.hidden_dim, "heads": f"{c.n_heads} (kv {c.n_kv_heads}, head dim {c.head_dim})",
+        "context": c.max_ctx, "vocabulary": c.vocab_size, "norm epsilon": c.norm_eps,
+        **({"rope base": c.rope_theta} if c.arch == "llama" else {}), "tied head": c.tied_head,
+        "file type": ck.file_type, "tensors": f"{len(ck.tensors)} ({', '.join(f'{k} {n}' for k, n in sorted(types.items()))})",
+        "tokenizer": tok.kind + (f", {n_tok} tokens" if n_tok else "") + (f", pre {tok.pre}" if tok.kind == "bpe" else ""),
+        "chat template": "yes" if tok.chat_template else "no",
+        **({"low-rank export": "yes"} if "minirt.lowrank.manifest" in ck.metadata else {}),
+    }
+
+
 def _has_gguf_magic(p: Path) -> bool:
     try:
         with open(p, "rb") as f:
@@ -39,4 +64,4 @@ def _has_gguf_magic(p: Path) -> bool:
         return False
 
 
-__all__ = ["Checkpoint", "Tensor", "TokenizerSpec", "read_checkpoint"]
+__all__ = ["Checkpoint", "Tensor", "TokenizerSpec", "describe", "read_checkpoint"]

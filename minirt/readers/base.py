@@ -64,6 +64,9 @@ class Checkpoint:
     file_type: str = ""       # e.g. "Q4_1", "F32": the dominant matrix type, for reports
     mapping: object = None    # the mmap the tensors view, if any
     metadata: dict = field(default_factory=dict)  # minirt's own metadata (e.g. a low-rank export's manifest)
+    ignored: list = field(default_factory=list)   # tensor names in the file no reader maps (reported once)
+    names: dict = field(default_factory=dict)     # canonical name → the file's own, where they differ
+    validated: bool = False   # set by readers.validate once config and tensors are checked
 
     def release_pages(self) -> None:
         """Drop the file's pages from this process's resident set (they fault back in if still used):

@@ -6,6 +6,7 @@ parsing the header with struct takes ~0.1 s.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections import Counter
@@ -16,6 +17,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import MinirtError
 from .base import Checkpoint, Tensor, TokenizerSpec
+from .validate import LIMITS, need_float, need_int, tensor_nbytes, validate
 
 SUPPORTED = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
@@ -76,13 +78,19 @@ def unpermute_rope_rows(n_heads: int, rows: int) -> np.ndarray:
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
           12: "<f8"}
+MAX_DEPTH = 4          # arrays of arrays (llama.cpp's reader takes none; gguf-py writes none)
+MAX_NAME = 256         # tensor name bytes (llama.cpp: GGML_MAX_NAME = 64; minirt is a little more lenient)
+INT64_MAX = (1 << 63) - 1
 
 
 class _Header:
-    """Cursor over the GGUF header bytes; every read is bounds-checked."""
+    """Cursor over the GGUF header bytes; every read is bounds-checked, every count bounded by the bytes left."""
 
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, what: str):
+        raise MinirtError(f"{self.path}: corrupt GGUF header ({what})")
 
     def take(self, n: int):
         if n < 0 or self.pos + n > len(self.buf):
@@ -91,32 +99,46 @@ class _Header:
         self.pos += n
         return b
 
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
     def scalar(self, t: int):
         fmt = _SCALARS.get(t)
         if fmt is None:
-            raise MinirtError(f"{self.path}: unknown GGUF value type {t} (corrupt file?)")
+            self.fail(f"unknown value type {t}")
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
         (n,) = struct.unpack("<Q", self.take(8))
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
-    def value(self, t: int):
+    def value(self, t: int, depth: int = 0):
         if t == 8:
             return self.string()
         if t == 9:
+            if depth >= MAX_DEPTH:
+                self.fail(f"arrays nested more than {MAX_DEPTH} deep")
             et, n = struct.unpack("<IQ", self.take(12))
+            least = {8: 8, 9: 12}.get(et, np.dtype(_NUMPY[et]).itemsize if et in _NUMPY else 1)
+            if n * least > self.left():
+                self.fail(f"an array of {n} items in {self.left()} bytes")
             if et == 8:
                 return [self.string() for _ in range(n)]
             if et in _NUMPY:
                 dt = np.dtype(_NUMPY[et])
                 return np.frombuffer(self.take(n * dt.itemsize), dt).tolist()
-            return [self.value(et) for _ in range(n)]
+            if et != 9:
+                self.fail(f"unknown value type {et}")
+            return [self.value(et, depth + 1) for _ in range(n)]
         return self.scalar(t)
 
 
 def _parse(path: Path):
-    """(metadata dict, [(name, shape ne0-first, type id, offset)], data start, mmap)."""
+    """(metadata dict, [(name, shape ne0-first, type id, offset)], data start, mmap), with the data placement
+    checked as llama.cpp's gguf_init_from_file checks it: a power-of-two alignment; every tensor of a known
+    type, its size without int64 overflow, at exactly the next aligned offset after the one before (so none
+    is shifted, overlaps or lies outside the data section); and the data section ending where the file ends."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     with open(path, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -128,111 +150,176 @@ def _parse(path: Path):
     version, n_tensors, n_kv = struct.unpack("<IQQ", h.take(20))
     if version not in (2, 3):
         raise MinirtError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    if n_tensors > 1_000_000 or n_kv > 1_000_000:
-        raise MinirtError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+    if n_kv * 13 + n_tensors * 24 > h.left():  # the smallest key and tensor entries
+        h.fail(f"{n_tensors} tensors and {n_kv} keys cannot fit in {len(mm)} bytes")
     meta = {}
     for _ in range(n_kv):
         key = h.string()
         (t,) = struct.unpack("<I", h.take(4))
+        if key in meta:
+            h.fail(f"duplicate key {key}")
         meta[key] = h.value(t)
-    infos = []
+    align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        h.fail(f"general.alignment {str(align)[:40]} is not a power of two")
+    infos, seen = [], set()
     for _ in range(n_tensors):
         name = h.string()
+        if len(name) > MAX_NAME or name in seen:
+            h.fail(f"tensor name {name[:MAX_NAME]!r} too long or repeated")
+        seen.add(name)
         (nd,) = struct.unpack("<I", h.take(4))
-        if nd > 4:
-            raise MinirtError(f"{path}: tensor {name} has {nd} dimensions (corrupt file?)")
+        if not 1 <= nd <= 4:
+            h.fail(f"tensor {name} has {nd} dimensions")
         dims = struct.unpack(f"<{nd}Q", h.take(8 * nd))
         ttype, offset = struct.unpack("<IQ", h.take(12))
-        infos.append((name, dims, ttype, offset))
-    align = int(meta.get("general.alignment", 32))
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            h.fail(f"tensor {name} has unknown type code {ttype}")
+        n = 1
+        for d in dims:
+            n *= d
+        if n > INT64_MAX or any(d > INT64_MAX for d in dims) or dims[0] % block:
+            h.fail(f"tensor {name} has a bad shape {list(reversed(dims))}")
+        infos.append((name, dims, ttype, offset, n // block * type_size))
     start = -(-h.pos // align) * align
-    return meta, infos, start, mm
+    expect = 0
+    for name, dims, ttype, offset, nbytes in infos:
+        if offset != expect:
+            h.fail(f"tensor {name} at offset {offset}, expected {expect}: shifted, overlapping or misaligned")
+        expect = offset + -(-nbytes // align) * align
+        if start + offset + nbytes > len(mm):
+            raise MinirtError(f"{path}: tensor {name} runs past the end of the file (truncated download?)")
+    if infos and len(mm) > start + expect:
+        h.fail(f"{len(mm) - start - expect} bytes after the last tensor: a tensor count, type or shape is wrong")
+    return meta, [i[:4] for i in infos], start, mm
+
+
+def _meta_int(meta: dict, key: str, path, default=None, lo: int = 1, hi: int | None = None) -> int:
+    v = meta.get(key, default)
+    if v is None:
+        raise MinirtError(f"{path}: metadata {key} is missing")
+    return need_int(v, f"metadata {key}", path, lo, hi)
 
 
 def read_gguf(path: Path) -> Checkpoint:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGMLQuantizationType
     meta, infos, start, mm = _parse(path)
     arch = meta.get("general.architecture")
     if arch not in ("llama", "gpt2"):
-        raise MinirtError(f"{path}: architecture {arch!r} is not supported (llama and gpt2 are)")
+        raise MinirtError(f"{path}: architecture {str(arch)[:40]!r} is not supported (llama and gpt2 are)")
 
-    def m(key, default=None):
-        v = meta.get(f"{arch}.{key}", default)
-        if v is None:
-            raise MinirtError(f"{path}: metadata {arch}.{key} is missing")
-        return v
-
-    size = len(mm)
     tensors: dict[str, Tensor] = {}
+    ignored: list[str] = []
+    names: dict[str, str] = {}
     types = Counter()
     for tname, dims, ttype, offset in infos:
-        try:
-            qtype = GGMLQuantizationType(ttype).name
-        except ValueError:
-            qtype = f"type {ttype}"
-        if qtype not in SUPPORTED:
-            raise MinirtError(f"{path}: tensor {tname} has type {qtype}, which minirt does not read")
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        qtype = GGMLQuantizationType(ttype).name
         shape = tuple(int(x) for x in reversed(dims))  # GGUF lists ne0 (columns) first
-        if not shape or shape[-1] % block:
-            raise MinirtError(f"{path}: tensor {tname} has a bad shape {shape}")
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        row_bytes = shape[-1] // block * type_size
-        a = start + offset
-        if a + rows * row_bytes > size:
-            raise MinirtError(f"{path}: tensor {tname} runs past the end of the file (truncated download?)")
         name = canonical_name(tname)
         if name is None:
+            ignored.append(tname)
             continue
-        raw = np.frombuffer(mm, np.uint8, rows * row_bytes, a).reshape(rows, row_bytes)
+        if qtype not in SUPPORTED:
+            raise MinirtError(f"{path}: tensor {tname} has type {qtype}, which minirt does not read")
+        if name in tensors:
+            raise MinirtError(f"{path}: tensors {tname} and another both map to {name} (corrupt file?)")
+        nbytes = tensor_nbytes(qtype, shape)
+        rows = math.prod(shape[:-1])
+        raw = np.frombuffer(mm, np.uint8, nbytes, start + offset).reshape(rows, nbytes // rows if rows else 0)
         if qtype in ("F32", "F16", "BF16"):
             data = raw.view({"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[qtype]).reshape(shape)
         else:
             data = raw if len(shape) > 1 else raw.reshape(-1)
         tensors[name] = Tensor(data, qtype, shape)
+        names[name] = tname
         if len(shape) == 2:
             types[qtype] += rows * shape[-1]
 
-    n_heads = int(m("attention.head_count"))
-    n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
-    dim = int(m("embedding_length"))
+    lim = LIMITS
+    n_heads = _meta_int(meta, f"{arch}.attention.head_count", path, hi=lim["n_heads"])
+    n_kv = _meta_int(meta, f"{arch}.attention.head_count_kv", path, n_heads, hi=lim["n_kv_heads"])
+    dim = _meta_int(meta, f"{arch}.embedding_length", path, hi=lim["dim"])
+    explicit = f"{arch}.attention.key_length" in meta
+    head_dim = _meta_int(meta, f"{arch}.attention.key_length", path, dim // n_heads or 1, hi=lim["head_dim"])
+    if _meta_int(meta, f"{arch}.attention.value_length", path, head_dim) != head_dim:
+        raise MinirtError(f"{path}: attention value_length differs from key_length, which minirt does not run")
     if "embed" not in tensors:
-        raise MinirtError(f"{path}: no token_embd.weight tensor")
-    vocab = tensors["embed"].shape[0]
+        raise MinirtError(f"{path}: checkpoint is missing tensor token_embd.weight")
+    eps = meta.get(f"{arch}.attention.layer_norm_rms_epsilon", meta.get(f"{arch}.attention.layer_norm_epsilon", 1e-5))
     cfg = ModelConfig(
-        arch=arch, vocab_size=vocab, dim=dim, n_layers=int(m("block_count")), n_heads=n_heads, n_kv_heads=n_kv,
-        head_dim=int(meta.get(f"{arch}.attention.key_length", dim // n_heads)),
-        hidden_dim=int(m("feed_forward_length")), max_ctx=int(m("context_length")),
-        norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon",
-                                meta.get(f"{arch}.attention.layer_norm_epsilon", 1e-5))),
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        arch=arch, vocab_size=tensors["embed"].shape[0], dim=dim,
+        n_layers=_meta_int(meta, f"{arch}.block_count", path, hi=lim["n_layers"]), n_heads=n_heads,
+        n_kv_heads=n_kv, head_dim=head_dim,
+        hidden_dim=_meta_int(meta, f"{arch}.feed_forward_length", path, hi=lim["hidden_dim"]),
+        max_ctx=_meta_int(meta, f"{arch}.context_length", path, hi=lim["max_ctx"]),
+        norm_eps=need_float(eps, "metadata layer_norm epsilon", path, 1.0),
+        rope_theta=need_float(meta.get(f"{arch}.rope.freq_base", 10000.0), f"metadata {arch}.rope.freq_base", path),
         tied_head="head" not in tensors and "head.lr_u" not in tensors,
     )
+    ck = Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm,
+                    {k: v for k, v in meta.items() if k.startswith("minirt.")}, ignored=ignored, names=names)
+    validate(ck, explicit_head_dim=explicit)  # shapes checked before the Q/K rows are reordered
+    tensors = ck.tensors
     if arch == "llama":
         for i in range(cfg.n_layers):
             for key, heads in ((f"layers.{i}.wq", cfg.n_heads), (f"layers.{i}.wk", cfg.n_kv_heads),
                                (f"layers.{i}.bq", cfg.n_heads), (f"layers.{i}.bk", cfg.n_kv_heads)):
                 if key in tensors:  # llama.cpp permutes Q/K biases like the weights
                     tensors[key] = tensors[key].take_rows(unpermute_rope_rows(heads, tensors[key].shape[0]))
-    return Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm,
-                      {k: v for k, v in meta.items() if k.startswith("minirt.")})
+    return ck
 
 
 def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
     model = meta.get("tokenizer.ggml.model")
-    common = dict(bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-                  chat_template=meta.get("tokenizer.chat_template"))
+
+    def ints(key: str, n: int) -> list:
+        v = meta.get(key)
+        if not isinstance(v, list) or len(v) != n or not all(type(x) is int for x in v):
+            raise MinirtError(f"{path}: metadata {key} is not a list of {n} integers (corrupt vocabulary)")
+        return v
+
+    def opt_id(key: str):
+        v = meta.get(key)
+        if v is not None and (type(v) is not int or v < 0):
+            raise MinirtError(f"{path}: metadata {key} is {str(v)[:40]}, not a token id")
+        return v
+
+    template = meta.get("tokenizer.chat_template")
+    common = dict(bos_id=opt_id("tokenizer.ggml.bos_token_id"), eos_id=opt_id("tokenizer.ggml.eos_token_id"),
+                  chat_template=template if isinstance(template, str) else None)
+    if model in ("gpt2", "llama"):
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise MinirtError(f"{path}: metadata tokenizer.ggml.tokens is not a list of strings")
+        types = ints("tokenizer.ggml.token_type", len(tokens)) if "tokenizer.ggml.token_type" in meta else None
     if model == "gpt2":
-        tokens = list(meta["tokenizer.ggml.tokens"])
-        types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-        special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # CONTROL, USER_DEFINED
-        return TokenizerSpec("bpe", tokens=tokens, merges=list(meta.get("tokenizer.ggml.merges", [])), special=special,
-                             pre=meta.get("tokenizer.ggml.pre", "gpt2"),
-                             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), **common)
+        special: dict[str, int] = {}
+        for i, (t, ty) in enumerate(zip(tokens, types or [])):
+            if ty in (3, 4):  # CONTROL, USER_DEFINED
+                if t in special or not t:
+                    raise MinirtError(f"{path}: special token {t[:40]!r} (id {i}) is empty or repeated")
+                special[t] = i
+        merges = meta.get("tokenizer.ggml.merges", [])
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise MinirtError(f"{path}: metadata tokenizer.ggml.merges is not a list of strings")
+        pre = meta.get("tokenizer.ggml.pre", "gpt2")
+        return TokenizerSpec("bpe", tokens=tokens, merges=merges, special=special, pre=pre if isinstance(pre, str) else "",
+                             add_bos=meta.get("tokenizer.ggml.add_bos_token", False) is True, **common)
     if model == "llama":  # SentencePiece: pieces, scores and types → a tokenizer.model built in memory
         from .spm import proto_from_gguf
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is not None and (not isinstance(scores, list) or len(scores) != len(tokens)
+                                   or not all(isinstance(x, (int, float)) for x in scores)):
+            raise MinirtError(f"{path}: metadata tokenizer.ggml.scores is not a list of {len(tokens)} numbers")
+        for key in ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            v = opt_id(key)
+            if v is not None and v >= len(tokens):
+                raise MinirtError(f"{path}: metadata {key} {v} is past the {len(tokens)} tokens")
         return TokenizerSpec("spm", spm_proto=proto_from_gguf(meta),
-                             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)), **common)
+                             add_bos=meta.get("tokenizer.ggml.add_bos_token", True) is True, **common)
     if model is None:
         return TokenizerSpec("none", **common)
-    raise MinirtError(f"{path}: tokenizer type {model!r} inside GGUF is not supported yet (byte-level BPE is)")
+    raise MinirtError(f"{path}: tokenizer type {str(model)[:40]!r} inside GGUF is not supported yet (byte-level BPE "
+                      f"is)")

@@ -3,6 +3,8 @@ restricted unpickler, see torchbin.py) + tokenizer files."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from pathlib import Path
 
@@ -11,45 +13,66 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import MinirtError
 from .base import Checkpoint, Tensor, TokenizerSpec
+from .validate import LIMITS, need_float, need_int, validate
 
 DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "BF16"),
           "F64": (np.float64, "F32")}
 
 
+SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+MAX_HEADER = 100_000_000   # the safetensors library's limit on the JSON header
+
+
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     """Parse a .safetensors file: 8-byte header length, JSON header, then raw little-endian data.
 
-    Every tensor's offsets are bounds-checked against the file before it is mapped."""
+    Checked as the safetensors library checks (its `validate`): header at most 100 MB of UTF-8 JSON (an
+    object), shapes of non-negative integers, each tensor's byte range exactly dtype × shape, the ranges
+    contiguous from 0 and covering the data section exactly (no gaps, overlaps or trailing bytes)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise MinirtError(f"{path}: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8 or n > MAX_HEADER:
             raise MinirtError(f"{path}: corrupt safetensors header (length {n} for a file of {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MinirtError(f"{path}: corrupt safetensors header (not JSON)") from None
+        header = parse_json(f.read(n), path, "corrupt safetensors header (not JSON)")
     if not isinstance(header, dict):
         raise MinirtError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     start = 8 + n
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
-    out = {}
+    entries = []
     for name, info in header.items():
         try:
-            dtype, qtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            a, b = (int(x) for x in info["data_offsets"])
+            dt = info["dtype"]
+            dtype, qtype = DTYPES[dt]
+            shape = tuple(info["shape"])
+            a, b = info["data_offsets"]
         except KeyError as e:
             raise MinirtError(f"{path}: tensor {name}: unsupported dtype or missing field {e} in the header") from None
         except (TypeError, ValueError, AttributeError):
             raise MinirtError(f"{path}: tensor {name}: malformed header entry") from None
-        count = int(np.prod(shape)) if shape else 1
-        if not (0 <= a <= b and start + b <= size and b - a == count * np.dtype(dtype).itemsize):
-            raise MinirtError(f"{path}: tensor {name} lies outside the file or has the wrong size (truncated?)")
+        if not all(type(x) is int and x >= 0 for x in shape + (a, b)):
+            raise MinirtError(f"{path}: tensor {name}: shape {list(shape)[:8]} and offsets must be non-negative "
+                              f"integers (corrupt header)")
+        if b - a != math.prod(shape) * SIZES[dt]:
+            raise MinirtError(f"{path}: tensor {name} has the wrong size: {b - a} bytes for shape {list(shape)} "
+                              f"of {dt} (truncated?)")
+        entries.append((a, b, name, dtype, qtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    end = 0
+    for a, b, name, *_ in entries:
+        if a != end:
+            raise MinirtError(f"{path}: tensor {name} at byte {a}, expected {end}: the data of the tensors is not "
+                              f"contiguous (overlapping or gapped offsets, corrupt header)")
+        end = b
+    if start + end != size:
+        raise MinirtError(f"{path}: tensor data of {end} bytes lies outside the file's {size - start} data bytes "
+                          f"(truncated, or wrong size)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    out = {}
+    for a, b, name, dtype, qtype, shape in entries:
         data = mm[start + a:start + b].view(dtype).reshape(shape)
         if dtype == np.float64:
             data = data.astype(np.float32)
@@ -57,11 +80,32 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     return out
 
 
-def _load_json(path: Path) -> dict:
+def parse_json(data: bytes, path, what: str = "not valid JSON"):
+    """JSON from bytes as the safetensors library and tokenizers read it: strict UTF-8, no NaN/Infinity, and
+    nesting bounded (Python's parser stops at its recursion limit); any failure is one line."""
+    def no_constants(c):
+        raise ValueError(f"{c} is not JSON")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MinirtError(f"{path}: cannot read ({e})") from None
+        return json.loads(data.decode("utf-8"), parse_constant=no_constants)
+    except UnicodeDecodeError as e:
+        raise MinirtError(f"{path}: {what}: invalid UTF-8 at byte {e.start}") from None
+    except RecursionError:
+        raise MinirtError(f"{path}: {what}: nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise MinirtError(f"{path}: {what}: {str(e)[:80]}") from None
+
+
+def _load_json(path: Path):
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MinirtError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_json(data, path, "cannot read (not valid JSON)")
+
+
+def _ignored(names) -> list[str]:
+    """Tensors a reader left unmapped, less the buffers Hugging Face checkpoints carry (masks, RoPE tables)."""
+    return [n for n in names if not n.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))]
 
 
 def read_hf_folder(folder: Path) -> Checkpoint:
@@ -83,19 +127,42 @@ def read_hf_folder(folder: Path) -> Checkpoint:
         for f in bins:
             raw.update(read_torch_bin(f))
     mtype = hc.get("model_type")
-    try:
-        if mtype == "gpt2":
-            cfg, tensors = _gpt2(hc, raw)
-        elif mtype in ("llama", "mistral") or "LlamaForCausalLM" in (hc.get("architectures") or []):
-            cfg, tensors = _llama(hc, raw)
-        else:
-            raise MinirtError(f"{folder}: model_type {mtype!r} is not supported (gpt2 and llama are)")
-    except KeyError as e:
-        raise MinirtError(f"{cfg_path}: required field {e} is missing") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise MinirtError(f"{cfg_path}: malformed config ({e})") from None
+    c = _Fields(hc, cfg_path)
+    if mtype == "gpt2":
+        cfg, tensors, used = _gpt2(c, raw)
+    elif mtype in ("llama", "mistral") or (isinstance(hc.get("architectures"), list)
+                                           and "LlamaForCausalLM" in hc["architectures"]):
+        cfg, tensors, used = _llama(c, raw)
+    else:
+        raise MinirtError(f"{folder}: model_type {str(mtype)[:40]!r} is not supported (gpt2 and llama are)")
+    layer = re.compile(r"(?:transformer\.)?(?:model\.layers|h)\.(\d+)\.")
+    past = [n for n in set(raw) - used if (m := layer.match(n)) and int(m.group(1)) >= cfg.n_layers]
+    if past:
+        raise MinirtError(f"{folder}: the file has tensors for more layers ({past[0]}) than config.json's "
+                          f"{cfg.n_layers} (corrupt config?)")
     types = {t.qtype for k, t in tensors.items() if len(t.shape) == 2}
-    return Checkpoint(cfg, tensors, _tokenizer(folder, hc, cfg), folder, "/".join(sorted(types)))
+    ck = Checkpoint(cfg, tensors, _tokenizer(folder, hc, cfg), folder, "/".join(sorted(types)),
+                    ignored=_ignored(sorted(set(raw) - used)))
+    return validate(ck, explicit_head_dim=bool(hc.get("head_dim")))
+
+
+class _Fields:
+    """config.json values, each checked as it is taken: one line naming the field when missing or out of range."""
+
+    def __init__(self, hc: dict, path: Path):
+        self.hc, self.path = hc, path
+
+    def int(self, key: str, default=None, hi_key: str | None = None) -> int:
+        v = self.hc.get(key)
+        if v is None:
+            if default is None:
+                raise MinirtError(f"{self.path}: required field {key!r} is missing")
+            v = default
+        return need_int(v, key, self.path, 1, LIMITS[hi_key] if hi_key else None)
+
+    def float(self, key: str, default: float, hi: float = math.inf) -> float:
+        v = self.hc.get(key)
+        return need_float(default if v is None else v, key, self.path, hi)
 
 
 def _need(raw: dict, key: str) -> Tensor:
@@ -104,49 +171,72 @@ def _need(raw: dict, key: str) -> Tensor:
     return raw[key]
 
 
-def _gpt2(hc: dict, raw: dict[str, Tensor]):
+def _gpt2(c: _Fields, raw: dict[str, Tensor]):
+    hc = c.hc
+    prefixed = {k.removeprefix("transformer."): k for k in raw}
     raw = {k.removeprefix("transformer."): v for k, v in raw.items()}
     act = hc.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise MinirtError(f"GPT-2 activation {act!r} is not supported (gelu_new is)")
-    d = hc["n_embd"]
-    cfg = ModelConfig("gpt2", vocab_size=hc["vocab_size"], dim=d, n_layers=hc["n_layer"], n_heads=hc["n_head"],
-                      n_kv_heads=hc["n_head"], head_dim=d // hc["n_head"], hidden_dim=hc.get("n_inner") or 4 * d,
-                      max_ctx=hc["n_positions"], norm_eps=hc.get("layer_norm_epsilon", 1e-5),
-                      tied_head="lm_head.weight" not in raw or hc.get("tie_word_embeddings", True))
+        raise MinirtError(f"GPT-2 activation {str(act)[:40]!r} is not supported (gelu_new is)")
+    d, nh = c.int("n_embd", hi_key="dim"), c.int("n_head", hi_key="n_heads")
+    cfg = ModelConfig("gpt2", vocab_size=c.int("vocab_size", hi_key="vocab_size"), dim=d,
+                      n_layers=c.int("n_layer", hi_key="n_layers"), n_heads=nh, n_kv_heads=nh,
+                      head_dim=max(d // nh, 1), hidden_dim=c.int("n_inner", 4 * d, "hidden_dim"),
+                      max_ctx=c.int("n_positions", hi_key="max_ctx"), norm_eps=c.float("layer_norm_epsilon", 1e-5, 1.0),
+                      tied_head="lm_head.weight" not in raw or bool(hc.get("tie_word_embeddings", True)))
     t = {"embed": _need(raw, "wte.weight"), "pos_embed": _need(raw, "wpe.weight"),
          "norm.weight": _need(raw, "ln_f.weight"), "norm.bias": _need(raw, "ln_f.bias")}
+    used = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
     if not cfg.tied_head:
         t["head"] = raw["lm_head.weight"]
+        used.add("lm_head.weight")
     for i in range(cfg.n_layers):
         p, q = f"h.{i}.", f"layers.{i}."
         for src, dst in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
             t[q + dst + ".weight"] = _need(raw, p + src + ".weight")
             t[q + dst + ".bias"] = _need(raw, p + src + ".bias")
+            used |= {p + src + ".weight", p + src + ".bias"}
         # Conv1D stores (in, out): transpose to (out, in)
         for src, w, b in (("attn.c_attn", "wqkv", "bqkv"), ("attn.c_proj", "wo", "bo"),
                           ("mlp.c_fc", "w_up", "b_up"), ("mlp.c_proj", "w_down", "b_down")):
-            t[q + w] = _need(raw, p + src + ".weight").transpose()
+            wt = _need(raw, p + src + ".weight")
+            if len(wt.shape) != 2 or wt.qtype not in DTYPES_READ:
+                raise MinirtError(f"tensor {p + src}.weight has shape {list(wt.shape)} of {wt.qtype}, not a float "
+                                  f"matrix")
+            t[q + w] = wt.transpose()
             t[q + b] = _need(raw, p + src + ".bias")
-    return cfg, t
+            used |= {p + src + ".weight", p + src + ".bias"}
+    return cfg, t, {prefixed[k] for k in used}
 
 
-def _llama(hc: dict, raw: dict[str, Tensor]):
+DTYPES_READ = ("F32", "F16", "BF16")
+
+
+def _llama(c: _Fields, raw: dict[str, Tensor]):
+    hc = c.hc
     rope = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise MinirtError(f"{c.path}: rope_scaling is not a JSON object")
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise MinirtError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported yet")
+        raise MinirtError(f"RoPE scaling {str(rope.get('rope_type', rope.get('type')))[:40]!r} is not supported yet")
     theta = hc.get("rope_theta", rope.get("rope_theta", 10000.0))
     if hc.get("hidden_act", "silu") != "silu":
-        raise MinirtError(f"llama activation {hc.get('hidden_act')!r} is not supported (silu is)")
-    d, nh = hc["hidden_size"], hc["num_attention_heads"]
+        raise MinirtError(f"llama activation {str(hc.get('hidden_act'))[:40]!r} is not supported (silu is)")
+    d, nh = c.int("hidden_size", hi_key="dim"), c.int("num_attention_heads", hi_key="n_heads")
     tied = "lm_head.weight" not in raw
-    cfg = ModelConfig("llama", vocab_size=hc["vocab_size"], dim=d, n_layers=hc["num_hidden_layers"], n_heads=nh,
-                      n_kv_heads=hc.get("num_key_value_heads") or nh, head_dim=hc.get("head_dim") or d // nh,
-                      hidden_dim=hc["intermediate_size"], max_ctx=hc.get("max_position_embeddings", 2048),
-                      norm_eps=hc.get("rms_norm_eps", 1e-6), rope_theta=float(theta), tied_head=tied)
+    cfg = ModelConfig("llama", vocab_size=c.int("vocab_size", hi_key="vocab_size"), dim=d,
+                      n_layers=c.int("num_hidden_layers", hi_key="n_layers"), n_heads=nh,
+                      n_kv_heads=c.int("num_key_value_heads", nh, "n_kv_heads"),
+                      head_dim=c.int("head_dim", max(d // nh, 1), "head_dim"),
+                      hidden_dim=c.int("intermediate_size", hi_key="hidden_dim"),
+                      max_ctx=c.int("max_position_embeddings", 2048, "max_ctx"),
+                      norm_eps=c.float("rms_norm_eps", 1e-6, 1.0),
+                      rope_theta=need_float(theta, "rope_theta", c.path), tied_head=tied)
     t = {"embed": _need(raw, "model.embed_tokens.weight"), "norm.weight": _need(raw, "model.norm.weight")}
+    used = {"model.embed_tokens.weight", "model.norm.weight"}
     if not tied:
         t["head"] = raw["lm_head.weight"]
+        used.add("lm_head.weight")
     names = {"self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv", "self_attn.o_proj": "wo",
              "mlp.gate_proj": "w_gate", "mlp.up_proj": "w_up", "mlp.down_proj": "w_down",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -154,33 +244,59 @@ def _llama(hc: dict, raw: dict[str, Tensor]):
         for src, dst in names.items():
             w = _need(raw, f"model.layers.{i}.{src}.weight")
             t[f"layers.{i}.{dst}" + (".weight" if "norm" in dst else "")] = w
+            used.add(f"model.layers.{i}.{src}.weight")
         for src, dst in (("self_attn.q_proj", "bq"), ("self_attn.k_proj", "bk"), ("self_attn.v_proj", "bv"),
                          ("self_attn.o_proj", "bo"), ("mlp.gate_proj", "b_gate"), ("mlp.up_proj", "b_up"),
                          ("mlp.down_proj", "b_down")):
             if f"model.layers.{i}.{src}.bias" in raw:
                 t[f"layers.{i}.{dst}"] = raw[f"model.layers.{i}.{src}.bias"]
-    return cfg, t
+                used.add(f"model.layers.{i}.{src}.bias")
+    return cfg, t, used
 
 
 def _tokenizer(folder: Path, hc: dict, cfg: ModelConfig) -> TokenizerSpec:
     tc = _load_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
-    common = dict(bos_id=hc.get("bos_token_id"), eos_id=hc.get("eos_token_id"), chat_template=tc.get("chat_template"))
+    if not isinstance(tc, dict):
+        raise MinirtError(f"{folder}/tokenizer_config.json: not a JSON object")
+    template = tc.get("chat_template")
+    common = dict(bos_id=hc.get("bos_token_id"), eos_id=hc.get("eos_token_id"),
+                  chat_template=template if isinstance(template, str) else None)
     if isinstance(common["eos_id"], list):
-        common["eos_id"] = common["eos_id"][0]
+        common["eos_id"] = common["eos_id"][0] if common["eos_id"] else None
     if (folder / "tokenizer.model").exists():
-        return TokenizerSpec("spm", spm_model=folder / "tokenizer.model", add_bos=tc.get("add_bos_token", True), **common)
+        return TokenizerSpec("spm", spm_model=folder / "tokenizer.model", add_bos=tc.get("add_bos_token", True) is True,
+                             **common)
     special: dict[str, int] = {}
     if (folder / "tokenizer.json").exists():
-        tj = _load_json(folder / "tokenizer.json")
-        model = tj.get("model", {})
-        if model.get("type") != "BPE":
-            raise MinirtError(f"{folder}/tokenizer.json: tokenizer type {model.get('type')!r} is not supported")
-        vocab, merges = model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        special = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+        where = folder / "tokenizer.json"
+        tj = _load_json(where)
+        model = tj.get("model") if isinstance(tj, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            kind = model.get("type") if isinstance(model, dict) else None
+            raise MinirtError(f"{where}: tokenizer type {str(kind)[:40]!r} is not supported (BPE is)")
+        vocab, merges = model.get("vocab"), model.get("merges", [])
+        if not isinstance(merges, list):
+            raise MinirtError(f"{where}: merges is not a list")
+        merges = [m if isinstance(m, str) else " ".join(m) if isinstance(m, list) and all(isinstance(x, str) for x in m)
+                  else _bad(where, "a merge that is not a string or a pair of strings") for m in merges]
+        added = tj.get("added_tokens", [])
+        if not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+            raise MinirtError(f"{where}: added_tokens is not a list of objects")
+        for a in added:
+            content, i = a.get("content"), a.get("id")
+            if not isinstance(content, str) or type(i) is not int:
+                raise MinirtError(f"{where}: an added token without a string content and an integer id")
+            if content in special and special[content] != i:
+                raise MinirtError(f"{where}: added token {content[:40]!r} appears twice with different ids")
+            special[content] = i
         pre = "smollm" if '"Digits"' in json.dumps(tj.get("pre_tokenizer")) else "gpt2"
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        vocab = _load_json(folder / "vocab.json")
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        where = folder / "vocab.json"
+        vocab = _load_json(where)
+        try:
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise MinirtError(f"{folder / 'merges.txt'}: invalid UTF-8 at byte {e.start}") from None
         merges = [ln for ln in lines if ln and not ln.startswith("#version")]
         pre = "gpt2"
     elif (folder / "gpt2.tiktoken").exists():
@@ -188,9 +304,21 @@ def _tokenizer(folder: Path, hc: dict, cfg: ModelConfig) -> TokenizerSpec:
                              bos_id=50256, eos_id=50256)
     else:
         return TokenizerSpec("none", **common)
-    tokens = [""] * max(max(vocab.values()) + 1, cfg.vocab_size)
+    if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+        raise MinirtError(f"{where}: the vocabulary is not an object of token → integer id")
+    ids = list(vocab.values()) + list(special.values())
+    if ids and (min(ids) < 0 or max(ids) >= cfg.vocab_size):
+        raise MinirtError(f"{where}: token id {min(ids) if min(ids) < 0 else max(ids)} is outside the model's "
+                          f"vocabulary 0..{cfg.vocab_size - 1}")
+    if len(set(vocab.values())) != len(vocab):
+        raise MinirtError(f"{where}: two tokens share one id (corrupt vocabulary)")
+    tokens = [""] * cfg.vocab_size
     for tok, i in {**vocab, **special}.items():
         tokens[i] = tok
     if cfg.arch == "gpt2" and "<|endoftext|>" in vocab:
         special.setdefault("<|endoftext|>", vocab["<|endoftext|>"])
     return TokenizerSpec("bpe", tokens=tokens, merges=merges, special=special, pre=pre, **common)
+
+
+def _bad(where, what: str):
+    raise MinirtError(f"{where}: {what}")

@@ -18,6 +18,7 @@ pieces with ▁ written as a space, BOS/EOS as "\\n<s>\\n" / "\\n</s>\\n").
 """
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..config import ModelConfig
 from ..errors import MinirtError
 from .base import Checkpoint, Tensor, TokenizerSpec
 from .gguf import unpermute_rope_rows
+from .validate import check_config, validate
 
 MAGIC = 0x616B3432
 HEADER = 256
@@ -80,6 +82,9 @@ def read_llama2c(path: str | Path) -> Checkpoint:
     hs = dim // n_heads
     kv_dim = n_kv * hs
     L = n_layers
+    cfg = ModelConfig("llama", vocab_size=vocab, dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hs,
+                      hidden_dim=hidden, max_ctx=seq, norm_eps=1e-5, rope_theta=10000.0, tied_head=shared)
+    check_config(cfg, path)  # bounded before any size below is computed from it
     mats = [("embed", (vocab, dim), 1)] + [
         (name, shape, L) for name, shape in (("wq", (dim, dim)), ("wk", (kv_dim, dim)), ("wv", (kv_dim, dim)),
                                              ("wo", (dim, dim)), ("w_gate", (hidden, dim)), ("w_down", (dim, hidden)),
@@ -94,10 +99,10 @@ def read_llama2c(path: str | Path) -> Checkpoint:
         layout = norms + mats
     else:
         layout = norms
-    n_floats = sum(np.prod(s) * k for _, s, k in layout)
-    n_q = sum(np.prod(s) * k for _, s, k in mats) if version == 2 else 0
+    n_floats = sum(math.prod(s) * k for _, s, k in layout)
+    n_q = sum(math.prod(s) * k for _, s, k in mats) if version == 2 else 0
     if version == 2:
-        if group <= 0 or any(np.prod(s) % group for _, s, _ in mats):
+        if group <= 0 or any(math.prod(s) % group for _, s, _ in mats):
             raise MinirtError(f"{path}: llama2.c v2 group size {group} does not divide the matrices")
     expected = start + 4 * n_floats + n_q + (4 * n_q // group if version == 2 else 0)
     if size != expected:
@@ -130,8 +135,6 @@ def read_llama2c(path: str | Path) -> Checkpoint:
             if not stacked(name, k):
                 raw[name] = raw[name].reshape(shape)
 
-    cfg = ModelConfig("llama", vocab_size=vocab, dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hs,
-                      hidden_dim=hidden, max_ctx=seq, norm_eps=1e-5, rope_theta=10000.0, tied_head=shared)
     f32 = lambda a: Tensor(np.asarray(a), "F32", tuple(a.shape))  # noqa: E731
     t = {"embed": f32(raw["embed"]), "norm.weight": f32(raw["norm.weight"])}
     if not shared:
@@ -141,7 +144,7 @@ def read_llama2c(path: str | Path) -> Checkpoint:
             t[f"layers.{i}.{name}"] = f32(raw[name][i])
         t[f"layers.{i}.wq"] = t[f"layers.{i}.wq"].take_rows(unpermute_rope_rows(n_heads, dim))
         t[f"layers.{i}.wk"] = t[f"layers.{i}.wk"].take_rows(unpermute_rope_rows(n_kv, kv_dim))
-    return Checkpoint(cfg, t, TokenizerSpec("none"), path, "F32", mm)
+    return validate(Checkpoint(cfg, t, TokenizerSpec("none"), path, "F32", mm))
 
 
 def read_llama2c_tokenizer(path: str | Path, vocab_size: int) -> dict:

@@ -6,13 +6,22 @@ state dict needs (OrderedDict, torch's tensor-rebuild functions, the typed stora
 by a stand-in written here; any other global (os.system, builtins.eval, ...) is refused with one line
 before anything is called. Storage sizes, offsets, shapes and strides are checked against the archive
 before a byte is read.
+
+Bounded by the file, never by numbers in it: the pickle runs on the pure-Python unpickler (its memo is a dict,
+so a memo index costs one entry, and every length is a read of at most the bytes there are); BUILD is refused
+except where torch.save uses it (the state dict's `_metadata`); zip members are stored or deflated, their
+declared sizes checked against their compressed sizes (deflate expands at most ~1032:1) before inflating;
+every tensor view (sizes, strides, offset) lies inside its storage and holds no more elements than it.
 """
 from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +48,42 @@ class _StorageType:
         self.name = name
 
 
-class _Reader(pickle.Unpickler):
+MAX_RATIO = 1032      # deflate's largest expansion (258 bytes from 2 bits)
+MAX_DIMS = 8
+
+
+def _load_build(self):
+    """BUILD: only the `_metadata` attribute of an OrderedDict (how torch.save keeps a state dict's metadata)."""
+    state = self.stack.pop()
+    inst = self.stack[-1]
+    if type(inst) is collections.OrderedDict and isinstance(state, dict) and set(state) == {"_metadata"}:
+        inst._metadata = state["_metadata"]
+        return
+    raise MinirtError(f"{self.path}: refused a BUILD opcode in the pickle (it sets attributes; only a state "
+                      f"dict's _metadata may be set)")
+
+
+def read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """A zip member's bytes, after checking its method and that its declared size is one its compressed
+    bytes can hold (so a small member cannot inflate to gigabytes)."""
+    info = archive.getinfo(name)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise MinirtError(f"{path}: archive member {name} uses compression method {info.compress_type} "
+                          f"(torch.save stores members uncompressed)")
+    most = info.compress_size * (MAX_RATIO if info.compress_type == zipfile.ZIP_DEFLATED else 1) + 64
+    if info.file_size > most:
+        raise MinirtError(f"{path}: archive member {name} declares {info.file_size} bytes from "
+                          f"{info.compress_size} compressed (corrupt or a zip bomb)")
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
+        raise MinirtError(f"{path}: cannot read {name} from the archive ({e}; truncated?)") from None
+
+
+class _Reader(pickle._Unpickler):
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _load_build
+
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: Path):
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.path = archive, prefix, path
@@ -71,12 +115,11 @@ class _Reader(pickle.Unpickler):
         except KeyError:
             raise MinirtError(f"{self.path}: storage {key} is missing from the archive (truncated?)") from None
         itemsize = np.dtype(dtype).itemsize
-        if not isinstance(numel, int) or numel < 0 or info.file_size != numel * itemsize:
+        if type(numel) is not int or numel < 0 or info.file_size != numel * itemsize:
             raise MinirtError(f"{self.path}: storage {key} has {info.file_size} bytes, not {numel} × {itemsize}")
-        try:
-            raw = self.archive.read(entry)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise MinirtError(f"{self.path}: cannot read storage {key} ({e}; truncated?)") from None
+        raw = read_member(self.archive, entry, self.path)
+        if len(raw) != info.file_size:
+            raise MinirtError(f"{self.path}: storage {key} is shorter than declared (truncated?)")
         st = _Storage(np.frombuffer(raw, dtype=dtype), qtype)
         self.storages[key] = st
         return st
@@ -84,12 +127,11 @@ class _Reader(pickle.Unpickler):
     def _rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
         if not isinstance(storage, _Storage):
             raise MinirtError(f"{self.path}: tensor without a storage in the pickle (not a torch state dict)")
-        try:
-            size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
-        except (TypeError, ValueError):
-            raise MinirtError(f"{self.path}: malformed tensor shape in the pickle") from None
+        if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= MAX_DIMS
+                and all(type(s) is int for s in size + stride + (offset,))):
+            raise MinirtError(f"{self.path}: malformed tensor shape in the pickle")
         n = storage.array.size
-        if (len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride)
+        if (offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride) or math.prod(size) > n
                 or (all(size) and offset + sum((a - 1) * b for a, b in zip(size, stride)) >= n)):
             raise MinirtError(f"{self.path}: tensor of shape {size} at offset {offset} lies outside its storage")
         item = storage.array.itemsize
@@ -114,14 +156,15 @@ def read_torch_bin(path: Path) -> dict[str, Tensor]:
             if len(pkls) != 1:
                 raise MinirtError(f"{path}: no data.pkl in the archive (not a torch checkpoint)")
             prefix = pkls[0][: -len("data.pkl")]
-            reader = _Reader(z.read(pkls[0]), z, prefix, path)
+            reader = _Reader(read_member(z, pkls[0], path), z, prefix, path)
             try:
                 obj = reader.load()
             except MinirtError:
                 raise
-            except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
-                raise MinirtError(f"{path}: corrupt pickle in the archive ({type(e).__name__}: {e})") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError,
+                    struct.error, OverflowError) as e:
+                raise MinirtError(f"{path}: corrupt pickle in the archive ({type(e).__name__}: {str(e)[:80]})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, UnicodeDecodeError, NotImplementedError) as e:
         raise MinirtError(f"{path}: cannot read the archive ({e}; truncated?)") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
