@@ -31,8 +31,9 @@ from .tokenizer import Tokenizer, build_tokenizer
 # Positions per pass through the layers (llama.cpp's micro-batch plays this part). A longer prompt runs in
 # ⌈T/PREFILL_CHUNK⌉ balanced chunks against the cache, so activation buffers hold at most PREFILL_CHUNK rows
 # (and more than PREFILL_CHUNK/2: every chunk takes the batched kernels a single pass would take, and
-# every kernel computes a row from that row and the cache alone, so the logits are the same bits).
-# 256 rows keep BLAS GEMMs at full speed while SmolLM2's buffers stay under 10 MB.
+# every kernel computes a row from that row and the cache alone, so the logits are the same bits, as long
+# as BLAS's sum order does not depend on the row count: true of OpenBLAS at real model sizes, not at toy
+# ones). 256 rows keep BLAS GEMMs at full speed while SmolLM2's buffers stay under 10 MB.
 PREFILL_CHUNK = 256
 
 
