@@ -184,6 +184,7 @@ class GPUCache:
 # ---- the model -----------------------------------------------------------------------------------------
 class GPUModel:
     device = "cuda"
+    mode, mode_options = "dense", {}  # what generate() decodes with by default (minirt.modes.remember sets them)
     GRAPH_MAX_T = 8  # steps of up to this many positions are captured as CUDA graphs (decode, verification)
 
     def __init__(self, model, dtype: str = "float16"):
@@ -515,12 +516,6 @@ class GPUGeneration(Generation):
     """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, the next step
     launched before the host handles the current token."""
 
-    def __init__(self, model, prompt, **kwargs):
-        draft = str(kwargs.get("draft", ""))
-        if kwargs.get("mode") == "speculative" and draft.partition(":")[0] == "lowrank":
-            model.lowrank_twin(draft.partition(":")[2])  # a device twin, before make_drafter factors one
-        super().__init__(model, prompt, **kwargs)
-
     def _dense_tokens(self):
         m, cache = self.model, self.cache
         p = self.sampler.params
@@ -545,8 +540,8 @@ class GPUGeneration(Generation):
             rows = m.forward_device([tok], cache)
 
     def _tokens(self):
-        if self.drafter is None:
-            return self._dense_tokens()
+        if self.drafter is None:  # plain decoding (this class's), or another mode's token source
+            return super()._tokens()
         return speculative_tokens_gpu(self.model, self.cache, self.prompt_ids, self.sampler, self.drafter,
                                       self.draft_k, self.max_tokens, self.spec)
 

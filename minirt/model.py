@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -66,6 +67,9 @@ class Layer:
 
 
 class Model:
+    mode = "dense"                           # what generate() decodes with by default: minirt.load(mode=…)
+    mode_options = MappingProxyType({})      # … and that mode's options (minirt.modes.remember sets both)
+
     def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: Embedding, pos_embed: np.ndarray | None,
                  norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = ""):
         self.cfg, self.layers, self.embed, self.pos_embed = cfg, layers, embed, pos_embed
@@ -212,7 +216,8 @@ class Model:
 
     # ---- conveniences -------------------------------------------------------------------------
     def generate(self, prompt, **kwargs):
-        """Stream generated text pieces for a prompt (str or token ids); see minirt.generate.Generation."""
+        """Stream generated text pieces for a prompt (str or token ids), in the model's mode unless mode= is
+        given; see minirt.generate.Generation."""
         from .generate import Generation
         return Generation(self, prompt, **kwargs)
 
