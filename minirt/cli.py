@@ -245,11 +245,11 @@ def cmd_chat(args) -> None:
 
 def cmd_perplexity(args) -> None:
     from .perplexity import perplexity
-    from .registry import REGISTRY, pull
+    from .registry import REGISTRY, pull, read_text
     path = args.file
     if not os.path.exists(path) and path in REGISTRY and REGISTRY[path].kind == "data":
         path = pull(path, args.cache_dir)
-    text = _read_text(path, args.file)
+    text = read_text(path, args.file)
     if args.ctx < 4 or (args.chunks is not None and args.chunks < 1):
         raise MinirtError("--ctx must be ≥ 4 and --chunks ≥ 1")
     model = _load(args)
