@@ -398,8 +398,8 @@ class GPUModel:
         return GPUGeneration(self, prompt, **kwargs)
 
     def lowrank_twin(self, arg: str = "") -> "GPUModel":
-        """The --draft lowrank[:ARG] twin on the device: the host model factored, then uploaded. Kept where
-        make_drafter looks for twins, so every generation reuses it."""
+        """The --draft lowrank[:ARG] twin on the device: the host model factored, then uploaded; made once
+        (make_drafter asks for it), so every generation reuses it."""
         from .speculative import lowrank_twin
         twins = self.__dict__.setdefault("_lowrank_twins", {})
         if arg not in twins:

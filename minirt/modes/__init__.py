@@ -103,6 +103,7 @@ def compose(model, mode: str, options: dict, given=()):
     elif mode == "jacobi" and options["pinv_tol"] > 0:
         from ..pinv import with_pinv
         model = with_pinv(model, options["pinv_window"], options["pinv_tol"])
+        model.pinv.enabled = False  # on only inside Jacobi iterations: generate(mode="dense") stays exact
     return remember(model, mode, options)
 
 
