@@ -19,6 +19,8 @@ from . import jitcache  # noqa: E402  (before any kernel is defined: compiled ke
 
 jitcache.install()
 
+from . import modes  # noqa: F401  (registers how generate runs each mode)
+from .chat import Chat
 from .errors import MinirtError
 from .model import Model
 from .sampling import SamplingParams
@@ -28,27 +30,37 @@ __version__ = "0.1.0"
 
 def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | None = None,
          threads: int | None = None, dequantize: bool = False, exact: bool = False, device: str = "cpu",
-         ctx: int | None = None) -> Model:
-    """Load a model by registry name (fetched and cached on first use) or from a local path.
+         ctx: int | None = None, mode: str = "dense", **mode_options) -> Model:
+    """Load a model by registry name (fetched and cached on first use) or from a local path, with its mode.
 
     Quantized matrices (Q8_0, Q4_0, Q4_1, F16, BF16) stay in their stored format and run on kernels
     made for it; dequantize=True expands them to float32 instead. Decode steps on block formats round
     activations to int8 per block (as llama.cpp does); exact=True keeps them float32.
     device: "cpu", "cuda" (the GPU backend, minirt.gpu: float16 weights on the device) or "auto".
     ctx: the context used (what new caches and generations hold): default min(4096, the model's trained
-    maximum); more is asked for here, up to that maximum (above it is a MinirtError, before the model is built)."""
+    maximum); more is asked for here, up to that maximum (above it is a MinirtError, before the model is built).
+    mode: dense, lowrank, pinv, speculative or jacobi, with that mode's options (minirt.modes lists them):
+        minirt.load("smollm2", mode="lowrank", energy=0.9)        # factored on load (or an export as it is)
+        minirt.load("smollm2", mode="speculative", draft="ngram", draft_k=4)
+    The model remembers its mode: model.generate(prompt) decodes in it (generate(mode=...) overrides).
+    Options are checked before anything is loaded or downloaded."""
+    from .modes import check, compose, remember
     from .readers import read_checkpoint
     from .registry import resolve
+    options = check(mode, mode_options, device)  # one line, before any loading or downloading
     if device != "cpu":
         from .gpu import resolve_device
         device = resolve_device(device)  # fails with one line before any loading
+        if device == "cuda":  # "auto" found a GPU
+            check(mode, mode_options, device)
     if threads is not None:
         set_threads(threads)
     m = Model.from_checkpoint(read_checkpoint(resolve(model, cache_dir)), dequantize=dequantize, exact=exact,
                               ctx=ctx)
+    m = compose(m, mode, options, given=mode_options)
     if device == "cuda":
         from .gpu import to_gpu
-        return to_gpu(m)
+        return remember(to_gpu(m), mode, options)
     return m
 
 
@@ -65,4 +77,4 @@ def set_threads(n: int) -> None:
         pass
 
 
-__all__ = ["load", "Model", "MinirtError", "SamplingParams", "set_threads", "__version__"]
+__all__ = ["load", "Chat", "Model", "MinirtError", "SamplingParams", "set_threads", "__version__"]

@@ -123,16 +123,20 @@ class SpecResult:
     spec_s: list[float]
 
 
-def run_speculative(model, prompts: list[str], n: int, draft: str, k: int, r: int = 1) -> SpecResult:
+def run_speculative(model, prompts: list[str], n: int, draft: str | None = None, k: int | None = None,
+                    r: int = 1) -> SpecResult:
     """Greedy generation of n tokens per prompt, plain and speculative in turn, timed in the same run;
-    the prompt set is run r times."""
+    the prompt set is run r times. draft, k: default, the model's (minirt.load(mode="speculative", …))."""
+    opts = model.mode_options if model.mode == "speculative" else {}
+    draft = opts.get("draft", "ngram") if draft is None else draft
+    k = opts.get("draft_k", 4) if k is None else k
     dense, spec, dense_s, spec_s = [], [], [], []
     proposed = accepted = steps = 0
     identical = True
     model.generate(prompts[0], max_tokens=4, temperature=0, mode="speculative", draft=draft, draft_k=k).text()
     for p in prompts * r:
         t = time.perf_counter()
-        g = model.generate(p, max_tokens=n, temperature=0)
+        g = model.generate(p, max_tokens=n, temperature=0, mode="dense")
         g.text()
         dense_s.append(time.perf_counter() - t)
         dense.append(len(g.stats.tokens) / dense_s[-1])

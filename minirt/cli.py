@@ -6,7 +6,7 @@ import os
 import sys
 
 from .errors import MinirtError
-from .generate import MODES
+from .modes import MODES
 
 
 class _Help(argparse.HelpFormatter):
@@ -175,32 +175,30 @@ def build_parser() -> Parser:
     return ap
 
 
-def _load(args):
+def _mode_options(args, mode: str | None = None) -> dict:
+    """The options of the mode (default: args.mode), as minirt.load takes them, from the flags that differ
+    from their defaults."""
+    from pathlib import Path
+
+    from .modes import OPTIONS
+    attr = dict(window="pinv_window", tol="pinv_tol")  # option → flag where they differ
+    out = {}
+    for name, default in OPTIONS[mode or args.mode].items():
+        value = getattr(args, attr.get(name, name), default)
+        if value != default:
+            out[name] = Path(value) if name == "calibration" else value
+    return out
+
+
+def _load(args, **override):
+    """The model of --model with its --mode composed on, on --device (minirt.load checks every option first)."""
     import minirt
-    from .gpu import resolve_device
-    device = resolve_device(args.device)  # one line and no loading when --device cuda has no GPU
-    if args.energy is not None and not 0 < args.energy <= 1:
-        raise MinirtError(f"--energy must be in (0, 1], got {args.energy}")
-    if args.rank is not None and args.rank < 1:
-        raise MinirtError(f"--rank must be ≥ 1, got {args.rank}")
+    options = {**_mode_options(args), **override}
     model = minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize,
-                        exact=args.exact)
-    if getattr(args, "mode", "dense") == "lowrank":
+                        exact=args.exact, device=args.device, mode=args.mode, **options)
+    if args.mode == "lowrank":
         from .lowrank import summary
-        if not getattr(model, "lowrank", None):
-            model = _factored(model, args)
-        elif (_factor_choice(args) != (None, None, None) or args.calibration or args.factor_type != "F32"
-              or args.lowrank_head or args.calib_tokens != 4096):
-            raise MinirtError(f"{args.model} is a low-rank export already; drop the factoring flags "
-                              "(--energy/--rank/--params/--calibration/--calib-tokens/--factor-type/--lowrank-head)")
         print(summary(model), file=sys.stderr)
-    mode = getattr(args, "mode", "dense")
-    if (mode == "pinv" or mode == "jacobi" and args.pinv_tol > 0) and args.cmd != "bench":
-        from .pinv import with_pinv
-        model = with_pinv(model, args.pinv_window, args.pinv_tol)
-    if device == "cuda":
-        from .gpu import to_gpu
-        model = to_gpu(model)
     return model
 
 
@@ -208,63 +206,23 @@ def _factor_choice(args):
     return args.energy, args.rank, getattr(args, "params", None)
 
 
-def _factored(model, args, default_energy: float | None = 0.9):
-    """The model with its matrices factored as the low-rank flags say."""
-    from .lowrank import calibration_tokens, check_choice, with_lowrank
-    energy, rank, params = _factor_choice(args)
-    if (energy, rank, params) == (None, None, None):
-        if default_energy is None:
-            raise MinirtError("give --energy E, --rank R or --params P")
-        energy = default_energy
-    check_choice(energy, rank, params)
-    calib = None
-    if args.calibration is not None:
-        if args.calib_tokens < 2:
-            raise MinirtError(f"--calib-tokens must be ≥ 2, got {args.calib_tokens}")
-        label = f"calibration file {args.calibration}"
-        calib = calibration_tokens(model, _read_text(args.calibration, label), args.calib_tokens, label)
-    return with_lowrank(model, energy, rank, params, calibration=calib, storage=args.factor_type,
-                        head=args.lowrank_head, progress=True)
-
-
 def _sampling(args) -> dict:
+    """generate()'s sampling options; the mode and its options are the model's (minirt.load composed them)."""
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
-                stop=[_unescape(s) for s in args.stop],
-                mode=args.mode, ctx=args.ctx, draft=args.draft, draft_k=args.draft_k,
-                block=args.block)
+                stop=[_unescape(s) for s in args.stop], ctx=args.ctx)
 
 
 def _check_args(args) -> None:
-    """Reject bad sampling flags before a model is loaded (or downloaded)."""
+    """Reject bad sampling flags before a model is loaded (or downloaded); minirt.load checks the mode's."""
     from .sampling import SamplingParams
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
     if args.max_tokens < 0:
         raise MinirtError(f"max tokens (--max-tokens) must be ≥ 0, got {args.max_tokens}")
     if args.ctx is not None and args.ctx < 2:
         raise MinirtError(f"--ctx must be ≥ 2, got {args.ctx}")
-    if args.draft_k < 1:
-        raise MinirtError(f"--draft-k must be ≥ 1, got {args.draft_k}")
-    _check_pinv_args(args)
-
-
-def _check_pinv_args(args) -> None:
-    """--mode pinv / jacobi flags, checked before a model is loaded."""
-    import math
-    if args.mode not in ("pinv", "jacobi"):
-        return
-    if not 1 <= args.pinv_window <= 4096:
-        raise MinirtError(f"--pinv-window must be between 1 and 4096, got {args.pinv_window}")
-    if not (math.isfinite(args.pinv_tol) and args.pinv_tol >= 0):
-        raise MinirtError(f"--pinv-tol must be a finite number ≥ 0, got {args.pinv_tol}")
-    if args.mode == "jacobi" and not 1 <= args.block <= 7:
-        raise MinirtError(f"--block must be between 1 and 7, got {args.block}")
-    if args.mode == "jacobi" and getattr(args, "temperature", 0) != 0:
+    if args.mode == "jacobi" and args.temperature != 0:
         raise MinirtError("--mode jacobi decodes greedily: add --temperature 0")
-    if args.mode == "jacobi" and args.cmd == "bench" and args.n_gen < 9:
-        raise MinirtError(f"bench --mode jacobi times decoding: give -n 9 or more, got {args.n_gen}")
-    if getattr(args, "device", "cpu") == "cuda" and (args.mode == "pinv" or args.pinv_tol > 0):
-        raise MinirtError(f"--mode {args.mode} with the transition runs on the CPU only: drop --device cuda")
 
 
 def _load_timed(args):
@@ -330,13 +288,12 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(gen.stats.summary(), file=sys.stderr)
-    if gen.drafter is not None:
-        print(gen.spec.summary(), file=sys.stderr)
-    if args.mode == "jacobi":
-        print(gen.jacobi.summary(), file=sys.stderr)
-    if getattr(model, "pinv", None) is not None:
-        print(f"pinv: window {args.pinv_window}, tol {args.pinv_tol:g}: {model.pinv.stats.fraction:.1%} of FFN rows "
-              "predicted", file=sys.stderr)
+    if gen.mode_stats is not None:  # speculative, jacobi
+        print(gen.mode_stats.summary(), file=sys.stderr)
+    pinv = getattr(model, "pinv", None)
+    if pinv is not None:
+        print(f"pinv: window {pinv.window}, tol {pinv.tol:g}: {pinv.stats.fraction:.1%} of FFN rows predicted",
+              file=sys.stderr)
 
 
 CHAT_HELP = """commands:
@@ -443,27 +400,15 @@ def cmd_chat(args) -> None:
             print(chat.last.stats.summary(), file=sys.stderr)
 
 
-def _read_text(path, label) -> str:
-    """A UTF-8 text file's bytes as they are (CRLF line endings stay); label names it in errors."""
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8")
-    except OSError as e:
-        raise MinirtError(f"cannot read {label}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise MinirtError(f"{label} is not UTF-8 text") from None
-
-
 def cmd_perplexity(args) -> None:
     from .perplexity import perplexity
-    from .registry import REGISTRY, pull
+    from .registry import REGISTRY, pull, read_text
     path = args.file
     if not os.path.exists(path) and path in REGISTRY and REGISTRY[path].kind == "data":
         path = pull(path, args.cache_dir)
-    text = _read_text(path, args.file)
+    text = read_text(path, args.file)
     if args.ctx < 4 or (args.chunks is not None and args.chunks < 1):
         raise MinirtError("--ctx must be ≥ 4 and --chunks ≥ 1")
-    _check_pinv_args(args)
     model = _load(args)
     r = perplexity(model, text, ctx=args.ctx, chunks=args.chunks)
     print(f"{r.n_tokens} tokens, {r.chunks} chunks of {args.ctx}, {r.seconds:.1f} s", file=sys.stderr)
@@ -476,19 +421,20 @@ def cmd_bench(args) -> None:
     from . import bench
     if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
         raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
-    _check_pinv_args(args)
-    model = _load(args)
     if args.mode == "jacobi":
+        if args.n_gen < 9:
+            raise MinirtError(f"bench --mode jacobi times decoding: give -n 9 or more, got {args.n_gen}")
         from . import jacobi
+        from .modes import check
+        check(args.mode, _mode_options(args), args.device)
+        model = _load(args, pinv_tol=0.0)  # the bench installs the transition for each setting it times
         rows = jacobi.run_bench(model, bench.FREE_WRITING, args.n_gen, args.block, args.pinv_window,
                                 [0.0, args.pinv_tol] if args.pinv_tol > 0 else [0.0])
         print(f"greedy, {len(bench.FREE_WRITING)} free prompts, {args.n_gen} tokens each, {numba.get_num_threads()} threads")
         print(jacobi.report_bench(rows, args.block, args.pinv_window))
         print(jacobi.report_costs(*jacobi.pass_costs(model, args.block), args.block, rows))
         return
-    if args.mode == "pinv":
-        from .pinv import with_pinv
-        model = with_pinv(model, args.pinv_window, args.pinv_tol)
+    model = _load(args)
     if args.mode == "speculative":
         if args.prompts == "free":
             prompts = bench.FREE_WRITING
@@ -496,14 +442,14 @@ def cmd_bench(args) -> None:
             from .registry import pull
             text = open(pull("botchan", args.cache_dir), "rb").read().decode("utf-8").replace("\r\n", " ")
             prompts = bench.grounded_prompts([text[i:i + 600] for i in (20000, 60000, 100000, 140000)])
-        res = bench.run_speculative(model, prompts, args.n_gen, args.draft, args.draft_k, args.repetitions)
+        res = bench.run_speculative(model, prompts, args.n_gen, r=args.repetitions)  # the model's drafter and K
         print(f"greedy, {len(prompts)} {args.prompts} prompts × {args.repetitions}, {args.n_gen} tokens each, "
               f"{numba.get_num_threads()} threads; speedup = total plain time / total speculative time")
         print("| model | drafter | K | acceptance | tokens per verify call | dense tok/s | speculative tok/s "
               "| speedup | identical output |")
         print("|---|---|---|---|---|---|---|---|---|")
-        print(bench.report_speculative(model.source.name if model.source else args.model, res, args.draft,
-                                       args.draft_k))
+        print(bench.report_speculative(model.source.name if model.source else args.model, res,
+                                       model.mode_options["draft"], model.mode_options["draft_k"]))
         return
     if max(args.n_prompt, args.n_gen) > model.cfg.max_ctx:
         raise MinirtError(f"-p/-n larger than the model's context of {model.cfg.max_ctx}")
@@ -512,8 +458,8 @@ def cmd_bench(args) -> None:
     ftype = "f32 (dequantized)" if args.dequantize else model.file_type
     print(bench.report(res, name, ftype, numba.get_num_threads(), args.n_prompt, args.n_gen, args.mode))
     if args.mode == "pinv":
-        print(f"pinv: window {args.pinv_window}, tol {args.pinv_tol:g}: {model.pinv.stats.fraction:.1%} of FFN rows "
-              "predicted (random tokens; see tools/pinv_sweep.py for text)")
+        print(f"pinv: window {model.pinv.window}, tol {model.pinv.tol:g}: {model.pinv.stats.fraction:.1%} of FFN "
+              "rows predicted (random tokens; see tools/pinv_sweep.py for text)")
 
 
 def cmd_quantize(args) -> None:
@@ -532,10 +478,10 @@ def cmd_svd(args) -> None:
     import minirt
 
     from .lowrank import check_choice, check_out, export, summary
+    from .modes import check
     from .registry import cache_dir, resolve
-    check_choice(*_factor_choice(args))
-    if args.calibration is not None and not os.path.isfile(args.calibration):
-        raise MinirtError(f"calibration file {args.calibration} does not exist")
+    check_choice(*_factor_choice(args))  # svd asks for one explicitly (--mode lowrank defaults to energy 0.9)
+    check("lowrank", _mode_options(args, "lowrank"))  # factor type, calibration file: before resolving
     src = resolve(args.model, args.cache_dir)
     if src.is_dir():
         raise MinirtError(f"{src}: svd exports from a GGUF file (convert a Hugging Face folder first: minirt convert)")
@@ -546,8 +492,7 @@ def cmd_svd(args) -> None:
         out = cache_dir(args.cache_dir) / (f"{src.stem}-lowrank-{tag}" + ("-cal" if args.calibration else "")
                                           + ("" if args.factor_type == "F32" else f"-{args.factor_type}"))
     check_out(out)  # before the work, not after it
-    model = minirt.load(src, threads=args.threads)
-    model = _factored(model, args, default_energy=None)
+    model = minirt.load(src, threads=args.threads, mode="lowrank", **_mode_options(args, "lowrank"))
     print(summary(model), file=sys.stderr)
     print(export(model, out))
 

@@ -1,8 +1,12 @@
-"""The generation loop: prefill the prompt in one forward call (chunked inside), then one token per step,
-streaming text."""
+"""The generation loop: prefill the prompt (chunked inside forward), then one token per step, streaming text.
+
+How a mode drives the forward pass (a drafter and its verification, a Jacobi block) is a Decoding that the
+mode registers here (minirt.modes does, on import); this module knows no particular mode.
+"""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import MinirtError
@@ -10,7 +14,30 @@ from .kvcache import context_size
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer
 
-MODES = ("dense", "lowrank", "speculative", "pinv", "jacobi")
+AHEAD = 4  # cache positions a step may run past the newest token (drafts, a block); a mode may ask for more
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How generation runs for one mode.
+
+    options: the generate-time options the mode takes, with their defaults.
+    start(generation, **options): checks them against the model and the sampling settings, and sets up the
+        mode's state on the generation (a drafter, statistics); returns the statistics object or None.
+    tokens(generation): the token ids, an end-of-generation token included; None: plain decoding.
+    ahead(**options): cache positions a step may run past the newest token."""
+    options: dict = field(default_factory=dict)
+    start: Callable[..., object] | None = None
+    tokens: Callable[["Generation"], Iterator[int]] | None = None
+    ahead: Callable[..., int] = lambda **options: AHEAD
+
+
+DECODINGS: dict[str, Decoding] = {"dense": Decoding()}
+
+
+def register(mode: str, decoding: Decoding) -> None:
+    """Make generate(mode=...) run this decoding (minirt.modes registers every mode)."""
+    DECODINGS[mode] = decoding
 
 
 @dataclass
@@ -44,25 +71,26 @@ class Generation:
     start it over.
     ctx: the context this generation may fill (default: the model's, model.ctx); at most the model's maximum.
     progress: progress(done, total) is called as the prompt's positions are prefilled (for a progress bar).
+    mode: how to decode (see minirt.modes); default: the mode the model was loaded with (minirt.load(mode=…)),
+    whose options then serve as defaults. mode_options: that mode's generate-time options (speculative:
+    draft, draft_k; jacobi: block). .mode_stats: the mode's counters (also .spec or .jacobi), or None.
     """
 
     def __init__(self, model, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] | list[str] = (), chat: bool = False, system: str | None = None,
-                 mode: str = "dense", ctx: int | None = None, draft: str = "ngram", draft_k: int = 4,
-                 block: int = 4, cache=None, progress=None):
-        if mode not in MODES:
-            raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
-        if mode == "lowrank" and not getattr(model, "lowrank", None):
-            raise MinirtError("mode 'lowrank' needs a factored model: minirt.lowrank.with_lowrank(model, energy=E) "
-                              "(the CLI does this for --mode lowrank)")
-        if mode == "pinv" and getattr(model, "pinv", None) is None:
-            raise MinirtError("mode 'pinv' needs a model with the transition installed: "
-                              "minirt.pinv.with_pinv(model, window, tol) (the CLI does this for --mode pinv)")
-        if mode == "jacobi" and temperature != 0:
-            raise MinirtError("mode 'jacobi' decodes greedily: use temperature 0 (--temperature 0)")
-        if draft_k < 1:
-            raise MinirtError(f"draft length must be ≥ 1, got {draft_k}")
+                 mode: str | None = None, ctx: int | None = None, cache=None, progress=None, **mode_options):
+        loaded = getattr(model, "mode", "dense")
+        mode = loaded if mode is None else mode
+        decoding = DECODINGS.get(mode)
+        if decoding is None:
+            raise MinirtError(f"unknown mode '{mode}': choose one of {', '.join(DECODINGS)}")
+        unknown = sorted(set(mode_options) - set(decoding.options))
+        if unknown:
+            takes = f"takes {', '.join(decoding.options)}" if decoding.options else "takes no options"
+            raise MinirtError(f"mode '{mode}' {takes}, not {', '.join(unknown)}")
+        defaults = getattr(model, "mode_options", {}) if mode == loaded else {}
+        opts = {**decoding.options, **{k: v for k, v in defaults.items() if k in decoding.options}, **mode_options}
         limit = model.ctx if ctx is None else context_size(model.cfg.max_ctx, ctx)
         if max_tokens < 0:
             raise MinirtError(f"max tokens must be ≥ 0, got {max_tokens}")
@@ -89,25 +117,17 @@ class Generation:
         self.prompt_ids = ids
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
+        self.stats = Stats(prompt_tokens=len(ids))
+        self.mode, self.mode_options, self.decoding = mode, opts, decoding
+        self.drafter = None  # speculative decoding sets its drafter here
+        self.progress = progress
         if cache is None:
-            cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * max(draft_k, block) + 1))
+            ahead = max(AHEAD, decoding.ahead(**opts))
+            cache = model.new_cache(min(limit, len(ids) + max_tokens + 2 * ahead + 1))
         elif len(ids) > cache.capacity:
             raise MinirtError(f"the prompt has {len(ids)} tokens, but the cache holds {cache.capacity}")
         self.cache = cache
-        self.stats = Stats(prompt_tokens=len(ids))
-        self.draft_k = draft_k
-        self.drafter = None
-        if mode == "speculative":
-            from .speculative import SpecStats, make_drafter
-            self.drafter = make_drafter(model, draft, self.cache.capacity)
-            self.spec = SpecStats()
-        self.mode, self.block = mode, block
-        self.progress = progress
-        if mode == "jacobi":
-            from .jacobi import BLOCK_MAX, JacobiStats
-            if not 1 <= block <= BLOCK_MAX:
-                raise MinirtError(f"jacobi block size must be between 1 and {BLOCK_MAX}, got {block}")
-            self.jacobi = JacobiStats()
+        self.mode_stats = decoding.start(self, **opts) if decoding.start else None
         if not self._continues_cache():
             cache.truncate(0)
         elif cache.pos >= len(ids):
@@ -115,7 +135,9 @@ class Generation:
         self.stats.cached_tokens = cache.pos
 
     def _continues_cache(self) -> bool:
-        return self.drafter is None and self.mode != "jacobi"
+        """Whether the token source prefills only what the cache lacks (plain decoding does; a mode's own
+        decoding starts the cache over)."""
+        return self.decoding.tokens is None
 
     def _dense_tokens(self):
         """Prefill the prompt in one call, then one forward call per token."""
@@ -130,12 +152,10 @@ class Generation:
             logits = self.model.forward([tok], self.cache)[0]
 
     def _tokens(self):
-        """The token source: plain decoding, or speculative decoding with a drafter (a GPU model overrides it)."""
-        if self.drafter is None:
+        """The token source: the mode's decoding, or plain decoding (a GPU model overrides both)."""
+        if self.decoding.tokens is None:
             return self._dense_tokens()
-        from .speculative import speculative_tokens
-        return speculative_tokens(self.model, self.cache, self.prompt_ids, self.sampler, self.drafter, self.draft_k,
-                                  self.max_tokens, self.spec, progress=self.progress)
+        return self.decoding.tokens(self)
 
     def __iter__(self):
         model, st = self.model, self.stats
@@ -144,12 +164,7 @@ class Generation:
             st.stop_reason = "length"
             return
         detok = Detokenizer(model.tokenizer)
-        if self.mode == "jacobi":
-            from .jacobi import jacobi_tokens
-            source = jacobi_tokens(model, self.cache, self.prompt_ids, self.sampler, self.block, self.max_tokens,
-                                   self.jacobi, progress=self.progress)
-        else:
-            source = self._tokens()
+        source = self._tokens()
         pending = ""  # text held back while it could be the start of a stop string
         t0 = t1 = time.perf_counter()
         st.stop_reason = "context full"

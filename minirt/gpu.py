@@ -186,6 +186,7 @@ class GPUCache:
 # ---- the model -----------------------------------------------------------------------------------------
 class GPUModel:
     device = "cuda"
+    mode, mode_options = "dense", {}  # what generate() decodes with by default (minirt.modes.remember sets them)
     GRAPH_MAX_T = 8  # steps of up to this many positions are captured as CUDA graphs (decode, verification)
 
     def __init__(self, model, dtype: str = "float16"):
@@ -412,8 +413,8 @@ class GPUModel:
         return GPUGeneration(self, prompt, **kwargs)
 
     def lowrank_twin(self, arg: str = "") -> "GPUModel":
-        """The --draft lowrank[:ARG] twin on the device: the host model factored, then uploaded. Kept where
-        make_drafter looks for twins, so every generation reuses it."""
+        """The --draft lowrank[:ARG] twin on the device: the host model factored, then uploaded; made once
+        (make_drafter asks for it), so every generation reuses it."""
         from .speculative import lowrank_twin
         twins = self.__dict__.setdefault("_lowrank_twins", {})
         if arg not in twins:
@@ -530,12 +531,6 @@ class GPUGeneration(Generation):
     """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, the next step
     launched before the host handles the current token."""
 
-    def __init__(self, model, prompt, **kwargs):
-        draft = str(kwargs.get("draft", ""))
-        if kwargs.get("mode") == "speculative" and draft.partition(":")[0] == "lowrank":
-            model.lowrank_twin(draft.partition(":")[2])  # a device twin, before make_drafter factors one
-        super().__init__(model, prompt, **kwargs)
-
     def _continues_cache(self) -> bool:
         return False
 
@@ -563,8 +558,8 @@ class GPUGeneration(Generation):
             rows = m.forward_device([tok], cache)
 
     def _tokens(self):
-        if self.drafter is None:
-            return self._dense_tokens()
+        if self.drafter is None:  # plain decoding (this class's), or another mode's token source
+            return super()._tokens()
         return speculative_tokens_gpu(self.model, self.cache, self.prompt_ids, self.sampler, self.drafter,
                                       self.draft_k, self.max_tokens, self.spec)
 

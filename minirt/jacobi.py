@@ -53,8 +53,7 @@ def jacobi_tokens(model, cache, prompt: list[int], sampler, block: int, max_toke
     """Yield greedily decoded token ids (an end-of-generation token included, so the caller can stop on it)."""
     if not sampler.params.greedy:
         raise MinirtError("jacobi mode decodes greedily: use --temperature 0")
-    if not 1 <= block <= BLOCK_MAX:
-        raise MinirtError(f"jacobi block size must be between 1 and {BLOCK_MAX}, got {block}")
+    check_block(block)
     max_iter = block if max_iter is None else max_iter
     context = list(prompt)
     _set_transition(model, False)   # the prompt and every verification pass are exact
@@ -104,6 +103,27 @@ def jacobi_tokens(model, cache, prompt: list[int], sampler, block: int, max_toke
                 return
 
 
+def check_block(block) -> None:
+    if not 1 <= block <= BLOCK_MAX:
+        raise MinirtError(f"jacobi block size (--block) must be between 1 and {BLOCK_MAX}, got {block}")
+
+
+def start(gen, block: int = 4) -> JacobiStats:
+    """generate(mode="jacobi"): checks (greedy, block size) and the statistics (gen.jacobi)."""
+    if not gen.sampler.params.greedy:
+        raise MinirtError("mode 'jacobi' decodes greedily: use temperature 0 (--temperature 0)")
+    check_block(block)
+    gen.block = block
+    gen.jacobi = JacobiStats()
+    return gen.jacobi
+
+
+def tokens(gen):
+    """generate(mode="jacobi"): the token ids."""
+    return jacobi_tokens(gen.model, gen.cache, gen.prompt_ids, gen.sampler, gen.block, gen.max_tokens, gen.jacobi,
+                         progress=gen.progress)
+
+
 # ---- measurement: dense, plain Jacobi and Jacobi with the transition, timed in the same run -------------
 
 @dataclass
@@ -127,13 +147,13 @@ def run_bench(model, prompts: list[str], n: int, block: int, window: int, tols: 
     rows = []
     dense_tokens = []
     for label, m, tol in setups:
-        mode = "dense" if tol is None else "jacobi"
-        m.generate(prompts[0], max_tokens=4, temperature=0, mode=mode, block=block).text()   # warm kernels
+        opts = dict(mode="dense") if tol is None else dict(mode="jacobi", block=block)
+        m.generate(prompts[0], max_tokens=4, temperature=0, **opts).text()   # warm kernels
         if getattr(m, "pinv", None) is not None:
             m.pinv.stats.clear()
         tps, st, same = [], JacobiStats(), True
         for i, p in enumerate(prompts):
-            g = m.generate(p, max_tokens=n, temperature=0, mode=mode, block=block)
+            g = m.generate(p, max_tokens=n, temperature=0, **opts)
             g.text()
             if g.stats.decode_tokens >= 8:  # decode speed, the prompt pass not counted (as Stats.summary)
                 tps.append((g.stats.decode_tokens - 1) / g.stats.decode_seconds)

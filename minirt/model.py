@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numba
 import numpy as np
@@ -81,6 +82,9 @@ class Layer:
 
 
 class Model:
+    mode = "dense"                           # what generate() decodes with by default: minirt.load(mode=…)
+    mode_options = MappingProxyType({})      # … and that mode's options (minirt.modes.remember sets both)
+
     def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: Embedding, pos_embed: np.ndarray | None,
                  norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = "",
                  ctx: int | None = None):
@@ -298,7 +302,8 @@ class Model:
         return time.perf_counter() - t0
 
     def generate(self, prompt, **kwargs):
-        """Stream generated text pieces for a prompt (str or token ids); see minirt.generate.Generation."""
+        """Stream generated text pieces for a prompt (str or token ids), in the model's mode unless mode= is
+        given; see minirt.generate.Generation."""
         from .generate import Generation
         return Generation(self, prompt, **kwargs)
 

@@ -144,3 +144,14 @@ def resolve(model: str | os.PathLike, cache: str | os.PathLike | None = None) ->
     if str(model) not in REGISTRY and (local / "lowrank.json").is_file():  # an export written by minirt svd
         return local
     return pull(str(model), cache)
+
+
+def read_text(path: str | os.PathLike, label: str) -> str:
+    """A UTF-8 text file's bytes as they are (CRLF line endings stay); label names it in errors."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise MinirtError(f"cannot read {label}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MinirtError(f"{label} is not UTF-8 text") from None

@@ -142,9 +142,12 @@ def lowrank_twin(model, arg: str = ""):
     return with_lowrank(model, storage=storage, progress=True, **kw)
 
 
-def make_drafter(model, spec: str, capacity: int):
-    """--draft values: ngram[:N] · layers:N · lowrank[:E | :pP] · PATH-or-NAME of a model with the same
-    tokenizer (a low-rank export of the model, made with minirt svd, is one)."""
+def check_draft(spec: str) -> tuple[str, str]:
+    """(kind, argument) of a --draft value whose form is right (before any model is loaded): ngram[:N] needs
+    N ≥ 1, layers:N a whole number; lowrank[:E | :pP] is checked when the twin is made; anything else names a
+    model."""
+    if not isinstance(spec, str) or not spec:
+        raise MinirtError(f"--draft needs ngram[:N], layers:N, lowrank[:E|:pP] or a model, got {spec!r}")
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
         try:
@@ -153,27 +156,61 @@ def make_drafter(model, spec: str, capacity: int):
             n = 0
         if n < 1:
             raise MinirtError(f"--draft ngram[:N] needs a longest n-gram N ≥ 1, got {spec!r}")
-        return NGramDrafter(n)
-    if kind == "layers":
+    elif kind == "layers":
         try:
-            n = int(arg)
+            int(arg)
         except ValueError:
             raise MinirtError(f"--draft layers:N needs a number of layers, got {spec!r}") from None
+    return kind, arg
+
+
+def make_drafter(model, spec: str, capacity: int):
+    """--draft values: ngram[:N] · layers:N · lowrank[:E | :pP] · PATH-or-NAME of a model with the same
+    tokenizer (a low-rank export of the model, made with minirt svd, is one)."""
+    kind, arg = check_draft(spec)
+    if kind == "ngram":
+        return NGramDrafter(int(arg) if arg else 4)
+    if kind == "layers":
+        n = int(arg)
         if not 1 <= n < model.cfg.n_layers:
             raise MinirtError(f"--draft layers:N needs 1 ≤ N < {model.cfg.n_layers}, got {n}")
         return ModelDrafter(model.truncated(n), capacity, shares_cache=True)
     if kind == "lowrank":  # factored once per model and setting, then reused by every generation
+        if hasattr(model, "lowrank_twin"):  # a GPU model makes (and keeps) its twin on the device
+            return ModelDrafter(model.lowrank_twin(arg), capacity)
         twins = model.__dict__.setdefault("_lowrank_twins", {})
         if arg not in twins:
             twins[arg] = lowrank_twin(model, arg)
         return ModelDrafter(twins[arg], capacity)
-    import minirt
-    draft = minirt.load(spec)
+    from .model import Model
+    from .readers import read_checkpoint
+    from .registry import resolve
+    draft = Model.from_checkpoint(read_checkpoint(resolve(spec)))
     a, b = model.tokenizer, draft.tokenizer
     same = (a.vocab_size == b.vocab_size and getattr(a, "id_bytes", None) == getattr(b, "id_bytes", None))
     if not same:
         raise MinirtError(f"draft model {spec} has a different tokenizer than the model; they must match")
     return ModelDrafter(draft, capacity)
+
+
+def check_draft_k(draft_k) -> None:
+    if draft_k < 1:
+        raise MinirtError(f"draft length (--draft-k) must be ≥ 1, got {draft_k}")
+
+
+def start(gen, draft: str = "ngram", draft_k: int = 4) -> SpecStats:
+    """generate(mode="speculative"): the drafter for this generation, and its statistics (gen.spec)."""
+    check_draft_k(draft_k)
+    gen.drafter = make_drafter(gen.model, draft, gen.cache.capacity)
+    gen.draft_k = draft_k
+    gen.spec = SpecStats()
+    return gen.spec
+
+
+def tokens(gen):
+    """generate(mode="speculative"): the token ids."""
+    return speculative_tokens(gen.model, gen.cache, gen.prompt_ids, gen.sampler, gen.drafter, gen.draft_k,
+                              gen.max_tokens, gen.spec, progress=gen.progress)
 
 
 class DraftLength:
