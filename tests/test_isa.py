@@ -81,7 +81,7 @@ def test_integer_dots_equal_portable_and_numpy(path, fmt):
     x[:32] = -127
     x[32:64] = 127
     got = _int_dots(tag, q, x, nb)
-    G = tag.path == "avx512vnni" and 2 or 1
+    G = 2 if isa.path_of(tag) == "avx512vnni" else 1
     assert np.array_equal(got, _int_reference(q, x, nb, G))
     port = _int_dots(isa.tag("portable"), q, x, nb)
     assert np.array_equal(got.reshape(64, -1).sum(1), port.sum(1))
@@ -153,6 +153,8 @@ def test_compiled_code_has_the_instructions(path):
 
 def test_selected_path_is_what_linear_runs():
     assert Quant(stored(np.ones((4, 64), np.float32), "Q4_1"))._tag is isa.tag()
+    assert [isa.path_of(isa.tag(p)) for p in isa.PATHS] == list(isa.PATHS)
+    assert isa.path_of(np.empty(3, np.int8)) is None
 
 
 _CACHE_PROBE = """

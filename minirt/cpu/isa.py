@@ -6,8 +6,8 @@ Paths, lowest first (MINIRT_ISA forces one; the default is the highest the host 
     avxvnni     vpdpbusd on 256 bits (AVX-VNNI, or AVX-512 VNNI+VL: the same LLVM intrinsic)
     avx512vnni  vpdpbusd on 512 bits: two blocks of 32 per instruction
 
-The path is a Numba *type* (Isa), passed to every kernel as its first argument: each path is its own compiled
-specialization (its own entry in Numba's on-disk cache), and a path the host lacks is never compiled (an
+The path is a tag (tag(): an empty array whose dtype names the path) passed to every kernel as its first
+argument: each path is its own compiled specialization (its own entry in Numba's on-disk cache), and a path the host lacks is never compiled (an
 AVX-512 intrinsic on a machine without AVX-512 aborts LLVM). The kernels see these values:
     Vec('u8'|'i8', 32·G)  weight / activation bytes of G blocks (G = 1, or 2 on avx512vnni)
     Vec('i32', 8·G)       lane i = Σ of bytes 4i..4i+3 products: 8 lanes per block
@@ -20,7 +20,8 @@ import os
 import llvmlite.binding as llb
 from llvmlite import ir
 from numba import types
-from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+import numpy as np
+from numba.extending import intrinsic, models, register_model
 
 from ..errors import MinirtError
 
@@ -54,45 +55,30 @@ def choose(env: str | None = None, available: list[str] | None = None) -> str:
     return want
 
 
-# ---- the Isa tag: a type with no data, so that each path is a separate compiled specialization ----------
-class Isa(types.Type):
-    def __init__(self, path: str):
-        self.path = path
-        super().__init__(name=f"Isa({path})")
-
-    @property
-    def blocks(self) -> int:  # blocks of 32 per vector step
-        return 2 if self.path == "avx512vnni" else 1
+# ---- the tag: a value whose Numba type names the path, so that each path is a separate compiled specialization.
+# An empty array of a distinct dtype per path: the dispatcher types arrays in C (a custom Python type would
+# cost a Python typeof on every kernel call).
+TAG_DTYPES = {"portable": np.int8, "avx2": np.int16, "avxvnni": np.int32, "avx512vnni": np.int64}
+TAGS = {p: np.empty(0, dt) for p, dt in TAG_DTYPES.items()}
+_BY_DTYPE = {str(np.dtype(dt)): p for p, dt in TAG_DTYPES.items()}
 
 
-class IsaTag:
-    """The Python value of an Isa (pass it to the kernels)."""
-    def __init__(self, path: str):
-        assert path in PATHS
-        self.path = path
-
-    def __repr__(self):
-        return f"IsaTag({self.path!r})"
-
-
-@typeof_impl.register(IsaTag)
-def _typeof_tag(val, c):
-    return Isa(val.path)
+def path_of(t) -> str | None:
+    """The path a tag stands for: t is a tag (array) or its Numba type; None if it is not a tag."""
+    if isinstance(t, np.ndarray):
+        return _BY_DTYPE.get(str(t.dtype)) if t.shape == (0,) else None
+    if isinstance(t, types.Array) and t.ndim == 1:
+        return _BY_DTYPE.get(str(t.dtype))
+    return None
 
 
-register_model(Isa)(models.OpaqueModel)
-
-
-@unbox(Isa)
-def _unbox_tag(typ, obj, c):
-    return NativeValue(c.context.get_constant_null(typ))
-
-
-TAGS = {p: IsaTag(p) for p in PATHS}
-
-
-def tag(path: str | None = None) -> IsaTag:
+def tag(path: str | None = None) -> np.ndarray:
+    """The value to pass as the kernels' first argument for a path (default: the one chosen at import)."""
     return TAGS[path or SELECTED]
+
+
+def _blocks(t) -> int:  # blocks of 32 per vector step
+    return 2 if path_of(t) == "avx512vnni" else 1
 
 
 SELECTED = choose()  # once, at import
@@ -150,7 +136,7 @@ def _group4(b, v, n_out, add):
 
 
 def _is_int_tag(t):
-    return isinstance(t, Isa)
+    return path_of(t) is not None
 
 
 # ---- primitives -----------------------------------------------------------------------------------------
@@ -159,7 +145,7 @@ def blocks_per_step(typingctx, isa):
     """G: blocks of 32 per vector step (2 on avx512vnni)."""
     if not _is_int_tag(isa):
         return None
-    g = isa.blocks
+    g = _blocks(isa)
 
     def cg(ctx, b, sig, args):
         return ir.Constant(ir.IntType(64), g)
@@ -171,7 +157,7 @@ def fzero(typingctx, isa):
     """Float accumulator lanes (8·G), zero."""
     if not _is_int_tag(isa):
         return None
-    n = 8 * isa.blocks
+    n = 8 * _blocks(isa)
 
     def cg(ctx, b, sig, args):
         return ir.Constant(_lt("f32", n), None)
@@ -185,7 +171,7 @@ def wload(typingctx, isa, q, b):
     low nibble of byte i and value 16+i in the high nibble (GGUF's layout), unpacked to 32 values 0..15."""
     if not _is_int_tag(isa) or not isinstance(q, types.Array):
         return None
-    g = isa.blocks
+    g = _blocks(isa)
     nib = q.dtype == types.uint8
 
     def cg(ctx, bld, sig, args):
@@ -209,7 +195,7 @@ def xload(typingctx, isa, x, off):
     """32·G int8 activations from x[off:] (1-D)."""
     if not _is_int_tag(isa):
         return None
-    n = 32 * isa.blocks
+    n = 32 * _blocks(isa)
 
     def cg(ctx, b, sig, args):
         return b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], _lt("i8", n)), align=1)
@@ -221,7 +207,7 @@ def fload(typingctx, isa, x, off):
     """8·G float32 values from x[off:] (1-D)."""
     if not _is_int_tag(isa):
         return None
-    n = 8 * isa.blocks
+    n = 8 * _blocks(isa)
 
     def cg(ctx, b, sig, args):
         return b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], _lt("f32", n)), align=4)
@@ -254,7 +240,7 @@ def dot(typingctx, isa, w, x):
     """Integer dot products of 4-byte groups: lane i = Σ_k w[4i+k]·x[4i+k] (w: u8 nibbles or s8; x: s8)."""
     if not _is_int_tag(isa) or not isinstance(w, Vec) or not isinstance(x, Vec):
         return None
-    path, n = isa.path, w.n
+    path, n = path_of(isa), w.n
     signed_w = w.kind == "i8"
 
     def cg(ctx, b, sig, args):
@@ -287,7 +273,7 @@ def dscale(typingctx, isa, d, blk):
     """Block scales d[blk..blk+G−1] (f16 bits, 1-D uint16) as float32, each repeated over its 8 lanes."""
     if not _is_int_tag(isa):
         return None
-    g = isa.blocks
+    g = _blocks(isa)
 
     def cg(ctx, b, sig, args):
         h = b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], ir.VectorType(I16, g)), align=2)
@@ -374,7 +360,7 @@ def hload(typingctx, isa, q, off, bf16):
     F16 by fpext (vcvtph2ps), BF16 by a 16-bit shift."""
     if not _is_int_tag(isa) or not isinstance(bf16, types.BooleanLiteral):
         return None
-    n = 16 * isa.blocks
+    n = 16 * _blocks(isa)
     is_bf = bf16.literal_value
 
     def cg(ctx, b, sig, args):
@@ -391,7 +377,7 @@ def fvload(typingctx, isa, x, off):
     """16·G float32 values from x[off:] (1-D)."""
     if not _is_int_tag(isa):
         return None
-    n = 16 * isa.blocks
+    n = 16 * _blocks(isa)
 
     def cg(ctx, b, sig, args):
         return b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], _lt("f32", n)), align=4)
@@ -402,7 +388,7 @@ def fvload(typingctx, isa, x, off):
 def fzero16(typingctx, isa):
     if not _is_int_tag(isa):
         return None
-    n = 16 * isa.blocks
+    n = 16 * _blocks(isa)
 
     def cg(ctx, b, sig, args):
         return ir.Constant(_lt("f32", n), None)
@@ -431,6 +417,6 @@ def isum(typingctx, v):
     return types.int32(v), cg
 
 
-__all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "Isa", "IsaTag", "Vec", "blocks_per_step",
+__all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
            "fvload", "fzero16", "fmadd", "isum"]

@@ -1,7 +1,8 @@
 """Matrix kernels on stored formats (Q8_0, Q4_0, Q4_1, F16, BF16), built on the ISA primitives of isa.py.
 
 Layout: GGUF's own, split at load into quants (N, nb·32 int8 for Q8_0; N, nb·16 nibble bytes for Q4_*) and
-f16 scales d (N, nb) (and m for Q4_1). Every kernel takes the path (isa.tag()) as its first argument.
+f16 scales d (N, nb) (and m for Q4_1). Every kernel takes the path tag (isa.tag(): an empty array whose dtype
+names the path) as its first argument.
 
 Decode (T ≤ 16 positions), as llama.cpp: activations rounded to int8 per block of 32 (x ≈ xd_b · xq),
     y[t, j] = Σ_b d[j,b] · xd[t,b] · Σ_i q[j,b,i] · xq[t,b,i]   +   Σ_b h[j,b] · xk[t,b]
@@ -10,7 +11,8 @@ integer (vpdpbusd / vpmaddubsw), scaled in float lanes: one float accumulator ve
 Several positions for the price of one: the rows of T positions are taken 4 (then 2, then 1) at a time
 and each weight vector, once loaded and unpacked, is applied to all of them while it is in registers;
 a weight row (≤ a few KB) is read from memory once and from L1 for the other chunks.
-Rows are split into one contiguous range per thread (see qkernels.py for why).
+Rows are split into one contiguous range per thread (16-row tasks handed out in turn ran 5-8x slower in
+some processes; a static split removed that, measured in the earlier qkernels.py).
 """
 from __future__ import annotations
 
