@@ -96,6 +96,45 @@ def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n:
     return "\n".join(lines)
 
 
+COST_POSITIONS = (1, 2, 4, 6, 8, 16)
+
+
+def cost_table(model, positions=COST_POSITIONS, context: int = 64, r: int = 7, seed: int = 0) -> dict[int, float]:
+    """Seconds per forward call of T positions (logits for all of them, as draft verification needs) after a
+    context of `context` tokens: the median of r rounds, the T values interleaved within each round."""
+    rng = np.random.default_rng(seed)
+    vocab = model.cfg.vocab_size
+    cache = model.new_cache(context + max(positions))
+    model.forward(rng.integers(0, vocab, context), cache)
+    times: dict[int, list[float]] = {T: [] for T in positions}
+    for T in positions:  # compile / load the kernels for every T
+        model.forward(rng.integers(0, vocab, T), cache, logits="all")
+        cache.truncate(context)
+    bar = Progress("cost table", r, "rounds", every=2.0)
+    for _ in range(r):
+        for T in positions:
+            toks = rng.integers(0, vocab, T)
+            t = time.perf_counter()
+            model.forward(toks, cache, logits="all")
+            times[T].append(time.perf_counter() - t)
+            cache.truncate(context)
+        bar.update(1)
+    bar.close()
+    return {T: statistics.median(v) for T, v in times.items()}
+
+
+def report_cost_table(costs: dict[int, float], name: str, file_type: str, threads: int, isa: str) -> str:
+    Ts = list(costs)
+    one = costs[Ts[0]]
+    return "\n".join([
+        f"cost of scoring T positions at once: {name} {file_type}, {threads} threads, ISA path {isa}, "
+        "after a 64-token context, median of interleaved rounds",
+        "| T | " + " | ".join(map(str, Ts)) + " |",
+        "|---" * (len(Ts) + 1) + "|",
+        "| ms per call | " + " | ".join(f"{costs[T] * 1e3:.2f}" for T in Ts) + " |",
+        "| × one step | " + " | ".join(f"{costs[T] / one:.2f}" for T in Ts) + " |"])
+
+
 FREE_WRITING = [
     "Once upon a time, in a village at the edge of a great forest,",
     "Write a short story about a robot who learns to paint.",

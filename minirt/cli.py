@@ -131,6 +131,8 @@ def build_parser() -> Parser:
     b.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test")
     b.add_argument("--prompts", choices=("free", "grounded"), default="free",
                    help="speculative: free writing, or rewriting/summarising passages of botchan.txt")
+    b.add_argument("--cost-table", action="store_true",
+                   help="ms per forward call of T = 1, 2, 4, 6, 8, 16 positions and × one step (draft verification)")
     _model_args(b)
     _mode_args(b)
 
@@ -450,6 +452,12 @@ def cmd_bench(args) -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         print(bench.report_speculative(model.source.name if model.source else args.model, res,
                                        model.mode_options["draft"], model.mode_options["draft_k"]))
+        return
+    if args.cost_table:
+        from .cpu import isa
+        name = model.source.name if model.source else args.model
+        print(bench.report_cost_table(bench.cost_table(model, r=max(args.repetitions, 3)), name, model.file_type,
+                                      numba.get_num_threads(), isa.SELECTED))
         return
     if max(args.n_prompt, args.n_gen) > model.cfg.max_ctx:
         raise MinirtError(f"-p/-n larger than the model's context of {model.cfg.max_ctx}")

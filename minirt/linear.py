@@ -8,7 +8,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import kernels, qkernels
+from . import kernels
+from .cpu import isa, qmatmul
 from .threads import split_rows
 from .readers.base import Tensor
 
@@ -67,13 +68,14 @@ class Dense(Linear):
 class Quant(Linear):
     """A matrix kept in its stored format (Q8_0, Q4_0, Q4_1, F16, BF16): no float32 copy.
 
-    Decode and short batches run the Numba kernels of qkernels on the quantized rows (block formats with
-    int8-quantized activations, as llama.cpp does); batches of GEMM_MIN_ROWS or more dequantize tiles of
-    rows and multiply them with BLAS in float32."""
+    Up to DECODE_MAX_ROWS positions run the kernels of minirt/cpu/qmatmul.py on the quantized rows, on the
+    instruction set chosen at import (minirt/cpu/isa.py; MINIRT_ISA forces a lower one): block formats with
+    int8-quantized activations, as llama.cpp does (float32 activations with exact=True); each weight block is
+    loaded once for several positions. More positions dequantize tiles of rows and multiply them with BLAS."""
 
     FORMATS = {"Q8_0": (34, 2, None), "Q4_0": (18, 2, None), "Q4_1": (20, 4, 2), "F16": (0, 0, None),
                "BF16": (0, 0, None)}  # bytes per block, offset of the quants, offset of m
-    GEMM_MIN_ROWS = 8
+    GEMM_MIN_ROWS = 17  # from this many positions on: dequantized tiles and BLAS
     TILE = 64
 
     def __init__(self, t: Tensor, bias: np.ndarray | None = None, exact: bool = False):
@@ -84,7 +86,7 @@ class Quant(Linear):
         self.out_features, self.in_features = N, K
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         if block == 0:  # F16 / BF16: 16-bit values as they are
-            self.q = np.ascontiguousarray(t.data).view(np.uint16).reshape(N, K)
+            self.qn = np.ascontiguousarray(t.data).view(np.uint16).reshape(N, K)
             self.nb = 0
             self.d = self.m = np.zeros((N, 0), np.uint16)
             return
@@ -95,17 +97,33 @@ class Quant(Linear):
         self.d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.uint16).reshape(N, nb)
         self.m = (np.ascontiguousarray(blocks[:, :, moff:moff + 2]).view(np.uint16).reshape(N, nb)
                   if moff else np.zeros((N, 0), np.uint16))
-        q = blocks[:, :, qoff:]  # (N, nb, 32 int8 | 16 nibble bytes)
-        if t.qtype == "Q8_0":
-            q = q.view(np.int8)
-        self.q = np.ascontiguousarray(q.transpose(0, 2, 1)).reshape(N, -1)  # block-transposed
+        q = np.ascontiguousarray(blocks[:, :, qoff:]).reshape(N, -1)  # GGUF's order, scales split off
+        self.qn = q.view(np.int8) if t.qtype == "Q8_0" else q
+
+    @property
+    def q(self) -> np.ndarray:
+        """The quants in the block-transposed order of earlier versions (byte i of block b at i·nb + b; for
+        code that reads them directly, e.g. lowrank's export). The kernels use qn (GGUF's order)."""
+        if not self.nb:
+            return self.qn
+        N, w = self.qn.shape
+        return np.ascontiguousarray(self.qn.reshape(N, self.nb, w // self.nb).transpose(0, 2, 1)).reshape(N, w)
+
+    @property
+    def _tag(self):
+        """The ISA path for this matrix: 2-block steps (avx512vnni) need an even number of blocks."""
+        tag = isa.tag()
+        if self.nb % 2 and isa.TAGS["avx512vnni"] is tag:
+            return isa.tag("avxvnni")
+        return tag
 
     @classmethod
     def concat(cls, parts: list["Quant"]) -> "Quant":
         """Stack matrices of one format along their outputs (fused Q/K/V, gate/up)."""
         out = object.__new__(cls)
         out.__dict__.update(parts[0].__dict__)
-        out.q = np.concatenate([p.q for p in parts])
+        out.__dict__.pop("_bufs", None)
+        out.qn = np.concatenate([p.qn for p in parts])
         out.d = np.concatenate([p.d for p in parts])
         out.m = np.concatenate([p.m for p in parts])
         out.out_features = sum(p.out_features for p in parts)
@@ -113,68 +131,70 @@ class Quant(Linear):
         return out
 
     def _act_buffers(self, T: int):
-        """int8 activations, their block scales and sums for T positions: allocated once per T."""
+        """int8 activations, their block scales (×8 lanes), sums and correction factors for T positions:
+        allocated once per T."""
         bufs = self.__dict__.setdefault("_bufs", {})
         if T not in bufs:
-            bufs[T] = (np.empty((T, self.in_features), np.int8), np.empty((T, self.nb), np.float32),
-                       np.empty((T, self.nb), np.float32))
+            bufs[T] = (np.empty((T, self.in_features), np.int8), np.empty((T, self.nb * 8), np.float32),
+                       np.empty((T, self.nb), np.float32), np.empty((T, self.nb), np.float32))
         return bufs[T]
 
-    def permute(self, x: np.ndarray) -> np.ndarray:
-        """Activations in the block-transposed column order of the rows."""
-        if self.nb == 0:
-            return x
-        T = x.shape[0]
-        return np.ascontiguousarray(x.reshape(T, self.nb, 32).transpose(0, 2, 1)).reshape(T, -1)
+    def _correction(self, xs, xk):
+        """(h, xk) of the second term: Q4_1 m·Σx, Q4_0 −8·d·Σx, none for Q8_0."""
+        if self.qtype == "Q4_0":
+            np.multiply(xs, np.float32(-8.0), out=xk)
+            return self.d, xk
+        return self.m, xs
 
     def forward(self, x, out):
         T = x.shape[0]
+        n = numba.get_num_threads()
         if T < self.GEMM_MIN_ROWS and self.nb and self.exact:
-            xp = self.permute(x)
-            if self.qtype == "Q8_0":
-                qkernels.matmul_q8_0_exact(xp, self.q, self.d, out, numba.get_num_threads())
-            else:
-                xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
-                qkernels.matmul_q4_exact(xp, xs, self.q, self.d, self.m, out, numba.get_num_threads())
+            xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
+            h, xk = self._correction(xs, np.empty_like(xs))
+            qmatmul.matmul_q_exact(self._tag, np.ascontiguousarray(x), xk, self.qn, self.d, h, out, n)
         elif T < self.GEMM_MIN_ROWS and self.nb:
-            xq, xd, xs = self._act_buffers(T)
-            qkernels.quantize_x(x, xq, xd, xs)
-            if self.qtype == "Q8_0":
-                qkernels.matmul_q8_0(xq, xd, self.q, self.d, out, numba.get_num_threads())
-            else:
-                qkernels.matmul_q4(xq, xd, xs, self.q, self.d, self.m, out, numba.get_num_threads())
+            xq, xde, xs, xk = self._act_buffers(T)
+            qmatmul.quantize_x(x, xq, xde, xs)
+            h, xk = self._correction(xs, xk)
+            qmatmul.matmul_q(self._tag, xq, xde, xk, self.qn, self.d, h, out, n)
         elif T < self.GEMM_MIN_ROWS:
-            qkernels.matmul_half(x, self.q, self.qtype == "BF16", out, numba.get_num_threads())
+            qmatmul.matmul_half(self._tag, np.ascontiguousarray(x), self.qn, self.qtype == "BF16", out, n)
         else:
-            xp = self.permute(x)
-            split_rows(self.out_features, lambda a, b: self._gemm(xp, out, a, b))
+            split_rows(self.out_features, lambda a, b: self._gemm(x, out, a, b))
         if self.bias is not None:
             out += self.bias
         return out
 
-    def _gemm(self, xp, out, a, b):
+    def _gemm(self, x, out, a, b):
         w = np.empty((min(self.TILE, b - a), self.in_features), np.float32)
         for r in range(a, b, self.TILE):
             e = min(b, r + self.TILE)
-            self._dequantize(r, e, w)
-            np.matmul(xp, w[:e - r].T, out=out[:, r:e])
+            self._dequantize_natural(r, e, w)
+            np.matmul(x, w[:e - r].T, out=out[:, r:e])
+
+    def _dequantize_natural(self, a: int, b: int, w: np.ndarray) -> None:
+        """Rows a..b−1 as float32 into w, in natural column order."""
+        if self.qtype == "Q8_0":
+            qmatmul.dequantize_q8_0(self.qn, self.d, a, b, w)
+        elif self.qtype in ("Q4_0", "Q4_1"):
+            qmatmul.dequantize_q4(self.qn, self.d, self.m, a, b, w)
+        else:
+            qmatmul.dequantize_half(self.qn, self.qtype == "BF16", a, b, w)
 
     def _dequantize(self, a: int, b: int, w: np.ndarray) -> None:
-        if self.qtype == "Q8_0":
-            qkernels.dequantize_q8_0(self.q, self.d, a, b, w)
-        elif self.qtype in ("Q4_0", "Q4_1"):
-            qkernels.dequantize_q4(self.q, self.d, self.m, a, b, w)
-        else:
-            qkernels.dequantize_half(self.q, self.qtype == "BF16", a, b, w)
+        """Rows a..b−1 in the block-transposed column order of earlier versions (gpu.float_matrix undoes it)."""
+        self._dequantize_natural(a, b, w)
+        if self.nb:
+            n = b - a
+            w[:n] = w[:n].reshape(n, self.nb, 32).transpose(0, 2, 1).reshape(n, -1)
 
     def rows(self, ids) -> np.ndarray:
         """Selected rows as float32 in natural column order (a tied head serves as the embedding table)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         w = np.empty((len(ids), self.in_features), np.float32)
         for i, r in enumerate(ids):
-            self._dequantize(int(r), int(r) + 1, w[i:i + 1])
-        if self.nb:
-            w = np.ascontiguousarray(w.reshape(-1, 32, self.nb).transpose(0, 2, 1)).reshape(w.shape)
+            self._dequantize_natural(int(r), int(r) + 1, w[i:i + 1])
         return w
 
     def dequantized(self) -> np.ndarray:
@@ -183,7 +203,7 @@ class Quant(Linear):
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.d.nbytes + self.m.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        return self.qn.nbytes + self.d.nbytes + self.m.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
 def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequantize: bool = False,

@@ -1,0 +1,1 @@
+"""The CPU engine: ISA primitives (isa.py) and the block-format kernels built on them (qmatmul.py)."""

@@ -1,0 +1,422 @@
+"""ISA primitives for the CPU kernels: Numba @intrinsics that emit LLVM IR, one code path per instruction set.
+
+Paths, lowest first (MINIRT_ISA forces one; the default is the highest the host has):
+    portable    plain LLVM vector IR (zext/sext, mul, add): runs anywhere, ARM included
+    avx2        vpmaddubsw + vpmaddwd (u8×s8 → i16 pairs → i32), llama.cpp's AVX2 arithmetic
+    avxvnni     vpdpbusd on 256 bits (AVX-VNNI, or AVX-512 VNNI+VL: the same LLVM intrinsic)
+    avx512vnni  vpdpbusd on 512 bits: two blocks of 32 per instruction
+
+The path is a tag (tag(): an empty array whose dtype names the path) passed to every kernel as its first
+argument: each path is its own compiled specialization (its own entry in Numba's on-disk cache), and a path the host lacks is never compiled (an
+AVX-512 intrinsic on a machine without AVX-512 aborts LLVM). The kernels see these values:
+    Vec('u8'|'i8', 32·G)  weight / activation bytes of G blocks (G = 1, or 2 on avx512vnni)
+    Vec('i32', 8·G)       lane i = Σ of bytes 4i..4i+3 products: 8 lanes per block
+    Vec('f32', 8·G)       float lanes in the same grouping
+"""
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llb
+from llvmlite import ir
+from numba import types
+import numpy as np
+from numba.extending import intrinsic, models, register_model
+
+from ..errors import MinirtError
+
+PATHS = ("portable", "avx2", "avxvnni", "avx512vnni")
+ENV = "MINIRT_ISA"
+
+
+def host_paths(features: dict | None = None) -> list[str]:
+    """The paths this CPU can run, lowest first (from llvmlite's host features)."""
+    f = llb.get_host_cpu_features() if features is None else features
+    ok = ["portable"]
+    if f.get("avx2") and f.get("fma") and f.get("f16c"):
+        ok.append("avx2")
+        if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
+            ok.append("avxvnni")
+        if f.get("avx512vnni") and f.get("avx512bw") and f.get("avx512vl") and f.get("avx512f"):
+            ok.append("avx512vnni")
+    return ok
+
+
+def choose(env: str | None = None, available: list[str] | None = None) -> str:
+    """The path to run: the host's best, or the lower one MINIRT_ISA names."""
+    available = host_paths() if available is None else available
+    want = (os.environ.get(ENV, "") if env is None else env).strip().lower()
+    if not want:
+        return available[-1]
+    if want not in PATHS:
+        raise MinirtError(f"{ENV}={want!r} is not a path; use one of {', '.join(PATHS)}")
+    if want not in available:
+        raise MinirtError(f"{ENV}={want}: this CPU cannot run it; use one of {', '.join(available)}")
+    return want
+
+
+# ---- the tag: a value whose Numba type names the path, so that each path is a separate compiled specialization.
+# An empty array of a distinct dtype per path: the dispatcher types arrays in C (a custom Python type would
+# cost a Python typeof on every kernel call).
+TAG_DTYPES = {"portable": np.int8, "avx2": np.int16, "avxvnni": np.int32, "avx512vnni": np.int64}
+TAGS = {p: np.empty(0, dt) for p, dt in TAG_DTYPES.items()}
+_BY_DTYPE = {str(np.dtype(dt)): p for p, dt in TAG_DTYPES.items()}
+
+
+def path_of(t) -> str | None:
+    """The path a tag stands for: t is a tag (array) or its Numba type; None if it is not a tag."""
+    if isinstance(t, np.ndarray):
+        return _BY_DTYPE.get(str(t.dtype)) if t.shape == (0,) else None
+    if isinstance(t, types.Array) and t.ndim == 1:
+        return _BY_DTYPE.get(str(t.dtype))
+    return None
+
+
+def tag(path: str | None = None) -> np.ndarray:
+    """The value to pass as the kernels' first argument for a path (default: the one chosen at import)."""
+    return TAGS[path or SELECTED]
+
+
+def _blocks(t) -> int:  # blocks of 32 per vector step
+    return 2 if path_of(t) == "avx512vnni" else 1
+
+
+SELECTED = choose()  # once, at import
+
+
+# ---- vector values ------------------------------------------------------------------------------------
+_ELEM = {"u8": ir.IntType(8), "i8": ir.IntType(8), "i16": ir.IntType(16), "i32": ir.IntType(32),
+         "f32": ir.FloatType()}
+
+
+class Vec(types.Type):
+    def __init__(self, kind: str, n: int):
+        self.kind, self.n = kind, n
+        super().__init__(name=f"Vec({kind}x{n})")
+
+
+def _lt(kind: str, n: int) -> ir.VectorType:
+    return ir.VectorType(_ELEM[kind], n)
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _lt(fe_type.kind, fe_type.n))
+
+
+FAST = ("fast",)
+I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def _call(b: ir.IRBuilder, name: str, ret, args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    fn = b.module.globals.get(name) or ir.Function(b.module, fnty, name)
+    return b.call(fn, args)
+
+
+def _splat(ty: ir.VectorType, v) -> ir.Constant:
+    return ir.Constant(ty, [ir.Constant(ty.element, v)] * ty.count)
+
+
+def _ptr(ctx, b, aty, arr, off, vty):
+    """Pointer to element off of a 1-D array, as a pointer to vty."""
+    a = ctx.make_array(aty)(ctx, b, arr)
+    return b.bitcast(b.gep(a.data, [off]), vty.as_pointer())
+
+
+def _shuffle(b, v, w, mask):
+    return b.shuffle_vector(v, w, ir.Constant(ir.VectorType(I32, len(mask)), mask))
+
+
+def _group4(b, v, n_out, add):
+    """Lane i = v[4i] + v[4i+1] + v[4i+2] + v[4i+3]."""
+    parts = [_shuffle(b, v, v, [4 * i + k for i in range(n_out)]) for k in range(4)]
+    return add(add(parts[0], parts[1]), add(parts[2], parts[3]))
+
+
+def _is_int_tag(t):
+    return path_of(t) is not None
+
+
+# ---- primitives -----------------------------------------------------------------------------------------
+@intrinsic
+def blocks_per_step(typingctx, isa):
+    """G: blocks of 32 per vector step (2 on avx512vnni)."""
+    if not _is_int_tag(isa):
+        return None
+    g = _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        return ir.Constant(ir.IntType(64), g)
+    return types.intp(isa), cg
+
+
+@intrinsic
+def fzero(typingctx, isa):
+    """Float accumulator lanes (8·G), zero."""
+    if not _is_int_tag(isa):
+        return None
+    n = 8 * _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        return ir.Constant(_lt("f32", n), None)
+    return Vec("f32", n)(isa), cg
+
+
+@intrinsic
+def wload(typingctx, isa, q, b):
+    """Weights of blocks b..b+G−1 of one row q (1-D), as bytes in the order of the values they stand for.
+    int8 q (Q8_0): 32 int8 per block, as stored. uint8 q (Q4_0/Q4_1): 16 bytes per block, value i in the
+    low nibble of byte i and value 16+i in the high nibble (GGUF's layout), unpacked to 32 values 0..15."""
+    if not _is_int_tag(isa) or not isinstance(q, types.Array):
+        return None
+    g = _blocks(isa)
+    nib = q.dtype == types.uint8
+
+    def cg(ctx, bld, sig, args):
+        _, arr, blk = args
+        if not nib:
+            off = bld.mul(blk, ir.Constant(blk.type, 32))
+            return bld.load(_ptr(ctx, bld, sig.args[1], arr, off, _lt("i8", 32 * g)), align=1)
+        off = bld.mul(blk, ir.Constant(blk.type, 16))
+        v = bld.load(_ptr(ctx, bld, sig.args[1], arr, off, _lt("u8", 16 * g)), align=1)
+        lo = bld.and_(v, _splat(v.type, 15))
+        hi = bld.lshr(v, _splat(v.type, 4))
+        mask = []
+        for k in range(g):
+            mask += list(range(16 * k, 16 * k + 16)) + list(range(16 * g + 16 * k, 16 * g + 16 * k + 16))
+        return _shuffle(bld, lo, hi, mask)
+    return Vec("i8" if not nib else "u8", 32 * g)(isa, q, b), cg
+
+
+@intrinsic
+def xload(typingctx, isa, x, off):
+    """32·G int8 activations from x[off:] (1-D)."""
+    if not _is_int_tag(isa):
+        return None
+    n = 32 * _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        return b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], _lt("i8", n)), align=1)
+    return Vec("i8", n)(isa, x, off), cg
+
+
+@intrinsic
+def fload(typingctx, isa, x, off):
+    """8·G float32 values from x[off:] (1-D)."""
+    if not _is_int_tag(isa):
+        return None
+    n = 8 * _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        return b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], _lt("f32", n)), align=4)
+    return Vec("f32", n)(isa, x, off), cg
+
+
+def _dot_portable(b, w, x, signed_w):
+    n = w.type.count
+    wide = ir.VectorType(I32, n)
+    wv = b.sext(w, wide) if signed_w else b.zext(w, wide)
+    p = b.mul(wv, b.sext(x, wide))
+    return _group4(b, p, n // 4, b.add)
+
+
+def _dot_avx2(b, w, x):
+    """u8 w × s8 x: vpmaddubsw (pairs, i16; |2·15·127| or |2·127·127| fit) then vpmaddwd with ones."""
+    p16 = _call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, x])
+    return _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [p16, _splat(ir.VectorType(I16, 16), 1)])
+
+
+def _dot_vnni(b, w, x):
+    n = w.type.count
+    name = "llvm.x86.avx512.vpdpbusd.512" if n == 64 else "llvm.x86.avx512.vpdpbusd.256"
+    acc = ir.Constant(ir.VectorType(I32, n // 4), None)
+    return _call(b, name, acc.type, [acc, w, x])
+
+
+@intrinsic
+def dot(typingctx, isa, w, x):
+    """Integer dot products of 4-byte groups: lane i = Σ_k w[4i+k]·x[4i+k] (w: u8 nibbles or s8; x: s8)."""
+    if not _is_int_tag(isa) or not isinstance(w, Vec) or not isinstance(x, Vec):
+        return None
+    path, n = path_of(isa), w.n
+    signed_w = w.kind == "i8"
+
+    def cg(ctx, b, sig, args):
+        _, wv, xv = args
+        if path == "portable":
+            return _dot_portable(b, wv, xv, signed_w)
+        if signed_w:  # s8 × s8 → |w| (u8) × (x with w's sign): llama.cpp's mul_sum_i8_pairs
+            neg = b.icmp_signed("<", wv, ir.Constant(wv.type, None))
+            if n == 32:
+                xv = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, wv])
+            else:
+                xv = b.select(neg, b.sub(ir.Constant(xv.type, None), xv), xv)
+            wv = b.select(neg, b.sub(ir.Constant(wv.type, None), wv), wv)
+        if path == "avx2":
+            return _dot_avx2(b, wv, xv)
+        return _dot_vnni(b, wv, xv)
+    return Vec("i32", n // 4)(isa, w, x), cg
+
+
+def _half_to_float(b, h):
+    """i16 (vector) IEEE half bits → float. fpext of half: vcvtph2ps with F16C, fcvt on ARM."""
+    ty = h.type
+    fty = ir.VectorType(ir.HalfType(), ty.count) if isinstance(ty, ir.VectorType) else ir.HalfType()
+    oty = ir.VectorType(F32, ty.count) if isinstance(ty, ir.VectorType) else F32
+    return b.fpext(b.bitcast(h, fty), oty)
+
+
+@intrinsic
+def dscale(typingctx, isa, d, blk):
+    """Block scales d[blk..blk+G−1] (f16 bits, 1-D uint16) as float32, each repeated over its 8 lanes."""
+    if not _is_int_tag(isa):
+        return None
+    g = _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        h = b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], ir.VectorType(I16, g)), align=2)
+        f = _half_to_float(b, h)
+        return _shuffle(b, f, f, [k for k in range(g) for _ in range(8)])
+    return Vec("f32", 8 * g)(isa, d, blk), cg
+
+
+@intrinsic
+def half(typingctx, h):
+    """One f16 (uint16 bits) → float32."""
+    if not isinstance(h, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        return _half_to_float(b, b.trunc(args[0], I16) if args[0].type.width > 16 else args[0])
+    return types.float32(h), cg
+
+
+@intrinsic
+def bfloat(typingctx, h):
+    """One bfloat16 (uint16 bits) → float32: the upper half of a float32."""
+    if not isinstance(h, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        v = args[0]
+        u = b.zext(v, I32) if v.type.width < 32 else b.trunc(v, I32) if v.type.width > 32 else v
+        return b.bitcast(b.shl(b.and_(u, ir.Constant(I32, 0xFFFF)), ir.Constant(I32, 16)), F32)
+    return types.float32(h), cg
+
+
+@intrinsic
+def fma_acc(typingctx, acc, s, xs, ds):
+    """acc + float(s)·xs·ds   (s: i32 lanes; xs, ds: float lanes)."""
+    if not isinstance(acc, Vec):
+        return None
+
+    def cg(ctx, b, sig, args):
+        a, sv, x, d = args
+        f = b.sitofp(sv, a.type) if isinstance(sig.args[1], Vec) and sig.args[1].kind == "i32" else sv
+        return b.fadd(a, b.fmul(b.fmul(f, x, flags=FAST), d, flags=FAST), flags=FAST)
+    return acc(acc, s, xs, ds), cg
+
+
+@intrinsic
+def fsum(typingctx, v):
+    """Σ of float lanes (a tree of adds)."""
+    if not isinstance(v, Vec):
+        return None
+
+    def cg(ctx, b, sig, args):
+        x = args[0]
+        n = x.type.count
+        while n > 1:
+            n //= 2
+            x = b.fadd(_shuffle(b, x, x, list(range(n))), _shuffle(b, x, x, list(range(n, 2 * n))), flags=FAST)
+        return b.extract_element(x, ir.Constant(I32, 0))
+    return types.float32(v), cg
+
+
+@intrinsic
+def fdot(typingctx, isa, w, x, off):
+    """Float group-of-4 products of weight values w (u8 nibbles or s8) with float32 x[off:off+32·G]:
+    lane i = Σ_k w[4i+k]·x[off+4i+k] in float32 (the exact path: activations are not rounded)."""
+    if not _is_int_tag(isa) or not isinstance(w, Vec):
+        return None
+    n = w.n
+    signed_w = w.kind == "i8"
+
+    def cg(ctx, b, sig, args):
+        _, wv, arr, o = args
+        fty = ir.VectorType(F32, n)
+        wf = b.sitofp(wv, fty) if signed_w else b.uitofp(wv, fty)
+        xf = b.load(_ptr(ctx, b, sig.args[2], arr, o, fty), align=4)
+        p = b.fmul(wf, xf, flags=FAST)
+        return _group4(b, p, n // 4, lambda u, v: b.fadd(u, v, flags=FAST))
+    return Vec("f32", n // 4)(isa, w, x, off), cg
+
+
+@intrinsic
+def hload(typingctx, isa, q, off, bf16):
+    """16-bit floats q[off:off+8·G·2] (uint16, F16 or BF16 by bf16, a literal bool) widened to 16·G float32:
+    F16 by fpext (vcvtph2ps), BF16 by a 16-bit shift."""
+    if not _is_int_tag(isa) or not isinstance(bf16, types.BooleanLiteral):
+        return None
+    n = 16 * _blocks(isa)
+    is_bf = bf16.literal_value
+
+    def cg(ctx, b, sig, args):
+        h = b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], ir.VectorType(I16, n)), align=2)
+        if is_bf:
+            u = b.shl(b.zext(h, ir.VectorType(I32, n)), _splat(ir.VectorType(I32, n), 16))
+            return b.bitcast(u, ir.VectorType(F32, n))
+        return _half_to_float(b, h)
+    return Vec("f32", n)(isa, q, off, bf16), cg
+
+
+@intrinsic
+def fvload(typingctx, isa, x, off):
+    """16·G float32 values from x[off:] (1-D)."""
+    if not _is_int_tag(isa):
+        return None
+    n = 16 * _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        return b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], _lt("f32", n)), align=4)
+    return Vec("f32", n)(isa, x, off), cg
+
+
+@intrinsic
+def fzero16(typingctx, isa):
+    if not _is_int_tag(isa):
+        return None
+    n = 16 * _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        return ir.Constant(_lt("f32", n), None)
+    return Vec("f32", n)(isa), cg
+
+
+@intrinsic
+def fmadd(typingctx, acc, a, c):
+    """acc + a·c, float lanes."""
+    if not isinstance(acc, Vec):
+        return None
+
+    def cg(ctx, b, sig, args):
+        return b.fadd(args[0], b.fmul(args[1], args[2], flags=FAST), flags=FAST)
+    return acc(acc, a, c), cg
+
+
+@intrinsic
+def isum(typingctx, v):
+    """Σ of int32 lanes (for tests: the integers a path computes)."""
+    if not isinstance(v, Vec) or v.kind != "i32":
+        return None
+
+    def cg(ctx, b, sig, args):
+        return _call(b, f"llvm.vector.reduce.add.v{v.n}i32", I32, [args[0]])
+    return types.int32(v), cg
+
+
+__all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
+           "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
+           "fvload", "fzero16", "fmadd", "isum"]

@@ -1,0 +1,188 @@
+"""The ISA paths of minirt/cpu: every path this machine can run computes the same integers as the portable
+path and numpy; kernels on every path equal the float64 reference (exact and half formats) or llama.cpp's
+int8-activation arithmetic (tests/test_quant.py's emulation); the compiled code of each path contains its
+instructions; MINIRT_ISA picks the path; Numba's on-disk cache serves a second process.
+Paths this CPU lacks skip, with the reason (never compiled: an AVX-512 intrinsic aborts LLVM without it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from minirt.cpu import isa
+from minirt.cpu import qmatmul as Q
+from minirt.errors import MinirtError
+from minirt.linear import Quant
+from tests.test_quant import int8_activation_reference, stored
+
+HOST = isa.host_paths()
+X86 = ("avx2", "avxvnni", "avx512vnni")
+
+
+def runnable(path):
+    if path not in HOST:
+        pytest.skip(f"this CPU cannot run the {path} path (host paths: {', '.join(HOST)})")
+    return isa.tag(path)
+
+
+@numba.njit(cache=True)
+def _int_dots(tag, q, x, nb):
+    """Σ over each block pair-step of the integer dot products, per row of q (one sum per step)."""
+    G = isa.blocks_per_step(tag)
+    out = np.zeros((q.shape[0], nb // G), np.int32)
+    for j in range(q.shape[0]):
+        for b in range(0, nb, G):
+            out[j, b // G] = isa.isum(isa.dot(tag, isa.wload(tag, q[j], b), isa.xload(tag, x, b * 32)))
+    return out
+
+
+def _int_reference(q, x, nb, G):
+    """numpy: the same sums from the bytes (nibbles: low = values 0..15, high = 16..31 of a block)."""
+    if q.dtype == np.uint8:
+        b = q.reshape(q.shape[0], nb, 16).astype(np.int64)
+        w = np.concatenate([b & 15, b >> 4], axis=2).reshape(q.shape[0], -1)
+    else:
+        w = q.astype(np.int64)
+    p = (w * x.astype(np.int64)[None]).reshape(q.shape[0], nb // G, -1)
+    return p.sum(-1)
+
+
+def test_choose_and_env():
+    assert isa.choose("", ["portable", "avx2"]) == "avx2"
+    assert isa.choose("portable", ["portable", "avx2"]) == "portable"
+    with pytest.raises(MinirtError, match="cannot run"):
+        isa.choose("avx512vnni", ["portable", "avx2"])
+    with pytest.raises(MinirtError, match="not a path"):
+        isa.choose("sse9", ["portable"])
+    assert isa.host_paths({"avx2": True, "fma": True, "f16c": True}) == ["portable", "avx2"]
+    assert isa.host_paths({"avx2": True, "fma": True, "f16c": True, "avxvnni": True}) == ["portable", "avx2", "avxvnni"]
+    assert isa.host_paths({"neon": True}) == ["portable"]
+    assert isa.SELECTED == isa.choose()
+
+
+@pytest.mark.parametrize("path", isa.PATHS)
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4"])
+def test_integer_dots_equal_portable_and_numpy(path, fmt):
+    tag = runnable(path)
+    rng = np.random.default_rng(1)
+    nb = 6
+    if fmt == "Q8_0":  # the extremes of both operands: pmaddubsw's i16 pairs must not saturate
+        q = rng.integers(-127, 128, (64, nb * 32)).astype(np.int8)
+        q[0] = -127
+        q[1] = 127
+    else:
+        q = rng.integers(0, 256, (64, nb * 16)).astype(np.uint8)
+        q[0] = 255
+    x = rng.integers(-127, 128, nb * 32).astype(np.int8)
+    x[:32] = -127
+    x[32:64] = 127
+    got = _int_dots(tag, q, x, nb)
+    G = 2 if isa.path_of(tag) == "avx512vnni" else 1
+    assert np.array_equal(got, _int_reference(q, x, nb, G))
+    port = _int_dots(isa.tag("portable"), q, x, nb)
+    assert np.array_equal(got.reshape(64, -1).sum(1), port.sum(1))
+
+
+@pytest.mark.parametrize("path", isa.PATHS)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16", "BF16"])
+@pytest.mark.parametrize("T", [1, 3, 5, 16])
+def test_kernels_on_every_path(path, qtype, T):
+    tag = runnable(path)
+    rng = np.random.default_rng(T)
+    N, K = 48, 192
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    t = stored(w, qtype)
+    lin = Quant(t)
+    ref_w = lin.dequantized().astype(np.float64)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    dense = x.astype(np.float64) @ ref_w.T
+    scale = np.abs(dense).max()
+    outs = {}
+    for p in ("portable", path):
+        out = np.empty((T, N), np.float32)
+        if lin.nb:
+            xq, xde, xs, xk = lin._act_buffers(T)
+            Q.quantize_x(x, xq, xde, xs)
+            h, xk = lin._correction(xs, xk)
+            Q.matmul_q(isa.tag(p), xq, xde, xk, lin.qn, lin.d, h, out, 2)
+            exact = np.empty((T, N), np.float32)
+            Q.matmul_q_exact(isa.tag(p), x, xk, lin.qn, lin.d, h, exact, 2)
+            assert np.abs(exact - dense).max() < 1e-4 * scale
+        else:
+            Q.matmul_half(isa.tag(p), x, lin.qn, qtype == "BF16", out, 2)
+            assert np.abs(out - dense).max() < 1e-4 * scale
+        outs[p] = out
+    assert np.abs(outs[path] - outs["portable"]).max() < 1e-5 * scale  # the same integers, float rounding apart
+    if lin.nb:
+        assert np.abs(outs[path] - int8_activation_reference(t, x)).max() < 1e-4 * scale
+        assert np.abs(outs[path] - dense).max() < 0.03 * scale  # what int8 activations cost
+
+
+INSTRUCTIONS = {"avx2": ["vpmaddubsw", "vpmaddwd"], "avxvnni": ["vpdpbusd"], "avx512vnni": ["vpdpbusd", "zmm"]}
+
+
+def _asm(fn, *args):
+    """Assembly of fn for these arguments, compiled here without the cache (Numba does not keep the assembly
+    of a kernel loaded from its on-disk cache)."""
+    d = numba.njit(fastmath=True)(fn.py_func)
+    d(*args)
+    return "\n".join(d.inspect_asm().values())
+
+
+@pytest.mark.parametrize("path", isa.PATHS)
+def test_compiled_code_has_the_instructions(path):
+    tag = runnable(path)
+    nb = 6
+    q4, d = np.zeros((1, nb * 16), np.uint8), np.zeros((1, nb), np.uint16)
+    xq, xde = np.zeros((1, nb * 32), np.int8), np.zeros((1, nb * 8), np.float32)
+    asm = _asm(Q._q1, tag, q4[0], d[0], xq[0], xde[0], nb)
+    fasm = _asm(Q._h1, tag, np.zeros(64, np.uint16), np.zeros(64, np.float32), 64, False)
+    for ins in INSTRUCTIONS.get(path, []):
+        assert ins in asm, f"{path}: no {ins} in the Q4 kernel"
+    if path == "avx2":
+        assert "vpdpbusd" not in asm
+    if path == "portable":
+        assert "vpdpbusd" not in asm and "vpmaddubsw" not in asm
+    if path in X86:
+        assert "vcvtph2ps" in fasm and "vcvtph2ps" in asm  # F16C widening of weights and block scales
+
+
+def test_selected_path_is_what_linear_runs():
+    assert Quant(stored(np.ones((4, 64), np.float32), "Q4_1"))._tag is isa.tag()
+    assert [isa.path_of(isa.tag(p)) for p in isa.PATHS] == list(isa.PATHS)
+    assert isa.path_of(np.empty(3, np.int8)) is None
+
+
+_CACHE_PROBE = """
+import numpy as np
+from minirt.cpu import isa, qmatmul as Q
+T, N, nb = 2, 8, 4
+out = np.empty((T, N), np.float32)
+Q.matmul_q(isa.tag(), np.ones((T, nb * 32), np.int8), np.ones((T, nb * 8), np.float32),
+           np.ones((T, nb), np.float32), np.ones((N, nb * 16), np.uint8), np.zeros((N, nb), np.uint16),
+           np.zeros((N, nb), np.uint16), out, 1)
+print(sum(Q.matmul_q.stats.cache_hits.values()), sum(Q.matmul_q.stats.cache_misses.values()))
+"""
+
+
+def test_on_disk_cache_serves_a_second_process():
+    env = dict(os.environ)
+    run = lambda: subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True,
+                                 check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run()  # compiles and saves, unless the cache already holds it
+    hits, misses = map(int, run().stdout.split())
+    assert (hits, misses) == (1, 0)
+
+
+@pytest.mark.parametrize("path", [p for p in isa.PATHS if p != "portable"])
+def test_env_forces_a_lower_path(path):
+    if path not in HOST:
+        pytest.skip(f"this CPU cannot run the {path} path")
+    code = "from minirt.cpu import isa; print(isa.SELECTED)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, isa.ENV: path}, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == path
