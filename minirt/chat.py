@@ -68,6 +68,9 @@ def special_text(tokenizer, token_id) -> str:
     """A special token's text ('' where the model has none)."""
     if token_id is None:
         return ""
+    for text, i in getattr(tokenizer, "special", {}).items():  # control tokens decode to nothing: their text
+        if i == token_id:
+            return text
     return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
 
 

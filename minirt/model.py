@@ -156,6 +156,9 @@ class Model:
         pos = np.array(t["pos_embed"].float32()) if "pos_embed" in t else None
         ck.release_pages()
         tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
+        if tok.chat_template is None:  # a file without a template: the family's own, as llama.cpp falls back to
+            from .chat import BUILTIN_TEMPLATES
+            tok.chat_template = BUILTIN_TEMPLATES.get(cfg.arch)
         model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type, ctx)
         if "minirt.lowrank.manifest" in ck.metadata:
             from .lowrank import describe_export

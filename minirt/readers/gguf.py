@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arch import TRAITS
 from ..config import ModelConfig
 from ..errors import MinirtError
 from .base import Checkpoint, Tensor, TokenizerSpec
@@ -48,6 +49,10 @@ NAMES = {
     "blk.{i}.ffn_up.bias": "layers.{i}.b_up",
     "blk.{i}.ffn_down.weight": "layers.{i}.w_down",
     "blk.{i}.ffn_down.bias": "layers.{i}.b_down",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.q_norm",               # Gemma 3: q/k norms, post norms
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.k_norm",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attn_norm.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_ffn_norm.weight",
 }
 
 
@@ -203,12 +208,24 @@ def _meta_int(meta: dict, key: str, path, default=None, lo: int = 1, hi: int | N
     return need_int(v, f"metadata {key}", path, lo, hi)
 
 
+def _family_options(arch: str, meta: dict, path: Path, dim: int, n_heads: int, head_dim: int) -> dict:
+    """ModelConfig fields a family's GGUF keys give beyond the common ones, as llama.cpp reads them."""
+    if arch != "gemma3":
+        return {}
+    # llama.cpp: local (sliding-window) layers use RoPE base 10,000; queries are scaled by 1/√head_dim, except
+    # the 27B model, whose query_pre_attn_scalar is width / heads
+    return dict(sliding_window=_meta_int(meta, "gemma3.attention.sliding_window", path, 0, lo=0,
+                                         hi=LIMITS["max_ctx"]),
+                rope_local_theta=10000.0,
+                attn_scale=(dim // n_heads if dim == 5376 else head_dim) ** -0.5)
+
+
 def read_gguf(path: Path) -> Checkpoint:
     from gguf import GGMLQuantizationType
     meta, infos, start, mm = _parse(path)
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "gpt2"):
-        raise MinirtError(f"{path}: architecture {str(arch)[:40]!r} is not supported (llama and gpt2 are)")
+    if arch not in TRAITS:
+        raise MinirtError(f"{path}: architecture {str(arch)[:40]!r} is not supported ({', '.join(TRAITS)} are)")
 
     tensors: dict[str, Tensor] = {}
     ignored: list[str] = []
@@ -257,6 +274,7 @@ def read_gguf(path: Path) -> Checkpoint:
         norm_eps=need_float(eps, "metadata layer_norm epsilon", path, 1.0),
         rope_theta=need_float(meta.get(f"{arch}.rope.freq_base", 10000.0), f"metadata {arch}.rope.freq_base", path),
         tied_head="head" not in tensors and "head.lr_u" not in tensors,
+        **_family_options(arch, meta, path, dim, n_heads, head_dim),
     )
     ck = Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm,
                     {k: v for k, v in meta.items() if k.startswith("minirt.")}, ignored=ignored, names=names)

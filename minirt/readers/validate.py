@@ -15,6 +15,7 @@ import numbers
 import re
 import sys
 
+from ..arch import TRAITS
 from ..config import ModelConfig
 from ..errors import MinirtError
 
@@ -62,8 +63,8 @@ def _short(v) -> str:
 
 def check_config(cfg: ModelConfig, where, explicit_head_dim: bool = False) -> None:
     """The config alone: bounded positive integers, finite positive epsilon and RoPE base, consistent heads."""
-    if cfg.arch not in ("llama", "gpt2"):
-        raise MinirtError(f"{where}: architecture {cfg.arch!r} is not supported (llama and gpt2 are)")
+    if cfg.arch not in TRAITS:
+        raise MinirtError(f"{where}: architecture {cfg.arch!r} is not supported ({', '.join(TRAITS)} are)")
     for f in ("n_layers", "vocab_size", "max_ctx", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim"):
         need_int(getattr(cfg, f), f, where, 1, LIMITS[f])
     need_float(cfg.norm_eps, "norm epsilon", where, hi=1.0)
@@ -74,8 +75,11 @@ def check_config(cfg: ModelConfig, where, explicit_head_dim: bool = False) -> No
     need_int(cfg.q_dim, "heads × head_dim", where, 1, LIMITS["q_dim"])
     if not explicit_head_dim and cfg.q_dim != cfg.dim:
         raise MinirtError(f"{where}: width {cfg.dim} is not {cfg.n_heads} heads × {cfg.head_dim} (corrupt config?)")
-    if cfg.arch == "llama" and cfg.head_dim % 2:
+    if cfg.traits.rope and cfg.head_dim % 2:
         raise MinirtError(f"{where}: head_dim {cfg.head_dim} is odd (RoPE rotates pairs)")
+    need_float(cfg.rope_local_theta, "local RoPE base", where)
+    need_float(cfg.scale, "attention scale", where)
+    need_int(cfg.sliding_window, "sliding window", where, 0, LIMITS["max_ctx"])
 
 
 def expected_shapes(cfg: ModelConfig, names) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -84,7 +88,8 @@ def expected_shapes(cfg: ModelConfig, names) -> tuple[dict[str, tuple], dict[str
     d, v, h, q, kv = cfg.dim, cfg.vocab_size, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim
     req: dict[str, tuple] = {"embed": (v, d), "norm.weight": (d,)}
     opt: dict[str, tuple] = {}
-    gpt2 = cfg.arch == "gpt2"
+    tr = cfg.traits
+    layer_norm = tr.norm == "layer"
 
     def site(name: str, out: int, inp: int, parts: list[tuple[str, str, int]]):
         """A matrix site: its factors if the file has them, else its parts (weight, bias, rows)."""
@@ -101,22 +106,27 @@ def expected_shapes(cfg: ModelConfig, names) -> tuple[dict[str, tuple], dict[str
             if b:
                 opt[b] = (rows,)
 
-    if gpt2:
+    if layer_norm:
         req["norm.bias"] = (d,)
+    if not tr.rope:
         req["pos_embed"] = (cfg.max_ctx, d)
     if not cfg.tied_head or "head.lr_u" in names:
         site("head", v, d, [("head", "", v)])
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        for n in ("attn_norm", "ffn_norm"):
+        for n in ("attn_norm", "ffn_norm") + (("post_attn_norm", "post_ffn_norm") if tr.post_norms else ()):
             req[p + n + ".weight"] = (d,)
-            if gpt2:
+            if layer_norm:
                 req[p + n + ".bias"] = (d,)
-        if gpt2:
+        if tr.qk_norm:
+            req[p + "q_norm"] = req[p + "k_norm"] = (cfg.head_dim,)
+        if tr.fused_qkv:
             site(p + "qkv", q + 2 * kv, d, [(p + "wqkv", p + "bqkv", q + 2 * kv)])
-            site(p + "up", h, d, [(p + "w_up", p + "b_up", h)])
         else:
             site(p + "qkv", q + 2 * kv, d, [(p + "wq", p + "bq", q), (p + "wk", p + "bk", kv), (p + "wv", p + "bv", kv)])
+        if tr.ffn == "gelu":
+            site(p + "up", h, d, [(p + "w_up", p + "b_up", h)])
+        else:
             site(p + "up", 2 * h, d, [(p + "w_gate", p + "b_gate", h), (p + "w_up", p + "b_up", h)])
         site(p + "wo", d, q, [(p + "wo", p + "bo", d)])
         site(p + "down", d, h, [(p + "w_down", p + "b_down", d)])

@@ -1,0 +1,55 @@
+"""Gemma 3 270M (Q4_K_M, google's weights; the registry's gemma3-270m): the architecture's entry in the traits
+(q/k norms, post norms, GeGLU, √dim embeddings, sliding-window layers with their own RoPE base), its 262k-piece
+SentencePiece vocabulary and its chat template, against Hugging Face transformers.
+
+References: transformers 5.24 loading this GGUF greedy-decodes "Once upon a time" to the text below (the
+issue's measurement); tests/fixtures/gemma3_hf_token_ids.json holds transformers' token ids for the same
+file on texts with digits, unicode, code, whitespace runs and chat markers (made with
+AutoTokenizer.from_pretrained(folder, gguf_file=...).encode(text, add_special_tokens=False))."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import minirt
+from minirt.registry import pull
+
+HF_GREEDY = (", there was a little girl named Lily. She was a very smart girl, and she loved to play with her "
+             "friends")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return minirt.load(pull("gemma3-270m"))
+
+
+def test_greedy_text_equals_transformers(gemma):
+    out = gemma.generate("Once upon a time", max_tokens=24, temperature=0).text()
+    assert out == HF_GREEDY
+
+
+def test_tokenizer_ids_equal_transformers(gemma):
+    want = json.loads((Path(__file__).parent / "fixtures" / "gemma3_hf_token_ids.json").read_text())
+    for text, ids in want.items():
+        assert gemma.tokenizer.encode(text, add_bos=False) == ids, text
+    assert gemma.tokenizer.encode("Hi")[0] == gemma.tokenizer.bos_id == 2
+
+
+def test_config_from_the_file(gemma):
+    c = gemma.cfg
+    assert (c.arch, c.n_layers, c.head_dim, c.sliding_window) == ("gemma3", 18, 256, 512)
+    windows = [c.layer_window(i) for i in range(c.n_layers)]
+    assert windows == [0 if (i + 1) % 6 == 0 else 512 for i in range(18)]  # every sixth layer global
+    assert {c.layer_theta(i) for i in range(18)} == {10000.0, 1e6}
+
+
+def test_chat_uses_gemmas_template(gemma):
+    text = gemma.tokenizer.chat_prompt("Hello!", "Be brief.")
+    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHello!<end_of_turn>\n<start_of_turn>model\n"
+    from minirt.chat import encode_rendered
+    ids = encode_rendered(gemma.tokenizer, text)
+    assert ids.count(2) == 1 and 105 in ids and 106 in ids  # one BOS; the turn markers as single tokens
+    reply = minirt.Chat(gemma, temperature=0, max_tokens=12)
+    assert "".join(reply.send("What is the capital of France?")).strip()
