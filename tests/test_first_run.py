@@ -250,3 +250,12 @@ def test_bench_bandwidth_probe_is_small():
     import inspect
     assert inspect.signature(memory_bandwidth).parameters["gib"].default <= 0.25
     assert np.isfinite(memory_bandwidth(gib=0.01, repeats=1))
+
+
+def test_every_subpackage_is_installed():
+    """`pip install .` ships only the packages pyproject.toml lists: a new folder of minirt must be among them."""
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("minirt",) + p.parent.relative_to(REPO / "minirt").parts)
+             for p in (REPO / "minirt").rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"
