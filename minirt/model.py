@@ -298,10 +298,10 @@ class Model:
         llama.cpp's warm-up run does. Returns the seconds it took."""
         import time
         t0 = time.perf_counter()
-        cache = self.new_cache(8)
+        cache = self.new_cache(32)
         tok = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
-        self.forward([tok], cache)
-        self.forward([tok] * 5, cache)
+        for n in (1, 5, 24):  # a decode step, a few positions (drafts), a prompt (the batched path)
+            self.forward([tok] * n, cache)
         return time.perf_counter() - t0
 
     def generate(self, prompt, **kwargs):

@@ -225,8 +225,9 @@ def test_timings_apart_from_compile(smollm2_path, tmp_path):
     assert r.returncode == 0, r.stderr
     m = re.search(r"load: [\d.]+ s · warm-up: ([\d.]+) s", r.stderr)
     assert m and float(m.group(1)) > 3, r.stderr  # the compile is counted here …
+    warm = float(m.group(1))
     m = re.search(r"prompt: \d+ tokens, [\d.]+ tok/s, first token after ([\d.]+) s", r.stderr)
-    assert m and float(m.group(1)) < 2, r.stderr  # … not as prompt time (a first run used to say 0.4 tok/s)
+    assert m and float(m.group(1)) < warm / 4, r.stderr  # … not as prompt time (a first run said 0.4 tok/s)
 
 
 def test_rm_and_list_sizes(tmp_path):
