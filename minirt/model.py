@@ -20,13 +20,13 @@ from types import MappingProxyType
 import numba
 import numpy as np
 
-from . import kernels
+from .cpu import kernels
 from .config import ModelConfig
 from .errors import MinirtError
 from .kvcache import KVCache, context_size
 from .linear import Dense, Linear, Quant, make_linear
 from .readers import Checkpoint, Tensor
-from .threads import blas_single_threaded
+from .cpu.threads import blas_single_threaded
 from .tokenizer import Tokenizer, build_tokenizer
 
 # Positions per pass through the layers (llama.cpp's micro-batch plays this part). A longer prompt runs in
