@@ -1,4 +1,4 @@
-"""GPU backend (minirt/gpu.py, minirt/gpu_kernels.py).
+"""GPU backend (minirt/cuda/backend.py, minirt/cuda/kernels.py).
 
 Default run (no GPU here): `--device cuda` fails with one line before loading anything. Tests marked gpu
 run on a machine with CUDA and CuPy (tools/gpu_tests.sh; `python -m pytest -m gpu tests/test_gpu.py`):
@@ -18,7 +18,7 @@ import pytest
 
 import minirt
 from minirt.errors import MinirtError
-from minirt.gpu import cuda_unavailable
+from minirt.cuda.backend import cuda_unavailable
 
 NO_GPU = cuda_unavailable()
 needs_gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"no CUDA: {NO_GPU}")
@@ -33,7 +33,7 @@ def test_device_cuda_without_gpu_fails_with_one_line(capsys):
     assert rc == 1 and err.count("\n") == 1 and "--device cuda" in err and "nonexistent" not in err
     with pytest.raises(MinirtError, match="device cuda"):
         minirt.load("/nonexistent/model.gguf", device="cuda")
-    from minirt.gpu import resolve_device
+    from minirt.cuda.backend import resolve_device
     assert resolve_device("auto") == "cpu"
 
 
@@ -97,7 +97,7 @@ def _close(got, ref, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_logits_match_cpu(name, dtype, cpu_models):
-    from minirt.gpu import to_gpu
+    from minirt.cuda.backend import to_gpu
     m = cpu_models[name]
     g = to_gpu(m, dtype)
     ids = _ids(m)
@@ -122,7 +122,7 @@ def _lowrank_model(m, rank_frac=0.25, seed=0):
     """The CPU model with every layer matrix replaced by its rank-r truncated SVD (numpy, float32)."""
     import copy
 
-    from minirt.gpu import float_matrix
+    from minirt.cuda.backend import float_matrix
     from minirt.lowrank import LowRank
     out = copy.copy(m)
     out.layers = []
@@ -143,7 +143,7 @@ def _lowrank_model(m, rank_frac=0.25, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_lowrank_mode_matches_cpu(name, cpu_models):
-    from minirt.gpu import to_gpu
+    from minirt.cuda.backend import to_gpu
     lr = _lowrank_model(cpu_models[name])
     g = to_gpu(lr, "float32")
     ids = _ids(lr)
@@ -159,7 +159,7 @@ def test_lowrank_mode_matches_cpu(name, cpu_models):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_greedy_decode_on_device_matches_cpu(name, cpu_models):
     """decode_greedy (argmax on the device, graph replays, one sync) gives the CPU's greedy tokens."""
-    from minirt.gpu import to_gpu
+    from minirt.cuda.backend import to_gpu
     m = cpu_models[name]
     g = to_gpu(m, "float32")
     ids = _ids(m, 12, seed=3)
@@ -173,7 +173,7 @@ def test_greedy_decode_on_device_matches_cpu(name, cpu_models):
 
 @pytest.mark.gpu
 def test_speculative_greedy_identical_to_dense(cpu_models):
-    from minirt.gpu import speculative_tokens_gpu, to_gpu
+    from minirt.cuda.backend import speculative_tokens_gpu, to_gpu
     from minirt.sampling import Sampler, SamplingParams
     from minirt.speculative import NGramDrafter, SpecStats
     m = cpu_models["llama"]
@@ -190,7 +190,7 @@ def test_speculative_greedy_identical_to_dense(cpu_models):
 @pytest.mark.gpu
 def test_speculative_lowrank_twin_drafter(cpu_models):
     """--draft lowrank on the device: the factored twin runs on the GPU and greedy output stays identical."""
-    from minirt.gpu import speculative_tokens_gpu, to_gpu
+    from minirt.cuda.backend import speculative_tokens_gpu, to_gpu
     from minirt.sampling import Sampler, SamplingParams
     from minirt.speculative import SpecStats, make_drafter
     g = to_gpu(cpu_models["llama"], "float32")
@@ -213,8 +213,8 @@ def test_speculative_lowrank_twin_drafter(cpu_models):
 def test_fused_lowrank_kernel_vs_float64(dtype):
     import cupy as cp
 
-    from minirt.gpu import GLowRank
-    from minirt.gpu_kernels import kernels
+    from minirt.cuda.backend import GLowRank
+    from minirt.cuda.kernels import kernels
     k = kernels()
     rng = np.random.default_rng(1)
     for K, r, N, mode in [(576, 37, 1536, 0), (576, 144, 576, 1), (64, 8, 256, 2), (768, 200, 3072, 3),
@@ -336,7 +336,7 @@ def _norm64(p):
 def test_verify_kernel_matches_cpu_rule(greedy, with_q):
     import cupy as cp
 
-    from minirt.gpu_kernels import kernels
+    from minirt.cuda.kernels import kernels
     from minirt.sampling import SamplingParams
     if greedy and with_q:
         pytest.skip("greedy acceptance ignores q")
@@ -384,7 +384,7 @@ def test_verify_kernel_matches_cpu_rule(greedy, with_q):
 def test_device_distribution_matches_sampler():
     import cupy as cp
 
-    from minirt.gpu import device_distribution
+    from minirt.cuda.backend import device_distribution
     from minirt.sampling import Sampler, SamplingParams
     rng = np.random.default_rng(2)
     for params in [SamplingParams(0.8, 40, 0.95, 0.05), SamplingParams(1.3, 0, 0.9, 0.0),
@@ -408,7 +408,7 @@ def smollm2_pair():
     if not is_present(REGISTRY["smollm2-135m"]):
         pytest.skip("SmolLM2 GGUF not cached")
     cpu = minirt.load("smollm2", exact=True)
-    return cpu, minirt.gpu.to_gpu(cpu, "float32"), minirt.gpu.to_gpu(cpu, "float16")
+    return cpu, minirt.cuda.backend.to_gpu(cpu, "float32"), minirt.cuda.backend.to_gpu(cpu, "float16")
 
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]

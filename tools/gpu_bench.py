@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minirt  # noqa: E402
-from minirt.gpu import GLowRank, to_gpu  # noqa: E402
+from minirt.cuda.backend import GLowRank, to_gpu  # noqa: E402
 
 
 def ms(xs):
@@ -95,7 +95,7 @@ def cublas_time(sets, x16, reps: int) -> float:
 
 
 def kernel_bench(cp, bw: float, l2: int) -> list[dict]:
-    from minirt.gpu_kernels import kernels
+    from minirt.cuda.kernels import kernels
     k = kernels()
     rng = np.random.default_rng(0)
     rows = []
@@ -230,7 +230,7 @@ def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]]
 def spec_tokens_tps(g, prompt_ids, n: int):
     """Greedy tokens/s (prefill included) of plain decoding and of speculative decoding with the n-gram
     drafter, on token-id prompts (no tokenizer needed), and whether both give the same tokens."""
-    from minirt.gpu import speculative_tokens_gpu
+    from minirt.cuda.backend import speculative_tokens_gpu
     from minirt.sampling import Sampler, SamplingParams
     from minirt.speculative import NGramDrafter, SpecStats
     dense, spec, same, st = [], [], True, SpecStats()
@@ -372,7 +372,7 @@ def main():
         try:
             from cupy.cuda import driver
 
-            from minirt.gpu_kernels import kernels
+            from minirt.cuda.kernels import kernels
             kk = kernels()
             for name in ("lowrank", "gemv"):
                 f = kk.fn(name, "float16")
