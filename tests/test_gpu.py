@@ -4,7 +4,7 @@ Default run (no GPU here): `--device cuda` fails with one line before loading an
 run on a machine with CUDA and CuPy (tools/gpu_tests.sh; `python -m pytest -m gpu tests/test_gpu.py`):
 GPU logits against the CPU forward pass (independent code: Numba kernels, float32) for every mode,
 through the graph-captured decode step and cache rollback; the fused low-rank kernel against float64
-numpy; the verification kernel against minirt.speculative.speculative_tokens' own acceptance rule on the
+numpy; the verification kernel against minirt.modes.speculative.speculative_tokens' own acceptance rule on the
 same random numbers; device sampling against Sampler.distribution.
 
 Tolerances: with float32 weights on the GPU, logits agree with the CPU within 5e-4 (logits of std ≈ 1:
@@ -123,7 +123,7 @@ def _lowrank_model(m, rank_frac=0.25, seed=0):
     import copy
 
     from minirt.cuda.backend import float_matrix
-    from minirt.lowrank import LowRank
+    from minirt.modes.lowrank import LowRank
     out = copy.copy(m)
     out.layers = []
     for L in m.layers:
@@ -175,7 +175,7 @@ def test_greedy_decode_on_device_matches_cpu(name, cpu_models):
 def test_speculative_greedy_identical_to_dense(cpu_models):
     from minirt.cuda.backend import speculative_tokens_gpu, to_gpu
     from minirt.sampling import Sampler, SamplingParams
-    from minirt.speculative import NGramDrafter, SpecStats
+    from minirt.modes.speculative import NGramDrafter, SpecStats
     m = cpu_models["llama"]
     g = to_gpu(m, "float32")
     ids = _ids(m, 6, seed=5) * 4  # repetitive: the n-gram drafter proposes, and some drafts are accepted
@@ -192,7 +192,7 @@ def test_speculative_lowrank_twin_drafter(cpu_models):
     """--draft lowrank on the device: the factored twin runs on the GPU and greedy output stays identical."""
     from minirt.cuda.backend import speculative_tokens_gpu, to_gpu
     from minirt.sampling import Sampler, SamplingParams
-    from minirt.speculative import SpecStats, make_drafter
+    from minirt.modes.speculative import SpecStats, make_drafter
     g = to_gpu(cpu_models["llama"], "float32")
     twin = g.lowrank_twin("")
     assert type(twin) is type(g) and twin.lowrank
@@ -308,9 +308,9 @@ class _FixedDrafter:
 
 
 def _cpu_rule(rows, draft, qs, us, params):
-    """(accepted, next token) from minirt.speculative.speculative_tokens itself."""
+    """(accepted, next token) from minirt.modes.speculative.speculative_tokens itself."""
     from minirt.sampling import Sampler
-    from minirt.speculative import SpecStats, speculative_tokens
+    from minirt.modes.speculative import SpecStats, speculative_tokens
     s = Sampler(params)
     s.rng = _Uniforms([0.5] + list(us))  # the first uniform goes to the prompt's token
     st = SpecStats()

@@ -210,7 +210,7 @@ def decode_tps(g, n: int, runs: int, prompt: list[int]) -> list[float]:
 
 def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]], object]:
     """Through Generation (streaming: one token read per step, text detokenized), decode tok/s per prompt."""
-    from minirt.speculative import SpecStats
+    from minirt.modes.speculative import SpecStats
     tps, toks, spec = [], [], SpecStats()
     g.generate(prompts[0], max_tokens=8, temperature=0, **kw).text()
     for p in prompts:
@@ -232,7 +232,7 @@ def spec_tokens_tps(g, prompt_ids, n: int):
     drafter, on token-id prompts (no tokenizer needed), and whether both give the same tokens."""
     from minirt.cuda.backend import speculative_tokens_gpu
     from minirt.sampling import Sampler, SamplingParams
-    from minirt.speculative import NGramDrafter, SpecStats
+    from minirt.modes.speculative import NGramDrafter, SpecStats
     dense, spec, same, st = [], [], True, SpecStats()
     for ids in [prompt_ids[0]] + list(prompt_ids):  # the first round warms up (graphs for each T)
         cache = g.new_cache(len(ids) + n + 16)
@@ -251,7 +251,7 @@ def spec_tokens_tps(g, prompt_ids, n: int):
 
 
 def model_bench(name: str, cpu, hf_model, n: int, runs: int, prompts) -> list[dict]:
-    from minirt.lowrank import with_lowrank
+    from minirt.modes.lowrank import with_lowrank
     rows = []
     vocab = cpu.cfg.vocab_size
     prompt = [1]

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import MinirtError
 from ..generate import Generation
 from ..linear import Dense, Quant
-from ..lowrank import LowRank
+from ..modes.lowrank import LowRank
 from ..sampling import Sampler, SamplingParams
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -415,7 +415,7 @@ class GPUModel:
     def lowrank_twin(self, arg: str = "") -> "GPUModel":
         """The --draft lowrank[:ARG] twin on the device: the host model factored, then uploaded; made once
         (make_drafter asks for it), so every generation reuses it."""
-        from ..speculative import lowrank_twin
+        from ..modes.speculative import lowrank_twin
         twins = self.__dict__.setdefault("_lowrank_twins", {})
         if arg not in twins:
             twins[arg] = GPUModel(lowrank_twin(self.cpu, arg), self.dtype)
@@ -566,10 +566,10 @@ class GPUGeneration(Generation):
 
 def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: Sampler, drafter, k: int,
                            max_tokens: int, stats, adaptive: bool = True):
-    """minirt.speculative.speculative_tokens on the device: the K+1 positions scored by one graph replay,
+    """minirt.modes.speculative.speculative_tokens on the device: the K+1 positions scored by one graph replay,
     the acceptance rule applied by one verification kernel (one host sync per step). Same drafters, same
     adaptive K, same rule: greedy output is identical to plain greedy decoding on the GPU."""
-    from ..speculative import DraftLength
+    from ..modes.speculative import DraftLength
     length = DraftLength(k, adaptive)
     ds = DeviceSampler(model, sampler, prompt)
     context = list(prompt)
