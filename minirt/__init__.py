@@ -36,7 +36,7 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
     Quantized matrices (Q8_0, Q4_0, Q4_1, F16, BF16) stay in their stored format and run on kernels
     made for it; dequantize=True expands them to float32 instead. Decode steps on block formats round
     activations to int8 per block (as llama.cpp does); exact=True keeps them float32.
-    device: "cpu", "cuda" (the GPU backend, minirt.gpu: float16 weights on the device) or "auto".
+    device: "cpu", "cuda" (the GPU backend, minirt.cuda.backend: float16 weights on the device) or "auto".
     ctx: the context used (what new caches and generations hold): default min(4096, the model's trained
     maximum); more is asked for here, up to that maximum (above it is a MinirtError, before the model is built).
     mode: dense, lowrank, pinv, speculative or jacobi, with that mode's options (minirt.modes lists them):
@@ -49,7 +49,7 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
     from .registry import resolve
     options = check(mode, mode_options, device)  # one line, before any loading or downloading
     if device != "cpu":
-        from .gpu import resolve_device
+        from .cuda.backend import resolve_device
         device = resolve_device(device)  # fails with one line before any loading
         if device == "cuda":  # "auto" found a GPU
             check(mode, mode_options, device)
@@ -59,7 +59,7 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
                               ctx=ctx)
     m = compose(m, mode, options, given=mode_options)
     if device == "cuda":
-        from .gpu import to_gpu
+        from .cuda.backend import to_gpu
         return remember(to_gpu(m), mode, options)
     return m
 

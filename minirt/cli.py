@@ -199,7 +199,7 @@ def _load(args, **override):
     model = minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize,
                         exact=args.exact, device=args.device, mode=args.mode, **options)
     if args.mode == "lowrank":
-        from .lowrank import summary
+        from .modes.lowrank import summary
         print(summary(model), file=sys.stderr)
     return model
 
@@ -426,7 +426,7 @@ def cmd_bench(args) -> None:
     if args.mode == "jacobi":
         if args.n_gen < 9:
             raise MinirtError(f"bench --mode jacobi times decoding: give -n 9 or more, got {args.n_gen}")
-        from . import jacobi
+        from .modes import jacobi
         from .modes import check
         check(args.mode, _mode_options(args), args.device)
         model = _load(args, pinv_tol=0.0)  # the bench installs the transition for each setting it times
@@ -485,7 +485,7 @@ def cmd_convert(args) -> None:
 def cmd_svd(args) -> None:
     import minirt
 
-    from .lowrank import check_choice, check_out, export, summary
+    from .modes.lowrank import check_choice, check_out, export, summary
     from .modes import check
     from .registry import cache_dir, resolve
     check_choice(*_factor_choice(args))  # svd asks for one explicitly (--mode lowrank defaults to energy 0.9)

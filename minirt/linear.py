@@ -8,9 +8,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import kernels
-from .cpu import isa, qmatmul
-from .threads import split_rows
+from .cpu import isa, kernels, qmatmul
+from .cpu.threads import split_rows
 from .readers.base import Tensor
 
 BLAS_MIN_ROWS = 16  # from this many positions on, a BLAS GEMM beats the row-parallel Numba kernel (measured)

@@ -20,13 +20,13 @@ from types import MappingProxyType
 import numba
 import numpy as np
 
-from . import kernels
+from .cpu import kernels
 from .config import ModelConfig
 from .errors import MinirtError
 from .kvcache import KVCache, context_size
 from .linear import Dense, Linear, Quant, make_linear
 from .readers import Checkpoint, Tensor
-from .threads import blas_single_threaded
+from .cpu.threads import blas_single_threaded
 from .tokenizer import Tokenizer, build_tokenizer
 
 # Positions per pass through the layers (llama.cpp's micro-batch plays this part). A longer prompt runs in
@@ -117,7 +117,7 @@ class Model:
         def matrix(name: str, ws: list[str], bs: list[str]) -> Linear:
             """The Linear for canonical matrices ws stacked (biases bs), or its factors in a low-rank export."""
             if name + ".lr_u" in t:
-                from .lowrank import lowrank_from_tensors
+                from .modes.lowrank import lowrank_from_tensors
                 b = t.get(name + ".lr_b")
                 return lowrank_from_tensors(t[name + ".lr_u"], t[name + ".lr_v"], None if b is None else b.float32(),
                                             exact)
@@ -161,7 +161,7 @@ class Model:
             tok.chat_template = BUILTIN_TEMPLATES.get(cfg.arch)
         model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type, ctx)
         if "minirt.lowrank.manifest" in ck.metadata:
-            from .lowrank import describe_export
+            from .modes.lowrank import describe_export
             describe_export(model, ck.metadata["minirt.lowrank.manifest"])
         return model
 

@@ -597,7 +597,7 @@ def test_llama2c_tokenizer_bin(tmp_path):
 # ---- low-rank exports -----------------------------------------------------------------------------------
 def test_lowrank_export_to_gguf(models, tmp_path):
     """minirt svd's folder (model.gguf + lowrank.json) → one GGUF that minirt loads with the same factors."""
-    from minirt.lowrank import export, with_lowrank
+    from minirt.modes.lowrank import export, with_lowrank
     src = tmp_path / "src.gguf"
     write_llama_gguf(src, models["llama_gqa"])
     m = with_lowrank(minirt.load(str(src)), rank=8, progress=False)

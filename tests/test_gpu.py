@@ -1,10 +1,10 @@
-"""GPU backend (minirt/gpu.py, minirt/gpu_kernels.py).
+"""GPU backend (minirt/cuda/backend.py, minirt/cuda/kernels.py).
 
 Default run (no GPU here): `--device cuda` fails with one line before loading anything. Tests marked gpu
 run on a machine with CUDA and CuPy (tools/gpu_tests.sh; `python -m pytest -m gpu tests/test_gpu.py`):
 GPU logits against the CPU forward pass (independent code: Numba kernels, float32) for every mode,
 through the graph-captured decode step and cache rollback; the fused low-rank kernel against float64
-numpy; the verification kernel against minirt.speculative.speculative_tokens' own acceptance rule on the
+numpy; the verification kernel against minirt.modes.speculative.speculative_tokens' own acceptance rule on the
 same random numbers; device sampling against Sampler.distribution.
 
 Tolerances: with float32 weights on the GPU, logits agree with the CPU within 5e-4 (logits of std ≈ 1:
@@ -18,7 +18,7 @@ import pytest
 
 import minirt
 from minirt.errors import MinirtError
-from minirt.gpu import cuda_unavailable
+from minirt.cuda.backend import cuda_unavailable
 
 NO_GPU = cuda_unavailable()
 needs_gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"no CUDA: {NO_GPU}")
@@ -33,7 +33,7 @@ def test_device_cuda_without_gpu_fails_with_one_line(capsys):
     assert rc == 1 and err.count("\n") == 1 and "--device cuda" in err and "nonexistent" not in err
     with pytest.raises(MinirtError, match="device cuda"):
         minirt.load("/nonexistent/model.gguf", device="cuda")
-    from minirt.gpu import resolve_device
+    from minirt.cuda.backend import resolve_device
     assert resolve_device("auto") == "cpu"
 
 
@@ -97,7 +97,7 @@ def _close(got, ref, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_logits_match_cpu(name, dtype, cpu_models):
-    from minirt.gpu import to_gpu
+    from minirt.cuda.backend import to_gpu
     m = cpu_models[name]
     g = to_gpu(m, dtype)
     ids = _ids(m)
@@ -122,8 +122,8 @@ def _lowrank_model(m, rank_frac=0.25, seed=0):
     """The CPU model with every layer matrix replaced by its rank-r truncated SVD (numpy, float32)."""
     import copy
 
-    from minirt.gpu import float_matrix
-    from minirt.lowrank import LowRank
+    from minirt.cuda.backend import float_matrix
+    from minirt.modes.lowrank import LowRank
     out = copy.copy(m)
     out.layers = []
     for L in m.layers:
@@ -143,7 +143,7 @@ def _lowrank_model(m, rank_frac=0.25, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_lowrank_mode_matches_cpu(name, cpu_models):
-    from minirt.gpu import to_gpu
+    from minirt.cuda.backend import to_gpu
     lr = _lowrank_model(cpu_models[name])
     g = to_gpu(lr, "float32")
     ids = _ids(lr)
@@ -159,7 +159,7 @@ def test_lowrank_mode_matches_cpu(name, cpu_models):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_greedy_decode_on_device_matches_cpu(name, cpu_models):
     """decode_greedy (argmax on the device, graph replays, one sync) gives the CPU's greedy tokens."""
-    from minirt.gpu import to_gpu
+    from minirt.cuda.backend import to_gpu
     m = cpu_models[name]
     g = to_gpu(m, "float32")
     ids = _ids(m, 12, seed=3)
@@ -173,9 +173,9 @@ def test_greedy_decode_on_device_matches_cpu(name, cpu_models):
 
 @pytest.mark.gpu
 def test_speculative_greedy_identical_to_dense(cpu_models):
-    from minirt.gpu import speculative_tokens_gpu, to_gpu
+    from minirt.cuda.backend import speculative_tokens_gpu, to_gpu
     from minirt.sampling import Sampler, SamplingParams
-    from minirt.speculative import NGramDrafter, SpecStats
+    from minirt.modes.speculative import NGramDrafter, SpecStats
     m = cpu_models["llama"]
     g = to_gpu(m, "float32")
     ids = _ids(m, 6, seed=5) * 4  # repetitive: the n-gram drafter proposes, and some drafts are accepted
@@ -190,9 +190,9 @@ def test_speculative_greedy_identical_to_dense(cpu_models):
 @pytest.mark.gpu
 def test_speculative_lowrank_twin_drafter(cpu_models):
     """--draft lowrank on the device: the factored twin runs on the GPU and greedy output stays identical."""
-    from minirt.gpu import speculative_tokens_gpu, to_gpu
+    from minirt.cuda.backend import speculative_tokens_gpu, to_gpu
     from minirt.sampling import Sampler, SamplingParams
-    from minirt.speculative import SpecStats, make_drafter
+    from minirt.modes.speculative import SpecStats, make_drafter
     g = to_gpu(cpu_models["llama"], "float32")
     twin = g.lowrank_twin("")
     assert type(twin) is type(g) and twin.lowrank
@@ -213,8 +213,8 @@ def test_speculative_lowrank_twin_drafter(cpu_models):
 def test_fused_lowrank_kernel_vs_float64(dtype):
     import cupy as cp
 
-    from minirt.gpu import GLowRank
-    from minirt.gpu_kernels import kernels
+    from minirt.cuda.backend import GLowRank
+    from minirt.cuda.kernels import kernels
     k = kernels()
     rng = np.random.default_rng(1)
     for K, r, N, mode in [(576, 37, 1536, 0), (576, 144, 576, 1), (64, 8, 256, 2), (768, 200, 3072, 3),
@@ -308,9 +308,9 @@ class _FixedDrafter:
 
 
 def _cpu_rule(rows, draft, qs, us, params):
-    """(accepted, next token) from minirt.speculative.speculative_tokens itself."""
+    """(accepted, next token) from minirt.modes.speculative.speculative_tokens itself."""
     from minirt.sampling import Sampler
-    from minirt.speculative import SpecStats, speculative_tokens
+    from minirt.modes.speculative import SpecStats, speculative_tokens
     s = Sampler(params)
     s.rng = _Uniforms([0.5] + list(us))  # the first uniform goes to the prompt's token
     st = SpecStats()
@@ -336,7 +336,7 @@ def _norm64(p):
 def test_verify_kernel_matches_cpu_rule(greedy, with_q):
     import cupy as cp
 
-    from minirt.gpu_kernels import kernels
+    from minirt.cuda.kernels import kernels
     from minirt.sampling import SamplingParams
     if greedy and with_q:
         pytest.skip("greedy acceptance ignores q")
@@ -384,7 +384,7 @@ def test_verify_kernel_matches_cpu_rule(greedy, with_q):
 def test_device_distribution_matches_sampler():
     import cupy as cp
 
-    from minirt.gpu import device_distribution
+    from minirt.cuda.backend import device_distribution
     from minirt.sampling import Sampler, SamplingParams
     rng = np.random.default_rng(2)
     for params in [SamplingParams(0.8, 40, 0.95, 0.05), SamplingParams(1.3, 0, 0.9, 0.0),
@@ -408,7 +408,7 @@ def smollm2_pair():
     if not is_present(REGISTRY["smollm2-135m"]):
         pytest.skip("SmolLM2 GGUF not cached")
     cpu = minirt.load("smollm2", exact=True)
-    return cpu, minirt.gpu.to_gpu(cpu, "float32"), minirt.gpu.to_gpu(cpu, "float16")
+    return cpu, minirt.cuda.backend.to_gpu(cpu, "float32"), minirt.cuda.backend.to_gpu(cpu, "float16")
 
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]

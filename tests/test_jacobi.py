@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minirt
-from minirt.pinv import with_pinv
+from minirt.modes.pinv import with_pinv
 
 PROMPTS = [
     "Once upon a time",

@@ -7,7 +7,7 @@ import pytest
 
 from minirt import MinirtError
 from minirt.linear import Dense
-from minirt.lowrank import LowRank, factor, lowrank_linear, with_lowrank
+from minirt.modes.lowrank import LowRank, factor, lowrank_linear, with_lowrank
 
 
 @pytest.mark.parametrize("energy", [0.5, 0.8, 0.9, 0.99])
@@ -80,7 +80,7 @@ def test_activation_aware_minimises_error_on_activations():
     """SVD-LLM factors are optimal in the norm of the calibration activations (Eckart–Young in the whitened
     space): at every rank their output error ‖(W − W_r)Xᵀ‖ is no larger than plain SVD's, and smaller when
     the activations are far from isotropic, while plain SVD wins in the plain Frobenius norm."""
-    from minirt.lowrank import SVD
+    from minirt.modes.lowrank import SVD
     rng = np.random.default_rng(3)
     w = rng.standard_normal((48, 32))
     x = rng.standard_normal((400, 32)) * np.logspace(0, -2, 32)  # a few input directions dominate
@@ -97,7 +97,7 @@ def test_activation_aware_minimises_error_on_activations():
 
 
 def test_params_ratio_sets_ranks():
-    from minirt.lowrank import SVD
+    from minirt.modes.lowrank import SVD
     d = SVD(np.random.default_rng(4).standard_normal((96, 64)))
     for p in (0.3, 0.5, 0.9):
         r = d.rank(params=p)
@@ -121,7 +121,7 @@ def test_export_load_round_trip(storage, tiny_llama_gguf, tmp_path):
     import gguf
 
     import minirt
-    from minirt.lowrank import export
+    from minirt.modes.lowrank import export
     base = minirt.load(tiny_llama_gguf)
     m = with_lowrank(base, params=0.4, storage=storage, head=True, force=True)
     out = export(m, tmp_path / "tiny-lr", progress=False)
@@ -140,7 +140,7 @@ def test_export_load_round_trip(storage, tiny_llama_gguf, tmp_path):
 
 def test_export_refuses_non_empty_folder(tiny_llama_gguf, tmp_path):
     import minirt
-    from minirt.lowrank import export
+    from minirt.modes.lowrank import export
     m = with_lowrank(minirt.load(tiny_llama_gguf), rank=4)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")

@@ -12,7 +12,7 @@ import pytest
 
 import minirt
 import minirt.model
-from minirt import kernels
+from minirt.cpu import kernels
 from minirt.config import ModelConfig
 from minirt.generate import Generation
 from minirt.kvcache import DEFAULT_CTX

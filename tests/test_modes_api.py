@@ -73,7 +73,7 @@ def test_the_model_remembers_its_mode(smollm2_path):
 
 def test_lowrank_export_runs_as_it_is(tmp_path):
     """A low-rank export loads in mode lowrank as it is; factoring options on it are refused."""
-    from minirt.lowrank import export
+    from minirt.modes.lowrank import export
 
     from .test_parity import make_llama, write_llama_gguf
     src = tmp_path / "tiny.gguf"

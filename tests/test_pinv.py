@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minirt.pinv import transition
+from minirt.modes.pinv import transition
 
 H, N = 64, 96
 
@@ -52,7 +52,7 @@ def test_degenerate_inputs_stay_finite():
 
 # ---- PinvLinear: the transition as a Linear, with a window of exactly computed rows ------------------------
 from minirt.linear import Dense  # noqa: E402
-from minirt.pinv import PinvLinear, PinvState  # noqa: E402
+from minirt.modes.pinv import PinvLinear, PinvState  # noqa: E402
 
 
 def pinv_dense(S, tol, seed=0, bias=True):
@@ -125,7 +125,7 @@ def test_linear_degenerate_rows_stay_finite():
 
 # ---- in the model --------------------------------------------------------------------------------------------
 def test_tol_zero_equals_dense(smollm2_fast):
-    from minirt.pinv import with_pinv
+    from minirt.modes.pinv import with_pinv
     pm = with_pinv(smollm2_fast, 16, 0.0)
     prompt = "The old man walked slowly along the river and"
     a = smollm2_fast.generate(prompt, max_tokens=16, temperature=0)
@@ -141,7 +141,7 @@ def test_tol_zero_equals_dense(smollm2_fast):
 def test_tolerance_predicts_rows_and_bounds_the_error(smollm2):
     """A loose tolerance predicts some rows; every logit row stays finite, and the first position (empty
     windows: computed exactly, float32 kernels) equals dense."""
-    from minirt.pinv import with_pinv
+    from minirt.modes.pinv import with_pinv
     pm = with_pinv(smollm2, 16, 0.6)
     ids = smollm2.tokenizer.encode("one two three four five six seven eight nine ten one two three four")
     got, want = pm.logits(ids), smollm2.logits(ids)
@@ -155,7 +155,7 @@ def test_mode_pinv_needs_the_transition(smollm2_fast):
     import minirt
     with pytest.raises(minirt.MinirtError, match="with_pinv"):
         smollm2_fast.generate("hi", mode="pinv")
-    from minirt.pinv import with_pinv
+    from minirt.modes.pinv import with_pinv
     with pytest.raises(minirt.MinirtError, match="window"):
         with_pinv(smollm2_fast, 0, 0.1)
     with pytest.raises(minirt.MinirtError, match="tolerance"):
@@ -190,7 +190,7 @@ def tiny_gpt2(dim=16, hidden=64, layers=2, vocab=40, seed=0):
 def test_gpt2_fc_predicted_exactly_once_the_window_spans_the_inputs(one_call):
     """GPT-2's fc (with bias): once S = H exact rows fill a layer's window, every later input lies in their
     row space, so rows are predicted and the logits still equal dense ones, in one call or one token a step."""
-    from minirt.pinv import with_pinv
+    from minirt.modes.pinv import with_pinv
     m = tiny_gpt2()
     pm = with_pinv(m, 16, 1e-3)
     ids = list(np.random.default_rng(1).integers(0, 40, 60))

@@ -69,7 +69,7 @@ def test_cache_after_rollbacks_equals_fresh_run(smollm2):
 def test_draft_length_policy():
     """Adaptive K: grows on full acceptance up to 2K (≤ K_MAX), halves on a first-token rejection, stops after
     misses in a row, then probes at doubling intervals: a collapsed drafter costs a few probes, not K per step."""
-    from minirt.speculative import K_MAX, MISSES, PROBE, PROBE_MAX, DraftLength
+    from minirt.modes.speculative import K_MAX, MISSES, PROBE, PROBE_MAX, DraftLength
     d = DraftLength(4)
     ks = []
     for _ in range(8):

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minirt  # noqa: E402
-from minirt.gpu import GLowRank, to_gpu  # noqa: E402
+from minirt.cuda.backend import GLowRank, to_gpu  # noqa: E402
 
 
 def ms(xs):
@@ -95,7 +95,7 @@ def cublas_time(sets, x16, reps: int) -> float:
 
 
 def kernel_bench(cp, bw: float, l2: int) -> list[dict]:
-    from minirt.gpu_kernels import kernels
+    from minirt.cuda.kernels import kernels
     k = kernels()
     rng = np.random.default_rng(0)
     rows = []
@@ -210,7 +210,7 @@ def decode_tps(g, n: int, runs: int, prompt: list[int]) -> list[float]:
 
 def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]], object]:
     """Through Generation (streaming: one token read per step, text detokenized), decode tok/s per prompt."""
-    from minirt.speculative import SpecStats
+    from minirt.modes.speculative import SpecStats
     tps, toks, spec = [], [], SpecStats()
     g.generate(prompts[0], max_tokens=8, temperature=0, **kw).text()
     for p in prompts:
@@ -230,9 +230,9 @@ def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]]
 def spec_tokens_tps(g, prompt_ids, n: int):
     """Greedy tokens/s (prefill included) of plain decoding and of speculative decoding with the n-gram
     drafter, on token-id prompts (no tokenizer needed), and whether both give the same tokens."""
-    from minirt.gpu import speculative_tokens_gpu
+    from minirt.cuda.backend import speculative_tokens_gpu
     from minirt.sampling import Sampler, SamplingParams
-    from minirt.speculative import NGramDrafter, SpecStats
+    from minirt.modes.speculative import NGramDrafter, SpecStats
     dense, spec, same, st = [], [], True, SpecStats()
     for ids in [prompt_ids[0]] + list(prompt_ids):  # the first round warms up (graphs for each T)
         cache = g.new_cache(len(ids) + n + 16)
@@ -251,7 +251,7 @@ def spec_tokens_tps(g, prompt_ids, n: int):
 
 
 def model_bench(name: str, cpu, hf_model, n: int, runs: int, prompts) -> list[dict]:
-    from minirt.lowrank import with_lowrank
+    from minirt.modes.lowrank import with_lowrank
     rows = []
     vocab = cpu.cfg.vocab_size
     prompt = [1]
@@ -372,7 +372,7 @@ def main():
         try:
             from cupy.cuda import driver
 
-            from minirt.gpu_kernels import kernels
+            from minirt.cuda.kernels import kernels
             kk = kernels()
             for name in ("lowrank", "gemv"):
                 f = kk.fn(name, "float16")

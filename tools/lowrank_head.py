@@ -10,7 +10,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minirt  # noqa: E402
-from minirt.lowrank import Factorizer, calibration_grams, summary  # noqa: E402
+from minirt.modes.lowrank import Factorizer, calibration_grams, summary  # noqa: E402
 from minirt.perplexity import perplexity  # noqa: E402
 from minirt.registry import pull  # noqa: E402
 

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minirt  # noqa: E402
 from minirt import bench  # noqa: E402
-from minirt.lowrank import Factorizer, calibration_grams  # noqa: E402
+from minirt.modes.lowrank import Factorizer, calibration_grams  # noqa: E402
 from minirt.perplexity import perplexity  # noqa: E402
 from minirt.quantize import quantize_gguf  # noqa: E402
 from minirt.registry import pull  # noqa: E402

@@ -1,4 +1,4 @@
-"""Operator benchmark of the pinv transition (minirt/pinv.py) against the dense product X_{t+1} W and
+"""Operator benchmark of the pinv transition (minirt/modes/pinv.py) against the dense product X_{t+1} W and
 against naive reuse Ŷ = Y_t, at SmolLM2's FFN shape (H = 576, N = 1536) and the design documents' shape
 (H = 12288, N = 49152), fp32, for several block sizes S and noise levels (X_{t+1} = X_t + σ·noise·rms(X_t)).
 
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from minirt.pinv import transition
+from minirt.modes.pinv import transition
 
 
 def best(f, reps=3):

@@ -1,7 +1,7 @@
 """Residuals of the pinv transition on real SmolLM2 decode activations (FFN inputs of 200 botchan tokens,
 window of the previous S tokens), per layer: python tools/pinv_real_activations.py"""
 import numpy as np, minirt
-from minirt.pinv import transition
+from minirt.modes.pinv import transition
 m = minirt.load('smollm2', exact=True)
 # capture FFN inputs (post-norm h) and gate|up outputs for decode steps, per layer
 caps = {i: [] for i in range(m.cfg.n_layers)}

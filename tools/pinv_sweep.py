@@ -20,7 +20,7 @@ import numpy as np
 
 import minirt
 from minirt.perplexity import log_softmax
-from minirt.pinv import with_pinv
+from minirt.modes.pinv import with_pinv
 from minirt.registry import pull
 
 

@@ -2,11 +2,11 @@
 
     mode         load options (API name = CLI flag)                      what it composes           module
     dense        —                                                        the model as loaded
-    lowrank      energy | rank | params, calibration, calib_tokens,       matrices factored on load  minirt/lowrank.py
+    lowrank      energy | rank | params, calibration, calib_tokens,       matrices factored on load  lowrank.py
                  factor_type, lowrank_head (none on a low-rank export)    (an export runs as it is)
-    pinv         window (--pinv-window), tol (--pinv-tol)                 FFN gate|up rows predicted minirt/pinv.py
-    speculative  draft, draft_k                                           drafts verified in one call minirt/speculative.py
-    jacobi       block, pinv_window, pinv_tol (the transition in its       blocks refined, verified   minirt/jacobi.py
+    pinv         window (--pinv-window), tol (--pinv-tol)                 FFN gate|up rows predicted pinv.py
+    speculative  draft, draft_k                                           drafts verified in one call speculative.py
+    jacobi       block, pinv_window, pinv_tol (the transition in its       blocks refined, verified   jacobi.py
                  iterations; 0: none)
 
 check() validates the options before anything is loaded or downloaded, with the CLI's one-line errors;
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 
-from .. import jacobi, speculative
+from . import jacobi, speculative
 from ..errors import MinirtError
 from ..generate import Decoding, register
 
@@ -76,7 +76,7 @@ def _check_pinv(o: dict, window: str, tol: str) -> None:
 
 
 def _check_lowrank(o: dict) -> None:
-    from ..lowrank import STORAGE, check_choice
+    from .lowrank import STORAGE, check_choice
     if (o["energy"], o["rank"], o["params"]) != (None, None, None):  # none: energy 0.9 (or an export as it is)
         check_choice(o["energy"], o["rank"], o["params"])
     if o["factor_type"] not in STORAGE:
@@ -98,10 +98,10 @@ def compose(model, mode: str, options: dict, given=()):
     if mode == "lowrank":
         model = _lowrank(model, options, given)
     elif mode == "pinv":
-        from ..pinv import with_pinv
+        from .pinv import with_pinv
         model = with_pinv(model, options["window"], options["tol"])
     elif mode == "jacobi" and options["pinv_tol"] > 0:
-        from ..pinv import with_pinv
+        from .pinv import with_pinv
         model = with_pinv(model, options["pinv_window"], options["pinv_tol"])
         model.pinv.enabled = False  # on only inside Jacobi iterations: generate(mode="dense") stays exact
     return remember(model, mode, options)
@@ -114,7 +114,7 @@ def remember(model, mode: str, options: dict):
 
 
 def _lowrank(model, o: dict, given):
-    from ..lowrank import calibration_tokens, with_lowrank
+    from .lowrank import calibration_tokens, with_lowrank
     from ..registry import read_text
     if getattr(model, "lowrank", None):  # a low-rank export: run as it is
         if set(given) & set(LOWRANK):
@@ -146,12 +146,12 @@ def _needs(attr: str, message: str):
 
 register("lowrank", Decoding(start=_needs(
     "lowrank", "mode 'lowrank' needs a factored model: minirt.load(name, mode='lowrank', energy=E) "
-    "(or minirt.lowrank.with_lowrank(model, energy=E))")))
+    "(or minirt.modes.lowrank.with_lowrank(model, energy=E))")))
 register("speculative", Decoding(options=dict(OPTIONS["speculative"]), start=speculative.start,
                                  tokens=speculative.tokens, ahead=lambda draft, draft_k: draft_k))
 register("pinv", Decoding(start=_needs(
     "pinv", "mode 'pinv' needs a model with the transition installed: minirt.load(name, mode='pinv', window=S, "
-    "tol=T) (or minirt.pinv.with_pinv(model, window, tol))")))
+    "tol=T) (or minirt.modes.pinv.with_pinv(model, window, tol))")))
 register("jacobi", Decoding(options=dict(block=OPTIONS["jacobi"]["block"]), start=jacobi.start,
                             tokens=jacobi.tokens, ahead=lambda block: block))
 

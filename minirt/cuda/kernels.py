@@ -2,7 +2,7 @@
 
 They know nothing of models or files: device arrays in, device arrays out, outputs preallocated. Every
 kernel that depends on the position reads it from a device int (`pos`), so a decode step captured once as a
-CUDA graph replays unchanged at every position. Shapes follow the CPU kernels (minirt/kernels.py):
+CUDA graph replays unchanged at every position. Shapes follow the CPU kernels (minirt/cpu/kernels.py):
 activations x (T, D) float32; matrices (out, in) in float16, bfloat16 or float32, read 16 bytes per lane;
 the KV cache of one layer (n_kv_heads, capacity, head_dim) float32.
 

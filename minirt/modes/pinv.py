@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .errors import MinirtError
-from .linear import Linear
-from .model import Model
+from ..errors import MinirtError
+from ..linear import Linear
+from ..model import Model
 
 JIT = dict(cache=True, fastmath=False)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import MinirtError
-from .sampling import Sampler
+from ..errors import MinirtError
+from ..sampling import Sampler
 
 MISSES = 3       # drafting stops after this many verify calls in a row accepted nothing …
 PROBE = 16      # … and is retried after 2·PROBE steps, the wait doubling while retries fail …
@@ -91,7 +91,7 @@ class ModelDrafter:
 
     def start(self, context: list[int], cache) -> None:
         if self.shares_cache:  # a view on the model's cache: its first n_layers
-            from .kvcache import KVCache
+            from ..kvcache import KVCache
             view = object.__new__(KVCache)
             view.k, view.v, view.capacity = cache.k[:self.model.cfg.n_layers], cache.v[:self.model.cfg.n_layers], cache.capacity
             self.cache, self.model_cache = view, cache
@@ -132,7 +132,7 @@ def lowrank_twin(model, arg: str = ""):
     """The model with its matrices factored (plain SVD, on the fly): lowrank[:E] keeps energy E (default 0.9),
     lowrank:pP keeps a share P of each matrix's parameters. It shares embeddings, norms, head and every matrix
     left dense with the model; the factors are Q8_0 when the model is quantized, float32 otherwise."""
-    from .linear import Quant
+    from ..linear import Quant
     from .lowrank import with_lowrank
     try:
         kw = dict(params=float(arg[1:])) if arg.startswith("p") else dict(energy=float(arg) if arg else 0.9)
@@ -182,9 +182,9 @@ def make_drafter(model, spec: str, capacity: int):
         if arg not in twins:
             twins[arg] = lowrank_twin(model, arg)
         return ModelDrafter(twins[arg], capacity)
-    from .model import Model
-    from .readers import read_checkpoint
-    from .registry import resolve
+    from ..model import Model
+    from ..readers import read_checkpoint
+    from ..registry import resolve
     draft = Model.from_checkpoint(read_checkpoint(resolve(spec)))
     a, b = model.tokenizer, draft.tokenizer
     same = (a.vocab_size == b.vocab_size and getattr(a, "id_bytes", None) == getattr(b, "id_bytes", None))

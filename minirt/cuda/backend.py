@@ -8,7 +8,7 @@ one graph replay (embedding → layers → head → argmax, the position advance
 read of the token; a speculative step is one graph replay over K+1 positions and one verification kernel.
 
 GPUModel keeps Model's contract: forward(tokens, cache, logits) returns float32 logits on the host;
-new_cache(), logits(), generate(), truncated() behave as on the CPU. Kernels: minirt/gpu_kernels.py.
+new_cache(), logits(), generate(), truncated() behave as on the CPU. Kernels: minirt/cuda/kernels.py.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from .errors import MinirtError
-from .generate import Generation
-from .linear import Dense, Quant
-from .lowrank import LowRank
-from .sampling import Sampler, SamplingParams
+from ..errors import MinirtError
+from ..generate import Generation
+from ..linear import Dense, Quant
+from ..modes.lowrank import LowRank
+from ..sampling import Sampler, SamplingParams
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -192,7 +192,7 @@ class GPUModel:
     def __init__(self, model, dtype: str = "float16"):
         import cupy as cp
 
-        from .gpu_kernels import kernels
+        from .kernels import kernels
         if dtype not in DTYPES:
             raise MinirtError(f"unknown GPU weight type '{dtype}': choose one of {', '.join(DTYPES)}")
         c = model.cfg
@@ -415,7 +415,7 @@ class GPUModel:
     def lowrank_twin(self, arg: str = "") -> "GPUModel":
         """The --draft lowrank[:ARG] twin on the device: the host model factored, then uploaded; made once
         (make_drafter asks for it), so every generation reuses it."""
-        from .speculative import lowrank_twin
+        from ..modes.speculative import lowrank_twin
         twins = self.__dict__.setdefault("_lowrank_twins", {})
         if arg not in twins:
             twins[arg] = GPUModel(lowrank_twin(self.cpu, arg), self.dtype)
@@ -566,10 +566,10 @@ class GPUGeneration(Generation):
 
 def speculative_tokens_gpu(model: GPUModel, cache, prompt: list[int], sampler: Sampler, drafter, k: int,
                            max_tokens: int, stats, adaptive: bool = True):
-    """minirt.speculative.speculative_tokens on the device: the K+1 positions scored by one graph replay,
+    """minirt.modes.speculative.speculative_tokens on the device: the K+1 positions scored by one graph replay,
     the acceptance rule applied by one verification kernel (one host sync per step). Same drafters, same
     adaptive K, same rule: greedy output is identical to plain greedy decoding on the GPU."""
-    from .speculative import DraftLength
+    from ..modes.speculative import DraftLength
     length = DraftLength(k, adaptive)
     ds = DeviceSampler(model, sampler, prompt)
     context = list(prompt)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MinirtError
-from .progress import Progress
-from .linear import Dense, Linear, Quant, make_linear
-from .readers.base import Tensor
+from ..errors import MinirtError
+from ..progress import Progress
+from ..linear import Dense, Linear, Quant, make_linear
+from ..readers.base import Tensor
 
 SITES = ("qkv", "wo", "up", "down")  # the Linears of a layer, by the name of the attribute
 STORAGE = ("F32", "F16", "Q8_0")
@@ -328,7 +328,7 @@ def export(model, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     The unfactored tensors and all metadata come from the model's source GGUF, byte for byte."""
     import gguf
 
-    from .quantize import copy_metadata, copy_tensor
+    from ..quantize import copy_metadata, copy_tensor
     src = Path(model.source) if model.source else None
     if src is None or src.is_dir() or not getattr(model, "lowrank", None):
         raise MinirtError("svd export needs a factored model loaded from a GGUF file "

@@ -3,7 +3,7 @@
 A block of n positions [last, g_1 … g_{n−1}] (last: the newest emitted token, g: guesses of the tokens that
 follow it) is run in one forward call; the greedy predictions at its n positions become the next guesses,
 and the call is repeated until the guesses stop changing (a fixed point, which with exact arithmetic is
-the greedy continuation) or after max_iter iterations. With a PinvModel (minirt.pinv.with_pinv) the
+the greedy continuation) or after max_iter iterations. With a PinvModel (minirt.modes.pinv.with_pinv) the
 iterations run with the pinv transition on: each FFN input row is predicted from the exactly computed rows
 of the previous iterations (the window) when its residual is within the tolerance. An exact pass then
 verifies the block like speculative decoding's greedy rule: guesses are accepted while they equal the
@@ -17,7 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from .errors import MinirtError
+from ..errors import MinirtError
 
 BLOCK_MAX = 7  # positions per pass: below Quant.GEMM_MIN_ROWS (8) and BLAS_MIN_ROWS (16)
 
