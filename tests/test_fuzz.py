@@ -194,7 +194,17 @@ def soft_ranges(s: Subject) -> list[tuple[int, int]]:
     if s.file.suffix in (".gguf", ".safetensors"):
         names = [n for n in json.loads(b[8:8 + struct.unpack("<Q", b[:8])[0]])] if s.file.suffix == ".safetensors" \
             else [i[0] for i in __import__("minirt.readers.gguf", fromlist=["_parse"])._parse(s.file)[1]]
-        renames = [(i, i + len(n)) for n in names if n.endswith(OPTIONAL) and (i := b.find(n.encode())) >= 0]
+        # the name where the file stores it (GGUF: after its u64 length; safetensors: a JSON key), not the
+        # first occurrence of the text ("output.weight" also ends "blk.0.attn_output.weight")
+        gguf_file = s.file.suffix == ".gguf"
+        renames = []
+        for n in names:
+            if n.endswith(OPTIONAL):
+                pat = struct.pack("<Q", len(n.encode())) + n.encode() if gguf_file else b'"' + n.encode() + b'"'
+                i = b.find(pat)
+                if i >= 0:
+                    a = i + (8 if gguf_file else 1)
+                    renames.append((a, a + len(n.encode())))
     if s.file.suffix == ".gguf":
         from minirt.readers.gguf import _parse
         start = _parse(s.file)[2]
