@@ -47,6 +47,7 @@ WORKER = r"""
 import json, resource, sys, traceback
 import numpy as np
 import minirt
+from minirt import MinirtError
 from minirt.readers.llama2c import is_llama2c, read_llama2c
 def load(p):
     if p.endswith(".bin") and is_llama2c(p):
