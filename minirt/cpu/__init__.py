@@ -1,2 +1,2 @@
-"""The CPU engine: ISA primitives (isa.py), the block-format kernels built on them (qmatmul.py), the float
-kernels (kernels.py: norms, RoPE, attention, activations), quantized matmuls (qkernels.py) and threads (threads.py)."""
+"""The CPU engine: ISA primitives (isa.py: the per-ISA integer dot products), the block-format kernels built on
+them (qmatmul.py), the float kernels (kernels.py: norms, RoPE, attention, activations) and threads (threads.py)."""

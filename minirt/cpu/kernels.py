@@ -177,15 +177,19 @@ def swiglu(gate_up, out):
 GELU_C = math.sqrt(2.0 / math.pi)
 
 
+@njit(inline="always", **JIT)
+def _gelu_tanh(v):
+    """0.5·v·(1 + tanh(√(2/π)·(v + 0.044715·v³)))   (the tanh approximation: GPT-2's gelu_new, Gemma's GeGLU)"""
+    return np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (v + np.float32(0.044715) * v * v * v)))
+
+
 @njit(parallel=True, **JIT)
 def geglu(gate_up, out):
     """out = gelu_tanh(gate) · up, where gate_up = [gate | up] along features (Gemma's FFN)."""
     T, F = out.shape
     for t in prange(T):
         for i in range(F):
-            g = gate_up[t, i]
-            out[t, i] = (np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (
-                g + np.float32(0.044715) * g * g * g)))) * gate_up[t, F + i]
+            out[t, i] = _gelu_tanh(gate_up[t, i]) * gate_up[t, F + i]
 
 
 @njit(parallel=True, **JIT)
@@ -194,5 +198,4 @@ def gelu_new(x, out):
     T, F = x.shape
     for t in prange(T):
         for i in range(F):
-            v = x[t, i]
-            out[t, i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (v + np.float32(0.044715) * v * v * v)))
+            out[t, i] = _gelu_tanh(x[t, i])

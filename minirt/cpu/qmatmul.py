@@ -12,7 +12,7 @@ Several positions for the price of one: the rows of T positions are taken 4 (the
 and each weight vector, once loaded and unpacked, is applied to all of them while it is in registers;
 a weight row (≤ a few KB) is read from memory once and from L1 for the other chunks.
 Rows are split into one contiguous range per thread (16-row tasks handed out in turn ran 5-8x slower in
-some processes; a static split removed that, measured in the earlier qkernels.py).
+some processes; a static split removed that, measured in the earlier qkernels.py, now removed).
 """
 from __future__ import annotations
 
