@@ -169,7 +169,11 @@ class Chat:
                 break
             common += 1
         self.cache.truncate(min(common, self.cache.pos))
-        gen = self.model.generate(ids, cache=self.cache, **opts)
+        try:
+            gen = self.model.generate(ids, cache=self.cache, **opts)
+        except MinirtError:  # a refused request leaves the conversation as it was
+            self.messages.pop()
+            raise
         self.last = gen
         return self._stream(gen, ids)
 
