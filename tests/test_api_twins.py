@@ -96,7 +96,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 def _normal(cmd: str, out: str) -> str:
     if cmd.startswith("minirt bench"):  # timings differ from run to run: compare the table's shape
-        return re.sub(r"\d+(\.\d+)?", "#", out)
+        return re.sub(r" +", " ", re.sub(r"\d+(\.\d+)?", "#", out))  # and the padding that follows the digits
     if cmd == "minirt list" and out.startswith("cache:"):  # the CLI: kind, name (aliases), presence, description
         return "".join(f"{ln.split()[1]} {next(w for w in ln.split() if w in ('present', '-'))}\n"
                        for ln in out.splitlines()[1:])

@@ -277,7 +277,7 @@ class _FixedModel:
     def __init__(self, prefill, rows):
         self.prefill, self.rows = prefill, rows
 
-    def forward(self, tokens, cache, logits="last"):
+    def forward(self, tokens, cache, logits="last", progress=None):
         cache.pos += len(tokens)
         return self.prefill[None] if logits == "last" else self.rows
 
