@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import MinirtError
 
-BLOCK_MAX = 7  # positions per pass: below Quant.GEMM_MIN_ROWS (8) and BLAS_MIN_ROWS (16)
+BLOCK_MAX = 7  # positions per pass: below Quant.GEMM_MIN_ROWS (17) and BLAS_MIN_ROWS (16): the single-pass kernels
 
 
 @dataclass

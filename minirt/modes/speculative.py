@@ -20,7 +20,7 @@ from ..sampling import Sampler
 MISSES = 3       # drafting stops after this many verify calls in a row accepted nothing …
 PROBE = 16      # … and is retried after 2·PROBE steps, the wait doubling while retries fail …
 PROBE_MAX = 128  # … up to this: when acceptance collapses, probes cost well under 5% of plain decoding
-K_MAX = 6  # K+1 = 7 positions: below Quant.GEMM_MIN_ROWS (8) and BLAS_MIN_ROWS (16)
+K_MAX = 6  # K+1 = 7 positions: below Quant.GEMM_MIN_ROWS (17) and BLAS_MIN_ROWS (16): the single-pass kernels
 
 
 @dataclass
