@@ -47,6 +47,8 @@ class BenchResult:
     tg: list[float]
     weight_bytes: int
     bandwidth: float
+    device: str = "cpu"
+    weight_type: str | None = None  # on a GPU: the types the matrices have there
 
     @staticmethod
     def _ms(xs: list[float]) -> str:
@@ -60,6 +62,10 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
     model.forward(rng.integers(0, vocab, max(p, 1)), model.new_cache(max(p, 1)))
     model.forward([1], warm)
     pp, tg = [], []
+    device = getattr(model, "device", "cpu")
+    if n and device == "cuda":  # ---- GPU (gpu18): one cache, its decode graph captured before timing
+        gcache = model.new_cache(n)
+        _tg_cuda(model, gcache, 1, min(n, 3))
     bar = Progress("bench", r, "runs", every=2.0)
     for _ in range(r):
         if p:
@@ -68,7 +74,9 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
             t = time.perf_counter()
             model.forward(prompt, cache)
             pp.append(p / (time.perf_counter() - t))
-        if n:
+        if n and device == "cuda":
+            tg.append(_tg_cuda(model, gcache, int(rng.integers(0, vocab)), n))
+        elif n:
             cache = model.new_cache(n)
             tok = int(rng.integers(0, vocab))
             t = time.perf_counter()
@@ -78,12 +86,29 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
         bar.update(1, note=(f"pp{p} {pp[-1]:.1f} t/s " if p else "") + (f"tg{n} {tg[-1]:.1f} t/s" if n else ""))
     bar.close()
     bw = getattr(model, "memory_bandwidth", memory_bandwidth)  # a GPU model measures its own device memory
-    return BenchResult(pp, tg, model.weight_bytes, bw() if bandwidth else float("nan"))
+    return BenchResult(pp, tg, model.weight_bytes, bw() if bandwidth else float("nan"), device,
+                       getattr(model, "weight_type", None))
+
+
+def _tg_cuda(model, cache, tok: int, n: int) -> float:
+    """GPU tg: n greedy steps with the argmax on the device, each one graph replay and a 4-byte token read
+    (the host syncs every token, as generation does); tokens/s."""
+    cache.truncate(0)
+    t = time.perf_counter()
+    model.prefill_greedy([tok], cache)
+    model.read_token()
+    for _ in range(n - 1):
+        model.step_greedy(cache)
+        model.read_token()
+    return n / (time.perf_counter() - t)
 
 
 def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n: int, mode: str = "dense") -> str:
     gb = res.weight_bytes / 1e9
-    lines = [f"memory bandwidth (streaming read, {threads} threads): {res.bandwidth / 1e9:.1f} GB/s",
+    bw = f"streaming read, {threads} threads"
+    if res.device == "cuda":  # gpu18: the device's own figures, no CPU threads
+        file_type, threads, bw = res.weight_type or file_type, "CUDA", "device-to-device copy, read + written"
+    lines = [f"memory bandwidth ({bw}): {res.bandwidth / 1e9:.1f} GB/s",
              f"weights read per token: {res.weight_bytes / 2**20:.1f} MiB",
              "| model | type | mode | threads | test | t/s | GB/s | % of bandwidth |",
              "|---|---|---|---|---|---|---|---|"]

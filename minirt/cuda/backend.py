@@ -1,11 +1,13 @@
 """GPU backend (CuPy): a loaded Model on an NVIDIA GPU, its decode step captured once as a CUDA graph.
 
-to_gpu(model) uploads every matrix once, as float16 by default (bfloat16 or float32 on request); quantized
-GGUF matrices (Q8_0, Q4_0, Q4_1) are dequantized on load, so the GPU reads 16-bit weights, not the packed
-blocks. LowRank matrices (--mode lowrank) stay factored and run on the fused low-rank kernel. The KV cache
-lives on the device (float32), and so do sampling and speculative verification: a greedy decode step is
-one graph replay (embedding → layers → head → argmax, the position advanced on the device) and one 4-byte
-read of the token; a speculative step is one graph replay over K+1 positions and one verification kernel.
+to_gpu(model) uploads every matrix once, as stored: GGUF block matrices (Q8_0, Q4_0, Q4_1) as their blocks
+(scales split off: the file's bytes), dequantized inside the matmul kernels; float matrices as float16.
+to_gpu(model, "float16" | "bfloat16" | "float32") expands every matrix to that type instead. LowRank
+matrices (--mode lowrank) stay factored and run on the fused low-rank kernel. The KV cache lives on the
+device (float32), and so do sampling and speculative verification: a greedy decode step is one graph
+replay (embedding → all layers in one persistent kernel → norm → head → argmax, the position advanced on
+the device) and one 4-byte read of the token; a speculative step is one graph replay over K+1 positions
+and one verification kernel. A model the backend cannot run is refused (gpu_refusal) before any upload.
 
 GPUModel keeps Model's contract: forward(tokens, cache, logits) returns float32 logits on the host;
 new_cache(), logits(), generate(), truncated() behave as on the CPU. Kernels: minirt/cuda/kernels.py.
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
 
 from ..errors import MinirtError
+from .kernels import SMEM_MAX
 from ..generate import Generation
 from ..linear import Dense, Quant
 from ..modes.lowrank import LowRank
@@ -55,10 +59,41 @@ def resolve_device(device: str) -> str:
     raise MinirtError(f"--device cuda: {why}; run with --device cpu (or auto)")
 
 
-def to_gpu(model, dtype: str = "float16") -> "GPUModel":
-    """The model's weights on the GPU (see the module note)."""
-    if model.cfg.arch not in ("llama", "gpt2"):  # before anything is uploaded
-        raise MinirtError(f"the GPU backend does not run {model.cfg.arch} models yet; use --device cpu")
+STORED_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "F16", "BF16")  # Quant formats the backend uploads (blocks or float16)
+
+
+def gpu_refusal(model) -> str | None:
+    """Why the GPU backend cannot run this model (one line), or None: checked before anything is uploaded."""
+    c = model.cfg
+    if c.arch not in ("llama", "gpt2"):
+        return f"the GPU backend does not run {c.arch} models yet; use --device cpu"
+    if c.head_dim > 128 or c.head_dim % 4 or c.n_heads % c.n_kv_heads:
+        return f"the GPU backend needs head_dim ≤ 128 and divisible by 4 (got {c.head_dim}); use --device cpu"
+    mats = [("head", model.head)] + [(f"layer {i} {a}", getattr(L, a)) for i, L in enumerate(model.layers)
+                                     for a in ("qkv", "wo", "up", "down")]
+    for i, L in enumerate(model.layers):
+        if L.q_norm is not None or L.post_attn_norm is not None:
+            return f"the GPU backend does not run layer {i}'s extra norms (QK/post norms) yet; use --device cpu"
+    for where, lin in mats:
+        parts = [lin.u, lin.v] if isinstance(lin, LowRank) else [lin]
+        for p in parts:
+            if isinstance(p, Quant) and p.qtype not in STORED_FORMATS:
+                return f"the GPU backend has no kernels for {p.qtype} ({where}); use --device cpu"
+            if not isinstance(p, (Dense, Quant)):
+                return f"the GPU backend cannot run a {type(p).__name__} matrix ({where}); use --device cpu"
+            if p.in_features % 8:
+                return f"the GPU backend needs matrix widths divisible by 8 ({where} is {p.in_features} wide)"
+    e = model.embed
+    if not c.tied_head and not isinstance(e.head, (Dense, Quant)) and e.t.qtype not in STORED_FORMATS + ("F32",):
+        return f"the GPU backend has no kernels for {e.t.qtype} embeddings; use --device cpu"
+    return None
+
+
+def to_gpu(model, dtype: str | None = None) -> "GPUModel":
+    """The model's weights on the GPU (see the module note); dtype None keeps block formats as stored."""
+    why = gpu_refusal(model)
+    if why:  # before anything is uploaded
+        raise MinirtError(why)
     if resolve_device("cuda") != "cuda":  # pragma: no cover (resolve_device raises)
         raise MinirtError("no GPU")
     return GPUModel(model, dtype)
@@ -111,6 +146,24 @@ class GDense:
     @property
     def nbytes(self) -> int:
         return self.w.nbytes + (0 if self.b is None else self.b.nbytes)
+
+
+def quant_blocks(cp, lin: Quant):
+    """A Quant matrix's blocks on the device as stored (kernels.QMat), or None for float formats."""
+    from .kernels import QUANT_TYPES, QMat
+    if lin.qtype not in QUANT_TYPES or not lin.nb:
+        return None
+    return QMat(cp, lin.qtype, lin.qn, lin.d, lin.m, (lin.out_features, lin.in_features))
+
+
+class GQuant(GDense):
+    """A block-format matrix on the device as stored (Q8_0, Q4_0, Q4_1): the same gemv, dequantizing in the
+    kernel (a lane per 32-weight block)."""
+
+    def __init__(self, cp, k, q, bias):
+        self.k, self.w = k, q
+        self.out_features, self.in_features = q.shape
+        self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
 
 
 class GLowRank:
@@ -189,16 +242,18 @@ class GPUModel:
     mode, mode_options = "dense", {}  # what generate() decodes with by default (minirt.modes.remember sets them)
     GRAPH_MAX_T = 8  # steps of up to this many positions are captured as CUDA graphs (decode, verification)
 
-    def __init__(self, model, dtype: str = "float16"):
+    def __init__(self, model, dtype: str | None = None):
         import cupy as cp
 
-        from .kernels import kernels
-        if dtype not in DTYPES:
+        from .kernels import LAYER_POINTERS, kernels
+        if dtype is not None and dtype not in DTYPES:
             raise MinirtError(f"unknown GPU weight type '{dtype}': choose one of {', '.join(DTYPES)}")
         c = model.cfg
-        if c.head_dim > 128 or c.head_dim % 4 or c.n_heads % c.n_kv_heads:
-            raise MinirtError(f"the GPU backend needs head_dim ≤ 128 and divisible by 4 (got {c.head_dim})")
+        why = gpu_refusal(model)
+        if why:
+            raise MinirtError(why)
         self.cp, self.k, self.dtype = cp, kernels(), dtype
+        fdtype = dtype or "float16"  # float matrices (and every matrix, when dtype is given)
         self.cfg, self.tokenizer, self.source, self.file_type = c, model.tokenizer, model.source, model.file_type
         self.ctx = model.ctx  # the context used: new caches' default capacity
         self.lowrank = getattr(model, "lowrank", None)
@@ -207,8 +262,11 @@ class GPUModel:
         with self.stream:
             def up(lin):
                 if isinstance(lin, LowRank):
-                    return GLowRank(cp, self.k, float_matrix(lin.u), float_matrix(lin.v), lin.bias, dtype)
-                return GDense(cp, self.k, float_matrix(lin), lin.bias, dtype)
+                    return GLowRank(cp, self.k, float_matrix(lin.u), float_matrix(lin.v), lin.bias, fdtype)
+                q = quant_blocks(cp, lin) if isinstance(lin, Quant) and dtype is None else None
+                if q is not None:
+                    return GQuant(cp, self.k, q, lin.bias)
+                return GDense(cp, self.k, float_matrix(lin), lin.bias, fdtype)
 
             def norm(n):
                 return (cp.asarray(n.weight), None if n.bias is None else cp.asarray(n.bias), float(n.eps))
@@ -216,18 +274,47 @@ class GPUModel:
             self.layers = [GLayer(up, L, norm) for L in model.layers]
             self.head = up(model.head)
             if c.tied_head and isinstance(self.head, GDense):
-                self.embed_table = self.head.w  # one copy serves both
+                self.embed_table = self.head.w  # one copy serves both (float or blocks)
             else:
                 e = model.embed
-                t = float_matrix(e.head) if isinstance(e.head, (Dense, Quant)) else np.asarray(e.t.float32())
-                self.embed_table = to_device_dtype(cp, t, dtype)
+                src = e.head if isinstance(e.head, (Dense, Quant)) else None
+                if src is None and dtype is None and e.t.qtype in ("Q8_0", "Q4_0", "Q4_1"):
+                    src = Quant(e.t)
+                q = quant_blocks(cp, src) if isinstance(src, Quant) and dtype is None else None
+                if q is not None:
+                    self.embed_table = q
+                else:
+                    t = float_matrix(src) if src is not None else np.asarray(e.t.float32())
+                    self.embed_table = to_device_dtype(cp, t, fdtype)
             self.pos_embed = None if model.pos_embed is None else cp.asarray(model.pos_embed)
             self.norm = norm(model.norm)
             self.rope_cos, self.rope_sin = map(cp.asarray, model.rope(self.ctx))
             self._rope_retired: list = []  # smaller tables that graphs captured earlier may still read
             self.pos_scratch = cp.zeros(1, cp.int32)  # position for caches that are not GPUCaches (views)
             self.result = cp.zeros(2, cp.int32)
+            # the persistent layers kernel: every layer's matrices of one type, none factored
+            mats = [m for L in self.layers for m in (L.qkv, L.wo, L.up, L.down)]
+            types = {self.k.wtype(m.w) for m in mats if isinstance(m, GDense)}
+            self.layers_type = types.pop() if len(types) == 1 and all(isinstance(m, GDense) for m in mats) else None
+            self.layer_table = self.bar = None
+            if self.layers_type:
+                ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731
+                rows = []
+                for L in self.layers:
+                    row = []
+                    for m in (L.qkv, L.wo, L.up, L.down):
+                        w = m.w
+                        row += ([ptr(w.q), ptr(w.d), ptr(w.m)] if self.layers_type in ("Q8_0", "Q4_0", "Q4_1")
+                                else [ptr(w), 0, 0]) + [ptr(m.b)]
+                    row += [ptr(L.attn_norm[0]), ptr(L.attn_norm[1]), ptr(L.ffn_norm[0]), ptr(L.ffn_norm[1])]
+                    assert len(row) == LAYER_POINTERS
+                    rows.append(row)
+                self.layer_table = cp.asarray(np.array(rows, np.uint64))
+                self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
         self.stream.synchronize()
+        # MINIRT_GPU_LAYERS=0: one launch per matmul/attention instead of the persistent kernel (for measuring)
+        self.persistent = self.layers_type is not None and os.environ.get("MINIRT_GPU_LAYERS", "1") != "0"
+        self.per_sm = int(os.environ.get("MINIRT_GPU_LAYERS_PER_SM", "2"))  # blocks per SM in that grid (at most)
         self._scratch: dict[int, dict] = {}
 
     # ---- buffers and caches -----------------------------------------------------------------------
@@ -279,7 +366,13 @@ class GPUModel:
         up_mode = 2 if llama else 3
         st = b["st"]
         k.embed(b["tok"], self.embed_table, self.pos_embed, pos, x, T, st)
-        for li, L in enumerate(self.layers):
+        persistent = fused and self.persistent and k.layers_smem(T, c.dim, c.q_dim, c.hidden_dim) <= SMEM_MAX
+        if persistent:  # every layer in one launch
+            L0 = self.layers[0]
+            k.layers(self.layer_table, self.layers_type, len(self.layers), x, b["qkv"], b["att"], b["act"], st, pos,
+                     self.rope_cos, self.rope_sin, llama, cache.k, cache.v, scale, T, c.dim, H, Hkv, hd, cap,
+                     c.hidden_dim, up_mode, layer_norm, L0.attn_norm[2], L0.ffn_norm[2], self.bar, self.per_sm)
+        for li, L in enumerate(self.layers if not persistent else ()):
             kc, vc = cache.k[li], cache.v[li]
             if fused:
                 L.qkv(x, b["qkv"], T, 0, nst=st[2 * li], norm=L.attn_norm, layer=layer_norm)
@@ -426,6 +519,15 @@ class GPUModel:
         m = copy.copy(self)
         m.cfg, m.layers, m._scratch = replace(self.cfg, n_layers=n_layers), self.layers[:n_layers], {}
         return m
+
+    @property
+    def weight_type(self) -> str:
+        """The types the matrices have on the device, e.g. "Q4_1 (head Q8_0)" or "float16"."""
+        head = self.k.wtype(self.head.w) if isinstance(self.head, GDense) else "low-rank " + self.k.wtype(self.head.v)
+        body = {self.k.wtype(m.w) if isinstance(m, GDense) else "low-rank " + self.k.wtype(m.v)
+                for L in self.layers for m in (L.qkv, L.wo, L.up, L.down)}
+        main = "+".join(sorted(body))
+        return main if body == {head} else f"{main} (head {head})"
 
     @property
     def weight_bytes(self) -> int:

@@ -31,6 +31,35 @@ __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f(float v) { return v; }
 
+// GGUF block formats, kept as stored with the per-block scales split off (the same bytes as the file):
+// quants (rows, K) int8 for Q8_0, (rows, K/2) bytes for Q4_0/Q4_1 (byte i of a block: weight i in the low
+// nibble, weight i + 16 in the high one); d (rows, K/32) float16 scales; m (rows, K/32) float16 minimums (Q4_1).
+// Q8_0: w = d·q · Q4_0: w = d·(q − 8) · Q4_1: w = d·q + m
+struct q8_0 {};
+struct q4_0 {};
+struct q4_1 {};
+template <typename A, typename B> struct Same { static constexpr bool v = false; };
+template <typename A> struct Same<A, A> { static constexpr bool v = true; };
+template <typename W> struct IsQ { static constexpr bool v = Same<W, q8_0>::v || Same<W, q4_0>::v || Same<W, q4_1>::v; };
+struct QS { const unsigned short* d; const unsigned short* m; };
+__device__ __forceinline__ float h2f(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+
+// Element i of row `row` (K wide) of a quantized matrix (embedding lookups).
+template <typename W>
+__device__ __forceinline__ float deq1(const W* w, QS s, size_t row, int i, int K) {
+    const unsigned char* q = reinterpret_cast<const unsigned char*>(w);
+    size_t b = row * (size_t)(K >> 5) + (i >> 5);
+    float d = h2f(s.d[b]);
+    if constexpr (Same<W, q8_0>::v) {
+        return d * (float)(signed char)q[row * K + i];
+    } else {
+        unsigned int byte = q[row * (size_t)(K >> 1) + (size_t)(i >> 5) * 16 + (i & 15)];
+        float n = (float)((i & 31) < 16 ? (byte & 15u) : (byte >> 4));
+        if constexpr (Same<W, q4_1>::v) return d * n + h2f(s.m[b]);
+        else return d * (n - 8.f);
+    }
+}
+
 // 8 weights as raw bits: loads first, conversion at use (more loads in flight per lane).
 template <typename W> struct Pack { uint4 v; };
 template <> struct Pack<float> { uint4 v, w; };
@@ -132,7 +161,7 @@ struct Norm {
 };
 
 __device__ __forceinline__ void norm_coef(const Norm& nm, int t, int D, float& mu, float& r) {
-    double s = nm.st[2 * t], ss = nm.st[2 * t + 1];
+    double s = __ldcg(nm.st + 2 * t), ss = __ldcg(nm.st + 2 * t + 1);
     double m = nm.layer ? s / D : 0.0;
     mu = (float)m;
     r = 1.f / sqrtf((float)(ss / D - m * m) + nm.eps);
@@ -187,13 +216,97 @@ __device__ __forceinline__ void dot_range(const float* x, int K, const W* __rest
     }
 }
 
+// The same for a quantized matrix, with dot_range's lane layout (lane takes weights k … k+7, k = 8·lane + 256·u:
+// the x reads of a warp are contiguous): each lane loads the 8 bytes that hold its 8 quants (Q8_0: 8 int8;
+// Q4: the low or high nibbles of 8 bytes, chunks c and c+2 of a block share them) and the block's scale
+// (and minimum), UNR rounds in flight; w = d·q (Q8_0), d·(q − 8) (Q4_0), d·q + m (Q4_1).
+template <typename W>
+__device__ __forceinline__ void deq8(uint2 P, float d, float m, int k, float* f) {
+    if constexpr (Same<W, q8_0>::v) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = d * (float)(signed char)(((j < 4 ? P.x : P.y) >> (8 * (j & 3))) & 0xffu);
+    } else {
+        int sh = (k & 16) ? 4 : 0;  // weights 16..31 of a block: the high nibbles
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            float n = (float)((((j < 4 ? P.x : P.y) >> (8 * (j & 3))) >> sh) & 15u);
+            if constexpr (Same<W, q4_1>::v) f[j] = d * n + m;
+            else f[j] = d * (n - 8.f);
+        }
+    }
+}
+
+template <typename W, bool CG, bool TWO, bool NORM>
+__device__ __forceinline__ void dot_q(const float* x, int K, const W* w, QS s, int row, int row2, int lane, int t0,
+                                      int nt, const Norm& nm, const float* mu, const float* r, float* a, float* a2) {
+    constexpr bool Q8 = Same<W, q8_0>::v, Q41 = Same<W, q4_1>::v;
+    constexpr int QB = Q8 ? 32 : 16;  // quant bytes per block
+    int nb = K >> 5;
+    const unsigned char* q1 = reinterpret_cast<const unsigned char*>(w) + (size_t)row * nb * QB;
+    const unsigned char* q2 = reinterpret_cast<const unsigned char*>(w) + (size_t)row2 * nb * QB;
+    const unsigned short* d1 = s.d + (size_t)row * nb;
+    const unsigned short* d2 = s.d + (size_t)row2 * nb;
+    const unsigned short* m1 = Q41 ? s.m + (size_t)row * nb : nullptr;
+    const unsigned short* m2 = Q41 ? s.m + (size_t)row2 * nb : nullptr;
+    for (int kb = lane * 8; kb < K; kb += 256 * UNR) {
+        uint2 P[UNR], R[UNR];
+        unsigned short D[UNR], M[UNR], D2[UNR], M2[UNR];
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int k = kb + u * 256;
+            if (k < K) {
+                int b = k >> 5, off = Q8 ? (k & ~7) : b * 16 + (k & 8);
+                P[u] = __ldg(reinterpret_cast<const uint2*>(q1 + off));
+                D[u] = __ldg(d1 + b);
+                if (Q41) M[u] = __ldg(m1 + b);
+                if (TWO) {
+                    R[u] = __ldg(reinterpret_cast<const uint2*>(q2 + off));
+                    D2[u] = __ldg(d2 + b);
+                    if (Q41) M2[u] = __ldg(m2 + b);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int k = kb + u * 256;
+            if (k < K) {
+                float wf[8], wg[8], nw[8], nb8[8];
+                deq8<W>(P[u], h2f(D[u]), Q41 ? h2f(M[u]) : 0.f, k, wf);
+                if (TWO) deq8<W>(R[u], h2f(D2[u]), Q41 ? h2f(M2[u]) : 0.f, k, wg);
+                if (NORM) {
+                    ld8x<false>(nm.w + k, nw);
+                    if (nm.b) ld8x<false>(nm.b + k, nb8);
+                    else
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) nb8[j] = 0.f;
+                }
+#pragma unroll
+                for (int i = 0; i < TT; ++i) {
+                    if (i < nt) {
+                        float h[8];
+                        ld8x<CG>(x + (size_t)(t0 + i) * K + k, h);
+                        if (NORM)
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) h[j] = (h[j] - mu[i]) * r[i] * nw[j] + nb8[j];
+                        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) { s1 += wf[j] * h[j]; if (TWO) s2 += wg[j] * h[j]; }
+                        a[i] += s1;
+                        if (TWO) a2[i] += s2;
+                    }
+                }
+            }
+        }
+    }
+}
+
 // Store one output and return it. mode 0: out = acc + b · 1: out += acc + b · 2: out = silu(g + bg) · (u + bu)
 // · 3: out = gelu(acc + b)
 __device__ __forceinline__ float store_out(float* out, int t, int row, int N, int rows, int mode, float a, float a2,
                                            const float* __restrict__ bias) {
     float b = bias ? bias[row] : 0.f, v;
     if (mode == 0) v = out[(size_t)t * N + row] = a + b;
-    else if (mode == 1) v = out[(size_t)t * N + row] += a + b;
+    else if (mode == 1) v = out[(size_t)t * N + row] = __ldcg(out + (size_t)t * N + row) + a + b;
     else if (mode == 3) v = out[(size_t)t * N + row] = gelu_new(a + b);
     else {
         float g = a + b, u = a2 + (bias ? bias[row + rows] : 0.f);
@@ -208,11 +321,12 @@ __device__ __forceinline__ float store_out(float* out, int t, int row, int N, in
 template <typename W, bool CG>
 __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w, const float* __restrict__ bias,
                                          float* out, int T, int K, int N, int mode, int row, int lane,
-                                         const Norm& nm, double* sacc, int pair = 0) {
+                                         const Norm& nm, double* sacc, int pair = 0, QS qs = QS{nullptr, nullptr}) {
     int rows = mode == 2 ? N / 2 : N;
     bool two = mode == 2 || pair;
-    const W* wr = w + (size_t)row * K;
-    const W* wr2 = w + (size_t)(row + (mode == 2 ? rows : pair)) * K;
+    int row2 = row + (mode == 2 ? rows : pair);
+    const W* wr = w + (IsQ<W>::v ? 0 : (size_t)row * K);
+    const W* wr2 = w + (IsQ<W>::v ? 0 : (size_t)row2 * K);
     for (int t0 = 0; t0 < T; t0 += TT) {
         int nt = min(TT, T - t0);
         float a[TT], a2[TT], mu[TT], r[TT];
@@ -221,12 +335,22 @@ __device__ __forceinline__ void warp_row(const float* x, const W* __restrict__ w
             a[i] = 0.f; a2[i] = 0.f; mu[i] = 0.f; r[i] = 1.f;
             if (nm.w && i < nt) norm_coef(nm, t0 + i, K, mu[i], r[i]);
         }
-        if (nm.w) {
-            if (two) dot_range<W, CG, true, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
-            else dot_range<W, CG, false, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+        if constexpr (IsQ<W>::v) {
+            if (nm.w) {
+                if (two) dot_q<W, CG, true, true>(x, K, w, qs, row, row2, lane, t0, nt, nm, mu, r, a, a2);
+                else dot_q<W, CG, false, true>(x, K, w, qs, row, row2, lane, t0, nt, nm, mu, r, a, a2);
+            } else {
+                if (two) dot_q<W, CG, true, false>(x, K, w, qs, row, row2, lane, t0, nt, nm, mu, r, a, a2);
+                else dot_q<W, CG, false, false>(x, K, w, qs, row, row2, lane, t0, nt, nm, mu, r, a, a2);
+            }
         } else {
-            if (two) dot_range<W, CG, true, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
-            else dot_range<W, CG, false, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+            if (nm.w) {
+                if (two) dot_range<W, CG, true, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+                else dot_range<W, CG, false, true>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+            } else {
+                if (two) dot_range<W, CG, true, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+                else dot_range<W, CG, false, false>(x, K, wr, wr2, 0, K, lane, t0, nt, nm, mu, r, a, a2);
+            }
         }
 #pragma unroll
         for (int i = 0; i < TT; ++i)
@@ -305,7 +429,8 @@ __device__ __forceinline__ void stats_end(double* sacc, double* ost, int T) {
 // out = epilogue(h · Wᵀ + b), h = x or norm(x) (nst: statistics of x; nw, nb, eps, layer: the norm).
 // ost: where the statistics of the stored outputs accumulate (the next norm's input), or null.
 template <typename W>
-__global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const float* __restrict__ bias,
+__global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const unsigned short* wd,
+                     const unsigned short* wm, const float* __restrict__ bias,
                      float* __restrict__ out, int T, int K, int N, int mode, const double* __restrict__ nst,
                      const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer, double* ost) {
     __shared__ double sacc[32];
@@ -314,7 +439,7 @@ __global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const
     int rows = mode == 2 ? N / 2 : N;
     int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
     for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nwarp)
-        warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane, nm, ost ? sacc : nullptr);
+        warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane, nm, ost ? sacc : nullptr, 0, QS{wd, wm});
     stats_end(sacc, ost, T);
 }
 
@@ -409,7 +534,8 @@ __device__ double block_sum_d(double v, double* red) {
 // x[t] = table[tok[t]] (+ pe[pos + t]); st (nslots, T, 2): slot 0 gets Σx, Σx² of the row, the others zero
 // (the matmuls that update x accumulate into them during the step).
 template <typename W>
-__global__ void embed(const int* __restrict__ tok, const W* __restrict__ table, const float* __restrict__ pe,
+__global__ void embed(const int* __restrict__ tok, const W* __restrict__ table, const unsigned short* td,
+                      const unsigned short* tm, const float* __restrict__ pe,
                       const int* __restrict__ pos, float* __restrict__ x, int D, double* st, int nslots, int T) {
     __shared__ double red[32];
     int t = blockIdx.x;
@@ -417,7 +543,9 @@ __global__ void embed(const int* __restrict__ tok, const W* __restrict__ table, 
     int p = *pos + t;
     double s = 0.0, ss = 0.0;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = to_f(table[id * D + i]);
+        float v;
+        if constexpr (IsQ<W>::v) v = deq1<W>(table, QS{td, tm}, id, i, D);
+        else v = to_f(table[id * D + i]);
         if (pe) v += pe[(size_t)p * D + i];
         x[(size_t)t * D + i] = v;
         s += v;
@@ -430,76 +558,28 @@ __global__ void embed(const int* __restrict__ tok, const W* __restrict__ table, 
     if (threadIdx.x == 0) { st[2 * t] = s; st[2 * t + 1] = ss; }
 }
 
-extern "C" {
-
-// RMSNorm (layer = 0): x / sqrt(mean(x²) + eps) · w;  LayerNorm (layer = 1): (x − mean) / sqrt(var + eps) · w + b
-__global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                     float eps, float* __restrict__ out, int D, int layer) {
-    __shared__ float red[32];
-    const float* xr = x + (size_t)blockIdx.x * D;
-    float mu = 0.f;
-    if (layer) {
-        float s = 0.f;
-        for (int i = threadIdx.x; i < D; i += blockDim.x) s += xr[i];
-        mu = block_sum(s, red) / D;
-    }
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) { float d = xr[i] - mu; ss += d * d; }
-    float r = 1.f / sqrtf(block_sum(ss, red) / D + eps);
-    float* o = out + (size_t)blockIdx.x * D;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) o[i] = (xr[i] - mu) * r * w[i] + (b ? b[i] : 0.f);
-}
-
-// Split fused q|k|v rows: q → q (T, H, hd); k, v → the layer's cache (Hkv, cap, hd) at position pos + t.
-// With use_rope: rotate-half RoPE on q and k.  grid (T, H + Hkv)
-__global__ void rope_store(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
-                           const float* __restrict__ sn, int use_rope, float* __restrict__ q, float* __restrict__ kc,
-                           float* __restrict__ vc, int H, int Hkv, int hd, int cap) {
-    int t = blockIdx.x, h = blockIdx.y, p = *pos + t, half = hd / 2;
-    const float* row = qkv + (size_t)t * (H + 2 * Hkv) * hd;
-    float* dst;
-    int src;
-    if (h < H) {
-        src = h * hd;
-        dst = q + ((size_t)t * H + h) * hd;
-    } else {
-        int g = h - H;
-        src = (H + g) * hd;
-        dst = kc + ((size_t)g * cap + p) * hd;
-        float* vd = vc + ((size_t)g * cap + p) * hd;
-        int vs = (H + Hkv + g) * hd;
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) vd[i] = row[vs + i];
-    }
-    if (use_rope) {
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            float a = row[src + i], bb = row[src + half + i];
-            float c = cs[(size_t)p * half + i], s = sn[(size_t)p * half + i];
-            dst[i] = a * c - bb * s;
-            dst[half + i] = bb * c + a * s;
-        }
-    } else {
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = row[src + i];
-    }
-}
-
 // Causal attention of query row t (position pos + t) over cache positions 0..pos + t, one block of 256 threads
 // per (head, row); online softmax over chunks of ACH positions. grid (H, T); hd ≤ 128, hd % 4 == 0.
 // Fused with the split of q|k|v rows, RoPE (rotate-half, use_rope) and the cache store: every block writes
 // the T new keys/values of its kv group (the blocks of a group write identical values), then reads the cache.
-__global__ void attention(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
-                          const float* __restrict__ sn, int use_rope, float* kc, float* vc, float scale,
-                          float* __restrict__ out, int T, int H, int Hkv, int hd, int cap, int store) {
+template <bool CG>
+__device__ __forceinline__ float ldf(const float* p) { return CG ? __ldcg(p) : *p; }
+
+template <bool CG>
+__device__ void attend(int h, int t, const float* qkv, const int* __restrict__ pos, const float* __restrict__ cs,
+                       const float* __restrict__ sn, int use_rope, float* kc, float* vc, float scale,
+                       float* __restrict__ out, int T, int H, int Hkv, int hd, int cap, int store) {
     __shared__ float sc[ACH];
     __shared__ float qs[128];
     __shared__ float part[256];
     __shared__ float red[32];
-    int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
+    int tid = threadIdx.x, nt = blockDim.x;
     int g = h / (H / Hkv), half = hd / 2, p0 = *pos, W = (H + 2 * Hkv) * hd;
     for (int e = tid; e < (store ? T * half : 0); e += nt) {  // store = 0: rope_store wrote them (long prompts)
         int j = e / half, i = e % half, p = p0 + j;
         const float* row = qkv + (size_t)j * W;
         int ks = (H + g) * hd, vs = (H + Hkv + g) * hd;
-        float a = row[ks + i], b = row[ks + half + i];
+        float a = ldf<CG>(row + ks + i), b = ldf<CG>(row + ks + half + i);
         float* kd = kc + ((size_t)g * cap + p) * hd;
         float* vd = vc + ((size_t)g * cap + p) * hd;
         if (use_rope) {
@@ -510,14 +590,14 @@ __global__ void attention(const float* __restrict__ qkv, const int* __restrict__
             kd[i] = a;
             kd[half + i] = b;
         }
-        vd[i] = row[vs + i];
-        vd[half + i] = row[vs + half + i];
+        vd[i] = ldf<CG>(row + vs + i);
+        vd[half + i] = ldf<CG>(row + vs + half + i);
     }
     {
         const float* row = qkv + (size_t)t * W + h * hd;
         int p = p0 + t;
         for (int i = tid; i < half; i += nt) {
-            float a = row[i], b = row[half + i];
+            float a = ldf<CG>(row + i), b = ldf<CG>(row + half + i);
             if (use_rope) {
                 float c = cs[(size_t)p * half + i], s = sn[(size_t)p * half + i];
                 qs[i] = a * c - b * s;
@@ -575,6 +655,143 @@ __global__ void attention(const float* __restrict__ qkv, const int* __restrict__
         for (int gg = 0; gg < G; ++gg) s += part[gg * hd + tid];
         out[((size_t)t * H + h) * hd + tid] = s / l;
     }
+    __syncthreads();
+}
+
+// The layers of a decode step in ONE launch: a persistent grid (every block resident; the launcher sizes it
+// from the occupancy) runs, layer after layer, norm+QKV → RoPE+cache store+attention → Wo+residual →
+// norm+gate/up+SwiGLU (GELU) → down+residual, with a grid-wide barrier between phases (4 per layer plus
+// one between layers, where 5 launches were). Activations written inside the launch are read through L2
+// (__ldcg): another multiprocessor's L1 may hold an older copy. Each block stages a matmul's input rows in
+// shared memory once per phase (normalized there: the norm runs once per block, not in every warp), and
+// its warps read them from there. Weights of one type W for all layers. Dynamic shared memory: T · max width.
+// P: NP device pointers per layer: for qkv, wo, up, down (w, d, m, bias) each; attn norm (w, b); ffn norm (w, b).
+#define NP 20
+// hs = norm(x) (nm.w null: x as it is) for T rows of K, read through L2; the block's threads share the work.
+__device__ __forceinline__ void stage(const float* x, int T, int K, const Norm& nm, float* hs) {
+    __syncthreads();  // the previous phase's readers are done with hs
+    for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
+        float v = __ldcg(x + i);
+        if (nm.w) {
+            int t = i / K, k = i - t * K;
+            float mu, r;
+            norm_coef(nm, t, K, mu, r);
+            v = (v - mu) * r * nm.w[k] + (nm.b ? nm.b[k] : 0.f);
+        }
+        hs[i] = v;
+    }
+    __syncthreads();
+}
+
+template <typename W>
+__global__ void layers(const unsigned long long* __restrict__ P, int L, float* x, float* qkv, float* att,
+                       float* act, double* st, const int* __restrict__ pos, const float* __restrict__ cs,
+                       const float* __restrict__ sn, int use_rope, float* kc0, float* vc0, long long lstride,
+                       float scale, int T, int D, int H, int Hkv, int hd, int cap, int F, int up_mode, int layer,
+                       float eps1, float eps2, int* bar) {
+    extern __shared__ float hs[];
+    __shared__ double sacc[32];
+    int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
+    int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int Q = H * hd, NQKV = (H + 2 * Hkv) * hd, NUP = up_mode == 2 ? 2 * F : F, UPR = up_mode == 2 ? F : NUP;
+    Norm none{nullptr, nullptr, nullptr, 0.f, 0};
+    for (int l = 0; l < L; ++l) {
+        const unsigned long long* p = P + (size_t)l * NP;
+#define WP(i) reinterpret_cast<const W*>(p[i])
+#define SP(i) QS{reinterpret_cast<const unsigned short*>(p[(i) + 1]), reinterpret_cast<const unsigned short*>(p[(i) + 2])}
+#define FP(i) reinterpret_cast<const float*>(p[i])
+        double* s0 = st + (size_t)(2 * l) * T * 2;
+        double* s1 = s0 + (size_t)T * 2;
+        double* s2 = s1 + (size_t)T * 2;
+        Norm n1{s0, FP(16), FP(17), eps1, layer}, n2{s1, FP(18), FP(19), eps2, layer};
+        stage(x, T, D, n1, hs);
+        for (int row = wid; row < NQKV; row += nwarp)
+            warp_row<W, false>(hs, WP(0), FP(3), qkv, T, D, NQKV, 0, row, lane, none, nullptr, 0, SP(0));
+        grid_barrier(bar);
+        float* kc = kc0 + (size_t)l * lstride;
+        float* vc = vc0 + (size_t)l * lstride;
+        for (int i = blockIdx.x; i < H * T; i += gridDim.x)
+            attend<true>(i % H, i / H, qkv, pos, cs, sn, use_rope, kc, vc, scale, att, T, H, Hkv, hd, cap, 1);
+        grid_barrier(bar);
+        stage(att, T, Q, none, hs);
+        stats_begin(sacc, s1, T);
+        for (int row = wid; row < D; row += nwarp)
+            warp_row<W, false>(hs, WP(4), FP(7), x, T, Q, D, 1, row, lane, none, sacc, 0, SP(4));
+        stats_end(sacc, s1, T);
+        grid_barrier(bar);
+        stage(x, T, D, n2, hs);
+        for (int row = wid; row < UPR; row += nwarp)
+            warp_row<W, false>(hs, WP(8), FP(11), act, T, D, NUP, up_mode, row, lane, none, nullptr, 0, SP(8));
+        grid_barrier(bar);
+        stage(act, T, F, none, hs);
+        stats_begin(sacc, s2, T);
+        for (int row = wid; row < D; row += nwarp)
+            warp_row<W, false>(hs, WP(12), FP(15), x, T, F, D, 1, row, lane, none, sacc, 0, SP(12));
+        stats_end(sacc, s2, T);
+        if (l + 1 < L) grid_barrier(bar);
+#undef WP
+#undef SP
+#undef FP
+    }
+}
+
+extern "C" {
+
+// RMSNorm (layer = 0): x / sqrt(mean(x²) + eps) · w;  LayerNorm (layer = 1): (x − mean) / sqrt(var + eps) · w + b
+__global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                     float eps, float* __restrict__ out, int D, int layer) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * D;
+    float mu = 0.f;
+    if (layer) {
+        float s = 0.f;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) s += xr[i];
+        mu = block_sum(s, red) / D;
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) { float d = xr[i] - mu; ss += d * d; }
+    float r = 1.f / sqrtf(block_sum(ss, red) / D + eps);
+    float* o = out + (size_t)blockIdx.x * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) o[i] = (xr[i] - mu) * r * w[i] + (b ? b[i] : 0.f);
+}
+
+// Split fused q|k|v rows: q → q (T, H, hd); k, v → the layer's cache (Hkv, cap, hd) at position pos + t.
+// With use_rope: rotate-half RoPE on q and k.  grid (T, H + Hkv)
+__global__ void rope_store(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
+                           const float* __restrict__ sn, int use_rope, float* __restrict__ q, float* __restrict__ kc,
+                           float* __restrict__ vc, int H, int Hkv, int hd, int cap) {
+    int t = blockIdx.x, h = blockIdx.y, p = *pos + t, half = hd / 2;
+    const float* row = qkv + (size_t)t * (H + 2 * Hkv) * hd;
+    float* dst;
+    int src;
+    if (h < H) {
+        src = h * hd;
+        dst = q + ((size_t)t * H + h) * hd;
+    } else {
+        int g = h - H;
+        src = (H + g) * hd;
+        dst = kc + ((size_t)g * cap + p) * hd;
+        float* vd = vc + ((size_t)g * cap + p) * hd;
+        int vs = (H + Hkv + g) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) vd[i] = row[vs + i];
+    }
+    if (use_rope) {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float a = row[src + i], bb = row[src + half + i];
+            float c = cs[(size_t)p * half + i], s = sn[(size_t)p * half + i];
+            dst[i] = a * c - bb * s;
+            dst[half + i] = bb * c + a * s;
+        }
+    } else {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = row[src + i];
+    }
+}
+
+// grid (H, T): see attend.
+__global__ void attention(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
+                          const float* __restrict__ sn, int use_rope, float* kc, float* vc, float scale,
+                          float* __restrict__ out, int T, int H, int Hkv, int hd, int cap, int store) {
+    attend<false>(blockIdx.x, blockIdx.y, qkv, pos, cs, sn, use_rope, kc, vc, scale, out, T, H, Hkv, hd, cap, store);
 }
 
 __global__ void advance(int* pos, int T) {
@@ -700,12 +917,30 @@ __global__ void verify(const float* __restrict__ P, int V, const int* __restrict
 }  // extern "C"
 """
 
-WEIGHT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+WEIGHT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "Q8_0": "q8_0", "Q4_0": "q4_0",
+                "Q4_1": "q4_1"}
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+LAYER_POINTERS = 20  # NP in the source: pointers per layer in the persistent layers kernel's table
 SMEM_MAX = 96 * 1024  # dynamic shared memory the fused low-rank kernel may take (phase 2's r-vectors)
 ARGMAX_BLOCKS = 48
 LOWRANK_WARP_K = 1024  # phase 1 of the fused low-rank kernel: a warp per row of V up to this width
 NULL = np.uint64(0)  # an 8-byte zero: a null pointer argument
-TEMPLATES = ("gemv", "lowrank", "embed")
+TEMPLATES = ("gemv", "lowrank", "embed", "layers")
+FLOAT_ONLY = ("lowrank",)
+
+
+class QMat:
+    """A quantized matrix on the device, as stored (minirt.linear.Quant's qn, d, m: the GGUF blocks with their
+    scales split off): q (rows, K) int8 (Q8_0) or (rows, K/2) uint8 (Q4_0, Q4_1); d, m (rows, K/32) float16 bits."""
+
+    def __init__(self, cp, qtype: str, q, d, m, shape):
+        self.qtype, self.shape = qtype, tuple(shape)
+        self.q, self.d = cp.asarray(q), cp.asarray(d)
+        self.m = cp.asarray(m) if qtype == "Q4_1" else None
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes)
 
 
 class Kernels:
@@ -714,7 +949,8 @@ class Kernels:
     def __init__(self):
         import cupy as cp
         self.cp = cp
-        names = [f"{k}<{t}>" for k in TEMPLATES for t in WEIGHT_TYPES.values()]
+        names = [f"{k}<{t}>" for k in TEMPLATES for w, t in WEIGHT_TYPES.items()
+                 if not (k in FLOAT_ONLY and w in QUANT_TYPES)]
         self.module = cp.RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=names)
         self._f = {}
         dev = cp.cuda.Device()
@@ -734,7 +970,15 @@ class Kernels:
 
     @staticmethod
     def wtype(a) -> str:
+        if isinstance(a, QMat):
+            return a.qtype
         return {"float16": "float16", "float32": "float32"}.get(str(a.dtype), "bfloat16")
+
+    def _w(self, w) -> tuple:
+        """A matrix's kernel arguments: (values or quants, scales, minimums)."""
+        if isinstance(w, QMat):
+            return w.q, w.d, self._p(w.m)
+        return w, NULL, NULL
 
     # ---- launchers ------------------------------------------------------------------------------------
     def _norm_args(self, nst, norm, layer, ost):
@@ -746,7 +990,7 @@ class Kernels:
         float64 statistics of x; ost: (T, 2) statistics to which the stored outputs are added (or None)."""
         N, K = w.shape
         rows = N // 2 if mode == 2 else N
-        self.fn("gemv", self.wtype(w))(((rows + 7) // 8,), (256,), (x, w, self._p(bias), out, self._i(T), self._i(K),
+        self.fn("gemv", self.wtype(w))(((rows + 7) // 8,), (256,), (x, *self._w(w), self._p(bias), out, self._i(T), self._i(K),
                                                                     self._i(N), self._i(mode),
                                                                     *self._norm_args(nst, norm, layer, ost)))
 
@@ -790,7 +1034,7 @@ class Kernels:
 
     def embed(self, tok, table, pe, pos, x, T: int, st):
         D = table.shape[1]
-        self.fn("embed", self.wtype(table))((T,), (256,), (tok, table, self._p(pe), pos, x, self._i(D), st,
+        self.fn("embed", self.wtype(table))((T,), (256,), (tok, *self._w(table), self._p(pe), pos, x, self._i(D), st,
                                                            self._i(st.shape[0]), self._i(T)))
 
     def norm(self, x, w, b, eps: float, out, T: int, layer: bool):
@@ -806,6 +1050,44 @@ class Kernels:
         self.fn("attention")((H, T), (256,), (qkv, pos, cos, sin, self._i(int(use_rope)), kc, vc,
                                              self.cp.float32(scale), out, self._i(T), self._i(H), self._i(Hkv),
                                              self._i(hd), self._i(cap), self._i(int(store))))
+
+    def resident_blocks(self, name: str, wtype: str, cap: int = 2, smem: int = 0) -> int:
+        """Blocks of 256 threads that fit on the device at once (at most cap per multiprocessor) with `smem` bytes
+        of dynamic shared memory each: the size of a persistent grid whose blocks meet at grid-wide barriers."""
+        key = (name, wtype, cap, smem)
+        g = self._resident.get(key)
+        if g is None:
+            f = self.fn(name, wtype)
+            per_sm = 1
+            try:
+                from cupy.cuda import driver
+                ptr = getattr(f, "ptr", None) or f.kernel.ptr
+                if smem > 48 * 1024 and not self._smem_set.get((name, wtype)):
+                    driver.funcSetAttribute(ptr, 8, SMEM_MAX)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+                    self._smem_set[(name, wtype)] = True
+                per_sm = max(1, min(cap, driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, 256, smem)))
+            except Exception:  # noqa: BLE001
+                pass
+            g = self._resident[key] = per_sm * self.sms
+        return g
+
+    def layers(self, table, wtype: str, L: int, x, qkv, att, act, st, pos, cos, sin, use_rope, kc, vc, scale, T, D,
+               H, Hkv, hd, cap, F, up_mode, layer_norm, eps1, eps2, bar, per_sm: int = 2):
+        """Every layer of a step in one persistent launch (see the source); table: (layers, LAYER_POINTERS) uint64."""
+        smem = self.layers_smem(T, D, H * hd, F)
+        blocks = self.resident_blocks("layers", wtype, per_sm, smem)
+        self.fn("layers", wtype)((blocks,), (256,), (table, self._i(L), x, qkv, att, act, st, pos, cos, sin,
+                                                    self._i(int(use_rope)), kc, vc, self.cp.int64(kc[0].size),
+                                                    self.cp.float32(scale), self._i(T), self._i(D), self._i(H),
+                                                    self._i(Hkv), self._i(hd), self._i(cap), self._i(F),
+                                                    self._i(up_mode), self._i(int(layer_norm)),
+                                                    self.cp.float32(eps1), self.cp.float32(eps2), bar),
+                                 shared_mem=smem)
+
+    @staticmethod
+    def layers_smem(T: int, D: int, Q: int, F: int) -> int:
+        """Dynamic shared memory of the layers kernel (a block's staged input rows); ≤ SMEM_MAX to run it."""
+        return T * max(D, Q, F) * 4
 
     def advance(self, pos, T: int):
         self.fn("advance")((1,), (32,), (pos, self._i(T)))
