@@ -147,6 +147,12 @@ def test_logits_match_cpu(name, dtype, cpu_models):
     _close(g.forward(ids[10:13], cache, logits="all"), ref[10:13], dtype)
     _close(g.forward(ids[13:16], cache, logits="all"), ref[13:16], dtype)
     _close(g.forward(ids[16:20], cache, logits=[0, 3]), ref[[16, 19]], dtype)
+    # the persistent layers kernel (all layers in one launch, MINIRT_GPU_LAYERS=1): same rows
+    g.persistent = True
+    cache = g.new_cache(64)
+    rows = [g.forward(ids[:12], cache, logits="all")] + [g.forward([t], cache) for t in ids[12:17]]
+    rows.append(g.forward(ids[17:20], cache, logits="all"))
+    _close(np.concatenate(rows), ref, dtype)
 
 
 def _lowrank_model(m, rank_frac=0.25, seed=0):
@@ -575,7 +581,7 @@ def test_smollm2_blocks_on_device_match_cpu_exact(qtype, smollm2_formats):
     from minirt.cuda.backend import to_gpu
     cpu = smollm2_formats[qtype]
     g = to_gpu(cpu)  # as stored
-    assert g.layers_type == qtype and g.persistent
+    assert g.layers_type == qtype
     assert abs(g.weight_bytes - cpu.weight_bytes) <= 0.01 * cpu.weight_bytes  # the file's blocks, not float16
     ids = cpu.tokenizer.encode(PROMPTS[0] + " there was a little girl who lived in a village near the forest.")
     ref = cpu.logits(ids)
@@ -587,8 +593,8 @@ def test_smollm2_blocks_on_device_match_cpu_exact(qtype, smollm2_formats):
         want, gaps = _greedy_with_gaps(cpu, ids, 24)
         n = next((i for i, gap in enumerate(gaps) if gap <= 1e-3), len(gaps))  # equal up to a near-tie
         assert g.decode_greedy(ids, g.new_cache(64), 24)[:n] == want[:n], (prompt, n)
-        g.persistent = False  # one launch per matmul/attention: the same tokens as the persistent kernel
+        g.persistent = not g.persistent  # the other launch scheme (persistent layers kernel / 5 a layer): same
         assert g.decode_greedy(ids, g.new_cache(64), 24)[:n] == want[:n], (prompt, n)
-        g.persistent = True
+        g.persistent = not g.persistent
         got = g.generate(prompt, max_tokens=8, temperature=0)  # the streamed path runs too
         assert len(got.text()) > 0

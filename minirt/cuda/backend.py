@@ -75,13 +75,13 @@ def gpu_refusal(model) -> str | None:
         if L.q_norm is not None or L.post_attn_norm is not None:
             return f"the GPU backend does not run layer {i}'s extra norms (QK/post norms) yet; use --device cpu"
     for where, lin in mats:
-        parts = [lin.u, lin.v] if isinstance(lin, LowRank) else [lin]
+        parts = [lin.u, lin.v] if isinstance(lin, LowRank) else [lin]  # u's width is the rank (zero-padded)
         for p in parts:
             if isinstance(p, Quant) and p.qtype not in STORED_FORMATS:
                 return f"the GPU backend has no kernels for {p.qtype} ({where}); use --device cpu"
             if not isinstance(p, (Dense, Quant)):
                 return f"the GPU backend cannot run a {type(p).__name__} matrix ({where}); use --device cpu"
-            if p.in_features % 8:
+            if p.in_features % 8 and p is not getattr(lin, "u", None):
                 return f"the GPU backend needs matrix widths divisible by 8 ({where} is {p.in_features} wide)"
     e = model.embed
     if not c.tied_head and not isinstance(e.head, (Dense, Quant)) and e.t.qtype not in STORED_FORMATS + ("F32",):
@@ -312,8 +312,10 @@ class GPUModel:
                 self.layer_table = cp.asarray(np.array(rows, np.uint64))
                 self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
         self.stream.synchronize()
-        # MINIRT_GPU_LAYERS=0: one launch per matmul/attention instead of the persistent kernel (for measuring)
-        self.persistent = self.layers_type is not None and os.environ.get("MINIRT_GPU_LAYERS", "1") != "0"
+        # MINIRT_GPU_LAYERS=1: the persistent layers kernel (one launch for all layers) instead of 5 launches a
+        # layer; off by default: slower on an H200 (SmolLM2 Q4_1: 880 vs 1150 tok/s, its 150 grid barriers cost
+        # more than the graph's launch gaps; BENCHMARKS.md)
+        self.persistent = self.layers_type is not None and os.environ.get("MINIRT_GPU_LAYERS", "0") == "1"
         self.per_sm = int(os.environ.get("MINIRT_GPU_LAYERS_PER_SM", "2"))  # blocks per SM in that grid (at most)
         self._scratch: dict[int, dict] = {}
 
