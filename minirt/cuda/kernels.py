@@ -571,7 +571,7 @@ __device__ void attend(int h, int t, const float* qkv, const int* __restrict__ p
                        float* __restrict__ out, int T, int H, int Hkv, int hd, int cap, int store) {
     __shared__ float sc[ACH];
     __shared__ float qs[128];
-    __shared__ float part[1024];  // 8 warps × hd ≤ 128 (warp path), or G groups × hd
+    __shared__ float part[256];
     __shared__ float red[32];
     int tid = threadIdx.x, nt = blockDim.x;
     int g = h / (H / Hkv), half = hd / 2, p0 = *pos, W = (H + 2 * Hkv) * hd;
@@ -612,67 +612,6 @@ __device__ void attend(int h, int t, const float* qkv, const int* __restrict__ p
     int n = p0 + t + 1;
     const float* K0 = kc + (size_t)g * cap * hd;
     const float* V0 = vc + (size_t)g * cap * hd;
-    if ((hd & 31) == 0) {  // a warp per position: lanes split the head's dimensions (coalesced rows of K and V)
-        int warp = tid >> 5, lane = tid & 31, nw = nt >> 5, J = hd >> 5;
-        float m = -INF, l = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f}, q[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) q[j] = j < J ? qs[lane + 32 * j] : 0.f;
-        for (int c0 = 0; c0 < n; c0 += ACH) {
-            int cn = min(ACH, n - c0);
-            float mx = -INF;
-            for (int s0 = warp; s0 < cn; s0 += 4 * nw) {
-                float a[4];
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    int s = s0 + u * nw;
-                    a[u] = 0.f;
-                    if (s < cn) {
-                        const float* kr = K0 + (size_t)(c0 + s) * hd + lane;
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) if (j < J) a[u] += kr[32 * j] * q[j];
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    int s = s0 + u * nw;
-                    float v = warp_sum(a[u]) * scale;
-                    if (s < cn) { if (lane == 0) sc[s] = v; mx = fmaxf(mx, v); }
-                }
-            }
-            mx = block_max(mx, red);
-            float mn = fmaxf(m, mx), sum = 0.f;
-            for (int s = tid; s < cn; s += nt) { float e = expf(sc[s] - mn); sc[s] = e; sum += e; }
-            sum = block_sum(sum, red);
-            float corr = expf(m - mn);
-            l = l * corr + sum;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[j] *= corr;
-            m = mn;
-            for (int s0 = warp; s0 < cn; s0 += 4 * nw) {
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    int s = s0 + u * nw;
-                    if (s < cn) {
-                        float pr = sc[s];
-                        const float* vr = V0 + (size_t)(c0 + s) * hd + lane;
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) if (j < J) acc[j] += pr * vr[32 * j];
-                    }
-                }
-            }
-            __syncthreads();
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) if (j < J) part[warp * hd + lane + 32 * j] = acc[j];
-        __syncthreads();
-        if (tid < hd) {
-            float s = 0.f;
-            for (int w = 0; w < nw; ++w) s += part[w * hd + tid];
-            out[((size_t)t * H + h) * hd + tid] = s / l;
-        }
-        __syncthreads();
-        return;
-    }
     int G = nt / hd, grp = tid / hd, d = tid % hd;
     float m = -INF, l = 0.f, acc = 0.f;
     for (int c0 = 0; c0 < n; c0 += ACH) {
