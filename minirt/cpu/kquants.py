@@ -70,7 +70,8 @@ def _load32(ctx, b, aty, arr, blk, f):
         qs = ld(b.add(hoff, _c(i64, 4)), _lt("u8", 16))
         nib = _shuffle(b, b.and_(qs, _c(qs.type, [15] * 16)), b.lshr(qs, _c(qs.type, [4] * 16)), list(range(32)))
         hb = b.zext(b.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), v32)
-        return b.or_(nib, b.shl(hb, _c(v32, [4] * 32)))
+        u = b.or_(nib, b.shl(hb, _c(v32, [4] * 32)))
+        return b.sub(u, _c(v32, [16] * 32)) if f == 1 else u  # Q5_0: signed values, no offsets
     sb = b.lshr(blk, _c(i64, 3))
     k = b.and_(blk, _c(i64, 7))
     h = b.lshr(k, _c(i64, 2))      # which half of the super-block (Q2_K, Q3_K, Q6_K)
@@ -105,7 +106,8 @@ def _load32(ctx, b, aty, arr, blk, f):
 
 @intrinsic
 def kload(typingctx, isa, fmt, row, blk):
-    """Unsigned quants of blocks blk..blk+G−1 (of 32 values) of one stored row (1-D uint8) as u8 lanes."""
+    """Quants of blocks blk..blk+G−1 (of 32 values) of one stored row (1-D uint8): unsigned u8 lanes, or for Q5_0
+    the signed values (u − 16, i8 lanes; isa.dot takes either), which need no offsets."""
     if not _is_int_tag(isa) or _fmt(fmt) is None or not isinstance(row, types.Array):
         return None
     g, f = _blocks(isa), _fmt(fmt)
@@ -114,21 +116,31 @@ def kload(typingctx, isa, fmt, row, blk):
         _, _, arr, bl = args
         vs = [_load32(ctx, b, sig.args[2], arr, b.add(bl, _c(bl.type, i)), f) for i in range(g)]
         return vs[0] if g == 1 else _shuffle(b, vs[0], vs[1], list(range(64)))
-    return Vec("u8", 32 * g)(isa, fmt, row, blk), cg
+    return Vec("i8" if f == 1 else "u8", 32 * g)(isa, fmt, row, blk), cg
 
 
 @intrinsic
-def lanes(typingctx, isa, s, blk):
-    """Scales of groups of 16 (2 per block; s: 1-D float32) of blocks blk..blk+G−1, each over its 4 lanes."""
-    if not _is_int_tag(isa):
+def kscale(typingctx, isa, fmt, row, s, blk):
+    """Scale lanes of blocks blk..blk+G−1: Q5_0 reads its f16 d straight from the row (d over 8 lanes); the
+    other formats read the row's decoded scales s (row_scales; each group of 16 over its 4 lanes)."""
+    if not _is_int_tag(isa) or _fmt(fmt) is None:
         return None
-    g = _blocks(isa)
+    g, f = _blocks(isa), _fmt(fmt)
 
     def cg(ctx, b, sig, args):
-        off = b.mul(args[2], _c(args[2].type, 2))
-        v = b.load(_ptr(ctx, b, sig.args[1], args[1], off, _lt("f32", 2 * g)), align=4)
-        return _shuffle(b, v, v, [2 * k + i // 4 for k in range(g) for i in range(8)])
-    return Vec("f32", 8 * g)(isa, s, blk), cg
+        _, _, arr, sarr, bl = args
+        if f != 1:
+            off = b.mul(bl, _c(bl.type, 2))
+            v = b.load(_ptr(ctx, b, sig.args[3], sarr, off, _lt("f32", 2 * g)), align=4)
+            return _shuffle(b, v, v, [2 * k + i // 4 for k in range(g) for i in range(8)])
+        hv = ir.Constant(ir.VectorType(ir.IntType(16), g), None)
+        for k in range(g):
+            off = b.mul(b.add(bl, _c(bl.type, k)), _c(bl.type, 22))
+            hv = b.insert_element(hv, b.load(_ptr(ctx, b, sig.args[2], arr, off, ir.IntType(16)), align=1),
+                                  _c(I32, k))
+        fv = b.fpext(b.bitcast(hv, ir.VectorType(ir.HalfType(), g)), ir.VectorType(ir.FloatType(), g))
+        return _shuffle(b, fv, fv, [k for k in range(g) for _ in range(8)])
+    return Vec("f32", 8 * g)(isa, fmt, row, s, blk), cg
 
 
 # ---- per-row scales ---------------------------------------------------------------------------------------
@@ -244,7 +256,7 @@ def _k1(isa, fmt, qr, sc, x0, e0, nb):
     a0 = fzero(isa)
     for b in range(0, nb, G):
         w = kload(isa, fmt, qr, b)
-        s = lanes(isa, sc, b)
+        s = kscale(isa, fmt, qr, sc, b)
         a0 = fma_acc(a0, dot(isa, w, xload(isa, x0, b * 32)), fload(isa, e0, b * 8), s)
     return fsum(a0)
 
@@ -257,7 +269,7 @@ def _k2(isa, fmt, qr, sc, xq, xde, t, nb):
     x0, x1, e0, e1 = xq[t], xq[t + 1], xde[t], xde[t + 1]
     for b in range(0, nb, G):
         w = kload(isa, fmt, qr, b)
-        s = lanes(isa, sc, b)
+        s = kscale(isa, fmt, qr, sc, b)
         o, oe = b * 32, b * 8
         a0 = fma_acc(a0, dot(isa, w, xload(isa, x0, o)), fload(isa, e0, oe), s)
         a1 = fma_acc(a1, dot(isa, w, xload(isa, x1, o)), fload(isa, e1, oe), s)
@@ -275,7 +287,7 @@ def _k4(isa, fmt, qr, sc, xq, xde, t, nb):
     e0, e1, e2, e3 = xde[t], xde[t + 1], xde[t + 2], xde[t + 3]
     for b in range(0, nb, G):
         w = kload(isa, fmt, qr, b)
-        s = lanes(isa, sc, b)
+        s = kscale(isa, fmt, qr, sc, b)
         o, oe = b * 32, b * 8
         a0 = fma_acc(a0, dot(isa, w, xload(isa, x0, o)), fload(isa, e0, oe), s)
         a1 = fma_acc(a1, dot(isa, w, xload(isa, x1, o)), fload(isa, e1, oe), s)
@@ -305,7 +317,8 @@ def matmul_k(isa, fmt, xq, xde, xs16, q, scratch, out):
         sc, mn = scratch[part, 0], scratch[part, 1]
         for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
-            row_scales(fmt, qr, sc, mn)
+            if fmt.ndim != 1:  # Q5_0: scales read in the loop, no offsets
+                row_scales(fmt, qr, sc, mn)
             t = 0
             while t + 4 <= T:
                 out[t, j], out[t + 1, j], out[t + 2, j], out[t + 3, j] = _k4(isa, fmt, qr, sc, xq, xde, t, nb)
@@ -315,8 +328,9 @@ def matmul_k(isa, fmt, xq, xde, xs16, q, scratch, out):
                 t += 2
             if t < T:
                 out[t, j] = _k1(isa, fmt, qr, sc, xq[t], xde[t], nb)
-            for t in range(T):
-                out[t, j] += _offsets(mn, xs16, t)
+            if fmt.ndim != 1:
+                for t in range(T):
+                    out[t, j] += _offsets(mn, xs16, t)
 
 
 @njit(parallel=True, **JIT)
@@ -332,13 +346,14 @@ def matmul_k_exact(isa, fmt, x, xs16, q, scratch, out):
         sc, mn = scratch[part, 0], scratch[part, 1]
         for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
-            row_scales(fmt, qr, sc, mn)
+            if fmt.ndim != 1:
+                row_scales(fmt, qr, sc, mn)
             for t in range(T):
                 xr = x[t]
                 a = fzero(isa)
                 for b in range(0, nb, G):
-                    a = fmadd(a, fdot(isa, kload(isa, fmt, qr, b), xr, b * 32), lanes(isa, sc, b))
-                out[t, j] = fsum(a) + _offsets(mn, xs16, t)
+                    a = fmadd(a, fdot(isa, kload(isa, fmt, qr, b), xr, b * 32), kscale(isa, fmt, qr, sc, b))
+                out[t, j] = fsum(a) + (_offsets(mn, xs16, t) if fmt.ndim != 1 else np.float32(0.0))
 
 
 # ---- dequantization: the gguf package's arithmetic, bit for bit (no fastmath: no fused multiply-adds) -----------
