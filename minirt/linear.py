@@ -10,7 +10,7 @@ import numpy as np
 
 from .cpu import isa, kernels, kquants, qmatmul
 from .cpu.threads import split_rows
-from .readers.base import Tensor
+from .readers.base import Tensor, release_pages
 
 BLAS_MIN_ROWS = 16  # from this many positions on, a BLAS GEMM beats the row-parallel Numba kernel (measured)
 
@@ -93,10 +93,17 @@ class Quant(Linear):
             raise ValueError(f"{t.qtype} rows of {K} values are not whole blocks")
         nb = self.nb = K // 32
         blocks = np.asarray(t.data).reshape(N, nb, block)
-        self.d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.uint16).reshape(N, nb)
-        self.m = (np.ascontiguousarray(blocks[:, :, moff:moff + 2]).view(np.uint16).reshape(N, nb)
-                  if moff else np.zeros((N, 0), np.uint16))
-        q = np.ascontiguousarray(blocks[:, :, qoff:]).reshape(N, -1)  # GGUF's order, scales split off
+        self.d = np.empty((N, nb), np.uint16)
+        self.m = np.empty((N, nb if moff else 0), np.uint16)
+        q = np.empty((N, nb * (block - qoff)), np.uint8)  # GGUF's order, scales split off
+        step = max(1, (8 << 20) // max(1, nb * block))
+        for a in range(0, N, step):  # in chunks of 8 MB, each released from the mapping once copied
+            b = blocks[a:a + step]
+            self.d[a:a + step] = b[:, :, 0:2].view(np.uint16)[:, :, 0]
+            if moff:
+                self.m[a:a + step] = b[:, :, moff:moff + 2].view(np.uint16)[:, :, 0]
+            q[a:a + step] = b[:, :, qoff:].reshape(len(b), -1)
+            release_pages(b)
         self.qn = q.view(np.int8) if t.qtype == "Q8_0" else q
 
     @property
