@@ -32,6 +32,7 @@ FORMATS = {"Q5_0": (1, 32, 22), "Q5_1": (2, 32, 24), "Q2_K": (3, 256, 84), "Q3_K
            "Q4_K": (5, 256, 144), "Q5_K": (6, 256, 176), "Q6_K": (7, 256, 210)}
 FORMAT_TAGS = {name: np.empty((0,) * fid, np.uint8) for name, (fid, _, _) in FORMATS.items()}
 I8 = ir.IntType(8)
+SIGNED = (1, 7)  # Q5_0, Q6_K: signed quants, scales read in the loop: no per-row scale pass, no offsets
 
 
 def _fmt(t) -> int | None:
@@ -101,13 +102,13 @@ def _load32(ctx, b, aty, arr, blk, f):
     qh = ld(b.add(base, b.add(_c(i64, 128), b.mul(h, _c(i64, 32)))))
     lo = b.and_(b.lshr(ql, k8(b.shl(b.lshr(j, _c(i64, 1)), _c(i64, 2)))), m15)
     hi = b.and_(b.lshr(qh, k8(b.shl(j, _c(i64, 1)))), m3)
-    return b.or_(lo, b.shl(hi, _c(v32, [4] * 32)))
+    return b.sub(b.or_(lo, b.shl(hi, _c(v32, [4] * 32))), _c(v32, [32] * 32))  # signed, no offsets
 
 
 @intrinsic
 def kload(typingctx, isa, fmt, row, blk):
     """Quants of blocks blk..blk+G−1 (of 32 values) of one stored row (1-D uint8): unsigned u8 lanes, or for Q5_0
-    the signed values (u − 16, i8 lanes; isa.dot takes either), which need no offsets."""
+    and Q6_K the signed values (u − 16, u − 32: i8 lanes; isa.dot takes either), which need no offsets."""
     if not _is_int_tag(isa) or _fmt(fmt) is None or not isinstance(row, types.Array):
         return None
     g, f = _blocks(isa), _fmt(fmt)
@@ -116,7 +117,7 @@ def kload(typingctx, isa, fmt, row, blk):
         _, _, arr, bl = args
         vs = [_load32(ctx, b, sig.args[2], arr, b.add(bl, _c(bl.type, i)), f) for i in range(g)]
         return vs[0] if g == 1 else _shuffle(b, vs[0], vs[1], list(range(64)))
-    return Vec("i8" if f == 1 else "u8", 32 * g)(isa, fmt, row, blk), cg
+    return Vec("i8" if f in SIGNED else "u8", 32 * g)(isa, fmt, row, blk), cg
 
 
 @intrinsic
@@ -129,6 +130,17 @@ def kscale(typingctx, isa, fmt, row, s, blk):
 
     def cg(ctx, b, sig, args):
         _, _, arr, sarr, bl = args
+        if f == 7:  # Q6_K: d (f16 at 208) × the int8 scales 192 + 2k, 2k + 1 of each block k
+            sb = b.lshr(bl, _c(bl.type, 3))
+            base = b.mul(sb, _c(bl.type, 210))
+            soff = b.add(base, b.add(_c(bl.type, 192), b.shl(b.and_(bl, _c(bl.type, 7)), _c(bl.type, 1))))
+            sv = b.load(_ptr(ctx, b, sig.args[2], arr, soff, ir.VectorType(I8, 2 * g)), align=1)
+            dh = b.load(_ptr(ctx, b, sig.args[2], arr, b.add(base, _c(bl.type, 208)), ir.IntType(16)), align=1)
+            d = b.fpext(b.bitcast(dh, ir.HalfType()), ir.FloatType())
+            dv = b.insert_element(ir.Constant(ir.VectorType(ir.FloatType(), 2 * g), ir.Undefined), d, _c(I32, 0))
+            dv = _shuffle(b, dv, dv, [0] * (2 * g))
+            v = b.fmul(b.sitofp(sv, ir.VectorType(ir.FloatType(), 2 * g)), dv)
+            return _shuffle(b, v, v, [2 * k + i // 4 for k in range(g) for i in range(8)])
         if f != 1:
             off = b.mul(bl, _c(bl.type, 2))
             v = b.load(_ptr(ctx, b, sig.args[3], sarr, off, _lt("f32", 2 * g)), align=4)
@@ -317,7 +329,7 @@ def matmul_k(isa, fmt, xq, xde, xs16, q, scratch, out):
         sc, mn = scratch[part, 0], scratch[part, 1]
         for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
-            if fmt.ndim != 1:  # Q5_0: scales read in the loop, no offsets
+            if fmt.ndim != 1 and fmt.ndim != 7:  # SIGNED
                 row_scales(fmt, qr, sc, mn)
             t = 0
             while t + 4 <= T:
@@ -328,7 +340,7 @@ def matmul_k(isa, fmt, xq, xde, xs16, q, scratch, out):
                 t += 2
             if t < T:
                 out[t, j] = _k1(isa, fmt, qr, sc, xq[t], xde[t], nb)
-            if fmt.ndim != 1:
+            if fmt.ndim != 1 and fmt.ndim != 7:
                 for t in range(T):
                     out[t, j] += _offsets(mn, xs16, t)
 
@@ -346,14 +358,16 @@ def matmul_k_exact(isa, fmt, x, xs16, q, scratch, out):
         sc, mn = scratch[part, 0], scratch[part, 1]
         for j in range(part * step, min(N, (part + 1) * step)):
             qr = q[j]
-            if fmt.ndim != 1:
+            if fmt.ndim != 1 and fmt.ndim != 7:
                 row_scales(fmt, qr, sc, mn)
             for t in range(T):
                 xr = x[t]
                 a = fzero(isa)
                 for b in range(0, nb, G):
                     a = fmadd(a, fdot(isa, kload(isa, fmt, qr, b), xr, b * 32), kscale(isa, fmt, qr, sc, b))
-                out[t, j] = fsum(a) + (_offsets(mn, xs16, t) if fmt.ndim != 1 else np.float32(0.0))
+                out[t, j] = fsum(a)
+                if fmt.ndim != 1 and fmt.ndim != 7:
+                    out[t, j] += _offsets(mn, xs16, t)
 
 
 # ---- dequantization: the gguf package's arithmetic, bit for bit (no fastmath: no fused multiply-adds) -----------
