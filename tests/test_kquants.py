@@ -77,8 +77,11 @@ def test_kernels_equal_references(qtype, T, exact):
 OTHER_PATHS = [p for p in isa.host_paths() if p != "portable"]
 
 
+# Gemma's formats (signed in-loop scales: Q5_0, Q6_K; per-row scales and offsets: Q4_K) by default; the others
+# under slow (each path × format is its own compiled kernel: minutes of compiling on a cold cache)
 @pytest.mark.parametrize("path", isa.PATHS[1:])
-@pytest.mark.parametrize("qtype", KTYPES)
+@pytest.mark.parametrize("qtype", [q if q in ("Q5_0", "Q4_K", "Q6_K") else pytest.param(q, marks=pytest.mark.slow)
+                                   for q in KTYPES])
 def test_isa_paths_equal_portable(path, qtype):
     if path not in OTHER_PATHS:
         pytest.skip(f"this CPU has no {path} (it has {', '.join(isa.host_paths())})")
