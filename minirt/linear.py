@@ -8,9 +8,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .cpu import isa, kernels, qmatmul
+from .cpu import isa, kernels, kquants, qmatmul
 from .cpu.threads import split_rows
-from .readers.base import Tensor
+from .readers.base import Tensor, release_pages
 
 BLAS_MIN_ROWS = 16  # from this many positions on, a BLAS GEMM beats the row-parallel Numba kernel (measured)
 
@@ -93,10 +93,17 @@ class Quant(Linear):
             raise ValueError(f"{t.qtype} rows of {K} values are not whole blocks")
         nb = self.nb = K // 32
         blocks = np.asarray(t.data).reshape(N, nb, block)
-        self.d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.uint16).reshape(N, nb)
-        self.m = (np.ascontiguousarray(blocks[:, :, moff:moff + 2]).view(np.uint16).reshape(N, nb)
-                  if moff else np.zeros((N, 0), np.uint16))
-        q = np.ascontiguousarray(blocks[:, :, qoff:]).reshape(N, -1)  # GGUF's order, scales split off
+        self.d = np.empty((N, nb), np.uint16)
+        self.m = np.empty((N, nb if moff else 0), np.uint16)
+        q = np.empty((N, nb * (block - qoff)), np.uint8)  # GGUF's order, scales split off
+        step = max(1, (8 << 20) // max(1, nb * block))
+        for a in range(0, N, step):  # in chunks of 8 MB, each released from the mapping once copied
+            b = blocks[a:a + step]
+            self.d[a:a + step] = b[:, :, 0:2].view(np.uint16)[:, :, 0]
+            if moff:
+                self.m[a:a + step] = b[:, :, moff:moff + 2].view(np.uint16)[:, :, 0]
+            q[a:a + step] = b[:, :, qoff:].reshape(len(b), -1)
+            release_pages(b)
         self.qn = q.view(np.int8) if t.qtype == "Q8_0" else q
 
     @property
@@ -210,9 +217,133 @@ def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequant
     """The Linear for matrices stacked along their outputs: kept in their stored format when they share
     one that has kernels, else float32. exact: float32 activations in the quantized decode kernels."""
     qtypes = {t.qtype for t in ws}
+    if not dequantize and all(KQuant.fits(t) or (t.qtype in Quant.FORMATS and t.shape[1] % 32 == 0) for t in ws):
+        if qtypes <= set(KQuant.FORMATS) or len(qtypes) > 1:  # K-quants; mixed formats: each part its own kernel
+            parts = [KQuant(t, exact=exact) if t.qtype in KQuant.FORMATS else Quant(t, exact=exact) for t in ws]
+            lin = parts[0] if len(parts) == 1 else KQuant.concat(parts) if len(qtypes) == 1 else Stacked(parts)
+            lin.bias = stacked_bias(ws, bs)
+            return lin
     if dequantize or len(qtypes) != 1 or next(iter(qtypes)) not in Quant.FORMATS or ws[0].shape[1] % 32:
         return Dense.from_tensors(ws, bs)
     parts = [Quant(t, exact=exact) for t in ws]
     q = parts[0] if len(parts) == 1 else Quant.concat(parts)
     q.bias = stacked_bias(ws, bs)
     return q
+
+
+class KQuant(Linear):
+    """A matrix in a K-quant or 5-bit format (Q2_K … Q6_K, Q5_0, Q5_1), each row its stored bytes (no float32 copy).
+
+    Up to Quant.GEMM_MIN_ROWS − 1 positions run minirt/cpu/kquants.py's kernels (int8 activations as llama.cpp's
+    vec_dot_qK_q8_K; float32 activations with exact=True), each weight block loaded once for all positions; more
+    positions dequantize tiles of rows (the gguf package's arithmetic) and multiply them with BLAS."""
+
+    FORMATS = kquants.FORMATS
+
+    @classmethod
+    def fits(cls, t: Tensor) -> bool:
+        return t.qtype in cls.FORMATS and len(t.shape) == 2 and t.shape[1] % cls.FORMATS[t.qtype][1] == 0
+
+    def __init__(self, t: Tensor, bias: np.ndarray | None = None, exact: bool = False):
+        self.qtype, self.exact = t.qtype, exact
+        _, per, size = self.FORMATS[t.qtype]
+        N, K = t.shape
+        self.out_features, self.in_features = N, K
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self.q = np.array(np.asarray(t.data).reshape(N, K // per * size), np.uint8)  # a copy: the file is unmapped
+        self.fmt = kquants.FORMAT_TAGS[t.qtype]
+
+    @classmethod
+    def concat(cls, parts: list["KQuant"]) -> "KQuant":
+        """Stack matrices of one format along their outputs (fused Q/K/V, gate/up)."""
+        out = object.__new__(cls)
+        out.__dict__.update(parts[0].__dict__)
+        out.__dict__.pop("_bufs", None)
+        out.q = np.concatenate([p.q for p in parts])
+        out.out_features = sum(p.out_features for p in parts)
+        out.bias = None
+        return out
+
+    @property
+    def _tag(self):
+        tag = isa.tag()  # 2-block steps (avx512vnni) need an even number of blocks
+        return isa.tag("avxvnni") if (self.in_features // 32) % 2 and isa.TAGS["avx512vnni"] is tag else tag
+
+    def _buffers(self, T: int):
+        """int8 activations, their scales over 8 lanes, sums per 16, and the threads' row-scale scratch."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        n = numba.get_num_threads()
+        if (T, n) not in bufs:
+            K = self.in_features
+            bufs[(T, n)] = (np.empty((T, K), np.int8), np.empty((T, K // 4), np.float32),
+                            np.empty((T, K // 16), np.float32), np.empty((n, 2, K // 16), np.float32))
+        return bufs[(T, n)]
+
+    def forward(self, x, out):
+        T = x.shape[0]
+        if T < Quant.GEMM_MIN_ROWS:
+            xq, xde, xs16, scratch = self._buffers(T)
+            if self.exact:
+                x = np.ascontiguousarray(x)
+                kquants.sums16(x, xs16)
+                kquants.matmul_k_exact(self._tag, self.fmt, x, xs16, self.q, scratch, out)
+            else:
+                kquants.quantize_x(x, xq, xde, xs16)
+                kquants.matmul_k(self._tag, self.fmt, xq, xde, xs16, self.q, scratch, out)
+        else:
+            split_rows(self.out_features, lambda a, b: self._gemm(x, out, a, b))
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def _gemm(self, x, out, a, b):
+        w = np.empty((min(Quant.TILE, b - a), self.in_features), np.float32)
+        for r in range(a, b, Quant.TILE):
+            e = min(b, r + Quant.TILE)
+            kquants.dequantize(self.fmt, self.q, r, e, w)
+            np.matmul(x, w[:e - r].T, out=out[:, r:e])
+
+    def rows(self, ids) -> np.ndarray:
+        """Selected rows as float32 (a tied head serves as the embedding table)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        w = np.empty((len(ids), self.in_features), np.float32)
+        for i, r in enumerate(ids):
+            kquants.dequantize(self.fmt, self.q, int(r), int(r) + 1, w[i:i + 1])
+        return w
+
+    def dequantized(self) -> np.ndarray:
+        w = np.empty((self.out_features, self.in_features), np.float32)
+        kquants.dequantize(self.fmt, self.q, 0, self.out_features, w)
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+class Stacked(Linear):
+    """Matrices of different stored formats stacked along their outputs (a Q4_K_M's Q/K/V may mix Q5_0 and Q8_0):
+    each part runs its own kernel into its slice of the output."""
+
+    def __init__(self, parts: list[Linear]):
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.bias = None
+        self.qtype = "+".join(getattr(p, "qtype", "?") for p in parts)
+
+    def forward(self, x, out):
+        a = 0
+        for p in self.parts:
+            p.forward(x, out[:, a:a + p.out_features])
+            a += p.out_features
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def dequantized(self) -> np.ndarray:
+        return np.concatenate([p.dequantized() for p in self.parts])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.nbytes)

@@ -22,7 +22,11 @@ HF_GREEDY = (", there was a little girl named Lily. She was a very smart girl, a
 
 @pytest.fixture(scope="module")
 def gemma():
-    return minirt.load(pull("gemma3-270m"))
+    # exact: float32 activations in the quantized kernels (the issue's `--exact`). The default int8 activations
+    # (llama.cpp's arithmetic) move logits by up to ~3% of the largest here, and after "Once upon a time, there
+    # was a" the top three tokens lie within 0.07 of each other, so greedy text is compared on the exact path;
+    # tests/test_kquants.py bounds the int8 path against it.
+    return minirt.load(pull("gemma3-270m"), exact=True)
 
 
 def test_greedy_text_equals_transformers(gemma):

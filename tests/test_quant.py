@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 import minirt
-from minirt.linear import Dense, Quant, make_linear
+from minirt.linear import Dense, Quant, Stacked, make_linear
 from minirt.readers import read_checkpoint
 from minirt.readers.base import Tensor
 
@@ -89,8 +89,10 @@ def test_fused_rows_and_fallback():
     fused = make_linear([a, b])
     assert isinstance(fused, Quant) and fused.out_features == 64
     assert np.array_equal(fused.dequantized(), np.concatenate([a.float32(), b.float32()]))
-    mixed = make_linear([a, stored(rng.standard_normal((32, 64)).astype(np.float32), "Q8_0")])
-    assert isinstance(mixed, Dense)  # different formats cannot share one kernel: float32
+    c = stored(rng.standard_normal((32, 64)).astype(np.float32), "Q8_0")
+    mixed = make_linear([a, c])
+    assert isinstance(mixed, Stacked)  # different formats: each part on its own kernel, no float32 copy
+    assert np.array_equal(mixed.dequantized(), np.concatenate([a.float32(), c.float32()]))
 
 
 def test_smollm2_native_equals_float32_expansion(smollm2, smollm2_path):

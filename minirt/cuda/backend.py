@@ -110,6 +110,8 @@ def float_matrix(lin) -> np.ndarray:
         if lin.nb:  # block-transposed columns back to natural order
             w = np.ascontiguousarray(w.reshape(-1, 32, lin.nb).transpose(0, 2, 1)).reshape(w.shape)
         return w
+    if hasattr(lin, "dequantized"):  # KQuant (K-quants, Q5_0/Q5_1), Stacked (mixed formats): natural order
+        return lin.dequantized()
     raise MinirtError(f"cannot upload a {type(lin).__name__} to the GPU")
 
 

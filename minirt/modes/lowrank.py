@@ -133,7 +133,7 @@ class LowRank(Linear):
 def dense_matrix(lin: Linear) -> np.ndarray:
     if isinstance(lin, Dense):
         return lin.w
-    if isinstance(lin, Quant):
+    if isinstance(lin, Quant) or hasattr(lin, "dequantized"):  # Quant, KQuant, Stacked (mixed formats)
         return lin.dequantized()
     raise MinirtError(f"cannot factor a {type(lin).__name__}")
 

@@ -38,6 +38,23 @@ class Tensor:
         return Tensor(np.ascontiguousarray(self.data.T), self.qtype, self.shape[::-1])
 
 
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the pages under arr (a contiguous view of a mapped file) from this process's resident set; they fault
+    back in if read again. Loaders call it on each chunk they have copied, so that a large matrix is never
+    resident twice (mapped and copied). Not a view of a mapping: nothing to do."""
+    import mmap
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not hasattr(base, "madvise") or not arr.flags.c_contiguous:
+        return
+    lo = arr.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
+    a = lo // mmap.PAGESIZE * mmap.PAGESIZE
+    base.madvise(mmap.MADV_DONTNEED, a, lo + arr.nbytes - a)
+
+
 @dataclass
 class TokenizerSpec:
     """Everything needed to build a tokenizer; which fields are set depends on kind."""

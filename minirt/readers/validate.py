@@ -153,6 +153,7 @@ def _finite(t) -> bool:
     """No NaN or infinity among a tensor's values (floats) or block scales (quantized): one pass over the
     bytes, done once at load (llama.cpp's --check-tensors does the same)."""
     import numpy as np
+    from .base import release_pages
     raw = np.asarray(t.data)
     if t.qtype == "F32" or t.qtype == "F16":
         return bool(np.isfinite(raw).all())
@@ -161,7 +162,9 @@ def _finite(t) -> bool:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     size = GGML_QUANT_SIZES[GGMLQuantizationType[t.qtype]][1]
     blocks = raw.reshape(-1).view(np.uint8).reshape(-1, size)
-    return all(bool(np.isfinite(blocks[:, o:o + 2].copy().view(np.float16)).all()) for o in SCALES[t.qtype])
+    ok = all(bool(np.isfinite(blocks[:, o:o + 2].copy().view(np.float16)).all()) for o in SCALES[t.qtype])
+    release_pages(raw)  # the pass touched every page of the mapping: not resident until the model copies them
+    return ok
 
 
 def check_tensors(cfg: ModelConfig, tensors: dict, where, ignored: list[str] = (), names: dict | None = None) -> dict:
