@@ -5,12 +5,15 @@ are converted (through float32), everything else (norms, biases) stays as it is.
 a temporary file and renamed only when complete.
 
 Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (gguf's encoders, whose bytes equal llama.cpp's), Q4_K, Q5_K,
-Q6_K (kquant_encode: llama.cpp's reference algorithm), each for every matrix ("pure", as `llama-quantize --pure`);
-and the mixes Q4_K_M and Q5_K_M, which choose a type per tensor as llama-quantize does (llama-quant.cpp,
-llama_tensor_get_type, without an importance matrix): the output head (or the tied embeddings) in Q6_K, attn_v and
-ffn_down in Q6_K in the layers use_more_bits picks (the first and last eighth, and every third between). A K-quant
-needs rows of a multiple of 256; a matrix whose rows are not falls back as in llama.cpp (Q4_K → Q5_0, Q5_K → Q5_1,
-Q6_K → Q8_0; a head or tied embedding → Q8_0).
+Q6_K, Q2_K, Q3_K (kquant_encode: llama.cpp's reference algorithm), each for every matrix ("pure", as
+`llama-quantize --pure`; llama-quantize's own Q2_K and Q4_K/Q5_K names are mixes); and the mixes Q3_K_M, Q4_K_M and
+Q5_K_M, which choose a type per tensor as llama-quantize does (llama-quant.cpp, llama_tensor_get_type, without an
+importance matrix): the output head (or the tied embeddings) in Q6_K; for Q4_K_M/Q5_K_M attn_v and ffn_down in Q6_K
+in the layers use_more_bits picks (the first and last eighth, and every third between); for Q3_K_M attn_v in Q5_K
+in the first two layers and Q4_K after, ffn_down Q5_K in the first sixteenth and Q4_K after, attn_output Q4_K.
+A K-quant needs rows of a multiple of 256; a matrix whose rows are not falls back as in llama.cpp (Q2_K, Q3_K →
+Q4_0, Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0; a head or tied embedding → Q8_0). Not reproduced: llama.cpp's rules
+for Falcon, 8-expert MoE models and 70B Llamas.
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ import numpy as np
 from .errors import MinirtError
 from .progress import Progress
 
-TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q5_K_M")
-K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+         "Q3_K_M", "Q4_K_M", "Q5_K_M")
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # general.file_type (llama_ftype) written for each choice; a pure K type takes its mix's number, as llama-quantize
 # --pure does
-FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q4_K_M": 15,
-             "Q5_K": 17, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
+             "Q3_K_M": 12, "Q4_K": 15, "Q4_K_M": 15, "Q5_K": 17, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -54,13 +58,19 @@ def tensor_types(names_shapes: list[tuple[str, list[int]]], qtype: str, n_layers
             if name == "output.weight" or (tied and name == "token_embd.weight"):
                 t = "Q8_0" if cols % 256 else "Q6_K"
             elif _is_attn_v(name):
-                if use_more_bits(i_wv, n_wv):
+                if qtype == "Q3_K_M":
+                    t = "Q5_K" if i_wv < 2 else "Q4_K"
+                elif use_more_bits(i_wv, n_wv):
                     t = "Q6_K"
                 i_wv += 1
             elif "ffn_down" in name:
-                if use_more_bits(i_down, n_layers):
+                if qtype == "Q3_K_M":
+                    t = "Q5_K" if i_down < n_layers // 16 else "Q4_K"
+                elif use_more_bits(i_down, n_layers):
                     t = "Q6_K"
                 i_down += 1
+            elif "attn_output.weight" in name and qtype == "Q3_K_M":
+                t = "Q4_K"
         if t in FALLBACK and cols % 256:
             t = FALLBACK[t]
         out[name] = t

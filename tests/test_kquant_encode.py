@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from minirt.kquant_encode import quantize_k
+from minirt.kquant_encode import BLOCK_BYTES, quantize_k
 from minirt.quantize import _convertible, encode, tensor_types, use_more_bits
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kquant_llama_quantize.npz"
@@ -23,7 +23,7 @@ def ref():
     return np.load(FIXTURE)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"])
 def test_bytes_equal_llama_quantize(ref, qtype):
     """Scales from 1e-3 to 300, heavy tails, one-signed rows, zero, constant and sparse blocks, values near the
     1e-15 threshold: every block equals llama-quantize's (K-quants ours, the 32-blocks gguf's)."""
@@ -33,7 +33,8 @@ def test_bytes_equal_llama_quantize(ref, qtype):
     assert bad.size == 0, f"rows {bad.tolist()} differ"
 
 
-@pytest.mark.parametrize("qtype,rmse,worst", [("Q4_K", 0.08, 0.15), ("Q5_K", 0.042, 0.07), ("Q6_K", 0.022, 0.025)])
+@pytest.mark.parametrize("qtype,rmse,worst", [("Q2_K", 0.35, 0.47), ("Q3_K", 0.18, 0.28), ("Q4_K", 0.08, 0.15),
+                                               ("Q5_K", 0.042, 0.07), ("Q6_K", 0.022, 0.025)])
 def test_dequantizes_within_the_formats_error(qtype, rmse, worst):
     rng = np.random.default_rng(7)
     gauss = rng.standard_normal((128, 512)).astype(np.float32) * rng.uniform(0.01, 3, (128, 1)).astype(np.float32)
@@ -41,7 +42,7 @@ def test_dequantizes_within_the_formats_error(qtype, rmse, worst):
     tails = rng.standard_t(1.5, (64, 256)).astype(np.float32)
     for x in (gauss, spread, tails):
         b = quantize_k(x, qtype)
-        assert b.shape == (x.shape[0], x.shape[1] // 256 * {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype])
+        assert b.shape == (x.shape[0], x.shape[1] // 256 * BLOCK_BYTES[qtype])
         y = gguf.quants.dequantize(b, Q[qtype]).reshape(x.shape)
         blocks, yb = x.reshape(-1, 256), y.reshape(-1, 256)
         assert (np.abs(yb - blocks).max(1) <= worst * np.abs(blocks).max(1)).all()

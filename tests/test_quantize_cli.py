@@ -110,7 +110,7 @@ def test_q4_k_m_mix_reads_back_and_runs(q4km_file, smollm2, smollm2_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama.cpp's llama-quantize is not built here "
                     "(../shared/anchors/llama-cpp.sh builds it)")
-@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q5_K_M", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_equals_llama_quantize(smollm2_path, tmp_path_factory, qtype):
     """From one F32 file (written by minirt quantize), minirt and llama-quantize write the same tensors: every
     type and every byte."""

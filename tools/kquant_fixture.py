@@ -1,6 +1,6 @@
 """Make tests/fixtures/kquant_llama_quantize.npz: 16 float32 rows of 512 (real-looking and awkward: scales from 1e-3
 to 300, heavy tails, all-positive, all-negative, zero, constant, sparse, tiny sub-blocks, values on a grid, values
-near llama.cpp's 1e-15 threshold, a large offset) and the bytes llama-quantize makes of them in Q4_K, Q5_K, Q6_K,
+near llama.cpp's 1e-15 threshold, a large offset) and the bytes llama-quantize makes of them in Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
 Q5_0, Q5_1 and Q8_0 (`llama-quantize --pure`, no importance matrix). The rows go in as the ffn_down matrix of a
 one-layer llama GGUF, which is all llama-quantize needs.
 
@@ -19,7 +19,8 @@ import numpy as np
 LLAMA_QUANTIZE = Path.home() / ".cache/minirt-anchors/llama.cpp-0.3.36/build/bin/llama-quantize"
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "kquant_llama_quantize.npz"
 # ftype names llama-quantize takes; with --pure a _M name quantizes everything to its base type
-FTYPES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0"}
+FTYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
+          "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0"}
 
 
 def rows() -> np.ndarray:
