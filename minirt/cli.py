@@ -137,7 +137,7 @@ def build_parser() -> Parser:
     _model_args(b)
     _mode_args(b)
 
-    q = sub.add_parser("quantize", help="re-encode a GGUF file's matrices (F32 … Q8_0, K-quants, the Q4_K_M/Q5_K_M mixes)")
+    q = sub.add_parser("quantize", help="re-encode a GGUF file's matrices (floats, Q4_0 … Q8_0, K-quants, _M mixes)")
     q.add_argument("model", help="registry name or GGUF path")
     q.add_argument("out", help="output .gguf path")
     q.add_argument("--type", required=True, choices=QUANT_TYPES,
