@@ -1,5 +1,5 @@
-"""K-quant encoders (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): llama.cpp's reference algorithm (ggml-quants.c, quantize_row_qN_K_ref,
-the path llama-quantize takes without an importance matrix), written again here in Numba.
+"""K-quant encoders (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): llama.cpp's reference algorithm (ggml-quants.c,
+quantize_row_qN_K_ref, the path llama-quantize takes without an importance matrix), written again here in Numba.
 
 Every step is float32 arithmetic in llama.cpp's order (its ggml-base is built without FMA or fast-math), so the
 bytes equal llama-quantize's. Each encoder takes float32 rows whose length is a multiple of 256 and returns the
@@ -224,8 +224,8 @@ def _encode_qkx(rows: np.ndarray, qtype: str) -> np.ndarray:
 
 @njit(cache=True)
 def _qx(x, L, nmax):
-    """make_qx_quants with rmse_type 1 (weights x²), no importance: L[i] in [0, 2·nmax) with x ≈ scale·(L − nmax);
-    returns scale (signed)."""
+    """make_qx_quants with rmse_type 1 (weights x²), no importance: L[i] in [0, 2·nmax) with
+    x ≈ scale·(L − nmax); returns scale (signed)."""
     n = x.shape[0]
     mx = _f(0)
     amax = _f(0)

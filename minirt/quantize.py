@@ -138,7 +138,8 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, pr
             target = choice.get(t.name)
             if target is not None and t.tensor_type != Q[target]:
                 w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shapes[t.name])
-                writer.add_tensor(t.name, encode(w, target), raw_dtype=Q[target] if target not in ("F32", "F16") else None)
+                raw = Q[target] if target not in ("F32", "F16") else None
+                writer.add_tensor(t.name, encode(w, target), raw_dtype=raw)
             else:
                 copy_tensor(writer, t)
             if bar:
@@ -173,7 +174,8 @@ def _convertible(name: str, shape: list[int]) -> bool:
 
 def encode(w: np.ndarray, qtype: str) -> np.ndarray:
     """float32 matrix → the stored array of qtype (float16 for F16, blocks as uint8 rows otherwise)."""
-    from gguf import GGMLQuantizationType as Q, quants
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
     if qtype == "F32":
         return w
     if qtype == "F16":

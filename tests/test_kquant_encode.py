@@ -60,7 +60,9 @@ def test_rows_must_be_whole_superblocks():
 def test_mix_equals_googles_gemma3_q4_k_m():
     """The real Gemma 3 270M Q4_K_M was made by llama-quantize: Q6_K ffn_down in use_more_bits layers, attn_v
     whose Q6_K falls back to Q8_0 (rows of 640), Q4_K that falls back to Q5_0, tied embeddings in Q8_0."""
-    from minirt.readers.gguf import _parse  # the header only (gguf's reader takes ~10 s on this vocabulary)
+    from minirt.readers.gguf import (
+        _parse,  # the header only (gguf's reader takes ~10 s on this vocabulary)
+    )
     from minirt.registry import pull
     meta, infos, _, mm = _parse(pull("gemma3-270m"))
     mm.close()

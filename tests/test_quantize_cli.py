@@ -14,7 +14,6 @@ from gguf import GGUFReader
 import minirt
 from minirt.readers import read_checkpoint
 
-
 LLAMA_QUANTIZE = Path.home() / ".cache/minirt-anchors/llama.cpp-0.3.36/build/bin/llama-quantize"
 
 
@@ -78,7 +77,6 @@ def test_q4_k_m_mix_reads_back_and_runs(q4km_file, smollm2, smollm2_path):
     """SmolLM2's rows of 576 are no K-quant: its Q4_K_M is Q5_0 (Q4_K's fallback) but for ffn_down (rows of 1536:
     Q4_K, and Q6_K in the use_more_bits layers), attn_v in those layers (Q6_K's fallback Q8_0) and the tied
     embeddings (Q8_0, the head's fallback)."""
-    from gguf import GGMLQuantizationType, quants
     from minirt.kquant_encode import quantize_k
     dst = GGUFReader(str(q4km_file))
     more = [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]  # llama.cpp's use_more_bits(i, 30)

@@ -1,8 +1,8 @@
 """Make tests/fixtures/kquant_llama_quantize.npz: 16 float32 rows of 512 (real-looking and awkward: scales from 1e-3
 to 300, heavy tails, all-positive, all-negative, zero, constant, sparse, tiny sub-blocks, values on a grid, values
-near llama.cpp's 1e-15 threshold, a large offset) and the bytes llama-quantize makes of them in Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-Q5_0, Q5_1 and Q8_0 (`llama-quantize --pure`, no importance matrix). The rows go in as the ffn_down matrix of a
-one-layer llama GGUF, which is all llama-quantize needs.
+near llama.cpp's 1e-15 threshold, a large offset) and the bytes llama-quantize makes of them in Q2_K, Q3_K, Q4_K,
+Q5_K, Q6_K, Q5_0, Q5_1 and Q8_0 (`llama-quantize --pure`, no importance matrix). The rows go in as the ffn_down
+matrix of a one-layer llama GGUF, which is all llama-quantize needs.
 
     python tools/kquant_fixture.py [path/to/llama-quantize]
 """
