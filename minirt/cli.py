@@ -7,6 +7,7 @@ import sys
 
 from .errors import MinirtError
 from .modes import MODES
+from .quantize import TYPES as QUANT_TYPES
 
 
 class _Help(argparse.HelpFormatter):
@@ -136,11 +137,11 @@ def build_parser() -> Parser:
     _model_args(b)
     _mode_args(b)
 
-    q = sub.add_parser("quantize", help="re-encode a GGUF file's matrices (F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+    q = sub.add_parser("quantize", help="re-encode a GGUF file's matrices (floats, Q4_0 … Q8_0, K-quants, _M mixes)")
     q.add_argument("model", help="registry name or GGUF path")
     q.add_argument("out", help="output .gguf path")
-    q.add_argument("--type", required=True, choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"),
-                   help="type of the weight matrices")
+    q.add_argument("--type", required=True, choices=QUANT_TYPES,
+                   help="type of the weight matrices (all of them; _M: llama-quantize's per-tensor mix)")
     q.add_argument("--cache-dir", default=None, help="where models are cached")
 
     cv = sub.add_parser("convert", help="convert weights (HF folder, GGUF, llama2.c, low-rank export → GGUF or HF)")
