@@ -107,6 +107,7 @@ class Batcher:
         self.deadline: float | None = None   # set by drain(): stop admitting; end everything at this time
         self.stopped = False
         self.steps = 0
+        self.peak = 0  # the most sequences one decode step has run together
         self.thread = threading.Thread(target=self._run, name="minirt-batcher", daemon=True)
 
     def start(self) -> None:
@@ -206,6 +207,7 @@ class Batcher:
         self.steps += 1
         decoding = [s for s in self.active if s.next_token is not None]
         if decoding:
+            self.peak = max(self.peak, len(decoding))
             logits = self.step([s.next_token for s in decoding], [s.cache for s in decoding])
             for s, row in zip(decoding, logits):
                 self._deliver(s, row)
