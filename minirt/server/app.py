@@ -98,7 +98,8 @@ def _params(body: dict, room: int, chat: bool) -> tuple[Params, int]:
         stop=[s for s in stop if s],
         presence_penalty=float(_number(body, "presence_penalty", 0.0, -2, 2)),
         frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -2, 2)),
-        logprobs=k)
+        logprobs=k,
+        ignore_eos=_bool(body, "ignore_eos"))
     if p.min_p >= 1:
         raise ApiError(400, "'min_p' must be below 1", "min_p")
     n = _number(body, "n", 1, 1, MAX_N, integer=True)

@@ -4,9 +4,10 @@ Each request (each of its `n` choices) is a Sequence. A slot is a KV cache of --
 and reused; a sequence holds one from admission to its end. Every step of the scheduler thread:
   1. retires sequences whose client went away (their slots are free for this step's admissions),
   2. admits waiting sequences into free slots (they join at this step),
-  3. runs ONE forward pass over the next position of every decoding sequence (minirt.batch.BatchStep),
-  4. runs one prefill chunk (≤ PREFILL_STEP prompt positions) of one admitted sequence, shortest first,
-     so that a long prompt delays the running streams by one chunk per step, not by the whole prompt.
+  3. runs one prefill chunk (≤ PREFILL_STEP prompt positions) of one admitted sequence, shortest first
+     (so a long prompt delays the running streams by one chunk per step, not by the whole prompt, and a
+     short request's first token comes out within the step it joins),
+  4. runs ONE forward pass over the next position of every decoding sequence (minirt.batch.BatchStep).
 A prompt is always cut into the same chunks (balanced, from its length alone), and the decode step computes
 each row on its own, so a request's tokens do not depend on what else runs beside it; each sequence samples
 with its own random generator (seeded when the request has a seed).
@@ -47,6 +48,7 @@ class Params:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
+    ignore_eos: bool = False     # llama-server's extension: end-of-generation tokens do not stop (benchmarks)
 
 
 @dataclass
@@ -205,14 +207,8 @@ class Batcher:
 
     def _step(self) -> None:
         self.steps += 1
-        decoding = [s for s in self.active if s.next_token is not None]
-        if decoding:
-            self.peak = max(self.peak, len(decoding))
-            logits = self.step([s.next_token for s in decoding], [s.cache for s in decoding])
-            for s, row in zip(decoding, logits):
-                self._deliver(s, row)
         prefilling = [s for s in self.active if s.next_token is None and not s.finished]
-        if prefilling:
+        if prefilling:  # first: a request that just arrived gets its first token within this step
             s = min(prefilling, key=lambda s: len(s.prompt) - s.done_prompt)
             i = s.bounds.index(s.done_prompt)
             a, b = s.bounds[i], s.bounds[i + 1]
@@ -221,6 +217,12 @@ class Batcher:
             if b == len(s.prompt):
                 s.detok = Detokenizer(self.model.tokenizer)
                 self._deliver(s, logits)
+        decoding = [s for s in self.active if s.next_token is not None]
+        if decoding:
+            self.peak = max(self.peak, len(decoding))
+            logits = self.step([s.next_token for s in decoding], [s.cache for s in decoding])
+            for s, row in zip(decoding, logits):
+                self._deliver(s, row)
 
     def _deliver(self, s: Sequence, logits: np.ndarray) -> None:
         """Sample the next token of s from its logits, send the text it completes, and end s when it is done."""
@@ -237,7 +239,7 @@ class Batcher:
             lp = log_softmax(logits)
             top = np.argsort(-lp, kind="stable")[:p.logprobs] if p.logprobs else []
             event["logprob"] = (tok, float(lp[tok]), [(int(t), float(lp[t])) for t in top])
-        if tok in self.model.tokenizer.eog_ids:
+        if tok in self.model.tokenizer.eog_ids and not p.ignore_eos:
             return self._finish(s, "stop")
         s.tokens.append(tok)
         s.counts[tok] = s.counts.get(tok, 0) + 1
