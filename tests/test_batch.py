@@ -66,3 +66,22 @@ def test_step_refuses_bad_input(smollm2_fast):
     m.forward([1, 2, 3, 4], c)
     with pytest.raises(MinirtError, match="context is full"):
         step([1], [c])
+
+
+@pytest.mark.slow
+def test_batched_step_gemma3():
+    """Gemma 3's traits (q/k norms, post norms, √dim embeddings, sliding-window layers) through the batched step."""
+    import minirt
+    m = minirt.load("gemma3", ctx=1024)
+    ids = [m.tokenizer.encode(p) for p in ["The capital of France is", "Once upon a time", "1, 2, 3,"]]
+    caches, ref = [m.new_cache(64) for _ in ids], [m.new_cache(64) for _ in ids]
+    last = [m.forward(p, c)[0] for p, c in zip(ids, caches)]
+    for p, c in zip(ids, ref):
+        m.forward(p, c)
+    step = BatchStep(m)
+    for _ in range(4):
+        toks = [int(np.argmax(row)) for row in last]
+        alone = [m.forward([t], c)[0] for t, c in zip(toks, ref)]
+        last = step(toks, caches)
+        for a, b in zip(alone, last):
+            np.testing.assert_array_equal(a, b)

@@ -316,7 +316,7 @@ def test_load_mixed_clients(live, smollm2_fast):
     prompts = PROMPTS[:4]
     expect = {p: c.completions.create(model="x", prompt=p, max_tokens=8, temperature=0).choices[0].text
               for p in prompts}
-    results, lat = [], []
+    results, lat, tokens = [], [], []
 
     def one(i):
         kind, p = i % 4, prompts[i % len(prompts)]
@@ -325,6 +325,7 @@ def test_load_mixed_clients(live, smollm2_fast):
         if kind == 0:
             r = httpx.post(live.url + "/v1/completions", json=body, timeout=120)
             ok = r.status_code == 200 and r.json()["choices"][0]["text"] == expect[p]
+            tokens.append(r.json()["usage"]["completion_tokens"] if ok else 0)
         elif kind == 1:
             with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
                 lines = [ln for ln in r.iter_lines() if ln]
@@ -350,7 +351,8 @@ def test_load_mixed_clients(live, smollm2_fast):
     assert not any(code >= 500 for _, _, code in results)
     assert _wait_idle(live.batcher, 10.0)
     lat.sort()
-    print(f"\nload: 72 requests in {wall:.1f} s; latency p50 {lat[36]:.2f} s, p99 {lat[-1]:.2f} s")
+    print(f"\nload: 72 requests in {wall:.1f} s; latency p50 {lat[36]:.2f} s, p99 {lat[-1]:.2f} s; "
+          f"{sum(tokens)} tokens in the non-streaming answers alone ({sum(tokens) / wall:.1f} tok/s)")
 
 
 def _rss_mb() -> float:
