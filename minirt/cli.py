@@ -173,6 +173,18 @@ def build_parser() -> Parser:
     sh.add_argument("model", help="registry name or a path to a .gguf file / Hugging Face folder")
     sh.add_argument("--cache-dir", default=None, help="where models are cached")
 
+    se = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (minirt[serve])")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    se.add_argument("--port", type=int, default=8080, help="port to listen on")
+    se.add_argument("--ctx", type=int, default=None, help="context of each slot in tokens (default: 4096 or the "
+                    "model's maximum if smaller)")
+    se.add_argument("-np", "--parallel", type=int, default=4, help="slots: requests decoded together")
+    se.add_argument("--queue", type=int, default=64, help="requests waiting for a slot at most (beyond: 503)")
+    se.add_argument("--api-key", default=os.environ.get("MINIRT_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MINIRT_API_KEY)")
+    se.add_argument("--name", default=None, help="model id reported by /v1/models (default: --model)")
+    _model_args(se)
+
     ls = sub.add_parser("list", help="known models and data, whether they are cached, and their size")
     ls.add_argument("--cache-dir", default=None, help="where models are cached")
     return ap
@@ -539,7 +551,25 @@ def cmd_list(args) -> None:
         print(f"{'export':6} {d.name:28} present {folder_size(d) / 1e6:7.1f} MB low-rank export (minirt svd)")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
+def cmd_serve(args) -> None:
+    from .server import _require, serve
+    _require()
+    for flag, v, lo in (("--port", args.port, 0), ("--parallel", args.parallel, 1), ("--queue", args.queue, 0)):
+        if v < lo:
+            raise MinirtError(f"{flag} must be ≥ {lo}, got {v}")
+    if args.device != "cpu" or getattr(args, "mode", "dense") != "dense":
+        raise MinirtError("minirt serve runs dense decoding on the CPU (leave out --device)")
+    args.mode = "dense"
+    model, seconds = _load_timed(args)
+    if args.ctx is not None:
+        from .kvcache import context_size
+        context_size(model.cfg.max_ctx, args.ctx)
+    _warm_up(model, seconds)
+    serve(model, args.name or str(args.model), host=args.host, port=args.port, parallel=args.parallel,
+          ctx=args.ctx, api_key=args.api_key, queue=args.queue)
+
+
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "bench": cmd_bench,
             "quantize": cmd_quantize, "convert": cmd_convert, "svd": cmd_svd, "pull": cmd_pull, "rm": cmd_rm,
             "list": cmd_list, "show": cmd_show}
 

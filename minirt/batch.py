@@ -1,0 +1,106 @@
+"""One decode step for several sequences at once: the next position of each, each with its own KV cache.
+
+The rows of a step belong to different sequences, so the matrices (embedding rows, norms, every Linear, the
+head) run once on the stacked rows — each weight read once per step for all of them, which is what makes
+batching cheap when decoding is memory-bound — while RoPE, the KV store and attention run per sequence, at
+that sequence's own position, against its own cache:
+    x = embed[tokens]                         (n, dim): one row per sequence
+    per layer:  q,k,v = norm(x)·Wqkv          all rows at once
+                for each sequence i: RoPE at pos_i; cache_i ← k_i, v_i; att_i = attention(q_i, cache_i)
+                x += att·Wo;  x += ffn(norm(x))   all rows at once
+    logits = norm(x)·Headᵀ
+
+Every kernel computes a row from that row (and its own cache) alone as long as a step has fewer rows than the
+Linears' batched (BLAS/GEMM) threshold, so a sequence's logits are the same bits whether it runs alone or
+beside others: step() runs larger batches in groups of at most MAX_ROWS.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .cpu import kernels
+from .errors import MinirtError
+from .kvcache import KVCache
+from .linear import BLAS_MIN_ROWS, Quant
+
+# Rows per pass: below both batched thresholds (Dense: BLAS from BLAS_MIN_ROWS rows; Quant: dequantized
+# tiles + BLAS from GEMM_MIN_ROWS), where every matrix kernel computes each row on its own.
+MAX_ROWS = min(BLAS_MIN_ROWS, Quant.GEMM_MIN_ROWS) - 1
+
+
+class BatchStep:
+    """step(tokens, caches) → logits (n, vocab): position caches[i].pos of sequence i takes tokens[i]; every
+    cache advances by one. Activation buffers are allocated once, for MAX_ROWS rows."""
+
+    def __init__(self, model):
+        if not hasattr(model, "layers") or getattr(model, "device", "cpu") != "cpu":
+            raise MinirtError("batched decoding runs on the CPU model only (load it with device='cpu')")
+        self.model = model
+        c = model.cfg
+        n = MAX_ROWS
+        up_rows = model.layers[0].up.out_features
+        self.buf = dict(h=np.empty((n, c.dim), np.float32), o=np.empty((n, c.dim), np.float32),
+                        qkv=np.empty((n, c.q_dim + 2 * c.kv_dim), np.float32),
+                        q=np.empty((n, c.n_heads, c.head_dim), np.float32),
+                        att=np.empty((n, c.n_heads, c.head_dim), np.float32),
+                        up=np.empty((n, up_rows), np.float32), act=np.empty((n, c.hidden_dim), np.float32))
+        self.act = {"swiglu": kernels.swiglu, "geglu": kernels.geglu, "gelu": kernels.gelu_new}[c.traits.ffn]
+
+    def __call__(self, tokens, caches: list[KVCache]) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) != len(caches):
+            raise ValueError(f"{len(tokens)} tokens for {len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one step")
+        vocab = self.model.cfg.vocab_size
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise MinirtError(f"token id out of range 0..{vocab - 1}")
+        for c in caches:
+            c.reserve(1)
+        out = np.empty((len(tokens), vocab), np.float32)
+        for a in range(0, len(tokens), MAX_ROWS):
+            b = min(a + MAX_ROWS, len(tokens))
+            out[a:b] = self._rows(tokens[a:b], caches[a:b])
+        return out
+
+    def _rows(self, tokens: np.ndarray, caches: list[KVCache]) -> np.ndarray:
+        m, c = self.model, self.model.cfg
+        n = len(tokens)
+        s = {k: v[:n] for k, v in self.buf.items()}
+        m.rope(max(cache.capacity for cache in caches))
+        positions = [np.array([cache.pos], np.int64) for cache in caches]
+        scores = np.empty((numba.get_num_threads(), max(cache.pos for cache in caches) + 1), np.float32)
+        x = m.embed[tokens]
+        if m.pos_embed is not None:
+            x += m.pos_embed[np.concatenate(positions)]
+        tr = c.traits
+        if tr.embed_scale:
+            x *= np.float32(math.sqrt(c.dim))
+        qd = c.q_dim
+        for li, L in enumerate(m.layers):
+            L.attn_norm(x, s["h"])
+            L.qkv.forward(s["h"], s["qkv"])
+            if L.q_norm is not None:
+                kernels.head_rmsnorm(s["qkv"], 0, c.n_heads, c.head_dim, L.q_norm, c.norm_eps)
+                kernels.head_rmsnorm(s["qkv"], qd, c.n_kv_heads, c.head_dim, L.k_norm, c.norm_eps)
+            cos, sin = m.rope(0, c.layer_theta(li))
+            window = c.layer_window(li)
+            for i, cache in enumerate(caches):  # per sequence: its position, its cache
+                kernels.qkv_rope_store(s["qkv"][i:i + 1], positions[i], cos, sin, tr.rope, s["q"][i:i + 1],
+                                       cache.k[li], cache.v[li])
+                kernels.attention(s["q"][i:i + 1], cache.k[li], cache.v[li], cache.pos, c.scale, window, scores,
+                                  s["att"][i:i + 1])
+            o = L.wo.forward(s["att"].reshape(n, qd), s["o"])
+            x += o if L.post_attn_norm is None else L.post_attn_norm(o, o)
+            L.ffn_norm(x, s["h"])
+            L.up.forward(s["h"], s["up"])
+            self.act(s["up"], s["act"])
+            o = L.down.forward(s["act"], s["o"])
+            x += o if L.post_ffn_norm is None else L.post_ffn_norm(o, o)
+        for cache in caches:
+            cache.pos += 1
+        h = m.norm(x, np.empty_like(x))
+        return m.head.forward(h, np.empty((n, c.vocab_size), np.float32))

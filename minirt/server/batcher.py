@@ -1,0 +1,266 @@
+"""The batcher: slots, a bounded queue and one thread that owns the model (continuous batching).
+
+Each request (each of its `n` choices) is a Sequence. A slot is a KV cache of --ctx positions, allocated once
+and reused; a sequence holds one from admission to its end. Every step of the scheduler thread:
+  1. retires sequences whose client went away (their slots are free for this step's admissions),
+  2. admits waiting sequences into free slots (they join at this step),
+  3. runs one prefill chunk (≤ PREFILL_STEP prompt positions) of one admitted sequence, shortest first
+     (so a long prompt delays the running streams by one chunk per step, not by the whole prompt, and a
+     short request's first token comes out within the step it joins),
+  4. runs ONE forward pass over the next position of every decoding sequence (minirt.batch.BatchStep).
+A prompt is always cut into the same chunks (balanced, from its length alone), and the decode step computes
+each row on its own, so a request's tokens do not depend on what else runs beside it; each sequence samples
+with its own random generator (seeded when the request has a seed).
+
+Events go back to the HTTP side through sequence.emit (thread-safe: the app passes loop.call_soon_threadsafe).
+Nothing outlives a request: the server is stateless between requests.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..batch import BatchStep
+from ..sampling import Sampler, SamplingParams
+from ..tokenizer import Detokenizer
+
+PREFILL_STEP = 64  # prompt positions per step at most (one chunk of one sequence)
+
+
+class Busy(Exception):
+    """The queue is full, or the server is shutting down: 503."""
+
+
+@dataclass
+class Params:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
+    ignore_eos: bool = False     # llama-server's extension: end-of-generation tokens do not stop (benchmarks)
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    params: Params
+    emit: Callable[[dict], None]   # called from the scheduler thread with each event
+    index: int = 0                 # the choice's index in its request
+    cancelled: bool = False        # set by the HTTP side when the client goes away
+    # scheduler state
+    cache: object = None
+    done_prompt: int = 0
+    bounds: list[int] = field(default_factory=list)
+    next_token: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    pending: str = ""
+    finished: bool = False
+
+    def __post_init__(self):
+        p = self.params
+        self.sampler = Sampler(SamplingParams(p.temperature, p.top_k, p.top_p, p.min_p, 1.0, p.seed))
+        n = -(-len(self.prompt) // PREFILL_STEP)
+        self.bounds = [len(self.prompt) * i // n for i in range(n + 1)]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def split_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(text safe to emit, whether a stop string was reached): text that could begin a stop string is held."""
+    if not stops:
+        return text, False
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if first >= 0:
+        return text[:first], True
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[:len(text) - hold], False
+
+
+class Batcher:
+    def __init__(self, model, parallel: int = 4, ctx: int | None = None, queue: int = 64):
+        self.model, self.parallel, self.queue_limit = model, parallel, queue
+        self.ctx = ctx or model.ctx
+        self.step = BatchStep(model)
+        self.free = [model.new_cache(self.ctx) for _ in range(parallel)]  # slots: allocated once, reused
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.cv = threading.Condition()
+        self.deadline: float | None = None   # set by drain(): stop admitting; end everything at this time
+        self.stopped = False
+        self.steps = 0
+        self.peak = 0  # the most sequences one decode step has run together
+        self.thread = threading.Thread(target=self._run, name="minirt-batcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    # ---- called from the HTTP side ---------------------------------------------------------------
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self.cv:
+            if self.deadline is not None or self.stopped:
+                raise Busy("the server is shutting down")
+            if len(self.waiting) + len(seqs) > self.queue_limit + len(self.free):
+                raise Busy(f"all {self.parallel} slots are busy and the queue of {self.queue_limit} is full")
+            self.waiting.extend(seqs)
+            self.cv.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        with self.cv:
+            for s in seqs:
+                s.cancelled = True
+            self.cv.notify()
+
+    def drain(self, seconds: float) -> None:
+        """Stop admitting new requests; finish the running and queued ones within `seconds`, then end them."""
+        with self.cv:
+            if self.deadline is None:
+                self.deadline = time.monotonic() + seconds
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    def idle(self) -> bool:
+        with self.cv:
+            return not self.waiting and not self.active
+
+    def load(self) -> dict:
+        with self.cv:
+            return {"slots": self.parallel, "busy": len(self.active), "queued": len(self.waiting)}
+
+    # ---- the scheduler thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cv:
+                    while not self.stopped and not self.waiting and not self.active:
+                        if self.deadline is not None:
+                            return
+                        self.cv.wait(timeout=1.0)
+                    if self.stopped:
+                        for s in list(self.active) + list(self.waiting):
+                            self._finish(s, "length")
+                        return
+                    self._retire_cancelled()
+                    if self.deadline is not None and time.monotonic() > self.deadline:
+                        for s in list(self.active) + list(self.waiting):
+                            self._finish(s, "length")
+                        continue
+                    while self.waiting and self.free:
+                        s = self.waiting.popleft()
+                        if s.cancelled:
+                            continue
+                        s.cache = self.free.pop()
+                        s.cache.truncate(0)
+                        self.active.append(s)
+                self._step()
+        except BaseException as e:  # a bug: end every stream with an error rather than hang them
+            with self.cv:
+                self.stopped = True
+                for s in list(self.active) + list(self.waiting):
+                    s.emit({"error": f"internal error: {type(e).__name__}: {e}"})
+                    s.finished = True
+                self.active.clear()
+                self.waiting.clear()
+            raise
+
+    def _retire_cancelled(self) -> None:
+        for s in [s for s in self.active if s.cancelled]:
+            self._free(s)
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
+    def _free(self, s: Sequence) -> None:
+        with self.cv:
+            if s in self.active:
+                self.active.remove(s)
+                self.free.append(s.cache)
+                s.cache = None
+            elif s in self.waiting:
+                self.waiting.remove(s)
+            s.finished = True
+
+    def _step(self) -> None:
+        self.steps += 1
+        prefilling = [s for s in self.active if s.next_token is None and not s.finished]
+        if prefilling:  # first: a request that just arrived gets its first token within this step
+            s = min(prefilling, key=lambda s: len(s.prompt) - s.done_prompt)
+            i = s.bounds.index(s.done_prompt)
+            a, b = s.bounds[i], s.bounds[i + 1]
+            logits = self.model.forward(s.prompt[a:b], s.cache)[0]
+            s.done_prompt = b
+            if b == len(s.prompt):
+                s.detok = Detokenizer(self.model.tokenizer)
+                self._deliver(s, logits)
+        decoding = [s for s in self.active if s.next_token is not None]
+        if decoding:
+            self.peak = max(self.peak, len(decoding))
+            logits = self.step([s.next_token for s in decoding], [s.cache for s in decoding])
+            for s, row in zip(decoding, logits):
+                self._deliver(s, row)
+
+    def _deliver(self, s: Sequence, logits: np.ndarray) -> None:
+        """Sample the next token of s from its logits, send the text it completes, and end s when it is done."""
+        p = s.params
+        x = logits
+        if (p.presence_penalty or p.frequency_penalty) and s.counts:
+            x = logits.copy()
+            ids = np.fromiter(s.counts, np.int64)
+            c = np.fromiter(s.counts.values(), np.float32)
+            x[ids] -= np.float32(p.presence_penalty) + np.float32(p.frequency_penalty) * c
+        tok = s.sampler(x)
+        event: dict = {"index": s.index}
+        if p.logprobs is not None:
+            lp = log_softmax(logits)
+            top = np.argsort(-lp, kind="stable")[:p.logprobs] if p.logprobs else []
+            event["logprob"] = (tok, float(lp[tok]), [(int(t), float(lp[t])) for t in top])
+        if tok in self.model.tokenizer.eog_ids and not p.ignore_eos:
+            return self._finish(s, "stop")
+        s.tokens.append(tok)
+        s.counts[tok] = s.counts.get(tok, 0) + 1
+        s.pending += s.detok.push(tok)
+        out, hit = split_stop(s.pending, p.stop)
+        s.pending = "" if hit else s.pending[len(out):]
+        event["text"] = out
+        s.emit(event)
+        if hit:
+            return self._finish(s, "stop", flush=False)
+        if len(s.tokens) >= p.max_tokens or s.cache.pos >= s.cache.capacity:
+            return self._finish(s, "length")
+        s.next_token = tok
+
+    def _finish(self, s: Sequence, reason: str, flush: bool = True) -> None:
+        if s.finished:
+            return
+        tail = s.pending + s.detok.flush() if flush and hasattr(s, "detok") else ""
+        if tail and s.params.stop:  # held text: all of it, unless the flush completed a stop string
+            out, hit = split_stop(tail, s.params.stop)
+            tail = out if hit else tail
+        self._free(s)
+        s.emit({"index": s.index, "text": tail, "finish_reason": reason, "prompt_tokens": len(s.prompt),
+                "completion_tokens": len(s.tokens)})

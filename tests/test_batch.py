@@ -1,0 +1,87 @@
+"""The multi-sequence decode step: each sequence's logits equal what that sequence gives alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minirt.batch import MAX_ROWS, BatchStep
+from minirt.errors import MinirtError
+
+
+def _alone(model, ids, steps):
+    """Greedy tokens and logits of one sequence through Model.forward (the single-sequence path)."""
+    cache = model.new_cache(64)
+    logits = model.forward(ids, cache)[0]
+    out = []
+    for _ in range(steps):
+        t = int(np.argmax(logits))
+        out.append((t, logits))
+        logits = model.forward([t], cache)[0]
+    return out
+
+
+def test_batched_step_equals_each_sequence_alone(smollm2_fast):
+    m = smollm2_fast
+    prompts = ["The capital of France is", "Once upon a time", "def fib(n):", "1, 2, 3, 4,", "Hello",
+               "The quick brown fox jumps over the lazy dog. " * 3]
+    ids = [m.tokenizer.encode(p) for p in prompts]
+    steps = 5
+    alone = [_alone(m, p, steps) for p in ids]
+    step = BatchStep(m)
+    caches = [m.new_cache(64) for _ in ids]
+    last = [m.forward(p, c)[0] for p, c in zip(ids, caches)]
+    for k in range(steps):
+        toks = [int(np.argmax(row)) for row in last]
+        for i in range(len(ids)):
+            assert toks[i] == alone[i][k][0]
+            np.testing.assert_array_equal(last[i], alone[i][k][1])  # the same bits: rows never mix
+        last = step(toks, caches)
+        assert [c.pos for c in caches] == [len(p) + k + 1 for p in ids]
+
+
+def test_more_rows_than_one_pass_and_repeated_sequences(smollm2_fast):
+    """Beyond MAX_ROWS the step runs in groups; the same prompt in many slots gives the same row everywhere."""
+    m = smollm2_fast
+    ids = m.tokenizer.encode("Hello there")
+    n = MAX_ROWS + 3
+    caches = [m.new_cache(32) for _ in range(n)]
+    first = [m.forward(ids, c)[0] for c in caches]
+    tok = int(np.argmax(first[0]))
+    ref_cache = m.new_cache(32)
+    m.forward(ids, ref_cache)
+    ref = m.forward([tok], ref_cache)[0]
+    rows = BatchStep(m)([tok] * n, caches)
+    for row in rows:
+        np.testing.assert_array_equal(row, ref)
+
+
+def test_step_refuses_bad_input(smollm2_fast):
+    m = smollm2_fast
+    step = BatchStep(m)
+    c = m.new_cache(4)
+    with pytest.raises(ValueError):
+        step([1, 2], [c, c])
+    with pytest.raises(MinirtError, match="out of range"):
+        step([m.cfg.vocab_size], [c])
+    m.forward([1, 2, 3, 4], c)
+    with pytest.raises(MinirtError, match="context is full"):
+        step([1], [c])
+
+
+@pytest.mark.slow
+def test_batched_step_gemma3():
+    """Gemma 3's traits (q/k norms, post norms, √dim embeddings, sliding-window layers) through the batched step."""
+    import minirt
+    m = minirt.load("gemma3", ctx=1024)
+    ids = [m.tokenizer.encode(p) for p in ["The capital of France is", "Once upon a time", "1, 2, 3,"]]
+    caches, ref = [m.new_cache(64) for _ in ids], [m.new_cache(64) for _ in ids]
+    last = [m.forward(p, c)[0] for p, c in zip(ids, caches)]
+    for p, c in zip(ids, ref):
+        m.forward(p, c)
+    step = BatchStep(m)
+    for _ in range(4):
+        toks = [int(np.argmax(row)) for row in last]
+        alone = [m.forward([t], c)[0] for t, c in zip(toks, ref)]
+        last = step(toks, caches)
+        for a, b in zip(alone, last):
+            np.testing.assert_array_equal(a, b)
