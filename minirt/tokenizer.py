@@ -286,13 +286,14 @@ class SPMTokenizer(Tokenizer):
         from sentencepiece import sentencepiece_model_pb2 as pb
         proto = pb.ModelProto()
         proto.ParseFromString(spec.spm_proto if spec.spm_proto is not None else open(spec.spm_model, "rb").read())
-        CONTROL, USER, BYTE = (pb.ModelProto.SentencePiece.Type.Value(n) for n in ("CONTROL", "USER_DEFINED", "BYTE"))
+        CONTROL, USER, BYTE, UNKNOWN = (pb.ModelProto.SentencePiece.Type.Value(n)
+                                        for n in ("CONTROL", "USER_DEFINED", "BYTE", "UNKNOWN"))
         self._bytes, special = [b""] * self.vocab_size, {}
         for i, p in enumerate(proto.pieces):
             if p.type == BYTE:
                 hexbyte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", p.piece)
                 self._bytes[i] = bytes([int(hexbyte.group(1), 16)]) if hexbyte else b""
-            elif not (p.type == CONTROL or self.sp.is_unknown(i)):
+            elif p.type not in (CONTROL, UNKNOWN):
                 self._bytes[i] = p.piece.replace("\u2581", " ").encode()
             if p.type in (CONTROL, USER) and p.piece:
                 special.setdefault(p.piece, i)
