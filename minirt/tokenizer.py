@@ -6,7 +6,9 @@ stream of ids into a stream of complete UTF-8 text.
 from __future__ import annotations
 
 import codecs
+import json
 import re
+import unicodedata
 from functools import lru_cache
 
 import numpy as np
@@ -14,12 +16,88 @@ import numpy as np
 from .errors import MinirtError
 from .readers.base import TokenizerSpec
 
-# GPT-2's pre-tokenizer. SmolLM2 (llama.cpp "smollm", HF Digits(individual_digits) + ByteLevel) splits every
-# digit on its own first; in one regex that means single digits, and whitespace before a digit kept whole.
-PATTERNS = {
-    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    "smollm": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+""",
+# llama.cpp's pre-tokenizers (src/llama-vocab.cpp, llama_vocab::impl regex_exprs), by tokenizer.ggml.pre. Each
+# regex in turn splits every piece the previous one left into its matches and the text between them.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+PRE_REGEXES: dict[str, tuple[str, ...]] = {
+    "llama3": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "qwen2": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "qwen35": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "gpt-2": (_GPT2,),
+    "starcoder": (r'\p{N}', _GPT2,),
+    "falcon": (r'[\p{P}\$\+<=>\^~\|`]+', _GPT2, '[0-9][0-9][0-9]',),
+    "deepseek-llm": ('[\r\n]', r'\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+', r'\s?[!-/:-~！-／：-～‘-‟　-。]+', r'\s+$', '[一-龥ࠀ-一가-\ud7ff]+', r'\p{N}+',),
+    "deepseek-coder": ('[\r\n]', r'\s?\p{L}+', r'\s?\p{P}+', '[一-龥ࠀ-一가-\ud7ff]+', r'\p{N}',),
+    "default": (r'[\p{P}\$\+<=>\^~\|]+', _GPT2, r'\p{N}+', '[0-9][0-9][0-9]',),
 }
+# other names llama.cpp gives the same regexes (minirt wrote "gpt2" before it used llama.cpp's names)
+PRE_ALIASES = {
+    **dict.fromkeys(("llama-bpe", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "dbrx", "smaug-bpe"),
+                    "llama3"),
+    **dict.fromkeys(("deepseek-r1-qwen", "megrez", "stablelm2"), "qwen2"),
+    **dict.fromkeys(("gpt2", "phi-2", "mpt", "olmo", "jais", "exaone4"), "gpt-2"),
+    **dict.fromkeys(("refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"), "starcoder"),
+}
+# Hugging Face tokenizer.json pre_tokenizers, as the regexes they apply in turn (pre_regexes_from_hf), → llama.cpp's name
+_HF_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_HF_LLAMA3_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+HF_PRE_NAMES = {
+    (_HF_LLAMA3_QWEN2 % "{1,3}",): "llama-bpe",
+    (_HF_LLAMA3_QWEN2 % "",): "qwen2",
+    (_HF_GPT2,): "gpt-2",
+    (r"\p{N}", _HF_GPT2): "smollm",
+}
+
+
+def pre_regexes(name: str) -> tuple[str, ...]:
+    """The regexes of a pre-tokenizer named as GGUF's tokenizer.ggml.pre names it; an unknown name is refused."""
+    key = PRE_ALIASES.get(name, name)
+    if key not in PRE_REGEXES:
+        known = ", ".join(sorted(set(PRE_REGEXES) | set(PRE_ALIASES)))
+        raise MinirtError(f"pre-tokenizer {name[:40]!r} is not supported (known: {known}); "
+                          "a tokenizer with the wrong one would give wrong tokens")
+    return PRE_REGEXES[key]
+
+
+def pre_name_from_hf(pre: object, where: str) -> str:
+    """llama.cpp's name of a tokenizer.json pre_tokenizer (Split regexes, Digits, ByteLevel in a Sequence)."""
+    def stages(p) -> list[str]:
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "Sequence" and isinstance(p.get("pretokenizers"), list):
+            return [r for q in p["pretokenizers"] for r in stages(q)]
+        if kind == "ByteLevel" and not p.get("add_prefix_space", False):
+            return [_HF_GPT2] if p.get("use_regex", True) else []
+        if kind == "Digits":
+            return [r"\p{N}" if p.get("individual_digits", False) else r"\p{N}+"]
+        pat = p.get("pattern") if kind == "Split" else None
+        if (isinstance(pat, dict) and isinstance(pat.get("Regex"), str) and p.get("behavior") == "Isolated"
+                and not p.get("invert", False)):
+            return [pat["Regex"]]
+        raise MinirtError(f"{where}: pre_tokenizer {json.dumps(p)[:80]} is not supported (byte-level BPE with "
+                          "the regexes of Llama 3, Qwen2, GPT-2 or SmolLM is)")
+    name = HF_PRE_NAMES.get(tuple(stages(pre)))
+    if name is None:
+        raise MinirtError(f"{where}: pre_tokenizer {json.dumps(pre)[:80]} is not one minirt knows (those of "
+                          "Llama 3, Qwen2, GPT-2 and SmolLM are); refusing rather than tokenizing differently")
+    return name
+
+
+def _split(pattern, pieces: list[str]) -> list[str]:
+    """Each piece split into the pattern's matches and the text between them (llama.cpp's unicode_regex_split)."""
+    out = []
+    for piece in pieces:
+        pos = 0
+        for m in pattern.finditer(piece):
+            if m.start() > pos:
+                out.append(piece[pos:m.start()])
+            if m.end() > m.start():
+                out.append(m.group())
+            pos = m.end()
+        if pos < len(piece):
+            out.append(piece[pos:])
+    return out
+
+
 EOG_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
 
 
@@ -35,6 +113,9 @@ def byte_decoder() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_CHAR = {b: c for c, b in byte_decoder().items()}  # str.translate table: byte value → its printable char
 
 
 class Tokenizer:
@@ -88,55 +169,73 @@ class BPETokenizer(Tokenizer):
                 raise MinirtError(f"{spec.tiktoken_file}: empty tokens or ranks outside the model's vocabulary")
             id_bytes = {i: b for b, i in ranks.items()}
             rank_to_id = np.arange(max(ranks.values()) + 1 + len(spec.special), dtype=np.int64)
-            special_ranks = dict(spec.special)
             n_vocab = max(max(ranks.values()), *spec.special.values()) + 1
         else:
             dec = byte_decoder()
+            table = {ord(c): b for c, b in dec.items()}
+            not_byte_level = re.compile("[^" + re.escape("".join(dec)) + "]").search
             special_ids = set(spec.special.values())
-
-            def to_bytes(tok: str) -> bytes:
-                return bytes(dec[c] for c in tok) if all(c in dec for c in tok) else tok.encode()
-
-            id_bytes = {i: (tok.encode() if i in special_ids else to_bytes(tok)) for i, tok in enumerate(spec.tokens)}
-            by_bytes = {}
-            for i, tok in enumerate(spec.tokens):
-                if i not in special_ids:
-                    by_bytes.setdefault(id_bytes[i], i)
+            # a token's bytes; None where its text is not byte-level (no merge can reach it: it decodes as UTF-8)
+            level = [None if (i in special_ids or not_byte_level(t)) else t.translate(table).encode("latin-1")
+                     for i, t in enumerate(spec.tokens)]
+            id_bytes = {i: t.encode() if b is None else b for i, (t, b) in enumerate(zip(spec.tokens, level))}
+            str_id = {t: i for i, t in reversed(list(enumerate(spec.tokens))) if level[i] is not None}
             unk = spec.special.get("<unk>", spec.special.get("<|endoftext|>", 0))
+            # ranks: single bytes, then each merge's result in merge order
             ranks, order = {}, []
             for b in range(256):
                 ranks[bytes([b])] = len(order)
-                order.append(by_bytes.get(bytes([b]), unk))
+                order.append(str_id.get(bytes([b]).decode("latin-1").translate(_BYTE_CHAR), unk))
             for mline in spec.merges:
-                a, _, c = mline.partition(" ")
-                merged = to_bytes(a) + to_bytes(c)
-                if merged and merged not in ranks and merged in by_bytes:  # an empty token would never end
-                    ranks[merged] = len(order)
-                    order.append(by_bytes[merged])
-            special_ranks = {}
-            for name, i in spec.special.items():
-                special_ranks[name] = len(order)
-                order.append(i)
+                i = str_id.get(mline.replace(" ", "", 1))
+                if i is not None and level[i] and level[i] not in ranks:  # an empty token would never end
+                    ranks[level[i]] = len(order)
+                    order.append(i)
             rank_to_id = np.array(order, dtype=np.int64)
             n_vocab = len(spec.tokens)
-        if any(not name for name in special_ranks):  # tiktoken's encoder would loop forever on it
+        if any(not name for name in spec.special):  # it would match everywhere
             raise MinirtError("tokenizer: an empty special token (corrupt vocabulary)")
         n_vocab = max(n_vocab, vocab_size or 0)  # a padded embedding: ids past the vocabulary decode to nothing
-        pat = PATTERNS.get(spec.pre, PATTERNS["gpt2"])
-        self.enc = tiktoken.Encoding(f"minirt-{spec.pre}", pat_str=pat, mergeable_ranks=ranks,
-                                     special_tokens=special_ranks)
+        self.pre = spec.pre
+        *stages, last = pre_regexes(spec.pre)
+        import regex
+        self.stages = [regex.compile(r) for r in stages]
+        # tiktoken runs the last regex and the merges; what the regex leaves between its matches is a piece too
+        self.enc = tiktoken.Encoding(f"minirt-{spec.pre}", pat_str=f"(?:{last})|(?:(?!(?:{last}))[\\s\\S])+",
+                                     mergeable_ranks=ranks, special_tokens={})
         self.rank_to_id = rank_to_id
         self.id_bytes = [id_bytes.get(i, b"") for i in range(n_vocab)]
         self.vocab_size = n_vocab
         self.special = dict(spec.special)
+        # control and user-defined tokens are matched in the text first (as llama.cpp and Hugging Face do)
+        self._special_re = regex.compile(_trie_pattern(list(self.special))) if self.special else None
+        self.normalizer = spec.normalizer
         self.bos_id, self.eos_id, self.add_bos = spec.bos_id, spec.eos_id, spec.add_bos
         self.chat_template = spec.chat_template
         eog = {spec.special[n] for n in EOG_NAMES if n in spec.special}
         self.eog_ids = frozenset(eog | ({spec.eos_id} if spec.eos_id is not None else set()))
 
+    def _ordinary(self, text: str, out: list[int]) -> None:
+        """Ids of text without special tokens: normalised, split by the pre-tokenizer's regexes, merged."""
+        if self.normalizer == "NFC":
+            text = unicodedata.normalize("NFC", text)
+        pieces = [text]
+        for st in self.stages:
+            pieces = _split(st, pieces)
+        ranks = [r for piece in pieces for r in self.enc.encode_ordinary(piece)]
+        out.extend(self.rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist())
+
     def _encode(self, text: str) -> list[int]:
-        ranks = self.enc.encode(text, allowed_special="all")
-        return self.rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
+        out: list[int] = []
+        pos = 0
+        for m in (self._special_re.finditer(text) if self._special_re is not None else ()):
+            if m.start() > pos:
+                self._ordinary(text[pos:m.start()], out)
+            out.append(self.special[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            self._ordinary(text[pos:], out)
+        return out
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.id_bytes[token_id]
@@ -187,13 +286,14 @@ class SPMTokenizer(Tokenizer):
         from sentencepiece import sentencepiece_model_pb2 as pb
         proto = pb.ModelProto()
         proto.ParseFromString(spec.spm_proto if spec.spm_proto is not None else open(spec.spm_model, "rb").read())
-        CONTROL, USER, BYTE = (pb.ModelProto.SentencePiece.Type.Value(n) for n in ("CONTROL", "USER_DEFINED", "BYTE"))
+        CONTROL, USER, BYTE, UNKNOWN = (pb.ModelProto.SentencePiece.Type.Value(n)
+                                        for n in ("CONTROL", "USER_DEFINED", "BYTE", "UNKNOWN"))
         self._bytes, special = [b""] * self.vocab_size, {}
         for i, p in enumerate(proto.pieces):
             if p.type == BYTE:
                 hexbyte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", p.piece)
                 self._bytes[i] = bytes([int(hexbyte.group(1), 16)]) if hexbyte else b""
-            elif not (p.type == CONTROL or self.sp.is_unknown(i)):
+            elif p.type not in (CONTROL, UNKNOWN):
                 self._bytes[i] = p.piece.replace("\u2581", " ").encode()
             if p.type in (CONTROL, USER) and p.piece:
                 special.setdefault(p.piece, i)

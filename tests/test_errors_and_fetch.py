@@ -5,20 +5,18 @@ non-zero exit status and no traceback, and must leave nothing (half-)written in 
 run as a subprocess, mostly against a tiny random GPT-2 folder built here (loads in well under a
 second); SmolLM2 is loaded only in test_smollm2_context_limits, where its three loads run side by side.
 
-Downloads are tested against a local HTTP server (127.0.0.1, Range requests, ETag / X-Linked-Etag);
-nothing here touches the network: subprocesses get a dead HF_ENDPOINT and PIP_NO_INDEX=1.
+Hub downloads are tested in test_hub.py against a stand-in for the hub; nothing here touches the network:
+subprocesses get a dead HF_ENDPOINT, an empty Hugging Face cache and PIP_NO_INDEX=1.
 """
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
 import os
 import shutil
 import struct
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,12 +26,11 @@ import pytest
 import minirt
 import minirt.registry
 from minirt import MinirtError
-from minirt.fetch import http_download
-from minirt.registry import Entry
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD = "http://127.0.0.1:9"  # discard port: connection refused at once
-NO_NET = {"HF_ENDPOINT": DEAD, "PIP_NO_INDEX": "1", "no_proxy": "*", "NO_PROXY": "*"}
+NO_NET = {"HF_ENDPOINT": DEAD, "PIP_NO_INDEX": "1", "no_proxy": "*", "NO_PROXY": "*",
+          "HF_HUB_CACHE": tempfile.mkdtemp(prefix="minirt-test-hf-")}  # not the user's Hugging Face cache
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -365,248 +362,6 @@ def test_pull_offline_fails_fast_and_leaves_nothing(cache):
 def test_generate_offline_registry_model(cache):
     r = run_cli("generate", "-m", "gpt2", "-p", "hi", env={"MINIRT_HOME": str(cache), "HF_ENDPOINT": DEAD})
     assert_one_line_error(r, "offline")
-
-
-# ------------------------------------------------------------------------------- local HTTP server
-
-class FileServer:
-    """Serves {path: bytes} on 127.0.0.1 with Range support and per-path extra headers; records requests."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.headers: dict[str, dict[str, str]] = {}
-        self.requests: list[tuple[str, dict]] = []
-        self.honor_range = True
-        self.cut_after: dict[str, int] = {}  # path → close the connection after this many body bytes
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                server.requests.append((self.path, dict(self.headers)))
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404, "Not Found")
-                    return
-                start, rng = 0, self.headers.get("Range")
-                if rng and server.honor_range:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in server.headers.get(self.path, {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body[:server.cut_after.get(self.path, len(body))])
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def add(self, path: str, data: bytes, **headers: str) -> str:
-        self.files[path] = data
-        self.headers[path] = {k.replace("_", "-"): v for k, v in headers.items()}
-        return self.url + path
-
-    def requests_for(self, path: str) -> list[dict]:
-        return [h for p, h in self.requests if p == path]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("no_proxy", "*")
-    monkeypatch.setenv("NO_PROXY", "*")
-    s = FileServer()
-    yield s
-    s.close()
-
-
-PAYLOAD = np.random.default_rng(7).integers(0, 256, 3 * (1 << 20) + 12345, dtype=np.uint8).tobytes()  # > 1 chunk
-SHA = hashlib.sha256(PAYLOAD).hexdigest()
-
-
-def part_of(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
-
-
-def test_download_verified(server, tmp_path):
-    url = server.add("/f.bin", PAYLOAD)
-    dest = tmp_path / "sub" / "f.bin"
-    assert http_download(url, dest, {"sha256": SHA, "size": len(PAYLOAD)}) == dest
-    assert dest.read_bytes() == PAYLOAD
-    assert not part_of(dest).exists()
-    assert os.listdir(dest.parent) == ["f.bin"]
-
-
-@pytest.mark.parametrize("spec", [{"sha256": "0" * 64}, {"size": 5}, {"git_sha1": "0" * 40}])
-def test_download_mismatch_leaves_nothing(spec, server, tmp_path):
-    url = server.add("/f.bin", PAYLOAD)
-    dest = tmp_path / "f.bin"
-    with pytest.raises(MinirtError, match="mismatch|size"):
-        http_download(url, dest, spec)
-    assert not dest.exists() and not part_of(dest).exists()
-
-
-def test_download_http_error(server, tmp_path):
-    dest = tmp_path / "f.bin"
-    with pytest.raises(MinirtError, match="HTTP 404"):
-        http_download(server.url + "/missing", dest, {"sha256": SHA})
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_resumes_with_range(server, tmp_path):
-    url = server.add("/f.bin", PAYLOAD)
-    dest = tmp_path / "f.bin"
-    half = len(PAYLOAD) // 2
-    part_of(dest).write_bytes(PAYLOAD[:half])
-    http_download(url, dest, {"sha256": SHA})
-    assert server.requests_for("/f.bin")[-1].get("Range") == f"bytes={half}-"
-    assert dest.read_bytes() == PAYLOAD
-    assert not part_of(dest).exists()
-
-
-def test_download_resume_when_server_ignores_range(server, tmp_path):
-    server.honor_range = False  # answers 200 with the whole file: the part must be rewritten, not appended to
-    url = server.add("/f.bin", PAYLOAD)
-    dest = tmp_path / "f.bin"
-    part_of(dest).write_bytes(PAYLOAD[:1000])
-    http_download(url, dest, {"sha256": SHA})
-    assert dest.read_bytes() == PAYLOAD
-
-
-def test_download_part_already_complete(server, tmp_path):
-    url = server.add("/f.bin", PAYLOAD)  # Range past the end → 416: the part is verified and used as is
-    dest = tmp_path / "f.bin"
-    part_of(dest).write_bytes(PAYLOAD)
-    http_download(url, dest, {"sha256": SHA})
-    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
-
-
-def test_download_interrupted_is_not_accepted(server, tmp_path):
-    url = server.add("/f.bin", PAYLOAD)
-    server.cut_after["/f.bin"] = 1_500_000  # server drops the connection mid-body
-    dest = tmp_path / "f.bin"
-    with pytest.raises(MinirtError):
-        http_download(url, dest, {"sha256": SHA})
-    assert not dest.exists()
-    del server.cut_after["/f.bin"]
-    http_download(url, dest, {"sha256": SHA})  # run again: completes
-    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
-
-
-def test_download_interrupted_keeps_part_for_resume(server, tmp_path):
-    url = server.add("/f.bin", PAYLOAD)
-    server.cut_after["/f.bin"] = 1_500_000
-    dest = tmp_path / "f.bin"
-    with pytest.raises(MinirtError, match="interrupted"):
-        http_download(url, dest, {"sha256": SHA})
-    assert part_of(dest).stat().st_size == 1_500_000 and not dest.exists()
-    del server.cut_after["/f.bin"]
-    http_download(url, dest, {"sha256": SHA})
-    assert server.requests_for("/f.bin")[-1].get("Range") == "bytes=1500000-"
-    assert dest.read_bytes() == PAYLOAD
-
-
-def test_download_truncated_without_checksum_is_rejected(server, tmp_path):
-    url = server.add("/f.bin", PAYLOAD)  # no spec checksum, no ETag headers: only Content-Length to go by
-    server.cut_after["/f.bin"] = 1_500_000
-    dest = tmp_path / "f.bin"
-    with pytest.raises(MinirtError):
-        http_download(url, dest, {})
-    assert not dest.exists()
-
-
-@pytest.mark.parametrize("quoted", [True, False])
-def test_download_checksum_from_x_linked_etag(quoted, server, tmp_path):
-    etag = f'"{SHA}"' if quoted else SHA
-    url = server.add("/good.bin", PAYLOAD, X_Linked_Etag=etag, ETag='"' + "f" * 40 + '"')  # sha256 wins
-    dest = tmp_path / "good.bin"
-    http_download(url, dest)
-    assert dest.read_bytes() == PAYLOAD
-
-    url = server.add("/bad.bin", PAYLOAD, X_Linked_Etag='"' + "0" * 64 + '"')
-    bad = tmp_path / "bad.bin"
-    with pytest.raises(MinirtError, match="sha256 mismatch"):
-        http_download(url, bad)
-    assert not bad.exists() and not part_of(bad).exists()
-
-
-def test_download_checksum_from_git_blob_etag(server, tmp_path):
-    content = b'{"model_type": "gpt2"}\n'
-    blob_sha1 = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-    dest = tmp_path / "config.json"
-    http_download(server.add("/config.json", content, ETag=f'"{blob_sha1}"'), dest)
-    assert dest.read_bytes() == content
-    dest2 = tmp_path / "weak.json"
-    http_download(server.add("/weak.json", content, ETag=f'W/"{blob_sha1}"'), dest2)  # weak ETag form
-    assert dest2.read_bytes() == content
-
-    wrong = hashlib.sha1(content).hexdigest()  # plain sha1, not the git blob hash
-    bad = tmp_path / "bad.json"
-    with pytest.raises(MinirtError, match="git_sha1 mismatch"):
-        http_download(server.add("/bad.json", content, ETag=f'"{wrong}"'), bad)
-    assert not bad.exists() and not part_of(bad).exists()
-
-
-# ------------------------------------------------------------------------ registry pull via HF_ENDPOINT
-
-def _hf_entry(name: str, files: dict[str, dict], revision: str = "abc123") -> Entry:
-    return Entry(name, "models", {"aliases": [name + "-alias"], "description": "test", "architecture": "gpt2",
-                                  "source": {"kind": "hf", "repo": "org/tiny", "revision": revision},
-                                  "files": files, "entry": "."})
-
-
-def test_registry_pull_through_hf_endpoint(server, tiny, tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("MINIRT_HOME", str(home))
-    monkeypatch.setenv("HF_ENDPOINT", server.url + "/")  # a trailing slash must not matter
-    files = {}
-    for f in sorted(os.listdir(tiny)):
-        data = (tiny / f).read_bytes()
-        server.add(f"/org/tiny/resolve/abc123/{f}", data)
-        files[f] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    monkeypatch.setitem(minirt.registry.REGISTRY, "tiny-test", _hf_entry("tiny-test", files))
-
-    d = minirt.registry.pull("tiny-test-alias")
-    assert d.resolve() == (home / "tiny-test").resolve()
-    assert sorted(os.listdir(d)) == sorted(files)  # no .part files
-    for f in files:
-        assert (d / f).read_bytes() == (tiny / f).read_bytes()
-    assert minirt.registry.is_present(minirt.registry.REGISTRY["tiny-test"])
-
-    n = len(server.requests)
-    model = minirt.load("tiny-test")  # cached now: no further requests
-    assert len(server.requests) == n
-    assert len(model.generate("hi", max_tokens=3, seed=0).text()) > 0
-
-
-def test_registry_pull_failure_leaves_no_folder(server, tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("MINIRT_HOME", str(home))
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    server.add("/org/tiny/resolve/main/model.safetensors", PAYLOAD)
-    entry = _hf_entry("tiny-bad", {"model.safetensors": {"sha256": "0" * 64}}, revision="main")
-    monkeypatch.setitem(minirt.registry.REGISTRY, "tiny-bad", entry)
-    with pytest.raises(MinirtError, match="mismatch"):
-        minirt.registry.pull("tiny-bad")
-    assert files_under(home) == []
 
 
 def test_modes_run_from_the_cli(tiny, cache):

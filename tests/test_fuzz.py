@@ -683,7 +683,8 @@ def test_tokenizer_json_special_tokens(added, needle, subjects, worker, tmp_path
     """An empty special token made tiktoken's encoder loop forever; ids must lie inside the embedding."""
     s = subjects["st-gpt2"]
     vocab = json.loads((s.path / "vocab.json").read_text())
-    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added}
+    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added,
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
     folder = folder_with(s.path, tmp_path / "m", tokenizer__json=tj)
     (folder / "vocab.json").unlink()
     refused(worker, folder, needle)

@@ -62,7 +62,8 @@ class TokenizerSpec:
     tokens: list[str] = field(default_factory=list)     # bpe: id → token string (byte-level unicode form)
     merges: list[str] = field(default_factory=list)     # bpe: "a b" pairs in priority order
     special: dict[str, int] = field(default_factory=dict)
-    pre: str = "gpt2"                           # pre-tokenizer: "gpt2" | "smollm" (single digits)
+    pre: str = "gpt-2"                          # bpe: pre-tokenizer, as llama.cpp names it (tokenizer.ggml.pre)
+    normalizer: str | None = None               # bpe: None | "NFC" (tokenizer.json's normalizer, e.g. Qwen2's)
     spm_model: Path | None = None               # spm: path of tokenizer.model
     spm_proto: bytes | None = None              # spm: or its bytes (built from a GGUF `llama` vocabulary)
     tiktoken_file: Path | None = None           # bpe given as a .tiktoken ranks file

@@ -289,6 +289,14 @@ def read_gguf(path: Path) -> Checkpoint:
     return ck
 
 
+def read_gguf_tokenizer(path: str | Path) -> TokenizerSpec:
+    """The tokenizer of a GGUF file alone (llama.cpp's vocabulary-only ggml-vocab-*.gguf files too)."""
+    path = Path(path)
+    meta, _, _, mm = _parse(path)
+    mm.close()
+    return _tokenizer(meta, path)
+
+
 def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
     model = meta.get("tokenizer.ggml.model")
 
@@ -322,7 +330,7 @@ def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
         merges = meta.get("tokenizer.ggml.merges", [])
         if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
             raise MinirtError(f"{path}: metadata tokenizer.ggml.merges is not a list of strings")
-        pre = meta.get("tokenizer.ggml.pre", "gpt2")
+        pre = meta.get("tokenizer.ggml.pre", "default")  # llama.cpp's default regexes where the key is missing
         return TokenizerSpec("bpe", tokens=tokens, merges=merges, special=special, pre=pre if isinstance(pre, str) else "",
                              add_bos=meta.get("tokenizer.ggml.add_bos_token", False) is True, **common)
     if model == "llama":  # SentencePiece: pieces, scores and types → a tokenizer.model built in memory

@@ -289,7 +289,12 @@ def _tokenizer(folder: Path, hc: dict, cfg: ModelConfig) -> TokenizerSpec:
             if content in special and special[content] != i:
                 raise MinirtError(f"{where}: added token {content[:40]!r} appears twice with different ids")
             special[content] = i
-        pre = "smollm" if '"Digits"' in json.dumps(tj.get("pre_tokenizer")) else "gpt2"
+        from ..tokenizer import pre_name_from_hf  # tokenizer.json's pre_tokenizer → llama.cpp's name for it
+        pre = pre_name_from_hf(tj.get("pre_tokenizer"), where)
+        norm = tj.get("normalizer")
+        if norm is not None and norm != {"type": "NFC"}:
+            raise MinirtError(f"{where}: normalizer {json.dumps(norm)[:60]} is not supported (none or NFC is)")
+        common["normalizer"] = "NFC" if norm else None
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         where = folder / "vocab.json"
         vocab = _load_json(where)
@@ -298,7 +303,7 @@ def _tokenizer(folder: Path, hc: dict, cfg: ModelConfig) -> TokenizerSpec:
         except UnicodeDecodeError as e:
             raise MinirtError(f"{folder / 'merges.txt'}: invalid UTF-8 at byte {e.start}") from None
         merges = [ln for ln in lines if ln and not ln.startswith("#version")]
-        pre = "gpt2"
+        pre = "gpt-2"
     elif (folder / "gpt2.tiktoken").exists():
         return TokenizerSpec("bpe", tiktoken_file=folder / "gpt2.tiktoken", special={"<|endoftext|>": 50256},
                              bos_id=50256, eos_id=50256)

@@ -20,6 +20,8 @@ def model_proto(tokens: list[str], scores: list[float] | None, types: list[int] 
     byte_fallback = sum(t == 6 for t in types) == 256  # SentencePiece wants all 256 byte pieces or none
     if not byte_fallback:
         types = [1 if t == 6 else t for t in types]  # a partial set stays as plain pieces
+    # SentencePiece has one unknown piece: unk_id's; other pieces typed unknown (Phi-3's [PADnnnnn]) are unused
+    types = [2 if i == unk_id else 5 if t == 2 else t for i, t in enumerate(types)]
     m = pb.ModelProto()
     m.pieces.extend(pb.ModelProto.SentencePiece(piece=tok, score=score, type=ty)
                     for tok, score, ty in zip(tokens, scores, types))
