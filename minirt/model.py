@@ -185,12 +185,15 @@ class Model:
                 self.rope_tables[th] = kernels.rope_tables(max(n, min(2 * have, c.max_ctx)), c.head_dim, th)
         if not c.traits.rope:
             return self.rope_tables[self.thetas[0]]
-        return self.rope_tables[c.rope_theta if theta is None else theta]
+        if theta is None:  # the global layers' base (a model of sliding-window layers only: its one base)
+            theta = c.rope_theta if c.rope_theta in self.rope_tables else self.thetas[-1]
+        return self.rope_tables[theta]
 
     @property
     def rope_cos(self) -> np.ndarray:
         """The global layers' cos table as it is now (not grown)."""
-        return self.rope_tables[self.cfg.rope_theta if self.cfg.traits.rope else self.thetas[0]][0]
+        th = self.cfg.rope_theta
+        return self.rope_tables[th if self.cfg.traits.rope and th in self.rope_tables else self.thetas[-1]][0]
 
     def _buffers(self, T: int) -> dict[str, np.ndarray]:
         """Activation buffers for T ≤ PREFILL_CHUNK positions: views of one set, grown to the largest T seen."""

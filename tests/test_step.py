@@ -26,7 +26,7 @@ def random_checkpoint(arch: str, formats: list[str], seed: int = 0) -> Checkpoin
     """A random model of arch's traits in minirt's canonical names, matrices stored in the given formats
     (taken in turn, one per matrix)."""
     tr = TRAITS[arch]
-    n_layers = max(LAYERS, tr.swa_pattern)  # one global layer at least
+    n_layers = LAYERS  # Gemma 3: sliding-window layers only (as an early-exit drafter of ≤ 5 layers has)
     cfg = ModelConfig(arch, vocab_size=VOCAB, dim=DIM, n_layers=n_layers, n_heads=HEADS,
                       n_kv_heads=HEADS if tr.fused_qkv else KV, head_dim=HD, hidden_dim=HIDDEN, max_ctx=128,
                       norm_eps=1e-6, rope_theta=10000.0, sliding_window=8 if tr.swa_pattern else 0,
