@@ -401,11 +401,10 @@ class StepTable:
     the small norm weights)."""
 
     def __init__(self, model: Model):
-        from numba import typed
         c, tr = model.cfg, model.cfg.traits
         ph8, ph16, phf = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.float32)
         self.fmt = np.empty(4 * c.n_layers, np.int64)
-        self.qs, self.hs, self.ms, self.fs, self.bs = (typed.List() for _ in range(5))
+        self.qs, self.hs, self.ms, self.fs, self.bs = ([] for _ in range(5))
         self.max_k = 32
         self.dense = False
         for i, L in enumerate(model.layers):
@@ -423,6 +422,8 @@ class StepTable:
                     self.ms.append(lin.m if lin.m.shape[1] else np.zeros((lin.out_features, 0), np.uint16))
                     self.fs.append(phf)
                 self.bs.append(lin.bias if lin.bias is not None else np.zeros(0, np.float32))
+        self.qs, self.hs, self.ms, self.fs, self.bs = (step.as_list(tuple(v)) for v in (self.qs, self.hs, self.ms,
+                                                                                      self.fs, self.bs))
         L0 = model.layers
         zero = np.zeros(c.dim, np.float32)
 
@@ -438,7 +439,10 @@ class StepTable:
         self.rope_i = np.array([model.thetas.index(c.layer_theta(i)) if tr.rope else 0 for i in range(c.n_layers)],
                                np.int64)
         self.eps = float(model.layers[0].attn_norm.eps) if model.layers else c.norm_eps
-        self.tags = (isa.tag(), isa.tag("avxvnni") if isa.SELECTED == "avx512vnni" else isa.tag())
+        odd = any(lin.nb % 2 for L in L0 for lin in (L.qkv, L.wo, L.up, L.down) if type(lin) is Quant)
+        self.tags = (isa.tag(), isa.tag("avxvnni") if odd and isa.SELECTED == "avx512vnni" else None)
+        codes = set(self.fmt.tolist())
+        self.has = tuple(isa.tag() if c in codes else None for c in range(len(step.FORMATS)))
         self._rope = (None, None, None)
         self._act: dict[int, tuple] = {}
 
@@ -468,7 +472,7 @@ class StepTable:
             self._act[T] = (np.empty(T * self.max_k, np.int8), np.empty(T * nb * 8, np.float32),
                             np.empty(T * nb, np.float32), np.empty(T * nb, np.float32))
         xqb, xdeb, xsb, xkb = self._act[T]
-        step.layers(self.tags[0], self.tags[1], self.fmt, self.qs, self.hs, self.ms, self.fs, self.bs,
+        step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.qs, self.hs, self.ms, self.fs, self.bs,
                     self.nw, self.nb, self.qkn, self.win, self.rope_i, cos, sin,
                     tr.norm == "layer", step.FFNS[tr.ffn], tr.rope, tr.qk_norm, tr.post_norms, self.eps, c.scale,
                     x, positions, pos0, cache.k, cache.v, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],

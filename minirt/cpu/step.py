@@ -3,8 +3,8 @@
 It runs the same kernels as the per-operation path (model.Model._layers: qmatmul's matrix kernels, kernels'
 norms, RoPE, attention, activations) in the same order, so the logits are the same. Python's per-operation
 overhead (≈ 18 kernel calls per layer through Numba's dispatcher) goes; what is left per layer are the
-parallel regions of the 4 matrix products and attention (norms, RoPE and the activation of a few positions
-run on the calling thread: a fork/join costs more than they do).
+parallel regions of the 4 matrix products, attention and the activation (norms, q/k norms and RoPE of a
+few positions run on the calling thread: a fork/join costs more than they do).
 
 The model is a table (kernels know nothing of models; model.StepTable builds it):
     fmt[i]            format code of matrix i = 4·layer + (0 qkv | 1 wo | 2 up | 3 down): see FORMATS
@@ -21,53 +21,72 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.typed import List
 
 from . import kernels
 from .qmatmul import matmul_half, matmul_q, quantize_x
 
 JIT = dict(cache=True, fastmath=True)
 
+@njit(**JIT)
+def as_list(arrays):
+    """A typed List of a tuple's arrays, built in compiled (cached) code: numba.typed.List built from Python
+    compiles its methods in every process (≈ 1 s), which the warm start cannot afford."""
+    out = List()
+    for a in arrays:
+        out.append(a)
+    return out
+
+
 FORMATS = {"F32": 0, "Q8_0": 1, "Q4_0": 2, "Q4_1": 3, "F16": 4, "BF16": 5}
 FFNS = {"swiglu": 0, "geglu": 1, "gelu": 2}
 MAX_T = 16  # positions per call (the decode kernels' range; more go through the per-operation path)
-SERIAL_ACT_T = 2  # up to this many positions the activation runs on the calling thread
 
 
 @njit(**JIT)
-def _linear(tag, tag_odd, code, q, hs, ms, w, bias, x, out, xqb, xdeb, xsb, xkb, n):
-    """out = x · Wᵀ (+ bias) for one matrix of the table, as Quant.forward / Dense.forward do for T ≤ 16."""
+def _matmul_q(tag, tag_odd, xq, xde, xk, q, d, h, out, n):
+    if tag_odd is not None:  # None (pruned at compile time) where no matrix has an odd number of blocks
+        if d.shape[1] % 2 == 1:
+            matmul_q(tag_odd, xq, xde, xk, q, d, h, out, n)
+            return
+    matmul_q(tag, xq, xde, xk, q, d, h, out, n)
+
+
+@njit(**JIT)
+def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, code, q, hs, ms, w, bias, x, out, xqb, xdeb, xsb, xkb, n):
+    """out = x · Wᵀ (+ bias) for one matrix of the table, as Quant.forward / Dense.forward do for T ≤ 16.
+    f32 … bf16: None where the model has no matrix of that format: Numba prunes those branches, so that
+    only the kernels the model uses are compiled (and loaded from the cache)."""
     T, K = x.shape
+    nb = K // 32
+    xq = xqb[:T * K].reshape(T, K)
+    xde = xdeb[:T * nb * 8].reshape(T, nb * 8)
+    xs = xsb[:T * nb].reshape(T, nb)
     if code == 0:
-        kernels.matmul_f32(x, w, out, n)
-    elif code <= 3:
-        nb = K // 32
-        xq = xqb[:T * K].reshape(T, K)
-        xde = xdeb[:T * nb * 8].reshape(T, nb * 8)
-        xs = xsb[:T * nb].reshape(T, nb)
-        quantize_x(x, xq, xde, xs)
-        odd = nb % 2 == 1
-        if code == 1:
-            qq = q.view(np.int8)
-            if odd:
-                matmul_q(tag_odd, xq, xde, xs, qq, hs, ms, out, n)
-            else:
-                matmul_q(tag, xq, xde, xs, qq, hs, ms, out, n)
-        elif code == 2:
+        if f32 is not None:
+            kernels.matmul_f32(x, w, out, n)
+    elif code == 1:
+        if q8 is not None:
+            quantize_x(x, xq, xde, xs)
+            _matmul_q(tag, tag_odd, xq, xde, xs, q.view(np.int8), hs, ms, out, n)
+    elif code == 2:
+        if q40 is not None:
+            quantize_x(x, xq, xde, xs)
             xk = xkb[:T * nb].reshape(T, nb)
             for t in range(T):
                 for b in range(nb):
                     xk[t, b] = xs[t, b] * np.float32(-8.0)
-            if odd:
-                matmul_q(tag_odd, xq, xde, xk, q, hs, hs, out, n)
-            else:
-                matmul_q(tag, xq, xde, xk, q, hs, hs, out, n)
-        else:
-            if odd:
-                matmul_q(tag_odd, xq, xde, xs, q, hs, ms, out, n)
-            else:
-                matmul_q(tag, xq, xde, xs, q, hs, ms, out, n)
+            _matmul_q(tag, tag_odd, xq, xde, xk, q, hs, hs, out, n)
+    elif code == 3:
+        if q41 is not None:
+            quantize_x(x, xq, xde, xs)
+            _matmul_q(tag, tag_odd, xq, xde, xs, q, hs, ms, out, n)
+    elif code == 4:
+        if f16 is not None:
+            matmul_half(tag, x, hs, False, out, n)
     else:
-        matmul_half(tag, x, hs, code == 5, out, n)
+        if bf16 is not None:
+            matmul_half(tag, x, hs, True, out, n)
     if bias.shape[0]:
         for t in range(T):
             for j in range(bias.shape[0]):
@@ -84,7 +103,7 @@ def _norm(x, w, b, layer, eps, out):
 
 
 @njit(**JIT)
-def layers(tag, tag_odd, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
+def layers(tag, tag_odd, has, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
            layer_norm, ffn, use_rope, qk_norm, post_norms, eps, scale,
            x, positions, pos0, kc, vc, h, o, qkv, q, att, up, act, scores, xqb, xdeb, xsb, xkb, n):
     """Every layer for the T rows of the residual stream x (T, dim), in place; keys and values go to the
@@ -95,10 +114,11 @@ def layers(tag, tag_odd, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, c
     Hkv = kc.shape[1]
     qd = H * hd
     attf = att.reshape(T, qd)
+    f32, q8, q40, q41, f16, bf16 = has
     for li in range(fmt.shape[0] // 4):
         m = 4 * li
         _norm(x, nw[li, 0], nbias[li, 0], layer_norm, eps, h)
-        _linear(tag, tag_odd, fmt[m], qs[m], hs[m], ms[m], fs[m], bs[m], h, qkv, xqb, xdeb, xsb, xkb, n)
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m], qs[m], hs[m], ms[m], fs[m], bs[m], h, qkv, xqb, xdeb, xsb, xkb, n)
         if qk_norm:
             for task in range(T * H):
                 kernels.head_rmsnorm_task(qkv, 0, H, hd, qkn[li, 0], eps, task)
@@ -109,30 +129,24 @@ def layers(tag, tag_odd, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, c
         for task in range(T * (H + Hkv)):
             kernels.qkv_rope_task(qkv, positions, cr, sr, use_rope, q, kl, vl, task)
         kernels.attention(q, kl, vl, pos0, scale, win[li], scores, att)
-        _linear(tag, tag_odd, fmt[m + 1], qs[m + 1], hs[m + 1], ms[m + 1], fs[m + 1], bs[m + 1], attf, o,
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 1], qs[m + 1], hs[m + 1], ms[m + 1], fs[m + 1], bs[m + 1], attf, o,
                 xqb, xdeb, xsb, xkb, n)
         if post_norms:
             _norm(o, nw[li, 2], nbias[li, 2], layer_norm, eps, o)
         x += o
         _norm(x, nw[li, 1], nbias[li, 1], layer_norm, eps, h)
-        _linear(tag, tag_odd, fmt[m + 2], qs[m + 2], hs[m + 2], ms[m + 2], fs[m + 2], bs[m + 2], h, up,
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 2], qs[m + 2], hs[m + 2], ms[m + 2], fs[m + 2], bs[m + 2], h, up,
                 xqb, xdeb, xsb, xkb, n)
-        if T > SERIAL_ACT_T:
-            if ffn == 0:
-                kernels.swiglu(up, act)
-            elif ffn == 1:
-                kernels.geglu(up, act)
-            else:
-                kernels.gelu_new(up, act)
+        # the activation kernels of the per-operation path, for every T: their exp/tanh, vectorized in a
+        # function of its own, could round differently inlined here (a serial copy did, for T ≤ 2); the
+        # same bits at every T keep greedy speculative decoding identical to plain decoding
+        if ffn == 0:
+            kernels.swiglu(up, act)
+        elif ffn == 1:
+            kernels.geglu(up, act)
         else:
-            for t in range(T):
-                if ffn == 0:
-                    kernels.swiglu_row(up[t], act[t])
-                elif ffn == 1:
-                    kernels.geglu_row(up[t], act[t])
-                else:
-                    kernels.gelu_row(up[t], act[t])
-        _linear(tag, tag_odd, fmt[m + 3], qs[m + 3], hs[m + 3], ms[m + 3], fs[m + 3], bs[m + 3], act, o,
+            kernels.gelu_new(up, act)
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 3], qs[m + 3], hs[m + 3], ms[m + 3], fs[m + 3], bs[m + 3], act, o,
                 xqb, xdeb, xsb, xkb, n)
         if post_norms:
             _norm(o, nw[li, 3], nbias[li, 3], layer_norm, eps, o)
