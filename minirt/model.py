@@ -396,6 +396,18 @@ def step_fallback_reason(model: Model) -> str | None:
     return None
 
 
+def _one_type(arrays: list[np.ndarray]) -> tuple:
+    """The arrays as one Numba type: all read-only views if any is read-only (a matrix mapped from the file)."""
+    if all(a.flags.writeable for a in arrays):
+        return tuple(arrays)
+    out = []
+    for a in arrays:
+        v = a.view()
+        v.flags.writeable = False
+        out.append(v)
+    return tuple(out)
+
+
 class StepTable:
     """The model's matrices and other weights as the arrays cpu/step.layers reads (views: nothing copied but
     the small norm weights)."""
@@ -422,8 +434,8 @@ class StepTable:
                     self.ms.append(lin.m if lin.m.shape[1] else np.zeros((lin.out_features, 0), np.uint16))
                     self.fs.append(phf)
                 self.bs.append(lin.bias if lin.bias is not None else np.zeros(0, np.float32))
-        self.qs, self.hs, self.ms, self.fs, self.bs = (step.as_list(tuple(v)) for v in (self.qs, self.hs, self.ms,
-                                                                                      self.fs, self.bs))
+        self.qs, self.hs, self.ms, self.fs, self.bs = (step.as_list(_one_type(v)) for v in (self.qs, self.hs, self.ms,
+                                                                                         self.fs, self.bs))
         L0 = model.layers
         zero = np.zeros(c.dim, np.float32)
 

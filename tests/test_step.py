@@ -187,3 +187,16 @@ def test_gemma3_compiled_step_equals_per_operation():
     per_op, compiled, runs = both_paths(g, ids[:3], ids)
     assert runs == 1
     np.testing.assert_array_equal(compiled, per_op)
+
+
+def test_read_only_matrices_among_writable_ones():
+    """Matrices mapped from a file are read-only arrays; the table holds them beside writable ones."""
+    ck = random_checkpoint("llama", MIXES["F32"])
+    for name, t in ck.tensors.items():
+        if name.startswith("layers.0.") and t.data.ndim == 2:
+            t.data.flags.writeable = False
+    m = minirt.Model.from_checkpoint(ck)
+    assert not m.layers[0].wo.w.flags.writeable and m.layers[1].wo.w.flags.writeable
+    per_op, compiled, runs = both_paths(m, [1, 2, 3], [4, 5])
+    assert runs == 1
+    np.testing.assert_array_equal(compiled, per_op)

@@ -76,6 +76,32 @@ def llama_bench(exe: Path, path: Path, threads: int, p: int, n: int) -> dict[str
     return out
 
 
+def fork_join_us(threads: int, k: int = 2000) -> float:
+    """µs per parallel region entered from compiled code (what each matrix product, attention and activation
+    of the compiled step costs on top of its work): the median of 7 runs of k empty regions."""
+    from numba import njit, prange
+    import numpy as np
+
+    @njit(parallel=True)
+    def region(a, n):
+        for i in prange(n):
+            a[i] += 1.0
+
+    @njit
+    def many(a, n, k):
+        for _ in range(k):
+            region(a, n)
+    minirt.set_threads(threads)
+    a = np.zeros(64)
+    many(a, threads, 10)
+    ts = []
+    for _ in range(7):
+        t = time.perf_counter()
+        many(a, threads, k)
+        ts.append((time.perf_counter() - t) / k * 1e6)
+    return statistics.median(ts)
+
+
 def ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):7.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:5.1f}"
 
@@ -105,6 +131,8 @@ def main() -> None:
           f"Numba threading layer: {numba.threading_layer()}; streaming read bandwidth: "
           + ", ".join(f"{bw[t] / 1e9:.1f} GB/s ({t} threads)" for t in threads)
           + f"; load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print("parallel region fork/join: " + ", ".join(f"{fork_join_us(t):.1f} µs ({t} threads)" for t in threads)
+          + f"; regions per decode step of the compiled step: 6 per layer + 2", flush=True)
     models = {}
     for f in formats:
         models[f] = minirt.load(paths[f])
