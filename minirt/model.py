@@ -12,6 +12,7 @@ positions at a time, so that memory is bounded by the chunk and the cache. GPT-2
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from types import MappingProxyType
 import numba
 import numpy as np
 
-from .cpu import kernels
+from .cpu import isa, kernels, step
 from .config import ModelConfig
 from .errors import MinirtError
 from .kvcache import KVCache, context_size
@@ -84,6 +85,7 @@ class Layer:
 class Model:
     mode = "dense"                           # what generate() decodes with by default: minirt.load(mode=…)
     mode_options = MappingProxyType({})      # … and that mode's options (minirt.modes.remember sets both)
+    compiled_step = os.environ.get("MINIRT_STEP", "1") != "0"  # T ≤ 16 in one compiled call (MINIRT_STEP=0: off)
 
     def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: Embedding, pos_embed: np.ndarray | None,
                  norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = "",
@@ -98,6 +100,7 @@ class Model:
         empty = np.zeros((0 if cfg.traits.rope else 1, max(cfg.head_dim // 2, 1)), np.float32)
         self.rope_tables = {th: (empty, empty) for th in self.thetas}
         self._scratch: dict[str, np.ndarray] = {}
+        self._step = None  # (key, StepTable | None): see _step_table
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, dequantize: bool = False, exact: bool = False,
@@ -182,12 +185,15 @@ class Model:
                 self.rope_tables[th] = kernels.rope_tables(max(n, min(2 * have, c.max_ctx)), c.head_dim, th)
         if not c.traits.rope:
             return self.rope_tables[self.thetas[0]]
-        return self.rope_tables[c.rope_theta if theta is None else theta]
+        if theta is None:  # the global layers' base (a model of sliding-window layers only: its one base)
+            theta = c.rope_theta if c.rope_theta in self.rope_tables else self.thetas[-1]
+        return self.rope_tables[theta]
 
     @property
     def rope_cos(self) -> np.ndarray:
         """The global layers' cos table as it is now (not grown)."""
-        return self.rope_tables[self.cfg.rope_theta if self.cfg.traits.rope else self.thetas[0]][0]
+        th = self.cfg.rope_theta
+        return self.rope_tables[th if self.cfg.traits.rope and th in self.rope_tables else self.thetas[-1]][0]
 
     def _buffers(self, T: int) -> dict[str, np.ndarray]:
         """Activation buffers for T ≤ PREFILL_CHUNK positions: views of one set, grown to the largest T seen."""
@@ -237,7 +243,7 @@ class Model:
         n_chunks = -(-T // PREFILL_CHUNK)
         bounds = [T * i // n_chunks for i in range(n_chunks + 1)]  # balanced: no short last chunk
         for a, b in zip(bounds, bounds[1:]):
-            x = self._layers(tokens[a:b], cache, scores)
+            x = self._run_layers(tokens[a:b], cache, scores)
             sel = np.flatnonzero((want >= a) & (want < b))
             final[sel] = x[want[sel] - a]
             if progress is not None:
@@ -245,19 +251,41 @@ class Model:
         h = self.norm(final, np.empty_like(final))
         return self.head.forward(h, np.empty((len(h), c.vocab_size), np.float32))
 
+    def _embed(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The residual stream (T, dim) entering the first layer."""
+        x = self.embed[tokens]
+        if self.pos_embed is not None:
+            x += self.pos_embed[positions]
+        if self.cfg.traits.embed_scale:
+            x *= np.float32(math.sqrt(self.cfg.dim))
+        return x
+
+    def _run_layers(self, tokens: np.ndarray, cache: KVCache, scores: np.ndarray) -> np.ndarray:
+        """The layers in one compiled call (cpu/step.py) where the step covers the model and T, else per operation."""
+        if self.compiled_step and len(tokens) <= step.MAX_T:
+            table = self._step_table()
+            if table is not None and table.covers(len(tokens)):
+                return table.run(self, tokens, cache, scores)
+        return self._layers(tokens, cache, scores)
+
+    def _step_table(self) -> "StepTable | None":
+        """The compiled step's table for the model as it is now (rebuilt when a mode swaps a Linear or a
+        norm), or None where the step does not cover the model (step_fallback_reason says why)."""
+        key = step_key(self)
+        if self._step is None or self._step[0] != key:
+            self._step = (key, None if step_fallback_reason(self) else StepTable(self))
+        return self._step[1]
+
     def _layers(self, tokens: np.ndarray, cache: KVCache, scores: np.ndarray) -> np.ndarray:
-        """The residual stream (T, dim) after every layer for positions cache.pos …; the cache advances by T."""
+        """The residual stream (T, dim) after every layer for positions cache.pos …; the cache advances by T.
+        The per-operation path (cpu/step.py runs the same kernels in one compiled call where it can)."""
         c = self.cfg
         T = len(tokens)
         pos0 = cache.pos
         positions = np.arange(pos0, pos0 + T, dtype=np.int64)
         s = self._buffers(T)
-        x = self.embed[tokens]
-        if self.pos_embed is not None:
-            x += self.pos_embed[positions]
+        x = self._embed(tokens, positions)
         tr = c.traits
-        if tr.embed_scale:
-            x *= np.float32(math.sqrt(c.dim))
         qd = c.q_dim
         act = {"swiglu": kernels.swiglu, "geglu": kernels.geglu, "gelu": kernels.gelu_new}[tr.ffn]
         for li, L in enumerate(self.layers):
@@ -314,3 +342,152 @@ class Model:
     def weight_bytes(self) -> int:
         """Bytes of weights read per decode step (all matrices plus the head; embeddings read one row)."""
         return sum(L.qkv.nbytes + L.wo.nbytes + L.up.nbytes + L.down.nbytes for L in self.layers) + self.head.nbytes
+
+
+# ---- the compiled decode step's table (cpu/step.py) ----------------------------------------------------------
+# The step covers what it knows: the traits below, the Linears Dense and Quant (float32 activations of
+# exact=True and every other Linear, e.g. modes' low-rank or pinv ones, go per operation), norms of the
+# trait's kind. A trait or config field added later that the step does not know takes the per-operation
+# path unless it has its default value (a feature that is off). tests/test_step.py holds both paths equal.
+STEP_TRAITS = {"norm", "ffn", "rope", "qk_norm", "post_norms", "embed_scale", "fused_qkv", "swa_pattern"}
+STEP_CONFIG = {"arch", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_ctx",
+               "norm_eps", "rope_theta", "tied_head", "attn_scale", "sliding_window", "rope_local_theta"}
+
+
+def _unknown_fields(obj, known: set[str]) -> list[str]:
+    import dataclasses
+    return [f.name for f in dataclasses.fields(obj) if f.name not in known
+            and (f.default is dataclasses.MISSING or getattr(obj, f.name) != f.default)]
+
+
+def step_key(model: Model) -> tuple:
+    """What the table is built from: the Layer, Linear and Norm objects (a mode that swaps one invalidates it)."""
+    return (id(model.layers), len(model.layers)) + tuple(
+        id(o) for L in model.layers for o in (L, L.qkv, L.wo, L.up, L.down, L.attn_norm, L.ffn_norm))
+
+
+def step_fallback_reason(model: Model) -> str | None:
+    """Why the compiled step does not run this model (None: it does)."""
+    c = model.cfg
+    tr = c.traits
+    if type(model)._layers is not Model._layers or type(model)._embed is not Model._embed:
+        return "the model class has its own layer loop"
+    if (bad := _unknown_fields(tr, STEP_TRAITS)) or (bad := _unknown_fields(c, STEP_CONFIG)):
+        return f"trait or config field the step does not know: {', '.join(bad)}"
+    if tr.ffn not in step.FFNS or tr.norm not in ("rms", "layer"):
+        return f"ffn {tr.ffn!r} / norm {tr.norm!r}"
+    want_bias = tr.norm == "layer"
+    for i, L in enumerate(model.layers):
+        for name in ("qkv", "wo", "up", "down"):
+            lin = getattr(L, name)
+            if type(lin) is Dense:
+                continue
+            if type(lin) is not Quant or lin.qtype not in step.FORMATS or lin.exact:
+                return f"layer {i} {name}: {type(lin).__name__}{' (exact)' if getattr(lin, 'exact', False) else ''}"
+        norms = [L.attn_norm, L.ffn_norm] + ([L.post_attn_norm, L.post_ffn_norm] if tr.post_norms else [])
+        if any(type(n) is not Norm or (n.bias is not None) != want_bias for n in norms):
+            return f"layer {i}: a norm of another kind"
+        if tr.qk_norm and (L.q_norm is None or L.k_norm is None):
+            return f"layer {i}: q/k norms missing"
+        if not tr.post_norms and (L.post_attn_norm is not None or L.post_ffn_norm is not None):
+            return f"layer {i}: post norms the traits do not name"
+        if not tr.qk_norm and L.q_norm is not None:
+            return f"layer {i}: q/k norms the traits do not name"
+    return None
+
+
+def _one_type(arrays: list[np.ndarray]) -> tuple:
+    """The arrays as one Numba type: all read-only views if any is read-only (a matrix mapped from the file)."""
+    if all(a.flags.writeable for a in arrays):
+        return tuple(arrays)
+    out = []
+    for a in arrays:
+        v = a.view()
+        v.flags.writeable = False
+        out.append(v)
+    return tuple(out)
+
+
+class StepTable:
+    """The model's matrices and other weights as the arrays cpu/step.layers reads (views: nothing copied but
+    the small norm weights)."""
+
+    def __init__(self, model: Model):
+        c, tr = model.cfg, model.cfg.traits
+        ph8, ph16, phf = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.float32)
+        self.fmt = np.empty(4 * c.n_layers, np.int64)
+        self.qs, self.hs, self.ms, self.fs, self.bs = ([] for _ in range(5))
+        self.max_k = 32
+        self.dense = False
+        for i, L in enumerate(model.layers):
+            for j, lin in enumerate((L.qkv, L.wo, L.up, L.down)):
+                self.max_k = max(self.max_k, lin.in_features)
+                if type(lin) is Dense:
+                    self.dense = True
+                    self.fmt[4 * i + j] = 0
+                    self.qs.append(ph8), self.hs.append(ph16), self.fs.append(lin.w)
+                    self.ms.append(np.zeros((lin.out_features, 0), np.uint16))
+                else:
+                    self.fmt[4 * i + j] = step.FORMATS[lin.qtype]
+                    self.qs.append(lin.qn.view(np.uint8) if lin.nb else ph8)
+                    self.hs.append(lin.d if lin.nb else lin.qn)
+                    self.ms.append(lin.m if lin.m.shape[1] else np.zeros((lin.out_features, 0), np.uint16))
+                    self.fs.append(phf)
+                self.bs.append(lin.bias if lin.bias is not None else np.zeros(0, np.float32))
+        self.qs, self.hs, self.ms, self.fs, self.bs = (step.as_list(_one_type(v)) for v in (self.qs, self.hs, self.ms,
+                                                                                         self.fs, self.bs))
+        L0 = model.layers
+        zero = np.zeros(c.dim, np.float32)
+
+        def nrm(n, what):
+            return (n.weight, n.bias if n.bias is not None else zero) if n is not None else (zero, zero)
+        ns = [[nrm(L.attn_norm, 0), nrm(L.ffn_norm, 1), nrm(L.post_attn_norm, 2), nrm(L.post_ffn_norm, 3)] for L in L0]
+        self.nw = np.array([[w for w, _ in row] for row in ns], np.float32)
+        self.nb = np.array([[b for _, b in row] for row in ns], np.float32)
+        hz = np.zeros(c.head_dim, np.float32)
+        self.qkn = np.array([[L.q_norm if L.q_norm is not None else hz, L.k_norm if L.k_norm is not None else hz]
+                             for L in L0], np.float32)
+        self.win = np.array([c.layer_window(i) for i in range(c.n_layers)], np.int64)
+        self.rope_i = np.array([model.thetas.index(c.layer_theta(i)) if tr.rope else 0 for i in range(c.n_layers)],
+                               np.int64)
+        self.eps = float(model.layers[0].attn_norm.eps) if model.layers else c.norm_eps
+        odd = any(lin.nb % 2 for L in L0 for lin in (L.qkv, L.wo, L.up, L.down) if type(lin) is Quant)
+        self.tags = (isa.tag(), isa.tag("avxvnni") if odd and isa.SELECTED == "avx512vnni" else None)
+        codes = set(self.fmt.tolist())
+        self.has = tuple(isa.tag() if c in codes else None for c in range(len(step.FORMATS)))
+        self._rope = (None, None, None)
+        self._act: dict[int, tuple] = {}
+
+    def covers(self, T: int) -> bool:
+        """Positions the step runs with the per-operation path's kernels (Dense switches to BLAS at BLAS_MIN_ROWS)."""
+        from .linear import BLAS_MIN_ROWS
+        return T <= step.MAX_T and not (self.dense and T >= BLAS_MIN_ROWS)
+
+    def _tables(self, model: Model):
+        """cos/sin of every RoPE base stacked (n_bases, n, hd/2), rebuilt when Model.rope grows them."""
+        tabs = [model.rope_tables[th] for th in model.thetas]
+        ids = tuple(id(t[0]) for t in tabs)
+        if self._rope[0] != ids:
+            self._rope = (ids, np.stack([t[0] for t in tabs]), np.stack([t[1] for t in tabs]))
+        return self._rope[1], self._rope[2]
+
+    def run(self, model: Model, tokens: np.ndarray, cache: KVCache, scores: np.ndarray) -> np.ndarray:
+        c, tr = model.cfg, model.cfg.traits
+        T = len(tokens)
+        pos0 = cache.pos
+        positions = np.arange(pos0, pos0 + T, dtype=np.int64)
+        s = model._buffers(T)
+        x = np.ascontiguousarray(model._embed(tokens, positions), dtype=np.float32)
+        cos, sin = self._tables(model)
+        if T not in self._act:
+            nb = self.max_k // 32
+            self._act[T] = (np.empty(T * self.max_k, np.int8), np.empty(T * nb * 8, np.float32),
+                            np.empty(T * nb, np.float32), np.empty(T * nb, np.float32))
+        xqb, xdeb, xsb, xkb = self._act[T]
+        step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.qs, self.hs, self.ms, self.fs, self.bs,
+                    self.nw, self.nb, self.qkn, self.win, self.rope_i, cos, sin,
+                    tr.norm == "layer", step.FFNS[tr.ffn], tr.rope, tr.qk_norm, tr.post_norms, self.eps, c.scale,
+                    x, positions, pos0, cache.k, cache.v, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],
+                    s["act"], scores, xqb, xdeb, xsb, xkb, numba.get_num_threads())
+        cache.pos = pos0 + T
+        return x

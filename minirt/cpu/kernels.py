@@ -28,35 +28,47 @@ def matmul_f32(x, w, out, n_parts):
                 out[t, j] = acc
 
 
+@njit(**JIT)
+def rmsnorm_row(x, w, eps, out):
+    """out = x / sqrt(mean(x²) + eps) · w   (LLaMA), one row x (D,)"""
+    D = x.shape[0]
+    ss = np.float32(0.0)
+    for i in range(D):
+        ss += x[i] * x[i]
+    r = np.float32(1.0) / np.sqrt(ss / D + np.float32(eps))
+    for i in range(D):
+        out[i] = x[i] * r * w[i]
+
+
 @njit(parallel=True, **JIT)
 def rmsnorm(x, w, eps, out):
-    """out = x / sqrt(mean(x²) + eps) · w   (LLaMA)"""
-    T, D = x.shape
-    for t in prange(T):
-        ss = np.float32(0.0)
-        for i in range(D):
-            ss += x[t, i] * x[t, i]
-        r = np.float32(1.0) / np.sqrt(ss / D + np.float32(eps))
-        for i in range(D):
-            out[t, i] = x[t, i] * r * w[i]
+    """rmsnorm_row over the rows of x (T, D)"""
+    for t in prange(x.shape[0]):
+        rmsnorm_row(x[t], w, eps, out[t])
+
+
+@njit(**JIT)
+def layernorm_row(x, w, b, eps, out):
+    """out = (x − mean) / sqrt(var + eps) · w + b   (GPT-2), one row x (D,)"""
+    D = x.shape[0]
+    mu = np.float32(0.0)
+    for i in range(D):
+        mu += x[i]
+    mu /= D
+    var = np.float32(0.0)
+    for i in range(D):
+        d = x[i] - mu
+        var += d * d
+    r = np.float32(1.0) / np.sqrt(var / D + np.float32(eps))
+    for i in range(D):
+        out[i] = (x[i] - mu) * r * w[i] + b[i]
 
 
 @njit(parallel=True, **JIT)
 def layernorm(x, w, b, eps, out):
-    """out = (x − mean) / sqrt(var + eps) · w + b   (GPT-2)"""
-    T, D = x.shape
-    for t in prange(T):
-        mu = np.float32(0.0)
-        for i in range(D):
-            mu += x[t, i]
-        mu /= D
-        var = np.float32(0.0)
-        for i in range(D):
-            d = x[t, i] - mu
-            var += d * d
-        r = np.float32(1.0) / np.sqrt(var / D + np.float32(eps))
-        for i in range(D):
-            out[t, i] = (x[t, i] - mu) * r * w[i] + b[i]
+    """layernorm_row over the rows of x (T, D)"""
+    for t in prange(x.shape[0]):
+        layernorm_row(x[t], w, b, eps, out[t])
 
 
 def rope_tables(n: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -67,54 +79,65 @@ def rope_tables(n: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.nda
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+@njit(**JIT)
+def qkv_rope_task(qkv, positions, cos, sin, use_rope, q, kc, vc, task):
+    """One (position, head) task of qkv_rope_store."""
+    H, hd = q.shape[1], q.shape[2]
+    Hkv = kc.shape[0]
+    half = hd // 2
+    t = task // (H + Hkv)
+    h = task % (H + Hkv)
+    p = positions[t]
+    if h < H:
+        src = h * hd
+        dst = q[t, h]
+    else:
+        src = H * hd + (h - H) * hd
+        dst = kc[h - H, p]
+        vsrc = H * hd + Hkv * hd + (h - H) * hd
+        vdst = vc[h - H, p]
+        for i in range(hd):
+            vdst[i] = qkv[t, vsrc + i]
+    if use_rope:
+        for i in range(half):
+            a = qkv[t, src + i]
+            b = qkv[t, src + half + i]
+            c = cos[p, i]
+            s = sin[p, i]
+            dst[i] = a * c - b * s
+            dst[half + i] = b * c + a * s
+    else:
+        for i in range(hd):
+            dst[i] = qkv[t, src + i]
+
+
 @njit(parallel=True, **JIT)
 def qkv_rope_store(qkv, positions, cos, sin, use_rope, q, kc, vc):
     """Split fused q|k|v rows: q → q (T, H, hd); k, v → the cache at their positions (kc, vc: (Hkv, ctx, hd)).
     With use_rope, q and k get the rotary embedding, rotate-half layout:
     (x1, x2) → (x1·c − x2·s, x2·c + x1·s) for each pair (i, i + hd/2)."""
-    T, H, hd = q.shape
-    Hkv = kc.shape[0]
-    half = hd // 2
-    for task in prange(T * (H + Hkv)):
-        t = task // (H + Hkv)
-        h = task % (H + Hkv)
-        p = positions[t]
-        if h < H:
-            src = h * hd
-            dst = q[t, h]
-        else:
-            src = H * hd + (h - H) * hd
-            dst = kc[h - H, p]
-            vsrc = H * hd + Hkv * hd + (h - H) * hd
-            vdst = vc[h - H, p]
-            for i in range(hd):
-                vdst[i] = qkv[t, vsrc + i]
-        if use_rope:
-            for i in range(half):
-                a = qkv[t, src + i]
-                b = qkv[t, src + half + i]
-                c = cos[p, i]
-                s = sin[p, i]
-                dst[i] = a * c - b * s
-                dst[half + i] = b * c + a * s
-        else:
-            for i in range(hd):
-                dst[i] = qkv[t, src + i]
+    for task in prange(q.shape[0] * (q.shape[1] + kc.shape[0])):
+        qkv_rope_task(qkv, positions, cos, sin, use_rope, q, kc, vc, task)
+
+
+@njit(**JIT)
+def head_rmsnorm_task(x, start, n_heads, hd, w, eps, task):
+    """One (position, head) task of head_rmsnorm."""
+    t = task // n_heads
+    a = start + (task % n_heads) * hd
+    ss = np.float32(0.0)
+    for i in range(hd):
+        ss += x[t, a + i] * x[t, a + i]
+    r = np.float32(1.0) / np.sqrt(ss / hd + np.float32(eps))
+    for i in range(hd):
+        x[t, a + i] = x[t, a + i] * r * w[i]
 
 
 @njit(parallel=True, **JIT)
 def head_rmsnorm(x, start, n_heads, hd, w, eps):
     """In place, per head: x[t, start + h·hd : … + hd] = RMSNorm over the head's hd values · w (q/k norms)."""
-    T = x.shape[0]
-    for task in prange(T * n_heads):
-        t = task // n_heads
-        a = start + (task % n_heads) * hd
-        ss = np.float32(0.0)
-        for i in range(hd):
-            ss += x[t, a + i] * x[t, a + i]
-        r = np.float32(1.0) / np.sqrt(ss / hd + np.float32(eps))
-        for i in range(hd):
-            x[t, a + i] = x[t, a + i] * r * w[i]
+    for task in prange(x.shape[0] * n_heads):
+        head_rmsnorm_task(x, start, n_heads, hd, w, eps, task)
 
 
 @njit(parallel=True, **JIT)
@@ -164,14 +187,19 @@ def attention(q, kc, vc, pos0, scale, window, scores, out):
                 o[i] *= inv
 
 
+@njit(**JIT)
+def swiglu_row(gate_up, out):
+    """out = silu(gate) · up, where gate_up = [gate | up] along features (LLaMA FFN); one row."""
+    F = out.shape[0]
+    for i in range(F):
+        g = gate_up[i]
+        out[i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[F + i]
+
+
 @njit(parallel=True, **JIT)
 def swiglu(gate_up, out):
-    """out = silu(gate) · up, where gate_up = [gate | up] along features (LLaMA FFN)."""
-    T, F = out.shape
-    for t in prange(T):
-        for i in range(F):
-            g = gate_up[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, F + i]
+    for t in prange(out.shape[0]):
+        swiglu_row(gate_up[t], out[t])
 
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -183,19 +211,28 @@ def _gelu_tanh(v):
     return np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (v + np.float32(0.044715) * v * v * v)))
 
 
+@njit(**JIT)
+def geglu_row(gate_up, out):
+    """out = gelu_tanh(gate) · up, where gate_up = [gate | up] along features (Gemma's FFN); one row."""
+    F = out.shape[0]
+    for i in range(F):
+        out[i] = _gelu_tanh(gate_up[i]) * gate_up[F + i]
+
+
 @njit(parallel=True, **JIT)
 def geglu(gate_up, out):
-    """out = gelu_tanh(gate) · up, where gate_up = [gate | up] along features (Gemma's FFN)."""
-    T, F = out.shape
-    for t in prange(T):
-        for i in range(F):
-            out[t, i] = _gelu_tanh(gate_up[t, i]) * gate_up[t, F + i]
+    for t in prange(out.shape[0]):
+        geglu_row(gate_up[t], out[t])
+
+
+@njit(**JIT)
+def gelu_row(x, out):
+    """out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))   (GPT-2's gelu_new, no gate); one row."""
+    for i in range(out.shape[0]):
+        out[i] = _gelu_tanh(x[i])
 
 
 @njit(parallel=True, **JIT)
 def gelu_new(x, out):
-    """out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))   (GPT-2's tanh approximation)"""
-    T, F = x.shape
-    for t in prange(T):
-        for i in range(F):
-            out[t, i] = _gelu_tanh(x[t, i])
+    for t in prange(out.shape[0]):
+        gelu_row(x[t], out[t])

@@ -1,0 +1,153 @@
+"""The compiled decode step: every layer of a forward pass over T ≤ 16 positions in one Numba call.
+
+It runs the same kernels as the per-operation path (model.Model._layers: qmatmul's matrix kernels, kernels'
+norms, RoPE, attention, activations) in the same order, so the logits are the same. Python's per-operation
+overhead (≈ 18 kernel calls per layer through Numba's dispatcher) goes; what is left per layer are the
+parallel regions of the 4 matrix products, attention and the activation (norms, q/k norms and RoPE of a
+few positions run on the calling thread: a fork/join costs more than they do).
+
+The model is a table (kernels know nothing of models; model.StepTable builds it):
+    fmt[i]            format code of matrix i = 4·layer + (0 qkv | 1 wo | 2 up | 3 down): see FORMATS
+    qs[i]             quant bytes (N, nb·32 Q8_0 as uint8 | nb·16 Q4_*), else a (1, 1) placeholder
+    hs[i]             f16 scales d (N, nb) | the F16/BF16 values (N, K)
+    ms[i]             Q4_1's f16 minimums m (N, nb), else (N, 0)
+    fs[i]             a float32 matrix (N, K) (Dense), else a (1, 1) placeholder
+    bs[i]             the bias (N,), or (0,)
+    nw, nb_           norm weights and biases (L, 4, dim): attn, ffn, post_attn, post_ffn (biases: LayerNorm)
+    qkn               q/k norm weights (L, 2, head_dim)
+    win, rope_i       per layer: attention window (0 = all) and the index of its RoPE table in cos/sin
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.typed import List
+
+from . import kernels
+from .qmatmul import matmul_half, matmul_q, quantize_x
+
+JIT = dict(cache=True, fastmath=True)
+
+@njit(**JIT)
+def as_list(arrays):
+    """A typed List of a tuple's arrays, built in compiled (cached) code: numba.typed.List built from Python
+    compiles its methods in every process (≈ 1 s), which the warm start cannot afford."""
+    out = List()
+    for a in arrays:
+        out.append(a)
+    return out
+
+
+FORMATS = {"F32": 0, "Q8_0": 1, "Q4_0": 2, "Q4_1": 3, "F16": 4, "BF16": 5}
+FFNS = {"swiglu": 0, "geglu": 1, "gelu": 2}
+MAX_T = 16  # positions per call (the decode kernels' range; more go through the per-operation path)
+
+
+@njit(**JIT)
+def _matmul_q(tag, tag_odd, xq, xde, xk, q, d, h, out, n):
+    if tag_odd is not None:  # None (pruned at compile time) where no matrix has an odd number of blocks
+        if d.shape[1] % 2 == 1:
+            matmul_q(tag_odd, xq, xde, xk, q, d, h, out, n)
+            return
+    matmul_q(tag, xq, xde, xk, q, d, h, out, n)
+
+
+@njit(**JIT)
+def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, code, q, hs, ms, w, bias, x, out, xqb, xdeb, xsb, xkb, n):
+    """out = x · Wᵀ (+ bias) for one matrix of the table, as Quant.forward / Dense.forward do for T ≤ 16.
+    f32 … bf16: None where the model has no matrix of that format: Numba prunes those branches, so that
+    only the kernels the model uses are compiled (and loaded from the cache)."""
+    T, K = x.shape
+    nb = K // 32
+    xq = xqb[:T * K].reshape(T, K)
+    xde = xdeb[:T * nb * 8].reshape(T, nb * 8)
+    xs = xsb[:T * nb].reshape(T, nb)
+    if code == 0:
+        if f32 is not None:
+            kernels.matmul_f32(x, w, out, n)
+    elif code == 1:
+        if q8 is not None:
+            quantize_x(x, xq, xde, xs)
+            _matmul_q(tag, tag_odd, xq, xde, xs, q.view(np.int8), hs, ms, out, n)
+    elif code == 2:
+        if q40 is not None:
+            quantize_x(x, xq, xde, xs)
+            xk = xkb[:T * nb].reshape(T, nb)
+            for t in range(T):
+                for b in range(nb):
+                    xk[t, b] = xs[t, b] * np.float32(-8.0)
+            _matmul_q(tag, tag_odd, xq, xde, xk, q, hs, hs, out, n)
+    elif code == 3:
+        if q41 is not None:
+            quantize_x(x, xq, xde, xs)
+            _matmul_q(tag, tag_odd, xq, xde, xs, q, hs, ms, out, n)
+    elif code == 4:
+        if f16 is not None:
+            matmul_half(tag, x, hs, False, out, n)
+    else:
+        if bf16 is not None:
+            matmul_half(tag, x, hs, True, out, n)
+    if bias.shape[0]:
+        for t in range(T):
+            for j in range(bias.shape[0]):
+                out[t, j] += bias[j]
+
+
+@njit(**JIT)
+def _norm(x, w, b, layer, eps, out):
+    for t in range(x.shape[0]):
+        if layer:
+            kernels.layernorm_row(x[t], w, b, eps, out[t])
+        else:
+            kernels.rmsnorm_row(x[t], w, eps, out[t])
+
+
+@njit(**JIT)
+def layers(tag, tag_odd, has, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
+           layer_norm, ffn, use_rope, qk_norm, post_norms, eps, scale,
+           x, positions, pos0, kc, vc, h, o, qkv, q, att, up, act, scores, xqb, xdeb, xsb, xkb, n):
+    """Every layer for the T rows of the residual stream x (T, dim), in place; keys and values go to the
+    caches kc/vc (L, Hkv, ctx, hd) at positions. Buffers as Model._buffers; xqb/xdeb/xsb/xkb flat scratch for
+    the int8 activations (T·K, T·nb·8, T·nb, T·nb for the largest K)."""
+    T = x.shape[0]
+    H, hd = q.shape[1], q.shape[2]
+    Hkv = kc.shape[1]
+    qd = H * hd
+    attf = att.reshape(T, qd)
+    f32, q8, q40, q41, f16, bf16 = has
+    for li in range(fmt.shape[0] // 4):
+        m = 4 * li
+        _norm(x, nw[li, 0], nbias[li, 0], layer_norm, eps, h)
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m], qs[m], hs[m], ms[m], fs[m], bs[m], h, qkv, xqb, xdeb, xsb, xkb, n)
+        if qk_norm:
+            for task in range(T * H):
+                kernels.head_rmsnorm_task(qkv, 0, H, hd, qkn[li, 0], eps, task)
+            for task in range(T * Hkv):
+                kernels.head_rmsnorm_task(qkv, qd, Hkv, hd, qkn[li, 1], eps, task)
+        r = rope_i[li]
+        kl, vl, cr, sr = kc[li], vc[li], cos[r], sin[r]
+        for task in range(T * (H + Hkv)):
+            kernels.qkv_rope_task(qkv, positions, cr, sr, use_rope, q, kl, vl, task)
+        kernels.attention(q, kl, vl, pos0, scale, win[li], scores, att)
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 1], qs[m + 1], hs[m + 1], ms[m + 1], fs[m + 1], bs[m + 1], attf, o,
+                xqb, xdeb, xsb, xkb, n)
+        if post_norms:
+            _norm(o, nw[li, 2], nbias[li, 2], layer_norm, eps, o)
+        x += o
+        _norm(x, nw[li, 1], nbias[li, 1], layer_norm, eps, h)
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 2], qs[m + 2], hs[m + 2], ms[m + 2], fs[m + 2], bs[m + 2], h, up,
+                xqb, xdeb, xsb, xkb, n)
+        # the activation kernels of the per-operation path, for every T: their exp/tanh, vectorized in a
+        # function of its own, could round differently inlined here (a serial copy did, for T ≤ 2); the
+        # same bits at every T keep greedy speculative decoding identical to plain decoding
+        if ffn == 0:
+            kernels.swiglu(up, act)
+        elif ffn == 1:
+            kernels.geglu(up, act)
+        else:
+            kernels.gelu_new(up, act)
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 3], qs[m + 3], hs[m + 3], ms[m + 3], fs[m + 3], bs[m + 3], act, o,
+                xqb, xdeb, xsb, xkb, n)
+        if post_norms:
+            _norm(o, nw[li, 3], nbias[li, 3], layer_norm, eps, o)
+        x += o
