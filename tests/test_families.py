@@ -1,0 +1,141 @@
+"""The LLaMA-like families against Hugging Face transformers (float32): Llama with RoPE scaling (llama3, linear),
+Qwen2 (q/k/v biases), Qwen3 (q/k norms, explicit head_dim), Mistral (sliding window), Phi-3 (fused qkv and
+gate_up) and Gemma 3 (its norms, GeGLU, √dim embeddings, sliding-window layers with their own RoPE base).
+
+For each, transformers builds a small random model of the family and saves it as a safetensors folder; then
+  1. minirt reads the folder: logits equal transformers' within ATOL;
+  2. `minirt convert` writes a GGUF from the folder; minirt reads it: the same logits;
+  3. transformers' own GGUF loader reads that GGUF (where it carries the family's options; see READBACK):
+     the same logits, so a converter and a reader that agree with each other but not with llama.cpp's
+     names, keys or row order cannot pass;
+  4. `minirt convert` writes the GGUF back to a Hugging Face folder, which transformers loads: the same logits;
+  5. greedy decoding through minirt's KV cache picks transformers' tokens for GREEDY steps wherever
+     transformers' top-2 gap exceeds 1e-3.
+Sequences are longer than every sliding window here, so windows are exercised.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+pytest.importorskip("accelerate")  # transformers reads GGUF only with it
+
+import minirt  # noqa: E402
+from minirt.convert import convert  # noqa: E402
+from tests.test_parity import _randomize  # noqa: E402
+
+VOCAB, DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, CTX = 256, 64, 96, 2, 4, 2, 128
+SEQ, GREEDY, WINDOW = 24, 32, 8
+ATOL = 1e-4
+
+
+def _model(name: str):
+    T = transformers
+    common = dict(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=HIDDEN, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=CTX,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "llama3":  # llama3 RoPE scaling over a short original context, so it bends these positions
+        cfg, cls = T.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
+            original_max_position_embeddings=64)), T.LlamaForCausalLM
+    elif name == "llama_linear":
+        cfg, cls = T.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=dict(
+            rope_type="linear", rope_theta=50000.0, factor=4.0)), T.LlamaForCausalLM
+    elif name == "qwen2":
+        cfg, cls = T.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6), T.Qwen2ForCausalLM
+    elif name == "qwen3":  # head_dim 128 ≠ 64/4 (128: transformers' GGUF loader assumes Qwen3's usual head_dim)
+        cfg, cls = T.Qwen3Config(**common, head_dim=128, tie_word_embeddings=False), T.Qwen3ForCausalLM
+    elif name == "mistral":
+        cfg, cls = T.MistralConfig(**common, sliding_window=WINDOW, tie_word_embeddings=False), T.MistralForCausalLM
+    elif name == "phi3":
+        cfg, cls = T.Phi3Config(**common, tie_word_embeddings=False), T.Phi3ForCausalLM
+    elif name == "gemma3":  # 6 layers: five sliding, the sixth global; head_dim = query_pre_attn_scalar = 256,
+        # as llama.cpp (and so transformers' GGUF loader) assume for every Gemma 3 but the 27B
+        cfg, cls = T.Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=256,
+                                      query_pre_attn_scalar=256, sliding_window=WINDOW,
+                                      tie_word_embeddings=True), T.Gemma3ForCausalLM
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    _randomize(model, 7)
+    return model
+
+
+FAMILIES = ["llama3", "llama_linear", "qwen2", "qwen3", "mistral", "phi3", "gemma3"]
+# transformers' GGUF loader drops what its key table lacks: RoPE scaling of llama (rope.scaling.*, rope_freqs)
+# and Mistral's sliding window; those GGUFs are checked by minirt and by the HF folder written back from them
+READBACK = {"qwen2", "qwen3", "phi3", "gemma3"}
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    model = _model(name)
+    model.save_pretrained(str(root / "hf"), safe_serialization=True)
+    convert(root / "hf", root / f"{name}.gguf", progress=False)
+    ids = torch.randint(3, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(5)).tolist()
+    return name, model, root, ids, hf_logits(model, ids)
+
+
+def _close(got, want, what):
+    err = float(np.abs(got - want).max())
+    assert err < ATOL, f"{what}: max |Δlogit| {err:.2e} (logits up to {np.abs(want).max():.2f})"
+
+
+def test_logits_from_safetensors(family):
+    name, _, root, ids, want = family
+    m = minirt.load(str(root / "hf"))
+    assert m.cfg.arch == {"llama3": "llama", "llama_linear": "llama", "mistral": "llama"}.get(name, name)
+    _close(m.logits(ids), want, f"{name} safetensors")
+
+
+def test_logits_from_converted_gguf(family):
+    name, _, root, ids, want = family
+    _close(minirt.load(str(root / f"{name}.gguf")).logits(ids), want, f"{name} GGUF")
+
+
+def test_transformers_reads_our_gguf(family):
+    name, _, root, ids, want = family
+    if name not in READBACK:
+        pytest.skip(f"transformers' GGUF loader does not carry {name}'s options")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(root), gguf_file=f"{name}.gguf",
+                                                            dtype=torch.float32).eval()
+    _close(hf_logits(ref, ids), want, f"{name}: transformers reading minirt's GGUF")
+
+
+def test_gguf_back_to_hf_folder(family):
+    name, _, root, ids, want = family
+    convert(root / f"{name}.gguf", root / "back", progress=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(root / "back"), dtype=torch.float32).eval()
+    _close(hf_logits(ref, ids), want, f"{name}: transformers reading the folder minirt wrote from its GGUF")
+
+
+def test_greedy_through_the_cache(family):
+    """GREEDY steps, one token at a time through minirt's KV cache, fed transformers' greedy tokens."""
+    name, model, root, ids, _ = family
+    seq, gaps = list(ids[:4]), []
+    with torch.no_grad():
+        for _ in range(GREEDY):
+            row = model(torch.tensor([seq])).logits[0, -1].numpy()
+            top2 = np.sort(row)[-2:]
+            gaps.append(top2[1] - top2[0])
+            seq.append(int(row.argmax()))
+    m = minirt.load(str(root / f"{name}.gguf"))
+    cache = m.new_cache()
+    row = m.forward(seq[:4], cache)[-1]
+    compared = 0
+    for k in range(GREEDY):
+        if gaps[k] > 1e-3:
+            assert int(row.argmax()) == seq[4 + k], f"{name}: step {k} picks {row.argmax()}, transformers {seq[4 + k]}"
+            compared += 1
+        row = m.forward([seq[4 + k]], cache)[-1]
+    assert compared >= GREEDY - 4
