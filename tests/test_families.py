@@ -139,3 +139,32 @@ def test_greedy_through_the_cache(family):
             compared += 1
         row = m.forward([seq[4 + k]], cache)[-1]
     assert compared >= GREEDY - 4
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}, "'yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "'longrope'"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"model_type": "gemma3"}, "Gemma3ForConditionalGeneration"),
+])
+def test_unsupported_options_refused_in_one_line(tmp_path, change, words):
+    import json
+    model = _model("llama3")
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    hc = json.loads((tmp_path / "config.json").read_text())
+    hc.pop("rope_parameters", None)
+    hc.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(hc))
+    with pytest.raises(minirt.MinirtError) as e:
+        minirt.load(str(tmp_path))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gguf_rope_scaling_other_than_linear_refused():
+    from minirt.readers.gguf import _family_options
+    with pytest.raises(minirt.MinirtError, match="'yarn' is not supported"):
+        _family_options("llama", {"llama.rope.scaling.type": "yarn"}, "x.gguf", 64, 4, 16, 2, {}, [])
+    with pytest.raises(minirt.MinirtError, match="longrope"):
+        _family_options("phi3", {}, "x.gguf", 64, 4, 16, 2, {}, ["rope_factors_long.weight"])

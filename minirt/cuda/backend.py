@@ -59,6 +59,8 @@ def to_gpu(model, dtype: str = "float16") -> "GPUModel":
     """The model's weights on the GPU (see the module note)."""
     if model.cfg.arch not in ("llama", "gpt2"):  # before anything is uploaded
         raise MinirtError(f"the GPU backend does not run {model.cfg.arch} models yet; use --device cpu")
+    if model.cfg.rope_scaling or model.cfg.sliding_window:  # its RoPE tables and attention know neither
+        raise MinirtError("the GPU backend does not run RoPE scaling or sliding-window attention yet; use --device cpu")
     if resolve_device("cuda") != "cuda":  # pragma: no cover (resolve_device raises)
         raise MinirtError("no GPU")
     return GPUModel(model, dtype)

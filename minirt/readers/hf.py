@@ -130,11 +130,11 @@ def read_hf_folder(folder: Path) -> Checkpoint:
     c = _Fields(hc, cfg_path)
     if mtype == "gpt2":
         cfg, tensors, used = _gpt2(c, raw)
-    elif mtype in FAMILIES or (isinstance(hc.get("architectures"), list) and "LlamaForCausalLM" in hc["architectures"]):
-        cfg, tensors, used = _decoder(c, raw, FAMILIES.get(mtype, "llama"))
     elif mtype == "gemma3":
         raise MinirtError(f"{folder}: a Gemma 3 image-text model (Gemma3ForConditionalGeneration) is not supported; "
                           f"give its text-only form (model_type gemma3_text)")
+    elif mtype in FAMILIES or (isinstance(hc.get("architectures"), list) and "LlamaForCausalLM" in hc["architectures"]):
+        cfg, tensors, used = _decoder(c, raw, FAMILIES.get(mtype, "llama"))
     else:
         raise MinirtError(f"{folder}: model_type {str(mtype)[:40]!r} is not supported "
                           f"(gpt2, {', '.join(FAMILIES)} are)")
