@@ -489,8 +489,9 @@ def _add_family_keys(writer, c) -> None:
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_rope_dimension_count(c.head_dim)
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
+    if c.head_dim != c.dim // c.n_heads or c.arch == "gemma3":  # llama.cpp's Gemma 3 converter always writes them
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
     writer.add_vocab_size(c.vocab_size)
     if c.rope_scaling == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

@@ -15,6 +15,8 @@ Sequences are longer than every sliding window here, so windows are exercised.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -168,3 +170,46 @@ def test_gguf_rope_scaling_other_than_linear_refused():
         _family_options("llama", {"llama.rope.scaling.type": "yarn"}, "x.gguf", 64, 4, 16, 2, {}, [])
     with pytest.raises(minirt.MinirtError, match="longrope"):
         _family_options("phi3", {}, "x.gguf", 64, 4, 16, 2, {}, ["rope_factors_long.weight"])
+
+
+LLAMA_SIMPLE = Path.home() / ".cache/minirt-anchors/llama.cpp-0.3.36/build/bin/llama-simple"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f != "mistral"])  # llama.cpp's llama ignores windows
+def test_llama_cpp_reads_our_gguf(name, tmp_path):
+    """llama.cpp itself (the anchor build's llama-simple, greedy) continues a prompt as minirt does from the GGUF
+    `minirt convert` writes; a 256-piece byte vocabulary is added so that llama.cpp can load it (bytes = ids).
+    Among a few prompts, the one whose 16 greedy steps have the widest top-2 gaps is compared."""
+    import subprocess
+    from minirt.convert import read_source, write_gguf
+    if not LLAMA_SIMPLE.is_file():
+        pytest.skip(f"no llama.cpp build at {LLAMA_SIMPLE}")
+    _model(name).save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    src = read_source(tmp_path / "hf")
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    pieces = dict(zip(bs, map(chr, bs))) | {b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in bs)}
+    src.vocab = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+                 "tokenizer.ggml.tokens": [pieces[i] for i in range(256)], "tokenizer.ggml.token_type": [1] * 256,
+                 "tokenizer.ggml.merges": ["Ġ Ġ"], "tokenizer.ggml.add_bos_token": False}
+    gg = write_gguf(src, tmp_path / "m.gguf", progress=False)
+    m = minirt.load(str(gg))
+
+    def greedy(ids, n=16):
+        cache, out, gaps = m.new_cache(64), [], []
+        row = m.forward(ids, cache)[-1]
+        for _ in range(n):
+            top2 = np.sort(row)[-2:]
+            out.append(int(row.argmax()))
+            gaps.append(top2[1] - top2[0])
+            row = m.forward([out[-1]], cache)[-1]
+        return out, min(gaps)
+    prompt = max([b"Hello, w", b"abcdefgh", b"The cat ", b"xyzzy 12", b"QWERTY!?", b"~~pi=3.1"],
+                 key=lambda p: greedy(list(p))[1])
+    mine, gap = greedy(list(prompt))
+    assert gap > 1e-2
+    r = subprocess.run([str(LLAMA_SIMPLE), "-m", str(gg), "-n", "16", "-ngl", "0", prompt.decode()],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-400:]
+    got = list(r.stdout[len(prompt):-1])  # llama-simple ends with a newline; it stops early at its EOS (11 here)
+    assert len(got) >= 8 and got == mine[:len(got)]
