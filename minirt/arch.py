@@ -12,7 +12,7 @@ readers), not a new copy of the loop.
     fused_up      the file stores gate|up as one matrix (Phi-3's gate_up_proj)
     swa_pattern   where cfg.sliding_window > 0: every swa_pattern-th layer is global (full attention, the file's
                   RoPE base), the others see the last cfg.sliding_window positions with RoPE base
-                  cfg.rope_local_theta (Gemma 3: 6); 0 = every layer slides (Mistral, Phi-3); an explicit
+                  cfg.rope_local_theta where set (Gemma 3: 6); 0 = every layer slides (Mistral, Phi-3); an explicit
                   per-layer list in the config (cfg.swa_layers) overrides the pattern
     gguf_pairs    llama.cpp's converter permutes this family's Q/K rows to adjacent RoPE pairs (LLaMA's
                   "normal" RoPE); the others keep Hugging Face's rotate-half rows ("neox")

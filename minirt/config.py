@@ -27,7 +27,7 @@ class ModelConfig:
     tied_head: bool = True        # output head shares the token embedding
     attn_scale: float | None = None   # scores · this (default 1/√head_dim; Gemma: query_pre_attn_scalar^-½)
     sliding_window: int = 0       # positions a sliding-window layer sees (see arch.Traits.swa_pattern)
-    rope_local_theta: float = 10000.0  # RoPE base of the sliding-window layers
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers (None: rope_theta; Gemma 3: 10,000)
     swa_layers: tuple[bool, ...] = ()  # which layers slide, where the file lists them (else traits.swa_pattern)
     # RoPE scaling of the global layers (sliding-window layers keep plain RoPE, as Hugging Face's Gemma 3 does):
     # "linear": positions / rope_factor; "llama3": frequencies divided by rope_freq_factors, which Llama 3.1's
@@ -56,7 +56,7 @@ class ModelConfig:
         return self.sliding_window if not p or (i + 1) % p else 0
 
     def layer_theta(self, i: int) -> float:
-        return self.rope_local_theta if self.layer_window(i) else self.rope_theta
+        return self.rope_local_theta if self.layer_window(i) and self.rope_local_theta else self.rope_theta
 
     @property
     def q_dim(self) -> int:

@@ -51,7 +51,8 @@ def _model(name: str):
     elif name == "qwen3":  # head_dim 128 ≠ 64/4 (128: transformers' GGUF loader assumes Qwen3's usual head_dim)
         cfg, cls = T.Qwen3Config(**common, head_dim=128, tie_word_embeddings=False), T.Qwen3ForCausalLM
     elif name == "mistral":
-        cfg, cls = T.MistralConfig(**common, sliding_window=WINDOW, tie_word_embeddings=False), T.MistralForCausalLM
+        cfg, cls = T.MistralConfig(**common, sliding_window=WINDOW, tie_word_embeddings=False,
+                                   rope_theta=1e6), T.MistralForCausalLM  # sliding layers keep the file's base
     elif name == "phi3":
         cfg, cls = T.Phi3Config(**common, tie_word_embeddings=False), T.Phi3ForCausalLM
     elif name == "gemma3":  # 6 layers: five sliding, the sixth global; head_dim = query_pre_attn_scalar = 256,

@@ -268,9 +268,10 @@ def _rope_options(hc: dict, path, arch: str, head_dim: int) -> dict:
     if not isinstance(scaling, dict) or not isinstance(local, dict):
         raise MinirtError(f"{path}: rope_scaling is not a JSON object")
     default_theta = 1_000_000.0 if arch == "gemma3" else 10000.0
-    out = dict(rope_theta=need_float(glob.get("rope_theta", hc.get("rope_theta", default_theta)), "rope_theta", path),
-               rope_local_theta=need_float(local.get("rope_theta", hc.get("rope_local_base_freq", 10000.0)),
-                                           "sliding_attention rope_theta", path))
+    out = dict(rope_theta=need_float(glob.get("rope_theta", hc.get("rope_theta", default_theta)), "rope_theta", path))
+    if arch == "gemma3":  # its sliding-window layers have their own base; other families' slide with rope_theta
+        out["rope_local_theta"] = need_float(local.get("rope_theta", hc.get("rope_local_base_freq", 10000.0)),
+                                             "sliding_attention rope_theta", path)
     if local.get("rope_type", "default") != "default":
         raise MinirtError(f"{path}: RoPE scaling {str(local.get('rope_type'))[:40]!r} of the sliding-window layers "
                           f"is not supported")
