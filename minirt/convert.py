@@ -26,6 +26,7 @@ import numpy as np
 from .errors import MinirtError
 from .progress import Progress
 from .readers.base import Checkpoint, Tensor
+from .readers.hf import norm_offset
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 HF_TYPES = ("F32", "F16", "BF16")
@@ -53,13 +54,7 @@ def gguf_name(name: str) -> str:
     return inverse[name]
 
 
-HF_LLAMA = {"embed": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head": "lm_head.weight"}
-HF_LLAMA_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-                  "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-                  "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
-                  "bv": "self_attn.v_proj.bias", "bo": "self_attn.o_proj.bias", "w_gate": "mlp.gate_proj.weight",
-                  "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight", "b_gate": "mlp.gate_proj.bias",
-                  "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias"}
+HF_TOP = {"embed": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head": "lm_head.weight"}
 HF_GPT2 = {"embed": "transformer.wte.weight", "pos_embed": "transformer.wpe.weight", "head": "lm_head.weight",
            "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias"}
 HF_GPT2_LAYER = {"attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias", "ffn_norm.weight": "ln_2.weight",
@@ -69,8 +64,9 @@ HF_GPT2_LAYER = {"attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias
 
 
 def hf_name(arch: str, name: str) -> str:
-    top, layer, prefix = (HF_LLAMA, HF_LLAMA_LAYER, "model.layers") if arch == "llama" else \
-        (HF_GPT2, HF_GPT2_LAYER, "transformer.h")
+    from .readers.hf import hf_layer_names
+    top, layer, prefix = (HF_GPT2, HF_GPT2_LAYER, "transformer.h") if arch == "gpt2" else \
+        (HF_TOP, hf_layer_names(arch), "model.layers")
     parts = name.split(".", 2)
     if parts[0] == "layers":
         return f"{prefix}.{parts[1]}.{layer[parts[2]]}"
@@ -82,7 +78,7 @@ def _order(name: str) -> tuple:
     parts = name.split(".")
     if parts[0] == "layers":
         return (1, int(parts[1]), name)
-    return ({"embed": 0, "pos_embed": 0}.get(name, 2), 0, name)
+    return ({"embed": 0, "pos_embed": 0, "rope_freqs": 0}.get(name, 2), 0, name)
 
 
 def rope_permutation(n_heads: int, rows: int) -> np.ndarray:
@@ -232,24 +228,77 @@ def encode(t: Tensor, want: str) -> np.ndarray:
     return data.view(np.uint16) if want == "BF16" else data
 
 
+def _hf_rope(c) -> dict:
+    """RoPE base and scaling as config.json keys (the rope_theta / rope_scaling form every transformers reads)."""
+    out = {"rope_theta": c.rope_theta}
+    if c.rope_scaling == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": c.rope_factor}
+    elif c.rope_scaling == "llama3":
+        low, high, orig = c.rope_llama3 or _fit_llama3(c)
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": max(c.rope_freq_factors), "low_freq_factor": low,
+                               "high_freq_factor": high, "original_max_position_embeddings": orig}
+    return out
+
+
+def _fit_llama3(c) -> tuple[float, float, int]:
+    """Llama 3 scaling parameters that give a GGUF's rope_freqs factors (llama.cpp's converter keeps only the
+    factors). Between the kept and the divided frequencies the factors follow s = orig/(high−low)·(1/λ) −
+    low/(high−low) (λ: wavelength), so two interpolated ones fix both ratios; the original context is taken
+    as Llama 3's 8192 (any other with the same ratios gives the same factors). Checked by recomputing them."""
+    from .config import llama3_freq_factors
+    f = np.array(c.rope_freq_factors, np.float64)
+    factor = float(f.max())
+    lam = 2 * np.pi * c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)
+    mid = (f > 1 + 1e-6) & (f < factor - 1e-6)
+    fit = None
+    if mid.sum() >= 2 and factor > 1:
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(1 / lam[mid], s, 1)
+        orig = 8192
+        if a > 0:
+            fit = (float(-b * orig / a), float(-b * orig / a + orig / a), orig)
+    if fit is None or fit[0] <= 0 or not np.allclose(
+            llama3_freq_factors(c.rope_theta, c.head_dim, factor, *fit), f, rtol=1e-4):
+        raise MinirtError("this model's RoPE frequency factors (rope_freqs) are not llama3 scaling parameters "
+                          "minirt can recover: write a .gguf file instead")
+    return fit
+
+
 def _hf_config(src: Source, dtype: str) -> dict:
     c, v = src.ck.config, src.vocab
     names = src.ck.tensors
     ids = {k: v.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     torch_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
-    if c.arch == "llama":
-        hc = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-              "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
-              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-              "max_position_embeddings": c.max_ctx, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-              "hidden_act": "silu", "tie_word_embeddings": c.tied_head,
-              "attention_bias": any(k.endswith((".bq", ".bk", ".bv", ".bo")) for k in names),
-              "mlp_bias": any(k.endswith((".b_gate", ".b_up", ".b_down")) for k in names)}
-    else:
+    if c.arch == "gpt2":
         hc = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
               "n_positions": c.max_ctx, "n_ctx": c.max_ctx, "n_embd": c.dim, "n_layer": c.n_layers,
               "n_head": c.n_heads, "n_inner": c.hidden_dim, "layer_norm_epsilon": c.norm_eps,
               "activation_function": "gelu_new", "tie_word_embeddings": c.tied_head}
+    else:
+        mistral = c.arch == "llama" and c.sliding_window
+        cls, mtype = {"llama": ("MistralForCausalLM", "mistral") if mistral else ("LlamaForCausalLM", "llama"),
+                      "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+                      "phi3": ("Phi3ForCausalLM", "phi3"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}[c.arch]
+        hc = {"architectures": [cls], "model_type": mtype, "vocab_size": c.vocab_size,
+              "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+              "max_position_embeddings": c.max_ctx, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
+              "tie_word_embeddings": c.tied_head, **_hf_rope(c)}
+        if c.arch in ("llama", "qwen3"):
+            hc["attention_bias"] = any(k.endswith((".bq", ".bk", ".bv", ".bo")) for k in names)
+        if c.arch == "llama" and not mistral:
+            hc["mlp_bias"] = any(k.endswith((".b_gate", ".b_up", ".b_down")) for k in names)
+        if c.arch in ("qwen2", "qwen3"):
+            hc["use_sliding_window"] = False
+        if c.sliding_window and c.arch in ("llama", "phi3", "gemma3"):
+            hc["sliding_window"] = c.sliding_window
+            hc["layer_types"] = ["sliding_attention" if c.layer_window(i) else "full_attention"
+                                 for i in range(c.n_layers)]
+        if c.arch == "gemma3":
+            del hc["hidden_act"]
+            q = c.scale ** -2
+            hc.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=round(q) if abs(q - round(q)) < 1e-6 else q,
+                      rope_local_base_freq=c.rope_local_theta)
     hc.update({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "torch_dtype": torch_dtype})
     if ids["padding"] is not None:
         hc["pad_token_id"] = ids["padding"]
@@ -261,12 +310,21 @@ def _complete_biases(ck: Checkpoint) -> dict[str, Tensor]:
     (mlp_bias): missing ones are written as zeros, which is what a model without them computes."""
     t = dict(ck.tensors)
     c = ck.config
-    if c.arch != "llama":
-        return t
     sizes = {"bq": c.q_dim, "bk": c.kv_dim, "bv": c.kv_dim, "bo": c.dim, "b_gate": c.hidden_dim,
              "b_up": c.hidden_dim, "b_down": c.dim}
-    for group in (("bq", "bk", "bv", "bo"), ("b_gate", "b_up", "b_down")):
-        if any(f"layers.{i}.{b}" in t for i in range(c.n_layers) for b in group):
+    # which biases the family's Hugging Face model has, all or none of each group (Qwen2: q/k/v always)
+    groups = {"llama": (("bq", "bk", "bv", "bo"), ("b_gate", "b_up", "b_down")), "qwen3": (("bq", "bk", "bv", "bo"),),
+              "qwen2": (("bq", "bk", "bv"),)}.get(c.arch)
+    if groups is None:
+        return t
+    if c.arch == "llama" and c.sliding_window:
+        groups = ()  # Mistral has none
+    have = {k.split(".")[-1] for k in t if k.startswith("layers.") and k.split(".")[-1].startswith("b")}
+    if have - {b for g in groups for b in g}:
+        raise MinirtError(f"this {c.arch} model has biases ({', '.join(sorted(have))}) its Hugging Face form cannot "
+                          f"hold: write a .gguf file instead")
+    for group in groups:
+        if c.arch == "qwen2" or any(f"layers.{i}.{b}" in t for i in range(c.n_layers) for b in group):
             for i in range(c.n_layers):
                 for b in group:
                     t.setdefault(f"layers.{i}.{b}", Tensor(np.zeros(sizes[b], np.float32), "F32", (sizes[b],)))
@@ -309,6 +367,11 @@ def write_hf(src: Source, dst: Path, qtype: str | None = None, progress: bool = 
     for name in sorted(full, key=_order):
         t = full[name]
         ty = out_type(t, qtype, gguf_out=False)
+        if name == "rope_freqs":
+            continue
+        off = norm_offset(c.arch, name)
+        if off:  # Gemma's Hugging Face norms store w for (1 + w)
+            t = Tensor(t.float32() - np.float32(off), "F32", t.shape)
         if c.arch == "gpt2" and name.split(".")[-1] in ("wqkv", "wo", "w_up", "w_down"):  # Conv1D: (in, out)
             tensors[hf_name(c.arch, name)] = (ty, t.shape[::-1], lambda t=t, ty=ty: encode(t, ty).T)
         else:
@@ -416,6 +479,32 @@ def _add_vocab(writer, vocab: dict) -> None:
             writer.add_key_value(key, val, V.ARRAY, sub_type=sub)
 
 
+def _add_family_keys(writer, c) -> None:
+    """llama.cpp's metadata keys of the LLaMA-like families (what its converter writes for each)."""
+    import gguf
+    if c.arch == "gemma3" and abs(c.scale - (c.dim // c.n_heads if c.dim == 5376 else c.head_dim) ** -0.5) > 1e-7:
+        raise MinirtError(f"Gemma 3 with query_pre_attn_scalar {c.scale ** -2:g} ≠ head_dim {c.head_dim}: GGUF has no "
+                          f"key for it (llama.cpp uses 1/√head_dim); write a Hugging Face folder instead")
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_rope_dimension_count(c.head_dim)
+    if c.head_dim != c.dim // c.n_heads or c.arch == "gemma3":  # llama.cpp's Gemma 3 converter always writes them
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
+    writer.add_vocab_size(c.vocab_size)
+    if c.rope_scaling == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(c.rope_factor)
+    if c.sliding_window:
+        writer.add_sliding_window(c.sliding_window)
+        own = [c.layer_window(i) > 0 for i in range(c.n_layers)]
+        if c.swa_layers or c.arch != "gemma3":  # llama.cpp: one flag per layer (its default pattern is gemma3's)
+            writer.add_sliding_window_pattern(own)
+    if c.arch == "gemma3":
+        writer.add_rope_freq_base_swa(c.rope_local_theta)
+
+
 def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool = True) -> Path:
     import gguf
     ck, c = src.ck, src.ck.config
@@ -436,21 +525,18 @@ def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool 
         writer.add_block_count(c.n_layers)
         writer.add_feed_forward_length(c.hidden_dim)
         writer.add_head_count(c.n_heads)
-        if c.arch == "llama":
-            writer.add_head_count_kv(c.n_kv_heads)
-            writer.add_rope_freq_base(c.rope_theta)
-            writer.add_layer_norm_rms_eps(c.norm_eps)
-            writer.add_rope_dimension_count(c.head_dim)
-            if c.head_dim != c.dim // c.n_heads:
-                writer.add_key_length(c.head_dim)
-                writer.add_value_length(c.head_dim)
-            writer.add_vocab_size(c.vocab_size)
+        if c.arch != "gpt2":
+            _add_family_keys(writer, c)
         else:
             writer.add_layer_norm_eps(c.norm_eps)
         counts: dict[str, int] = {}
+        tensors = dict(ck.tensors)
+        if c.rope_scaling == "llama3":  # as llama.cpp's converter stores it
+            f = np.array(c.rope_freq_factors, np.float32)
+            tensors["rope_freqs"] = Tensor(f, "F32", f.shape)
         plan = []  # tensor infos first (the header), then each tensor's data made and written in turn
-        for name in sorted(ck.tensors, key=_order):
-            t = ck.tensors[name]
+        for name in sorted(tensors, key=_order):
+            t = tensors[name]
             ty = out_type(t, qtype, gguf_out=True)
             nbytes = out_nbytes(t.shape, ty)
             if ty in ("F32", "F16"):
@@ -475,7 +561,7 @@ def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool 
         writer.write_ti_data_to_file()
         bar = Progress("convert: writing", len(plan), "tensors", delay=2.0) if progress else None
         for name, t, ty in plan:
-            if c.arch == "llama" and name.split(".")[-1] in ("wq", "bq", "wk", "bk"):  # HF order → adjacent pairs
+            if c.traits.gguf_pairs and name.split(".")[-1] in ("wq", "bq", "wk", "bk"):  # HF order → adjacent pairs
                 heads = c.n_heads if name.endswith("q") else c.n_kv_heads
                 t = t.take_rows(rope_permutation(heads, t.shape[0]))
             writer.write_tensor_data(np.ascontiguousarray(encode(t, ty)))
@@ -495,7 +581,7 @@ def write_gguf(src: Source, dst: Path, qtype: str | None = None, progress: bool 
             raise MinirtError(f"writing {dst} failed: {e}") from None
         raise
     if progress:
-        print(f"convert: wrote {dst} ({len(ck.tensors)} tensors, mostly {main}"
+        print(f"convert: wrote {dst} ({len(tensors)} tensors, mostly {main}"
               f"{', tokenizer' if src.vocab else ', no tokenizer'})", file=sys.stderr)
     return dst
 

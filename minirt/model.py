@@ -140,7 +140,7 @@ class Model:
                 qkv = matrix(p + "qkv", [p + "wqkv"], [p + "bqkv"])
             else:
                 qkv = matrix(p + "qkv", [p + "wq", p + "wk", p + "wv"], [p + "bq", p + "bk", p + "bv"])
-            if tr.ffn == "gelu":
+            if tr.ffn == "gelu" or tr.fused_up:  # one stored matrix: fc, or gate|up (Phi-3)
                 up = matrix(p + "up", [p + "w_up"], [p + "b_up"])
             else:
                 up = matrix(p + "up", [p + "w_gate", p + "w_up"], [p + "b_gate", p + "b_up"])
@@ -182,7 +182,8 @@ class Model:
         for th in self.thetas:
             have = self.rope_tables[th][0].shape[0]
             if c.traits.rope and have < n:
-                self.rope_tables[th] = kernels.rope_tables(max(n, min(2 * have, c.max_ctx)), c.head_dim, th)
+                self.rope_tables[th] = kernels.rope_tables(max(n, min(2 * have, c.max_ctx)), c.head_dim, th,
+                                                           c.rope_inv_freq(th))
         if not c.traits.rope:
             return self.rope_tables[self.thetas[0]]
         if theta is None:  # the global layers' base (a model of sliding-window layers only: its one base)

@@ -71,10 +71,12 @@ def layernorm(x, w, b, eps, out):
         layernorm_row(x[t], w, b, eps, out[t])
 
 
-def rope_tables(n: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of position · θ^(−2i/hd) for positions 0..n−1, computed in float64 and stored as float32
-    (n, hd/2). A position's row does not depend on n: tables of any length agree where they overlap."""
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def rope_tables(n: int, head_dim: int, theta: float, inv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of position · θ^(−2i/hd) (or · inv, frequencies given: RoPE scaling, ModelConfig.rope_inv_freq)
+    for positions 0..n−1, computed in float64 and stored as float32 (n, hd/2). A position's row does not
+    depend on n: tables of any length agree where they overlap."""
+    if inv is None:
+        inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 

@@ -67,6 +67,8 @@ def gpu_refusal(model) -> str | None:
     c = model.cfg
     if c.arch not in ("llama", "gpt2"):
         return f"the GPU backend does not run {c.arch} models yet; use --device cpu"
+    if c.rope_scaling or c.sliding_window:  # its RoPE tables and attention know neither
+        return "the GPU backend does not run RoPE scaling or sliding-window attention yet; use --device cpu"
     if c.head_dim > 128 or c.head_dim % 4 or c.n_heads % c.n_kv_heads:
         return f"the GPU backend needs head_dim ≤ 128 and divisible by 4 (got {c.head_dim}); use --device cpu"
     mats = [("head", model.head)] + [(f"layer {i} {a}", getattr(L, a)) for i, L in enumerate(model.layers)

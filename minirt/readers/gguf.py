@@ -1,4 +1,4 @@
-"""GGUF reader (llama, gpt2): a lean header parser, tensors memory-mapped where they lie.
+"""GGUF reader (the families of arch.TRAITS): a lean header parser, tensors memory-mapped where they lie.
 
 The `gguf` package supplies the typed constants (tensor types, block sizes). Its GGUFReader is not used
 for reading: it builds a numpy view per metadata item and takes ~2 s on SmolLM2's 49k-token vocabulary;
@@ -53,6 +53,7 @@ NAMES = {
     "blk.{i}.attn_k_norm.weight": "layers.{i}.k_norm",
     "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attn_norm.weight",
     "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_ffn_norm.weight",
+    "rope_freqs.weight": "rope_freqs",                                 # llama3 RoPE scaling (into the config)
 }
 
 
@@ -228,16 +229,46 @@ def _meta_int(meta: dict, key: str, path, default=None, lo: int = 1, hi: int | N
     return need_int(v, f"metadata {key}", path, lo, hi)
 
 
-def _family_options(arch: str, meta: dict, path: Path, dim: int, n_heads: int, head_dim: int) -> dict:
-    """ModelConfig fields a family's GGUF keys give beyond the common ones, as llama.cpp reads them."""
-    if arch != "gemma3":
-        return {}
-    # llama.cpp: local (sliding-window) layers use RoPE base 10,000; queries are scaled by 1/√head_dim, except
-    # the 27B model, whose query_pre_attn_scalar is width / heads
-    return dict(sliding_window=_meta_int(meta, "gemma3.attention.sliding_window", path, 0, lo=0,
-                                         hi=LIMITS["max_ctx"]),
-                rope_local_theta=10000.0,
-                attn_scale=(dim // n_heads if dim == 5376 else head_dim) ** -0.5)
+def _family_options(arch: str, meta: dict, path: Path, dim: int, n_heads: int, head_dim: int, n_layers: int,
+                    tensors: dict, ignored: list) -> dict:
+    """ModelConfig fields a family's GGUF keys (and rope_freqs tensor) give beyond the common ones, as llama.cpp
+    reads them: RoPE scaling (linear; llama3 as rope_freqs.weight), sliding windows, Gemma 3's options."""
+    out: dict = {}
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear"))
+    if kind not in (None, "none", "linear"):
+        raise MinirtError(f"{path}: RoPE scaling {str(kind)[:40]!r} is not supported (linear and llama3 are)")
+    if any(n.startswith("rope_factors_") for n in ignored):
+        raise MinirtError(f"{path}: RoPE scaling 'longrope' (rope_factors_long/short) is not supported "
+                          f"(linear and llama3 are)")
+    if (kind == "linear" or kind is None) and factor is not None and factor != 1.0:
+        out.update(rope_scaling="linear", rope_factor=need_float(factor, f"metadata {arch}.rope.scaling.factor", path))
+    if "rope_freqs" in tensors:  # llama3 scaling, as llama.cpp's converter stores it (llama.cpp divides by these)
+        if out:
+            raise MinirtError(f"{path}: both linear RoPE scaling and rope_freqs factors (corrupt file?)")
+        t = tensors.pop("rope_freqs")
+        if t.shape != (head_dim // 2,):
+            raise MinirtError(f"{path}: rope_freqs.weight has shape {list(t.shape)}, expected [{head_dim // 2}]")
+        out.update(rope_scaling="llama3", rope_freq_factors=tuple(float(x) for x in t.float32()))
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window:
+        out["sliding_window"] = _meta_int(meta, f"{arch}.attention.sliding_window", path, 0, lo=0,
+                                          hi=LIMITS["max_ctx"])
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+        if isinstance(pattern, list):  # llama.cpp: one flag per layer (true: sliding)
+            if len(pattern) != n_layers or not all(isinstance(x, (bool, int)) for x in pattern):
+                raise MinirtError(f"{path}: metadata {arch}.attention.sliding_window_pattern is not {n_layers} flags")
+            out["swa_layers"] = tuple(bool(x) for x in pattern)
+        elif pattern is not None:  # llama.cpp: every n-th layer is dense (0: none is)
+            n = _meta_int(meta, f"{arch}.attention.sliding_window_pattern", path, lo=0, hi=LIMITS["n_layers"])
+            out["swa_layers"] = tuple(n == 0 or i % n < n - 1 for i in range(n_layers))
+    if arch == "gemma3":
+        # llama.cpp: local (sliding-window) layers use RoPE base 10,000 unless the file says otherwise; queries
+        # are scaled by 1/√head_dim, except the 27B model, whose query_pre_attn_scalar is width / heads
+        out.update(rope_local_theta=need_float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0),
+                                               f"metadata {arch}.rope.freq_base_swa", path),
+                   attn_scale=(dim // n_heads if dim == 5376 else head_dim) ** -0.5)
+    return out
 
 
 def read_gguf(path: Path) -> Checkpoint:
@@ -284,23 +315,25 @@ def read_gguf(path: Path) -> Checkpoint:
         raise MinirtError(f"{path}: attention value_length differs from key_length, which minirt does not run")
     if "embed" not in tensors:
         raise MinirtError(f"{path}: checkpoint is missing tensor token_embd.weight")
+    n_layers = _meta_int(meta, f"{arch}.block_count", path, hi=lim["n_layers"])
+    options = _family_options(arch, meta, path, dim, n_heads, head_dim, n_layers, tensors, ignored)
     eps = meta.get(f"{arch}.attention.layer_norm_rms_epsilon", meta.get(f"{arch}.attention.layer_norm_epsilon", 1e-5))
     cfg = ModelConfig(
         arch=arch, vocab_size=tensors["embed"].shape[0], dim=dim,
-        n_layers=_meta_int(meta, f"{arch}.block_count", path, hi=lim["n_layers"]), n_heads=n_heads,
+        n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=head_dim,
         hidden_dim=_meta_int(meta, f"{arch}.feed_forward_length", path, hi=lim["hidden_dim"]),
         max_ctx=_meta_int(meta, f"{arch}.context_length", path, hi=lim["max_ctx"]),
         norm_eps=need_float(eps, "metadata layer_norm epsilon", path, 1.0),
         rope_theta=need_float(meta.get(f"{arch}.rope.freq_base", 10000.0), f"metadata {arch}.rope.freq_base", path),
         tied_head="head" not in tensors and "head.lr_u" not in tensors,
-        **_family_options(arch, meta, path, dim, n_heads, head_dim),
+        **options,
     )
     ck = Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm,
                     {k: v for k, v in meta.items() if k.startswith("minirt.")}, ignored=ignored, names=names)
     validate(ck, explicit_head_dim=explicit)  # shapes checked before the Q/K rows are reordered
     tensors = ck.tensors
-    if arch == "llama":
+    if TRAITS[arch].gguf_pairs:
         for i in range(cfg.n_layers):
             for key, heads in ((f"layers.{i}.wq", cfg.n_heads), (f"layers.{i}.wk", cfg.n_kv_heads),
                                (f"layers.{i}.bq", cfg.n_heads), (f"layers.{i}.bk", cfg.n_kv_heads)):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, llama3_freq_factors
 from ..errors import MinirtError
 from .base import Checkpoint, Tensor, TokenizerSpec
 from .validate import LIMITS, need_float, need_int, validate
@@ -130,11 +130,14 @@ def read_hf_folder(folder: Path) -> Checkpoint:
     c = _Fields(hc, cfg_path)
     if mtype == "gpt2":
         cfg, tensors, used = _gpt2(c, raw)
-    elif mtype in ("llama", "mistral") or (isinstance(hc.get("architectures"), list)
-                                           and "LlamaForCausalLM" in hc["architectures"]):
-        cfg, tensors, used = _llama(c, raw)
+    elif mtype == "gemma3":
+        raise MinirtError(f"{folder}: a Gemma 3 image-text model (Gemma3ForConditionalGeneration) is not supported; "
+                          f"give its text-only form (model_type gemma3_text)")
+    elif mtype in FAMILIES or (isinstance(hc.get("architectures"), list) and "LlamaForCausalLM" in hc["architectures"]):
+        cfg, tensors, used = _decoder(c, raw, FAMILIES.get(mtype, "llama"))
     else:
-        raise MinirtError(f"{folder}: model_type {str(mtype)[:40]!r} is not supported (gpt2 and llama are)")
+        raise MinirtError(f"{folder}: model_type {str(mtype)[:40]!r} is not supported "
+                          f"(gpt2, {', '.join(FAMILIES)} are)")
     layer = re.compile(r"(?:transformer\.)?(?:model\.layers|h)\.(\d+)\.")
     past = [n for n in set(raw) - used if (m := layer.match(n)) and int(m.group(1)) >= cfg.n_layers]
     if past:
@@ -212,45 +215,160 @@ def _gpt2(c: _Fields, raw: dict[str, Tensor]):
 DTYPES_READ = ("F32", "F16", "BF16")
 
 
-def _llama(c: _Fields, raw: dict[str, Tensor]):
+# Hugging Face model_type → minirt architecture (Mistral is LLaMA with a sliding window, as llama.cpp has it)
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+            "gemma3_text": "gemma3"}
+ACTIVATION = {"gemma3": ("hidden_activation", "gelu_pytorch_tanh")}   # others: hidden_act silu
+
+# canonical name (after "layers.N.") ↔ Hugging Face name (after "model.layers.N."), per family
+HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+            "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+            "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+            "bv": "self_attn.v_proj.bias", "bo": "self_attn.o_proj.bias", "w_gate": "mlp.gate_proj.weight",
+            "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight", "b_gate": "mlp.gate_proj.bias",
+            "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias"}
+QK_NORMS = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+
+
+def hf_layer_names(arch: str) -> dict[str, str]:
+    """Canonical layer tensor names → the family's Hugging Face names (readers and convert share this)."""
+    names = dict(HF_LAYER)
+    if arch == "qwen3":
+        names.update(QK_NORMS)
+    elif arch == "gemma3":  # four norms a layer: post_attention_layernorm is the post-attention norm here
+        names.update(QK_NORMS, **{"ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                                  "post_attn_norm.weight": "post_attention_layernorm.weight",
+                                  "post_ffn_norm.weight": "post_feedforward_layernorm.weight"})
+    elif arch == "phi3":  # fused q|k|v and gate|up
+        for k in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "b_gate"):
+            del names[k]
+        names.update(wqkv="self_attn.qkv_proj.weight", bqkv="self_attn.qkv_proj.bias",
+                     w_up="mlp.gate_up_proj.weight", b_up="mlp.gate_up_proj.bias")
+    return names
+
+
+def norm_offset(arch: str, name: str) -> float:
+    """What a family's Hugging Face RMSNorm adds to its stored weight: Gemma computes x·(1 + w), so readers
+    fold the 1 in (as llama.cpp's converter does) and writers take it out again."""
+    return 1.0 if arch == "gemma3" and (name.endswith("norm.weight") or name.endswith(("q_norm", "k_norm"))) else 0.0
+
+
+def _rope_options(hc: dict, path, arch: str, head_dim: int) -> dict:
+    """RoPE base(s) and scaling from config.json: transformers 5's rope_parameters (per layer type for
+    Gemma 3) or the older rope_theta / rope_scaling / rope_local_base_freq. Scaling other than linear and
+    llama3 is refused."""
+    rp = hc.get("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        raise MinirtError(f"{path}: rope_parameters is not a JSON object")
+    glob, local = (rp.get("full_attention") or {}, rp.get("sliding_attention") or {}) if "full_attention" in rp \
+        else (rp, {})
+    scaling = glob
+    if glob.get("rope_type", glob.get("type")) in (None, "default"):
+        scaling = hc.get("rope_scaling") or {}
+    if not isinstance(scaling, dict) or not isinstance(local, dict):
+        raise MinirtError(f"{path}: rope_scaling is not a JSON object")
+    default_theta = 1_000_000.0 if arch == "gemma3" else 10000.0
+    out = dict(rope_theta=need_float(glob.get("rope_theta", hc.get("rope_theta", default_theta)), "rope_theta", path))
+    if arch == "gemma3":  # its sliding-window layers have their own base; other families' slide with rope_theta
+        out["rope_local_theta"] = need_float(local.get("rope_theta", hc.get("rope_local_base_freq", 10000.0)),
+                                             "sliding_attention rope_theta", path)
+    if local.get("rope_type", "default") != "default":
+        raise MinirtError(f"{path}: RoPE scaling {str(local.get('rope_type'))[:40]!r} of the sliding-window layers "
+                          f"is not supported")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return out
+    if kind not in ("linear", "llama3"):
+        raise MinirtError(f"{path}: RoPE scaling {str(kind)[:40]!r} is not supported (linear and llama3 are)")
+    factor = need_float(scaling.get("factor", 8.0 if kind == "llama3" else None), "rope scaling factor", path)
+    out.update(rope_scaling=kind, rope_factor=factor)
+    if kind == "llama3":
+        low = need_float(scaling.get("low_freq_factor", 1.0), "low_freq_factor", path)
+        high = need_float(scaling.get("high_freq_factor", 4.0), "high_freq_factor", path)
+        orig = need_int(scaling.get("original_max_position_embeddings", 8192), "original_max_position_embeddings",
+                        path, 1, LIMITS["max_ctx"])
+        if high <= low:
+            raise MinirtError(f"{path}: llama3 RoPE scaling needs high_freq_factor > low_freq_factor")
+        out.update(rope_llama3=(low, high, orig),
+                   rope_freq_factors=llama3_freq_factors(out["rope_theta"], head_dim, factor, low, high, orig))
+    return out
+
+
+def _window_options(hc: dict, path, arch: str, n_layers: int) -> dict:
+    """Sliding-window attention: its width and which layers use it (layer_types where config.json lists them)."""
+    types = hc.get("layer_types")
+    if arch in ("qwen2", "qwen3"):
+        if hc.get("use_sliding_window") or (isinstance(types, list) and "sliding_attention" in types):
+            raise MinirtError(f"{path}: Qwen's use_sliding_window is not supported (llama.cpp does not run it either)")
+        return {}
+    window = hc.get("sliding_window")
+    if arch == "llama" and hc.get("model_type") != "mistral" or window is None:
+        return {}
+    out = dict(sliding_window=need_int(window, "sliding_window", path, 1, LIMITS["max_ctx"]))
+    if isinstance(types, list):
+        if len(types) != n_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+            raise MinirtError(f"{path}: layer_types is not a list of {n_layers} sliding_attention/full_attention")
+        out["swa_layers"] = tuple(t == "sliding_attention" for t in types)
+    elif arch == "gemma3":
+        p = hc.get("sliding_window_pattern", hc.get("_sliding_window_pattern", 6))
+        p = need_int(p, "sliding_window_pattern", path, 1, LIMITS["n_layers"])
+        if p != 6:
+            out["swa_layers"] = tuple((i + 1) % p != 0 for i in range(n_layers))
+    own = tuple((i + 1) % 6 != 0 for i in range(n_layers)) if arch == "gemma3" else (True,) * n_layers
+    if out.get("swa_layers") == own:
+        del out["swa_layers"]  # the family's own pattern: nothing to record
+    return out
+
+
+def _decoder(c: _Fields, raw: dict[str, Tensor], arch: str):
+    """LLaMA-like decoders (llama, mistral, qwen2, qwen3, phi3, gemma3): names and options by family."""
     hc = c.hc
-    rope = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise MinirtError(f"{c.path}: rope_scaling is not a JSON object")
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise MinirtError(f"RoPE scaling {str(rope.get('rope_type', rope.get('type')))[:40]!r} is not supported yet")
-    theta = hc.get("rope_theta", rope.get("rope_theta", 10000.0))
-    if hc.get("hidden_act", "silu") != "silu":
-        raise MinirtError(f"llama activation {str(hc.get('hidden_act'))[:40]!r} is not supported (silu is)")
+    key, want = ACTIVATION.get(arch, ("hidden_act", "silu"))
+    if hc.get(key, want) != want:
+        raise MinirtError(f"{c.path}: {arch} activation {str(hc.get(key))[:40]!r} is not supported ({want} is)")
+    for opt in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hc.get(opt) is not None:
+            raise MinirtError(f"{c.path}: {opt} is not supported")
+    if hc.get("use_bidirectional_attention"):
+        raise MinirtError(f"{c.path}: use_bidirectional_attention is not supported (a causal decoder is)")
+    if hc.get("partial_rotary_factor", 1.0) != 1.0:
+        raise MinirtError(f"{c.path}: partial_rotary_factor {str(hc['partial_rotary_factor'])[:20]} is not supported "
+                          f"(RoPE over the whole head is)")
     d, nh = c.int("hidden_size", hi_key="dim"), c.int("num_attention_heads", hi_key="n_heads")
     tied = "lm_head.weight" not in raw
-    cfg = ModelConfig("llama", vocab_size=c.int("vocab_size", hi_key="vocab_size"), dim=d,
-                      n_layers=c.int("num_hidden_layers", hi_key="n_layers"), n_heads=nh,
-                      n_kv_heads=c.int("num_key_value_heads", nh, "n_kv_heads"),
-                      head_dim=c.int("head_dim", max(d // nh, 1), "head_dim"),
+    n_layers = c.int("num_hidden_layers", hi_key="n_layers")
+    head_dim = c.int("head_dim", max(d // nh, 1), "head_dim")
+    extra = {}
+    if arch == "gemma3":
+        extra["attn_scale"] = c.float("query_pre_attn_scalar", head_dim) ** -0.5
+    cfg = ModelConfig(arch, vocab_size=c.int("vocab_size", hi_key="vocab_size"), dim=d,
+                      n_layers=n_layers, n_heads=nh,
+                      n_kv_heads=c.int("num_key_value_heads", nh, "n_kv_heads"), head_dim=head_dim,
                       hidden_dim=c.int("intermediate_size", hi_key="hidden_dim"),
                       max_ctx=c.int("max_position_embeddings", 2048, "max_ctx"),
-                      norm_eps=c.float("rms_norm_eps", 1e-6, 1.0),
-                      rope_theta=need_float(theta, "rope_theta", c.path), tied_head=tied)
-    t = {"embed": _need(raw, "model.embed_tokens.weight"), "norm.weight": _need(raw, "model.norm.weight")}
-    used = {"model.embed_tokens.weight", "model.norm.weight"}
+                      norm_eps=c.float("rms_norm_eps", 1e-6, 1.0), tied_head=tied,
+                      **_rope_options(hc, c.path, arch, head_dim), **_window_options(hc, c.path, arch, n_layers),
+                      **extra)
+    t, used = {}, set()
+
+    def take(src: str, dst: str, required: bool = True):
+        if src not in raw:
+            if required:
+                raise MinirtError(f"checkpoint is missing tensor {src}")
+            return
+        w = raw[src]
+        if norm_offset(arch, dst):
+            w = Tensor(w.float32() + np.float32(1.0), "F32", w.shape)
+        t[dst] = w
+        used.add(src)
+
+    take("model.embed_tokens.weight", "embed")
+    take("model.norm.weight", "norm.weight")
     if not tied:
-        t["head"] = raw["lm_head.weight"]
-        used.add("lm_head.weight")
-    names = {"self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv", "self_attn.o_proj": "wo",
-             "mlp.gate_proj": "w_gate", "mlp.up_proj": "w_up", "mlp.down_proj": "w_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for i in range(cfg.n_layers):
-        for src, dst in names.items():
-            w = _need(raw, f"model.layers.{i}.{src}.weight")
-            t[f"layers.{i}.{dst}" + (".weight" if "norm" in dst else "")] = w
-            used.add(f"model.layers.{i}.{src}.weight")
-        for src, dst in (("self_attn.q_proj", "bq"), ("self_attn.k_proj", "bk"), ("self_attn.v_proj", "bv"),
-                         ("self_attn.o_proj", "bo"), ("mlp.gate_proj", "b_gate"), ("mlp.up_proj", "b_up"),
-                         ("mlp.down_proj", "b_down")):
-            if f"model.layers.{i}.{src}.bias" in raw:
-                t[f"layers.{i}.{dst}"] = raw[f"model.layers.{i}.{src}.bias"]
-                used.add(f"model.layers.{i}.{src}.bias")
+        take("lm_head.weight", "head")
+    for i in range(n_layers):
+        for dst, src in hf_layer_names(arch).items():
+            take(f"model.layers.{i}.{src}", f"layers.{i}.{dst}", required=not dst.startswith("b"))
     return cfg, t, used
 
 

@@ -16,7 +16,7 @@ import re
 import sys
 
 from ..arch import TRAITS
-from ..config import ModelConfig
+from ..config import ROPE_SCALINGS, ModelConfig
 from ..errors import MinirtError
 
 # The bounds minirt accepts (README: "What a bad file can do"). Change them here only.
@@ -77,9 +77,26 @@ def check_config(cfg: ModelConfig, where, explicit_head_dim: bool = False) -> No
         raise MinirtError(f"{where}: width {cfg.dim} is not {cfg.n_heads} heads × {cfg.head_dim} (corrupt config?)")
     if cfg.traits.rope and cfg.head_dim % 2:
         raise MinirtError(f"{where}: head_dim {cfg.head_dim} is odd (RoPE rotates pairs)")
-    need_float(cfg.rope_local_theta, "local RoPE base", where)
+    if cfg.rope_local_theta is not None:
+        need_float(cfg.rope_local_theta, "local RoPE base", where)
     need_float(cfg.scale, "attention scale", where)
     need_int(cfg.sliding_window, "sliding window", where, 0, LIMITS["max_ctx"])
+    if cfg.swa_layers and len(cfg.swa_layers) != cfg.n_layers:
+        raise MinirtError(f"{where}: the sliding-window layer list has {len(cfg.swa_layers)} entries for "
+                          f"{cfg.n_layers} layers (corrupt config?)")
+    if cfg.rope_scaling:
+        if cfg.rope_scaling not in ROPE_SCALINGS:
+            raise MinirtError(f"{where}: RoPE scaling {_short(cfg.rope_scaling)} is not supported "
+                              f"({', '.join(ROPE_SCALINGS)} are)")
+        need_float(cfg.rope_factor, "RoPE scaling factor", where)
+        if cfg.rope_local_theta == cfg.rope_theta and any(cfg.layer_window(i) for i in range(cfg.n_layers)):
+            # RoPE tables are kept per base: scaled global and unscaled local layers need two bases
+            raise MinirtError(f"{where}: RoPE scaling with sliding-window layers of the same RoPE base is not "
+                              f"supported")
+        if cfg.rope_scaling == "llama3" and (len(cfg.rope_freq_factors) != cfg.head_dim // 2 or not all(
+                math.isfinite(f) and f > 0 for f in cfg.rope_freq_factors)):
+            raise MinirtError(f"{where}: RoPE frequency factors: {len(cfg.rope_freq_factors)} values, expected "
+                              f"{cfg.head_dim // 2} finite positive ones (corrupt rope_freqs?)")
 
 
 def expected_shapes(cfg: ModelConfig, names) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -126,6 +143,8 @@ def expected_shapes(cfg: ModelConfig, names) -> tuple[dict[str, tuple], dict[str
             site(p + "qkv", q + 2 * kv, d, [(p + "wq", p + "bq", q), (p + "wk", p + "bk", kv), (p + "wv", p + "bv", kv)])
         if tr.ffn == "gelu":
             site(p + "up", h, d, [(p + "w_up", p + "b_up", h)])
+        elif tr.fused_up:
+            site(p + "up", 2 * h, d, [(p + "w_up", p + "b_up", 2 * h)])
         else:
             site(p + "up", 2 * h, d, [(p + "w_gate", p + "b_gate", h), (p + "w_up", p + "b_up", h)])
         site(p + "wo", d, q, [(p + "wo", p + "bo", d)])
