@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-JIT = dict(cache=True, fastmath=True)
+JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
 
 @njit(parallel=True, **JIT)

@@ -26,7 +26,7 @@ from numba.typed import List
 from . import kernels
 from .qmatmul import matmul_half, matmul_q, quantize_x
 
-JIT = dict(cache=True, fastmath=True)
+JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
 @njit(**JIT)
 def as_list(arrays):
