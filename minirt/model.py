@@ -350,9 +350,12 @@ class Model:
 # exact=True and every other Linear, e.g. modes' low-rank or pinv ones, go per operation), norms of the
 # trait's kind. A trait or config field added later that the step does not know takes the per-operation
 # path unless it has its default value (a feature that is off). tests/test_step.py holds both paths equal.
-STEP_TRAITS = {"norm", "ffn", "rope", "qk_norm", "post_norms", "embed_scale", "fused_qkv", "swa_pattern"}
+STEP_TRAITS = {"norm", "ffn", "rope", "qk_norm", "post_norms", "embed_scale", "fused_qkv", "swa_pattern",
+               "fused_up", "gguf_pairs"}  # the last two only change how matrices are read, not the step
 STEP_CONFIG = {"arch", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_ctx",
-               "norm_eps", "rope_theta", "tied_head", "attn_scale", "sliding_window", "rope_local_theta"}
+               "norm_eps", "rope_theta", "tied_head", "attn_scale", "sliding_window", "rope_local_theta",
+               # windows and RoPE frequencies reach the step through layer_window(i) and the RoPE tables
+               "swa_layers", "rope_scaling", "rope_factor", "rope_llama3", "rope_freq_factors"}
 
 
 def _unknown_fields(obj, known: set[str]) -> list[str]:
