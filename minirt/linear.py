@@ -296,20 +296,13 @@ class KQuant(Linear):
             out += self.bias
         return out
 
-    def _gemm(self, x, out, a, b):
-        w = np.empty((min(Quant.TILE, b - a), self.in_features), np.float32)
-        for r in range(a, b, Quant.TILE):
-            e = min(b, r + Quant.TILE)
-            kquants.dequantize(self.fmt, self.q, r, e, w)
-            np.matmul(x, w[:e - r].T, out=out[:, r:e])
+    TILE = Quant.TILE
+    _gemm = Quant._gemm  # dequantized tiles and BLAS, through _dequantize_natural
 
-    def rows(self, ids) -> np.ndarray:
-        """Selected rows as float32 (a tied head serves as the embedding table)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        w = np.empty((len(ids), self.in_features), np.float32)
-        for i, r in enumerate(ids):
-            kquants.dequantize(self.fmt, self.q, int(r), int(r) + 1, w[i:i + 1])
-        return w
+    def _dequantize_natural(self, a: int, b: int, w: np.ndarray) -> None:
+        kquants.dequantize(self.fmt, self.q, a, b, w)
+
+    rows = Quant.rows  # selected rows as float32 (a tied head serves as the embedding table)
 
     def dequantized(self) -> np.ndarray:
         w = np.empty((self.out_features, self.in_features), np.float32)
