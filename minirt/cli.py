@@ -264,13 +264,48 @@ def _unescape(s: str) -> str:
                   lambda m: m.group(0).encode("ascii").decode("unicode_escape"), s)
 
 
-def _prefill_progress():
+class _Interrupt:
+    """Ctrl-C during a chat reply, taken at safe points only.
+
+    The default handler raises KeyboardInterrupt wherever the interpreter is, which may be inside
+    Numba's boxing of a typed list (it then surfaces as a SystemError) or halfway through a KV-cache
+    update. While armed, the first Ctrl-C only sets a flag; `check()` raises between tokens and
+    between prefill chunks. A second Ctrl-C raises at once, the hard way."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self):
+        import signal
+        self.hit = False
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        signal.signal(signal.SIGINT, self._old)
+        return False
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+
+def _prefill_progress(interrupt: _Interrupt | None = None):
     """A progress(done, total) callback for Generation: a bar for prompts that take more than a moment."""
     from .progress import Progress
     bar = None
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
+        if interrupt is not None:
+            interrupt.check()
         if bar is None:
             bar = Progress("prompt", total, "tokens", delay=2.0)
         bar.update(done - bar.done)
@@ -355,7 +390,8 @@ def cmd_chat(args) -> None:
     _check_args(args)
     model, load = _load_timed(args)
     opts = _sampling(args)
-    chat = Chat(model, system=args.system, ctx=opts.pop("ctx"), progress=_prefill_progress(), **opts)
+    interrupt = _Interrupt()
+    chat = Chat(model, system=args.system, ctx=opts.pop("ctx"), progress=_prefill_progress(interrupt), **opts)
     _warm_up(model, load)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -396,10 +432,12 @@ def cmd_chat(args) -> None:
             continue
         stream = None
         try:
-            stream = chat.send(text)
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with interrupt:
+                stream = chat.send(text)
+                for piece in stream:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                    interrupt.check()
         except KeyboardInterrupt:  # stop the reply (what came of it stays in the history), keep the chat
             if stream is not None:
                 stream.close()
