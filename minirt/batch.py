@@ -66,11 +66,32 @@ class BatchStep:
             out[a:b] = self._rows(tokens[a:b], caches[a:b])
         return out
 
+    def _compiled(self, tokens: np.ndarray, caches: list[KVCache]) -> np.ndarray | None:
+        """The rows through the compiled step (cpu/step.py) in one call, where the model has a step table and
+        the caches are slots of one pool (KVCache.pooled); None otherwise."""
+        m = self.model
+        pool = caches[0].pool
+        if pool is None or any(c.pool is not pool for c in caches) or not m.compiled_step:
+            return None
+        table = m._step_table()
+        if table is None or not table.covers(len(tokens)):
+            return None
+        positions = np.array([c.pos for c in caches], np.int64)
+        slots = np.array([c.slot for c in caches], np.int64)
+        scores = np.empty((numba.get_num_threads(), int(positions.max()) + 1), np.float32)
+        return table.run_rows(m, tokens, pool[0], pool[1], slots, positions, scores)
+
     def _rows(self, tokens: np.ndarray, caches: list[KVCache]) -> np.ndarray:
         m, c = self.model, self.model.cfg
         n = len(tokens)
-        s = {k: v[:n] for k, v in self.buf.items()}
         m.rope(max(cache.capacity for cache in caches))
+        x = self._compiled(tokens, caches)
+        if x is not None:
+            for cache in caches:
+                cache.pos += 1
+            h = m.norm(x, np.empty_like(x))
+            return m.head.forward(h, np.empty((n, c.vocab_size), np.float32))
+        s = {k: v[:n] for k, v in self.buf.items()}
         positions = [np.array([cache.pos], np.int64) for cache in caches]
         scores = np.empty((numba.get_num_threads(), max(cache.pos for cache in caches) + 1), np.float32)
         x = m.embed[tokens]

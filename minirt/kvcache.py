@@ -25,12 +25,34 @@ def context_size(max_ctx: int, ctx: int | None = None) -> int:
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, capacity: int):
+    def __init__(self, cfg: ModelConfig, capacity: int, _pool=None):
         self.capacity = capacity
-        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)  # calloc'd: pages cost memory only once written
-        self.v = np.zeros(shape, np.float32)
+        if _pool is None:
+            shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
+            self.k = np.zeros(shape, np.float32)  # calloc'd: pages cost memory only once written
+            self.v = np.zeros(shape, np.float32)
+            self.pool, self.slot = None, 0
+        else:  # slot i of a pool: see pooled()
+            pool, i = _pool
+            self.k, self.v, self.pool, self.slot = pool[0][:, i], pool[1][:, i], pool, i
         self.pos = 0  # number of filled positions; the next token goes to position pos
+
+    @classmethod
+    def pooled(cls, cfg: ModelConfig, capacity: int, n: int) -> list["KVCache"]:
+        """n caches whose keys and values are slots of one array (L, n, Hkv, capacity, hd), so that a batched
+        decode step (minirt.batch) runs all of them in one compiled call, addressing each by its slot. Layer
+        first: a layer's slots, and a slot's layer (cache.k[layer]), are contiguous, as the kernels want."""
+        shape = (cfg.n_layers, n, cfg.n_kv_heads, capacity, cfg.head_dim)
+        pool = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        return [cls(cfg, capacity, (pool, i)) for i in range(n)]
+
+    def first_layers(self, n: int) -> "KVCache":
+        """A view on this cache's first n layers (an early-exit drafter shares them), at the same position."""
+        view = object.__new__(KVCache)
+        view.capacity, view.pos, view.slot = self.capacity, self.pos, self.slot
+        view.k, view.v = self.k[:n], self.v[:n]
+        view.pool = None if self.pool is None else (self.pool[0][:n], self.pool[1][:n])
+        return view
 
     def truncate(self, pos: int) -> None:
         """Forget every position ≥ pos (speculative decoding rolls back rejected drafts this way)."""

@@ -476,10 +476,23 @@ class StepTable:
         return self._rope[1], self._rope[2]
 
     def run(self, model: Model, tokens: np.ndarray, cache: KVCache, scores: np.ndarray) -> np.ndarray:
+        """The residual stream after every layer for T positions of one sequence, from cache.pos on."""
+        T = len(tokens)
+        positions = np.arange(cache.pos, cache.pos + T, dtype=np.int64)
+        if cache.pool is not None:  # a slot of a pool (the server's): the pool, addressed by the slot
+            x = self.run_rows(model, tokens, *cache.pool, np.full(T, cache.slot, np.int64), positions, scores)
+        else:
+            x = self.run_rows(model, tokens, cache.k[:, None], cache.v[:, None], np.zeros(T, np.int64), positions,
+                              scores)
+        cache.pos += T
+        return x
+
+    def run_rows(self, model: Model, tokens: np.ndarray, kc: np.ndarray, vc: np.ndarray, slots: np.ndarray,
+                 positions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """As run, for rows that each carry their own cache and position: token t goes to position
+        positions[t] of cache slot slots[t] of kc/vc (L, S, Hkv, ctx, hd). Positions are not advanced."""
         c, tr = model.cfg, model.cfg.traits
         T = len(tokens)
-        pos0 = cache.pos
-        positions = np.arange(pos0, pos0 + T, dtype=np.int64)
         s = model._buffers(T)
         x = np.ascontiguousarray(model._embed(tokens, positions), dtype=np.float32)
         cos, sin = self._tables(model)
@@ -491,7 +504,6 @@ class StepTable:
         step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.qs, self.hs, self.ms, self.fs, self.bs,
                     self.nw, self.nb, self.qkn, self.win, self.rope_i, cos, sin,
                     tr.norm == "layer", step.FFNS[tr.ffn], tr.rope, tr.qk_norm, tr.post_norms, self.eps, c.scale,
-                    x, positions, pos0, cache.k, cache.v, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],
+                    x, slots, positions, kc, vc, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],
                     s["act"], scores, xqb, xdeb, xsb, xkb, numba.get_num_threads())
-        cache.pos = pos0 + T
         return x

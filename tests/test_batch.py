@@ -6,6 +6,14 @@ import pytest
 
 from minirt.batch import MAX_ROWS, BatchStep
 from minirt.errors import MinirtError
+from minirt.kvcache import KVCache
+
+
+def _caches(model, n, capacity, pooled):
+    """n caches: slots of one pool (the server's: one compiled call per step) or separate (per operation)."""
+    if pooled:
+        return KVCache.pooled(model.cfg, capacity, n)
+    return [model.new_cache(capacity) for _ in range(n)]
 
 
 def _alone(model, ids, steps):
@@ -20,7 +28,8 @@ def _alone(model, ids, steps):
     return out
 
 
-def test_batched_step_equals_each_sequence_alone(smollm2_fast):
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "separate"])
+def test_batched_step_equals_each_sequence_alone(smollm2_fast, pooled):
     m = smollm2_fast
     prompts = ["The capital of France is", "Once upon a time", "def fib(n):", "1, 2, 3, 4,", "Hello",
                "The quick brown fox jumps over the lazy dog. " * 3]
@@ -28,7 +37,10 @@ def test_batched_step_equals_each_sequence_alone(smollm2_fast):
     steps = 5
     alone = [_alone(m, p, steps) for p in ids]
     step = BatchStep(m)
-    caches = [m.new_cache(64) for _ in ids]
+    caches = _caches(m, len(ids), 64, pooled)
+    assert (step._compiled(np.zeros(len(ids), np.int64), caches) is not None) == pooled  # the path under test
+    for c in caches:
+        c.truncate(0)
     last = [m.forward(p, c)[0] for p, c in zip(ids, caches)]
     for k in range(steps):
         toks = [int(np.argmax(row)) for row in last]
@@ -39,12 +51,13 @@ def test_batched_step_equals_each_sequence_alone(smollm2_fast):
         assert [c.pos for c in caches] == [len(p) + k + 1 for p in ids]
 
 
-def test_more_rows_than_one_pass_and_repeated_sequences(smollm2_fast):
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "separate"])
+def test_more_rows_than_one_pass_and_repeated_sequences(smollm2_fast, pooled):
     """Beyond MAX_ROWS the step runs in groups; the same prompt in many slots gives the same row everywhere."""
     m = smollm2_fast
     ids = m.tokenizer.encode("Hello there")
     n = MAX_ROWS + 3
-    caches = [m.new_cache(32) for _ in range(n)]
+    caches = _caches(m, n, 32, pooled)
     first = [m.forward(ids, c)[0] for c in caches]
     tok = int(np.argmax(first[0]))
     ref_cache = m.new_cache(32)

@@ -142,6 +142,35 @@ def head_rmsnorm(x, start, n_heads, hd, w, eps):
         head_rmsnorm_task(x, start, n_heads, hd, w, eps, task)
 
 
+@njit(**JIT)
+def attend(qv, kc, vc, s0, n, scale, sc, o):
+    """One query head qv (hd,) over positions s0..n−1 of its kv head kc/vc (ctx, hd) → o (hd,); sc: scratch."""
+    hd = qv.shape[0]
+    m = -np.inf
+    for s in range(s0, n):
+        kv = kc[s]
+        acc = np.float32(0.0)
+        for i in range(hd):
+            acc += qv[i] * kv[i]
+        acc *= scale
+        sc[s] = acc
+        m = max(m, acc)
+    total = np.float32(0.0)
+    for s in range(s0, n):
+        e = np.exp(sc[s] - m)
+        sc[s] = e
+        total += e
+    o[:] = 0.0
+    for s in range(s0, n):
+        pr = sc[s]
+        vv = vc[s]
+        for i in range(hd):
+            o[i] += pr * vv[i]
+    inv = np.float32(1.0) / total
+    for i in range(hd):
+        o[i] *= inv
+
+
 @njit(parallel=True, **JIT)
 def attention(q, kc, vc, pos0, scale, window, scores, out):
     """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled;
@@ -159,34 +188,28 @@ def attention(q, kc, vc, pos0, scale, window, scores, out):
         for task in range(part, T * H, n_parts):
             t = task // H
             h = task % H
-            g = h // group
             n = pos0 + t + 1
             s0 = max(0, n - window) if window > 0 else 0
-            qv = q[t, h]
-            m = -np.inf
-            for s in range(s0, n):
-                kv = kc[g, s]
-                acc = np.float32(0.0)
-                for i in range(hd):
-                    acc += qv[i] * kv[i]
-                acc *= scale
-                sc[s] = acc
-                m = max(m, acc)
-            total = np.float32(0.0)
-            for s in range(s0, n):
-                e = np.exp(sc[s] - m)
-                sc[s] = e
-                total += e
-            o = out[t, h]
-            o[:] = 0.0
-            for s in range(s0, n):
-                pr = sc[s]
-                vv = vc[g, s]
-                for i in range(hd):
-                    o[i] += pr * vv[i]
-            inv = np.float32(1.0) / total
-            for i in range(hd):
-                o[i] *= inv
+            attend(q[t, h], kc[h // group], vc[h // group], s0, n, scale, sc, out[t, h])
+
+
+@njit(parallel=True, **JIT)
+def attention_rows(q, kc, vc, slots, positions, scale, window, scores, out):
+    """attention() for rows that each carry their own cache and position: row t is the query at position
+    positions[t] of the sequence whose cache is slot slots[t] of kc/vc (S, Hkv, ctx, hd). T positions of one
+    sequence (slots all equal, positions consecutive) give attention()'s bits; one row each of several
+    sequences is a batched decode step."""
+    T, H, hd = q.shape
+    group = H // kc.shape[1]
+    n_parts = scores.shape[0]
+    for part in prange(n_parts):
+        sc = scores[part]
+        for task in range(part, T * H, n_parts):
+            t = task // H
+            h = task % H
+            n = positions[t] + 1
+            s0 = max(0, n - window) if window > 0 else 0
+            attend(q[t, h], kc[slots[t], h // group], vc[slots[t], h // group], s0, n, scale, sc, out[t, h])
 
 
 @njit(**JIT)

@@ -105,13 +105,15 @@ def _norm(x, w, b, layer, eps, out):
 @njit(**JIT)
 def layers(tag, tag_odd, has, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
            layer_norm, ffn, use_rope, qk_norm, post_norms, eps, scale,
-           x, positions, pos0, kc, vc, h, o, qkv, q, att, up, act, scores, xqb, xdeb, xsb, xkb, n):
-    """Every layer for the T rows of the residual stream x (T, dim), in place; keys and values go to the
-    caches kc/vc (L, Hkv, ctx, hd) at positions. Buffers as Model._buffers; xqb/xdeb/xsb/xkb flat scratch for
-    the int8 activations (T·K, T·nb·8, T·nb, T·nb for the largest K)."""
+           x, slots, positions, kc, vc, h, o, qkv, q, att, up, act, scores, xqb, xdeb, xsb, xkb, n):
+    """Every layer for the T rows of the residual stream x (T, dim), in place. Row t is position positions[t]
+    of the sequence whose cache is slot slots[t] of kc/vc (L, S, Hkv, ctx, hd): T positions of one sequence
+    (S = 1), or one position each of several sequences (a batched decode step, minirt.batch); its key and
+    value go there. Buffers as Model._buffers; xqb/xdeb/xsb/xkb flat scratch for the int8 activations (T·K,
+    T·nb·8, T·nb, T·nb for the largest K)."""
     T = x.shape[0]
     H, hd = q.shape[1], q.shape[2]
-    Hkv = kc.shape[1]
+    Hkv = kc.shape[2]
     qd = H * hd
     attf = att.reshape(T, qd)
     f32, q8, q40, q41, f16, bf16 = has
@@ -125,10 +127,12 @@ def layers(tag, tag_odd, has, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope
             for task in range(T * Hkv):
                 kernels.head_rmsnorm_task(qkv, qd, Hkv, hd, qkn[li, 1], eps, task)
         r = rope_i[li]
-        kl, vl, cr, sr = kc[li], vc[li], cos[r], sin[r]
-        for task in range(T * (H + Hkv)):
-            kernels.qkv_rope_task(qkv, positions, cr, sr, use_rope, q, kl, vl, task)
-        kernels.attention(q, kl, vl, pos0, scale, win[li], scores, att)
+        cr, sr = cos[r], sin[r]
+        for t in range(T):
+            kl, vl = kc[li, slots[t]], vc[li, slots[t]]
+            for task in range(H + Hkv):
+                kernels.qkv_rope_task(qkv[t:t + 1], positions[t:t + 1], cr, sr, use_rope, q[t:t + 1], kl, vl, task)
+        kernels.attention_rows(q, kc[li], vc[li], slots, positions, scale, win[li], scores, att)
         _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 1], qs[m + 1], hs[m + 1], ms[m + 1], fs[m + 1], bs[m + 1], attf, o,
                 xqb, xdeb, xsb, xkb, n)
         if post_norms:

@@ -91,11 +91,7 @@ class ModelDrafter:
 
     def start(self, context: list[int], cache) -> None:
         if self.shares_cache:  # a view on the model's cache: its first n_layers
-            from ..kvcache import KVCache
-            view = object.__new__(KVCache)
-            view.k, view.v, view.capacity = cache.k[:self.model.cfg.n_layers], cache.v[:self.model.cfg.n_layers], cache.capacity
-            self.cache, self.model_cache = view, cache
-            view.pos = cache.pos
+            self.cache, self.model_cache = cache.first_layers(self.model.cfg.n_layers), cache
             self.pending = [context[-1]]
             return
         self.cache.truncate(0)

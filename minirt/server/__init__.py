@@ -25,7 +25,7 @@ def _require():
 
 
 def make_app(model, name: str, **options):
-    """(Starlette app, Server) for a loaded model; options: parallel, ctx, api_key, queue."""
+    """(Starlette app, Server) for a loaded model; options: parallel, ctx, api_key, queue, own_thread."""
     _require()
     from .app import Server
     server = Server(model, name, **options)
@@ -38,19 +38,46 @@ def make_app(model, name: str, **options):
 
 def serve(model, name: str, host: str = "127.0.0.1", port: int = 8080, log_level: str = "warning",
           drain_seconds: float = DRAIN_SECONDS, **options) -> None:
-    """Serve until SIGINT/SIGTERM; on SIGTERM stop accepting, let running streams finish (≤ drain_seconds)."""
+    """Serve until SIGINT/SIGTERM; on SIGTERM stop accepting, let running streams finish (≤ drain_seconds).
+
+    The model runs on the calling (main) thread, HTTP in a thread of its own: Numba's OpenMP parallel regions
+    cost ~10× more when entered from a thread other than the main one (tools/omp_threads.py)."""
     _require()
+    import signal
+    import threading
+
     import uvicorn
-    app, server = make_app(model, name, **options)
-
-    class Drainer(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            server.draining = True
-            server.batcher.drain(drain_seconds)
-            super().handle_exit(sig, frame)
-
+    app, server = make_app(model, name, own_thread=False, **options)
+    batcher = server.batcher
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=int(drain_seconds) + 5)
-    print(f"minirt serve: {name} on http://{host}:{port} ({server.batcher.parallel} slots of "
-          f"{server.batcher.ctx} tokens; queue {server.batcher.queue_limit})", file=sys.stderr, flush=True)
-    Drainer(config).run()
+    http = uvicorn.Server(config)  # in a thread, it installs no signal handlers: ours below do its part
+    failed = []
+
+    def run_http():
+        try:
+            http.run()
+        except BaseException as e:  # e.g. SystemExit when the port is taken (uvicorn has logged why)
+            failed.append(e)
+        finally:
+            batcher.stop()  # the scheduler loop on the main thread returns
+
+    def on_signal(sig, frame):
+        server.draining = True
+        batcher.drain(drain_seconds)
+        http.handle_exit(sig, frame)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread = threading.Thread(target=run_http, name="minirt-http", daemon=True)
+        thread.start()
+        print(f"minirt serve: {name} on http://{host}:{port} ({batcher.parallel} slots of {batcher.ctx} tokens; "
+              f"queue {batcher.queue_limit})", file=sys.stderr, flush=True)
+        batcher.run()
+        while thread.is_alive():  # the drain is over: let uvicorn close the connections (its own deadline)
+            thread.join(timeout=0.5)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if failed and not (isinstance(failed[0], SystemExit) and not failed[0].code):
+        raise MinirtError(f"cannot serve on {host}:{port} (see the line above)")

@@ -134,9 +134,10 @@ class Server:
     """The app's state: the model, its name, the batcher and the options. Holds nothing between requests."""
 
     def __init__(self, model, name: str, parallel: int = 4, ctx: int | None = None, api_key: str | None = None,
-                 queue: int = 64):
+                 queue: int = 64, own_thread: bool = True):
         self.model, self.name, self.api_key = model, name, api_key
         self.batcher = Batcher(model, parallel=parallel, ctx=ctx, queue=queue)
+        self.own_thread = own_thread  # False: the caller runs batcher.run() itself (serve(): the main thread)
         self.created = int(time.time())
         self.draining = False
 
@@ -367,7 +368,8 @@ class Server:
 
         @asynccontextmanager
         async def lifespan(app):
-            self.batcher.start()
+            if self.own_thread:
+                self.batcher.start()
             yield
             self.batcher.stop()
 

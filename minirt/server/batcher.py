@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ..batch import BatchStep
+from ..kvcache import KVCache
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import Detokenizer
 
@@ -102,7 +103,8 @@ class Batcher:
         self.model, self.parallel, self.queue_limit = model, parallel, queue
         self.ctx = ctx or model.ctx
         self.step = BatchStep(model)
-        self.free = [model.new_cache(self.ctx) for _ in range(parallel)]  # slots: allocated once, reused
+        # slots: allocated once, reused; one pool, so that a step runs every sequence in one compiled call
+        self.free = KVCache.pooled(model.cfg, self.ctx, parallel)
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.cv = threading.Condition()
@@ -113,7 +115,14 @@ class Batcher:
         self.thread = threading.Thread(target=self._run, name="minirt-batcher", daemon=True)
 
     def start(self) -> None:
+        """Run the scheduler in a thread of its own (for an app served from elsewhere, e.g. tests)."""
         self.thread.start()
+
+    def run(self) -> None:
+        """Run the scheduler on the calling thread until stop(), or until a drain has ended everything.
+        `minirt serve` calls this from the main thread: a Numba parallel region entered from any other thread
+        costs ~10× more on the OpenMP layer (tools/omp_threads.py), which made one stream ~3× slower."""
+        self._run()
 
     # ---- called from the HTTP side ---------------------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
@@ -142,7 +151,7 @@ class Batcher:
         with self.cv:
             self.stopped = True
             self.cv.notify()
-        if self.thread.is_alive():
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=5)
 
     def idle(self) -> bool:
