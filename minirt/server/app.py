@@ -153,12 +153,12 @@ class Server:
     async def _body(self, request: Request) -> dict:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+            raise ApiError(400, f"the request body is larger than {MAX_BODY} bytes; send at most that")
         chunks, n = [], 0
         async for chunk in request.stream():
             n += len(chunk)
             if n > MAX_BODY:
-                raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+                raise ApiError(400, f"the request body is larger than {MAX_BODY} bytes; send at most that")
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
