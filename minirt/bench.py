@@ -55,7 +55,10 @@ class BenchResult:
         return f"{statistics.mean(xs):8.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:6.2f}"
 
 
-def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth: bool = True) -> BenchResult:
+def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth: bool = True,
+        depth: int = 0) -> BenchResult:
+    """pp: p prompt tokens in one call; tg: n greedy steps. With depth (llama-bench's -d), both start after
+    `depth` tokens already in the cache (prefilled untimed), where attention reads a longer context."""
     rng = np.random.default_rng(seed)
     vocab = model.cfg.vocab_size
     warm = model.new_cache(16)  # compile / load kernels for every shape used below
@@ -67,9 +70,16 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
         gcache = model.new_cache(n)
         _tg_cuda(model, gcache, 1, min(n, 3))
     bar = Progress("bench", r, "runs", every=2.0)
+    context = rng.integers(0, vocab, depth)
+
+    def new_cache(size):
+        cache = model.new_cache(depth + size)
+        if depth:
+            model.forward(context, cache)
+        return cache
     for _ in range(r):
         if p:
-            cache = model.new_cache(p)
+            cache = new_cache(p)
             prompt = rng.integers(0, vocab, p)
             t = time.perf_counter()
             model.forward(prompt, cache)
@@ -77,7 +87,7 @@ def run(model, p: int = 128, n: int = 128, r: int = 5, seed: int = 0, bandwidth:
         if n and device == "cuda":
             tg.append(_tg_cuda(model, gcache, int(rng.integers(0, vocab)), n))
         elif n:
-            cache = model.new_cache(n)
+            cache = new_cache(n)
             tok = int(rng.integers(0, vocab))
             t = time.perf_counter()
             for _ in range(n):
@@ -103,20 +113,22 @@ def _tg_cuda(model, cache, tok: int, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n: int, mode: str = "dense") -> str:
+def report(res: BenchResult, name: str, file_type: str, threads: int, p: int, n: int, mode: str = "dense",
+           depth: int = 0) -> str:
     gb = res.weight_bytes / 1e9
     bw = f"streaming read, {threads} threads"
     if res.device == "cuda":  # gpu18: the device's own figures, no CPU threads
         file_type, threads, bw = res.weight_type or file_type, "CUDA", "device-to-device copy, read + written"
+    at = f" @ d{depth}" if depth else ""  # llama-bench's name for a test after `depth` tokens of context
     lines = [f"memory bandwidth ({bw}): {res.bandwidth / 1e9:.1f} GB/s",
              f"weights read per token: {res.weight_bytes / 2**20:.1f} MiB",
              "| model | type | mode | threads | test | t/s | GB/s | % of bandwidth |",
              "|---|---|---|---|---|---|---|---|"]
     if res.pp:
-        lines.append(f"| {name} | {file_type} | {mode} | {threads} | pp{p} | {BenchResult._ms(res.pp)} | | |")
+        lines.append(f"| {name} | {file_type} | {mode} | {threads} | pp{p}{at} | {BenchResult._ms(res.pp)} | | |")
     if res.tg:
         mean = statistics.mean(res.tg)
-        lines.append(f"| {name} | {file_type} | {mode} | {threads} | tg{n} | {BenchResult._ms(res.tg)} | "
+        lines.append(f"| {name} | {file_type} | {mode} | {threads} | tg{n}{at} | {BenchResult._ms(res.tg)} | "
                      f"{mean * gb:.1f} | {100 * mean * res.weight_bytes / res.bandwidth:.0f}% |")
     return "\n".join(lines)
 

@@ -129,6 +129,8 @@ def build_parser() -> Parser:
     b = sub.add_parser("bench", help="prompt (pp) and generation (tg) speed, like llama-bench")
     b.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (pp test)")
     b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg test)")
+    b.add_argument("-d", "--depth", type=int, default=0,
+                   help="tokens already in the context before each test, as llama-bench's -d")
     b.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test")
     b.add_argument("--prompts", choices=("free", "grounded"), default="free",
                    help="speculative: free writing, or rewriting/summarising passages of botchan.txt")
@@ -472,8 +474,8 @@ def cmd_bench(args) -> None:
     import numba
 
     from . import bench
-    if min(args.n_prompt, args.n_gen) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
-        raise MinirtError("-p and -n must be ≥ 0 (not both 0) and -r ≥ 1")
+    if min(args.n_prompt, args.n_gen, args.depth) < 0 or args.repetitions < 1 or args.n_prompt + args.n_gen == 0:
+        raise MinirtError("-p, -n and -d must be ≥ 0 (-p and -n not both 0) and -r ≥ 1")
     if args.mode == "jacobi":
         if args.n_gen < 9:
             raise MinirtError(f"bench --mode jacobi times decoding: give -n 9 or more, got {args.n_gen}")
@@ -510,12 +512,12 @@ def cmd_bench(args) -> None:
         print(bench.report_cost_table(bench.cost_table(model, r=max(args.repetitions, 3)), name, model.file_type,
                                       numba.get_num_threads(), isa.SELECTED))
         return
-    if max(args.n_prompt, args.n_gen) > model.cfg.max_ctx:
-        raise MinirtError(f"-p/-n larger than the model's context of {model.cfg.max_ctx}")
-    res = bench.run(model, args.n_prompt, args.n_gen, args.repetitions)
+    if args.depth + max(args.n_prompt, args.n_gen) > model.cfg.max_ctx:
+        raise MinirtError(f"-d plus -p/-n is larger than the model's context of {model.cfg.max_ctx}")
+    res = bench.run(model, args.n_prompt, args.n_gen, args.repetitions, depth=args.depth)
     name = model.source.name if model.source else args.model
     ftype = "f32 (dequantized)" if args.dequantize else model.file_type
-    print(bench.report(res, name, ftype, numba.get_num_threads(), args.n_prompt, args.n_gen, args.mode))
+    print(bench.report(res, name, ftype, numba.get_num_threads(), args.n_prompt, args.n_gen, args.mode, args.depth))
     if args.mode == "pinv":
         print(f"pinv: window {model.pinv.window}, tol {model.pinv.tol:g}: {model.pinv.stats.fraction:.1%} of FFN "
               "rows predicted (random tokens; see tools/pinv_sweep.py for text)")

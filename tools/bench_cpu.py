@@ -66,8 +66,9 @@ def files(model: str, formats: list[str]) -> dict[str, Path]:
     return out
 
 
-def llama_bench(exe: Path, path: Path, threads: int, p: int, n: int) -> dict[str, float]:
-    cmd = [str(exe), "-m", str(path), "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"]
+def llama_bench(exe: Path, path: Path, threads: int, p: int, n: int, depth: int = 0) -> dict[str, float]:
+    cmd = [str(exe), "-m", str(path), "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json",
+           "-d", str(depth)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     out = {}
     for row in json.loads(res.stdout):
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-d", "--depth", type=int, default=0, help="tokens of context before each test (llama-bench -d)")
     a = ap.parse_args()
     exe = a.bin / "llama-bench"
     if not exe.exists():
@@ -137,21 +139,22 @@ def main() -> None:
     for f in formats:
         models[f] = minirt.load(paths[f])
         models[f].warmup()
-    tests = [f"pp{a.p}", f"tg{a.n}"]
+    tests = [f"pp{a.p}"] * (a.p > 0) + [f"tg{a.n}"] * (a.n > 0)
     res = {(f, t, who, k): [] for f in formats for t in threads for who in ("minirt", "llama.cpp") for k in tests}
     t0 = time.time()
     for rnd in range(a.rounds):
         for f in formats:
             for t in threads:
                 minirt.set_threads(t)
-                r = bench.run(models[f], a.p, a.n, r=1, seed=rnd, bandwidth=False)
-                res[(f, t, "minirt", tests[0])] += r.pp
-                res[(f, t, "minirt", tests[1])] += r.tg
-                lb = llama_bench(exe, paths[f], t, a.p, a.n)
+                r = bench.run(models[f], a.p, a.n, r=1, seed=rnd, bandwidth=False, depth=a.depth)
+                for k in tests:
+                    res[(f, t, "minirt", k)] += r.pp if k.startswith("pp") else r.tg
+                lb = llama_bench(exe, paths[f], t, a.p, a.n, a.depth)
                 for k in tests:
                     res[(f, t, "llama.cpp", k)].append(lb[k])
-                print(f"round {rnd + 1}/{a.rounds} {f} {t} threads: minirt pp {r.pp[0]:.1f} tg {r.tg[0]:.1f} | "
-                      f"llama.cpp pp {lb[tests[0]]:.1f} tg {lb[tests[1]]:.1f}  ({time.time() - t0:.0f} s, load "
+                print(f"round {rnd + 1}/{a.rounds} {f} {t} threads: "
+                      + " ".join(f"{k} {res[(f, t, 'minirt', k)][-1]:.1f} vs {lb[k]:.1f}" for k in tests)
+                      + f"  ({time.time() - t0:.0f} s, load "
                       f"{os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {a.rounds} interleaved rounds")
     print("| format | threads | test | minirt t/s | llama.cpp t/s | minirt ÷ llama.cpp | minirt GB/s | % of bandwidth |")
