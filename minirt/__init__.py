@@ -36,7 +36,7 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
     Quantized matrices (Q8_0, Q4_0, Q4_1, F16, BF16) stay in their stored format and run on kernels
     made for it; dequantize=True expands them to float32 instead. Decode steps on block formats round
     activations to int8 per block (as llama.cpp does); exact=True keeps them float32.
-    device: "cpu", "cuda" (the GPU backend, minirt.cuda.backend: float16 weights on the device) or "auto".
+    device: "cpu", "cuda" (the GPU backend, minirt.cuda.backend: Q8_0/Q4_0/Q4_1 blocks as stored, other matrices as float16) or "auto".
     ctx: the context used (what new caches and generations hold): default min(4096, the model's trained
     maximum); more is asked for here, up to that maximum (above it is a MinirtError, before the model is built).
     mode: dense, lowrank, pinv, speculative or jacobi, with that mode's options (minirt.modes lists them):
