@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .errors import MinirtError
 from .kvcache import KVCache, context_size
 from .linear import Dense, Linear, Quant, make_linear
+from .modes.lowrank import LowRank
 from .readers import Checkpoint, Tensor
 from .cpu.threads import blas_single_threaded
 from .tokenizer import Tokenizer, build_tokenizer
@@ -383,11 +384,13 @@ def step_fallback_reason(model: Model) -> str | None:
     want_bias = tr.norm == "layer"
     for i, L in enumerate(model.layers):
         for name in ("qkv", "wo", "up", "down"):
-            lin = getattr(L, name)
-            if type(lin) is Dense:
-                continue
-            if type(lin) is not Quant or lin.qtype not in step.FORMATS or lin.exact:
-                return f"layer {i} {name}: {type(lin).__name__}{' (exact)' if getattr(lin, 'exact', False) else ''}"
+            for lin in _leaves(getattr(L, name)):
+                if type(lin) is Dense:
+                    continue
+                if type(lin) is not Quant or lin.qtype not in step.FORMATS or lin.exact or lin.bias is not None \
+                        and lin is not getattr(L, name):
+                    return (f"layer {i} {name}: {type(lin).__name__}"
+                            f"{' (exact)' if getattr(lin, 'exact', False) else ''}")
         norms = [L.attn_norm, L.ffn_norm] + ([L.post_attn_norm, L.post_ffn_norm] if tr.post_norms else [])
         if any(type(n) is not Norm or (n.bias is not None) != want_bias for n in norms):
             return f"layer {i}: a norm of another kind"
@@ -398,6 +401,13 @@ def step_fallback_reason(model: Model) -> str | None:
         if not tr.qk_norm and L.q_norm is not None:
             return f"layer {i}: q/k norms the traits do not name"
     return None
+
+
+def _leaves(lin) -> list:
+    """The stored matrices a Linear runs: itself, or a low-rank matrix's two factors (V, U) and itself."""
+    if type(lin) is LowRank:
+        return [lin.v, lin.u] if type(lin.v) in (Dense, Quant) and type(lin.u) in (Dense, Quant) else [lin.v]
+    return [lin]
 
 
 def _one_type(arrays: list[np.ndarray]) -> tuple:
@@ -419,25 +429,44 @@ class StepTable:
     def __init__(self, model: Model):
         c, tr = model.cfg, model.cfg.traits
         ph8, ph16, phf = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.float32)
-        self.fmt = np.empty(4 * c.n_layers, np.int64)
+        fmt, sub = [], []
         self.qs, self.hs, self.ms, self.fs, self.bs = ([] for _ in range(5))
-        self.max_k = 32
+        self.max_k = self.max_rank = 32
         self.dense = False
+
+        def add(lin, i=None):  # matrix lin as entry i of the table (default: the next one)
+            if i is None:
+                i = len(fmt)
+                fmt.append(0), sub.append((0, 0, 0))
+                for v in (self.qs, self.hs, self.ms, self.fs, self.bs):
+                    v.append(None)
+            self.qs[i], self.hs[i], self.fs[i] = ph8, ph16, phf
+            self.max_k = max(self.max_k, lin.in_features)
+            self.bs[i] = lin.bias if lin.bias is not None else np.zeros(0, np.float32)
+            self.ms[i] = np.zeros((lin.out_features, 0), np.uint16)
+            if type(lin) is LowRank:
+                fmt[i] = step.LOWRANK
+                sub[i] = (add(lin.v), add(lin.u), lin.rank)
+                self.max_rank = max(self.max_rank, lin.rank)
+            elif type(lin) is Dense:
+                self.dense = True
+                fmt[i], self.fs[i] = 0, lin.w
+            else:
+                fmt[i] = step.FORMATS[lin.qtype]
+                self.qs[i] = lin.qn.view(np.uint8) if lin.nb else ph8
+                self.hs[i] = lin.d if lin.nb else lin.qn
+                if lin.m.shape[1]:
+                    self.ms[i] = lin.m
+            return i
+        n_main = 4 * c.n_layers  # entries 4·layer + (qkv, wo, up, down); low-rank factors come after them
+        fmt += [0] * n_main
+        sub += [(0, 0, 0)] * n_main
+        for v in (self.qs, self.hs, self.ms, self.fs, self.bs):
+            v += [None] * n_main
         for i, L in enumerate(model.layers):
             for j, lin in enumerate((L.qkv, L.wo, L.up, L.down)):
-                self.max_k = max(self.max_k, lin.in_features)
-                if type(lin) is Dense:
-                    self.dense = True
-                    self.fmt[4 * i + j] = 0
-                    self.qs.append(ph8), self.hs.append(ph16), self.fs.append(lin.w)
-                    self.ms.append(np.zeros((lin.out_features, 0), np.uint16))
-                else:
-                    self.fmt[4 * i + j] = step.FORMATS[lin.qtype]
-                    self.qs.append(lin.qn.view(np.uint8) if lin.nb else ph8)
-                    self.hs.append(lin.d if lin.nb else lin.qn)
-                    self.ms.append(lin.m if lin.m.shape[1] else np.zeros((lin.out_features, 0), np.uint16))
-                    self.fs.append(phf)
-                self.bs.append(lin.bias if lin.bias is not None else np.zeros(0, np.float32))
+                add(lin, 4 * i + j)
+        self.fmt, self.sub = np.array(fmt, np.int64), np.array(sub, np.int64).reshape(-1, 3)
         self.qs, self.hs, self.ms, self.fs, self.bs = (step.as_list(_one_type(v)) for v in (self.qs, self.hs, self.ms,
                                                                                          self.fs, self.bs))
         L0 = model.layers
@@ -455,7 +484,8 @@ class StepTable:
         self.rope_i = np.array([model.thetas.index(c.layer_theta(i)) if tr.rope else 0 for i in range(c.n_layers)],
                                np.int64)
         self.eps = float(model.layers[0].attn_norm.eps) if model.layers else c.norm_eps
-        odd = any(lin.nb % 2 for L in L0 for lin in (L.qkv, L.wo, L.up, L.down) if type(lin) is Quant)
+        leaves = [lin for L in L0 for m in (L.qkv, L.wo, L.up, L.down) for lin in _leaves(m)]
+        odd = any(lin.nb % 2 for lin in leaves if type(lin) is Quant)
         self.tags = (isa.tag(), isa.tag("avxvnni") if odd and isa.SELECTED == "avx512vnni" else None)
         codes = set(self.fmt.tolist())
         self.has = tuple(isa.tag() if c in codes else None for c in range(len(step.FORMATS)))
@@ -498,12 +528,12 @@ class StepTable:
         cos, sin = self._tables(model)
         if T not in self._act:
             nb = self.max_k // 32
-            self._act[T] = (np.empty(T * self.max_k, np.int8), np.empty(T * nb * 8, np.float32),
-                            np.empty(T * nb, np.float32), np.empty(T * nb, np.float32))
-        xqb, xdeb, xsb, xkb = self._act[T]
-        step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.qs, self.hs, self.ms, self.fs, self.bs,
+            self._act[T] = (np.empty(T * self.max_rank, np.float32), np.empty(T * self.max_k, np.int8),
+                            np.empty(T * nb * 8, np.float32), np.empty(T * nb, np.float32), np.empty(T * nb, np.float32))
+        mid, xqb, xdeb, xsb, xkb = self._act[T]
+        step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.sub, self.qs, self.hs, self.ms, self.fs, self.bs,
                     self.nw, self.nb, self.qkn, self.win, self.rope_i, cos, sin,
                     tr.norm == "layer", step.FFNS[tr.ffn], tr.rope, tr.qk_norm, tr.post_norms, self.eps, c.scale,
                     x, slots, positions, kc, vc, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],
-                    s["act"], scores, xqb, xdeb, xsb, xkb, numba.get_num_threads())
+                    s["act"], scores, mid, xqb, xdeb, xsb, xkb, numba.get_num_threads())
         return x

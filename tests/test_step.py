@@ -163,6 +163,25 @@ def test_unknown_linear_and_swapped_linear():
     assert both_paths(m, ids, prefix)[2] == 0
 
 
+@pytest.mark.parametrize("storage", ["F32", "Q8_0", "F16"])
+def test_lowrank_factors_run_in_the_step(storage):
+    """Low-rank matrices (modes/lowrank.py) are two thin matrices in the table: the step runs them, with the
+    per-operation path's bits, whatever the factors are stored in (here beside Q4_1 matrices left whole)."""
+    from minirt.modes.lowrank import LowRank, with_lowrank
+    m = minirt.Model.from_checkpoint(random_checkpoint("llama", MIXES["Q4_1"]))
+    lr = with_lowrank(m, energy=0.9, storage=storage, force=True)
+    kinds = {type(getattr(L, n)) for L in lr.layers for n in ("qkv", "wo", "up", "down")}
+    assert LowRank in kinds
+    assert M.step_fallback_reason(lr) is None
+    rng = np.random.default_rng(1)
+    for T in (1, 5):
+        per_op, compiled, runs = both_paths(lr, rng.integers(0, VOCAB, T), rng.integers(0, VOCAB, 9))
+        assert runs == 1
+        np.testing.assert_array_equal(compiled, per_op)
+        plain = both_paths(m, rng.integers(0, VOCAB, T), rng.integers(0, VOCAB, 9))[0]
+        assert np.isfinite(compiled).all() and not np.array_equal(compiled, plain)
+
+
 def test_trait_fields_the_step_does_not_know(monkeypatch):
     @dataclasses.dataclass(frozen=True)
     class Later(Traits):

@@ -7,7 +7,9 @@ parallel regions of the 4 matrix products, attention and the activation (norms, 
 few positions run on the calling thread: a fork/join costs more than they do).
 
 The model is a table (kernels know nothing of models; model.StepTable builds it):
-    fmt[i]            format code of matrix i = 4·layer + (0 qkv | 1 wo | 2 up | 3 down): see FORMATS
+    fmt[i]            format code of matrix i = 4·layer + (0 qkv | 1 wo | 2 up | 3 down): see FORMATS; LOWRANK
+                      for a low-rank matrix, whose factors V, U are entries sub[i, 0], sub[i, 1] past the 4·L
+                      (rank sub[i, 2]): low-rank modes run in the step too
     qs[i]             quant bytes (N, nb·32 Q8_0 as uint8 | nb·16 Q4_*), else a (1, 1) placeholder
     hs[i]             f16 scales d (N, nb) | the F16/BF16 values (N, K)
     ms[i]             Q4_1's f16 minimums m (N, nb), else (N, 0)
@@ -39,6 +41,7 @@ def as_list(arrays):
 
 
 FORMATS = {"F32": 0, "Q8_0": 1, "Q4_0": 2, "Q4_1": 3, "F16": 4, "BF16": 5}
+LOWRANK = 15  # a low-rank matrix (modes/lowrank.py): its two factors are further entries of the table (sub)
 FFNS = {"swiglu": 0, "geglu": 1, "gelu": 2}
 MAX_T = 16  # positions per call (the decode kernels' range; more go through the per-operation path)
 
@@ -94,6 +97,27 @@ def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, code, q, hs, ms, w, bias
 
 
 @njit(**JIT)
+def _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, i, x, out, mid, xqb, xdeb, xsb, xkb, n):
+    """out = x · (matrix i of the table)ᵀ: one stored matrix, or a LOWRANK pair through the scratch mid,
+    out = (x · Vᵀ) · Uᵀ + bias, with V = matrix sub[i, 0] (rank sub[i, 2] rows) and U = matrix sub[i, 1]."""
+    f32, q8, q40, q41, f16, bf16 = has
+    if fmt[i] != LOWRANK:
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[i], qs[i], hs[i], ms[i], fs[i], bs[i], x, out,
+                xqb, xdeb, xsb, xkb, n)
+        return
+    a, b, r = sub[i, 0], sub[i, 1], sub[i, 2]
+    y = mid[:x.shape[0] * r].reshape(x.shape[0], r)
+    _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[a], qs[a], hs[a], ms[a], fs[a], bs[a], x, y,
+            xqb, xdeb, xsb, xkb, n)
+    _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[b], qs[b], hs[b], ms[b], fs[b], bs[b], y, out,
+            xqb, xdeb, xsb, xkb, n)
+    bias = bs[i]
+    for t in range(x.shape[0]):
+        for j in range(bias.shape[0]):
+            out[t, j] += bias[j]
+
+
+@njit(**JIT)
 def _norm(x, w, b, layer, eps, out):
     for t in range(x.shape[0]):
         if layer:
@@ -103,24 +127,23 @@ def _norm(x, w, b, layer, eps, out):
 
 
 @njit(**JIT)
-def layers(tag, tag_odd, has, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
+def layers(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
            layer_norm, ffn, use_rope, qk_norm, post_norms, eps, scale,
-           x, slots, positions, kc, vc, h, o, qkv, q, att, up, act, scores, xqb, xdeb, xsb, xkb, n):
+           x, slots, positions, kc, vc, h, o, qkv, q, att, up, act, scores, mid, xqb, xdeb, xsb, xkb, n):
     """Every layer for the T rows of the residual stream x (T, dim), in place. Row t is position positions[t]
     of the sequence whose cache is slot slots[t] of kc/vc (L, S, Hkv, ctx, hd): T positions of one sequence
     (S = 1), or one position each of several sequences (a batched decode step, minirt.batch); its key and
-    value go there. Buffers as Model._buffers; xqb/xdeb/xsb/xkb flat scratch for the int8 activations (T·K,
-    T·nb·8, T·nb, T·nb for the largest K)."""
+    value go there. Buffers as Model._buffers; mid flat scratch for a low-rank matrix's T × rank middle;
+    xqb/xdeb/xsb/xkb flat scratch for the int8 activations (T·K, T·nb·8, T·nb, T·nb for the largest K)."""
     T = x.shape[0]
     H, hd = q.shape[1], q.shape[2]
     Hkv = kc.shape[2]
     qd = H * hd
     attf = att.reshape(T, qd)
-    f32, q8, q40, q41, f16, bf16 = has
-    for li in range(fmt.shape[0] // 4):
+    for li in range(win.shape[0]):
         m = 4 * li
         _norm(x, nw[li, 0], nbias[li, 0], layer_norm, eps, h)
-        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m], qs[m], hs[m], ms[m], fs[m], bs[m], h, qkv, xqb, xdeb, xsb, xkb, n)
+        _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, m, h, qkv, mid, xqb, xdeb, xsb, xkb, n)
         if qk_norm:
             for task in range(T * H):
                 kernels.head_rmsnorm_task(qkv, 0, H, hd, qkn[li, 0], eps, task)
@@ -133,14 +156,12 @@ def layers(tag, tag_odd, has, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope
             for task in range(H + Hkv):
                 kernels.qkv_rope_task(qkv[t:t + 1], positions[t:t + 1], cr, sr, use_rope, q[t:t + 1], kl, vl, task)
         kernels.attention_rows(q, kc[li], vc[li], slots, positions, scale, win[li], scores, att)
-        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 1], qs[m + 1], hs[m + 1], ms[m + 1], fs[m + 1], bs[m + 1], attf, o,
-                xqb, xdeb, xsb, xkb, n)
+        _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, m + 1, attf, o, mid, xqb, xdeb, xsb, xkb, n)
         if post_norms:
             _norm(o, nw[li, 2], nbias[li, 2], layer_norm, eps, o)
         x += o
         _norm(x, nw[li, 1], nbias[li, 1], layer_norm, eps, h)
-        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 2], qs[m + 2], hs[m + 2], ms[m + 2], fs[m + 2], bs[m + 2], h, up,
-                xqb, xdeb, xsb, xkb, n)
+        _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, m + 2, h, up, mid, xqb, xdeb, xsb, xkb, n)
         # the activation kernels of the per-operation path, for every T: their exp/tanh, vectorized in a
         # function of its own, could round differently inlined here (a serial copy did, for T ≤ 2); the
         # same bits at every T keep greedy speculative decoding identical to plain decoding
@@ -150,8 +171,7 @@ def layers(tag, tag_odd, has, fmt, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope
             kernels.geglu(up, act)
         else:
             kernels.gelu_new(up, act)
-        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[m + 3], qs[m + 3], hs[m + 3], ms[m + 3], fs[m + 3], bs[m + 3], act, o,
-                xqb, xdeb, xsb, xkb, n)
+        _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, m + 3, act, o, mid, xqb, xdeb, xsb, xkb, n)
         if post_norms:
             _norm(o, nw[li, 3], nbias[li, 3], layer_norm, eps, o)
         x += o
