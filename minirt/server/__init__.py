@@ -62,10 +62,13 @@ def serve(model, name: str, host: str = "127.0.0.1", port: int = 8080, log_level
         finally:
             batcher.stop()  # the scheduler loop on the main thread returns
 
-    def on_signal(sig, frame):
+    def on_signal(sig, frame):  # the first: drain; a second: end the streams now (uvicorn then closes)
+        if server.draining:
+            batcher.stop()
+            return
         server.draining = True
         batcher.drain(drain_seconds)
-        http.handle_exit(sig, frame)
+        http.should_exit = True
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
