@@ -435,6 +435,40 @@ def test_cli_serve_readme_curl_and_sigterm(tmp_path):
             proc.wait()
 
 
+def test_cli_serve_second_signal_ends_streams_now():
+    """Ctrl-C (or SIGTERM) twice: the running stream ends at once with finish_reason "length", the server
+    exits 0 without a traceback, well before the 30 s drain."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "minirt", "serve", "--model", "smollm2", "--port", str(port),
+                             "--ctx", "2048", "--parallel", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": "Once upon a time", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            it = r.iter_lines()
+            next(it)
+            t0 = time.time()
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            rest = [ln for ln in it if ln]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert len(rest) < 1000  # ended, not drained to max_tokens
+        assert proc.wait(timeout=20) == 0 and time.time() - t0 < 20
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ---- the chat page in a real browser --------------------------------------------------------------------
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
