@@ -433,9 +433,9 @@ class StepTable:
                     self.ms.append(np.zeros((lin.out_features, 0), np.uint16))
                 else:
                     self.fmt[4 * i + j] = step.FORMATS[lin.qtype]
-                    self.qs.append(lin.qn.view(np.uint8) if lin.nb else ph8)
-                    self.hs.append(lin.d if lin.nb else lin.qn)
-                    self.ms.append(lin.m if lin.m.shape[1] else np.zeros((lin.out_features, 0), np.uint16))
+                    self.qs.append(lin.qi.view(np.uint8) if lin.nb else ph8)  # the interleaved layout
+                    self.hs.append(lin.di if lin.nb else lin.qn)
+                    self.ms.append(lin.mi if lin.mi.shape[1] else np.zeros((lin.out_features, 0), np.uint16))
                     self.fs.append(phf)
                 self.bs.append(lin.bias if lin.bias is not None else np.zeros(0, np.float32))
         self.qs, self.hs, self.ms, self.fs, self.bs = (step.as_list(_one_type(v)) for v in (self.qs, self.hs, self.ms,
