@@ -122,6 +122,29 @@ def test_kernels_on_every_path(path, qtype, T):
         assert np.abs(outs[path] - dense).max() < 0.03 * scale  # what int8 activations cost
 
 
+@pytest.mark.parametrize("path", isa.PATHS)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_a_position_has_the_same_bits_at_any_t(path, qtype):
+    """Each position's result does not depend on how many positions share the call (the kernels take 8, 4, 2 or
+    1 at a time): greedy speculative and Jacobi decoding stay identical to plain decoding."""
+    tag = runnable(path)
+    rng = np.random.default_rng(3)
+    N, K = 40, 128
+    lin = Quant(stored(rng.standard_normal((N, K)).astype(np.float32), qtype))
+    x = rng.standard_normal((16, K)).astype(np.float32)
+
+    def run(xs):
+        out = np.empty((len(xs), N), np.float32)
+        xq, xde, s, xk = lin._act_buffers(len(xs))
+        Q.quantize_x(xs, xq, xde, s)
+        h, xk = lin._correction(s, xk)
+        Q.matmul_q(tag, xq, xde, xk, lin.qi, lin.di, h, out, 2)
+        return out
+    one = np.concatenate([run(x[t:t + 1]) for t in range(16)])
+    for T in (2, 3, 5, 7, 8, 13, 16):
+        assert np.array_equal(run(x[:T]), one[:T]), T
+
+
 INSTRUCTIONS = {"avx2": ["vpmaddubsw", "vpmaddwd"], "avxvnni": ["vpdpbusd"], "avx512vnni": ["vpdpbusd", "zmm"]}
 
 

@@ -106,6 +106,7 @@ class _VecModel(models.PrimitiveModel):
 
 
 FAST = ("fast",)
+CONTRACT = ("contract",)  # fused multiply-adds, no reordering: the same bits for a position at any T
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
@@ -469,20 +470,22 @@ def bdot(typingctx, isa, q, base, x, xo, xsum):
 
     def cg(ctx, b, sig, args):
         _, qa, base_, xa, xo_, xs_ = args
-        acc = ir.Constant(_lt("i32", n), None)
+        zero = ir.Constant(_lt("i32", n), None)
+        accs = [zero, zero]  # two chains (even and odd k-groups): half the latency of one
         if q8 and path in ("avxvnni", "avx512vnni"):
             w32 = xs_.type.width
             s = b.trunc(xs_, I32) if w32 > 32 else b.sext(xs_, I32) if w32 < 32 else xs_
             s = b.mul(s, ir.Constant(I32, -128))
-            acc = b.insert_element(ir.Constant(_lt("i32", n), None), s, ir.Constant(I32, 0))
-            acc = _shuffle(b, acc, acc, [0] * n)
+            acc = b.insert_element(zero, s, ir.Constant(I32, 0))
+            accs[0] = _shuffle(b, acc, acc, [0] * n)
         for c in range(8):
+            acc = accs[c % 2]
             w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
             xv = _xbcast(ctx, b, sig.args[3], xa, b.add(xo_, ir.Constant(xo_.type, 4 * c)), n)
             if path == "portable":
                 wide = ir.VectorType(I32, 4 * n)
                 p = b.mul(b.sext(w, wide) if q8 else b.zext(w, wide), b.sext(xv, wide))
-                acc = b.add(acc, _group4(b, p, n, b.add))
+                accs[c % 2] = b.add(acc, _group4(b, p, n, b.add))
                 continue
             if q8 and path == "avx2":  # |w| (u8) × (x with w's sign): pmaddubsw's pairs stay within i16
                 xv = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, w])
@@ -490,10 +493,11 @@ def bdot(typingctx, isa, q, base, x, xo, xsum):
             elif q8:
                 w = b.xor(w, _splat(w.type, 0x80))
             if path == "avx2":
-                acc = b.add(acc, _dot_avx2(b, w, xv))
+                accs[c % 2] = b.add(acc, _dot_avx2(b, w, xv))
             else:
                 name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
-                acc = _call(b, name, acc.type, [acc, w, xv])
+                accs[c % 2] = _call(b, name, acc.type, [acc, w, xv])
+        acc = b.add(accs[0], accs[1])
         return acc
     return Vec("i32", n)(isa, q, base, x, xo, xsum), cg
 
@@ -561,7 +565,7 @@ def fma_is(typingctx, acc, iv, dv, s):
     def cg(ctx, b, sig, args):
         a, i, d, sc = args
         f = b.sitofp(i, a.type) if sig.args[1].kind == "i32" else i
-        return b.fadd(a, b.fmul(f, b.fmul(d, _fsplat(b, sc, a.type.count), flags=FAST), flags=FAST), flags=FAST)
+        return b.fadd(a, b.fmul(f, b.fmul(d, _fsplat(b, sc, a.type.count), flags=CONTRACT), flags=CONTRACT), flags=CONTRACT)
     return acc(acc, iv, dv, s), cg
 
 
@@ -573,7 +577,7 @@ def fma_s(typingctx, acc, v, s):
 
     def cg(ctx, b, sig, args):
         a, v, sc = args
-        return b.fadd(a, b.fmul(v, _fsplat(b, sc, a.type.count), flags=FAST), flags=FAST)
+        return b.fadd(a, b.fmul(v, _fsplat(b, sc, a.type.count), flags=CONTRACT), flags=CONTRACT)
     return acc(acc, v, s), cg
 
 
@@ -585,7 +589,7 @@ def fstore(typingctx, out, off, a, c):
 
     def cg(ctx, b, sig, args):
         o, off_, av, cv = args
-        b.store(b.fadd(av, cv, flags=FAST), _ptr(ctx, b, sig.args[0], o, off_, av.type), align=4)
+        b.store(b.fadd(av, cv, flags=CONTRACT), _ptr(ctx, b, sig.args[0], o, off_, av.type), align=4)
         return ctx.get_dummy_value()
     return types.none(out, off, a, c), cg
 

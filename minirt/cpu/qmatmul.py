@@ -151,13 +151,76 @@ def _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
 
 
 @njit(**JIT)
+def _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col, nt):
+    """5 ≤ nt ≤ 8 positions (16-lane path: 32 vector registers)."""
+    a0 = lzero(isa)
+    a1 = lzero(isa)
+    a2 = lzero(isa)
+    a3 = lzero(isa)
+    a4 = lzero(isa)
+    a5 = lzero(isa)
+    a6 = lzero(isa)
+    a7 = lzero(isa)
+    m0 = lzero(isa)
+    m1 = lzero(isa)
+    m2 = lzero(isa)
+    m3 = lzero(isa)
+    m4 = lzero(isa)
+    m5 = lzero(isa)
+    m6 = lzero(isa)
+    m7 = lzero(isa)
+    t5, t6, t7 = t + min(5, nt - 1), t + min(6, nt - 1), t + min(7, nt - 1)
+    x0, x1, x2, x3, x4, x5, x6, x7 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3], xq[t + 4], xq[t5], xq[t6], xq[t7]
+    for b in range(nb):
+        base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        dv = hvec(isa, d, ds)
+        a0 = fma_is(a0, bdot(isa, q, base, x0, o, xsum[t, b]), dv, xde[t, b * 8])
+        a1 = fma_is(a1, bdot(isa, q, base, x1, o, xsum[t + 1, b]), dv, xde[t + 1, b * 8])
+        a2 = fma_is(a2, bdot(isa, q, base, x2, o, xsum[t + 2, b]), dv, xde[t + 2, b * 8])
+        a3 = fma_is(a3, bdot(isa, q, base, x3, o, xsum[t + 3, b]), dv, xde[t + 3, b * 8])
+        a4 = fma_is(a4, bdot(isa, q, base, x4, o, xsum[t + 4, b]), dv, xde[t + 4, b * 8])
+        if nt > 5:
+            a5 = fma_is(a5, bdot(isa, q, base, x5, o, xsum[t5, b]), dv, xde[t5, b * 8])
+        if nt > 6:
+            a6 = fma_is(a6, bdot(isa, q, base, x6, o, xsum[t6, b]), dv, xde[t6, b * 8])
+        if nt > 7:
+            a7 = fma_is(a7, bdot(isa, q, base, x7, o, xsum[t7, b]), dv, xde[t7, b * 8])
+        if h.shape[0]:
+            hv = hvec(isa, h, ds)
+            m0 = fma_s(m0, hv, xk[t, b])
+            m1 = fma_s(m1, hv, xk[t + 1, b])
+            m2 = fma_s(m2, hv, xk[t + 2, b])
+            m3 = fma_s(m3, hv, xk[t + 3, b])
+            m4 = fma_s(m4, hv, xk[t + 4, b])
+            m5 = fma_s(m5, hv, xk[t5, b])
+            m6 = fma_s(m6, hv, xk[t6, b])
+            m7 = fma_s(m7, hv, xk[t7, b])
+    fstore(dst[t], col, a0, m0)
+    fstore(dst[t + 1], col, a1, m1)
+    fstore(dst[t + 2], col, a2, m2)
+    fstore(dst[t + 3], col, a3, m3)
+    fstore(dst[t + 4], col, a4, m4)
+    if nt > 5:
+        fstore(dst[t5], col, a5, m5)
+    if nt > 6:
+        fstore(dst[t6], col, a6, m6)
+    if nt > 7:
+        fstore(dst[t7], col, a7, m7)
+
+
+@njit(**JIT)
 def _group(isa, q, d, h, xq, xde, xk, xsum, nb, B, dst, col):
-    """All positions for one group's rows into dst[:, col:col+ROWS]: 4 (then 2, then 1) positions share each
-    weight load; 8-lane paths take the group in two halves."""
+    """All positions for one group's rows into dst[:, col:col+ROWS]: up to 8 (16-lane path) or 4 (then 2, then 1)
+    positions share each weight load; 8-lane paths take the group in two halves."""
     T = xq.shape[0]
     L = lanes(isa)
     for hr in range(0, ROWS, L):
         t = 0
+        if L == 16:
+            while T - t >= 5:
+                nt = min(8, T - t)
+                _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr, nt)
+                t += nt
         while t + 4 <= T:
             _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr)
             t += 4
