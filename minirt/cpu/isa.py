@@ -471,6 +471,7 @@ def bdot(typingctx, isa, q, base, x, xo, xsum):
     def cg(ctx, b, sig, args):
         _, qa, base_, xa, xo_, xs_ = args
         zero = ir.Constant(_lt("i32", n), None)
+        p16 = []
         accs = [zero, zero]  # two chains (even and odd k-groups): half the latency of one
         if q8 and path in ("avxvnni", "avx512vnni"):
             w32 = xs_.type.width
@@ -492,11 +493,17 @@ def bdot(typingctx, isa, q, base, x, xo, xsum):
                 w = b.select(b.icmp_signed("<", w, ir.Constant(w.type, None)), b.sub(ir.Constant(w.type, None), w), w)
             elif q8:
                 w = b.xor(w, _splat(w.type, 0x80))
-            if path == "avx2":
+            if path == "avx2" and not q8:  # nibbles: 8 pair sums ≤ 8·2·15·127 < 2¹⁵, one vpmaddwd per block
+                p16.append(_call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, xv]))
+            elif path == "avx2":
                 accs[c % 2] = b.add(acc, _dot_avx2(b, w, xv))
             else:
                 name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
                 accs[c % 2] = _call(b, name, acc.type, [acc, w, xv])
+        if p16:
+            while len(p16) > 1:
+                p16 = [b.add(p16[i], p16[i + 1]) for i in range(0, len(p16), 2)]
+            return _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [p16[0], _splat(ir.VectorType(I16, 16), 1)])
         acc = b.add(accs[0], accs[1])
         return acc
     return Vec("i32", n)(isa, q, base, x, xo, xsum), cg
