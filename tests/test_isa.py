@@ -192,6 +192,8 @@ def test_interleaved_layout_extremes(path, qtype):
     raw = np.asarray(t.data).reshape(N, K // 32, -1)
     assert np.array_equal(lin.d, raw[:, :, :2].copy().view(np.uint16)[:, :, 0])
     assert np.array_equal(lin.qn.view(np.uint8), raw[:, :, 4 if qtype == "Q4_1" else 2:].reshape(N, -1))
+    if qtype == "Q4_1":  # what the GPU upload and exports read: GGUF's order, rebuilt
+        assert np.array_equal(lin.m, raw[:, :, 2:4].copy().view(np.uint16)[:, :, 0])
     x = rng.standard_normal((T, K)).astype(np.float32)
     x[0], x[1, :32], x[2] = 3.0, -3.0, np.where(np.arange(K) % 3, -2.0, 2.0)
     out = np.empty((T, N), np.float32)

@@ -1,17 +1,20 @@
 """Matrix kernels on stored formats (Q8_0, Q4_0, Q4_1, F16, BF16), built on the ISA primitives of isa.py.
 
-Layout: GGUF's own, split at load into quants (N, nb·32 int8 for Q8_0; N, nb·16 nibble bytes for Q4_*) and
-f16 scales d (N, nb) (and m for Q4_1). Every kernel takes the path tag (isa.tag(): an empty array whose dtype
-names the path) as its first argument.
+Layout of the block formats: interleaved at load (pack(), as llama.cpp's repacked block_q4_0x8, here 16 rows):
+per group of 16 rows and block of 32 values, the 4-byte groups of the 16 rows side by side, then their f16
+scales d (and Q4_1's m) side by side. One vector load gives lane r = row r; the activations enter as one
+4-byte group broadcast to every lane (vpdpbusd's {1to16} memory operand), so a block of 16 rows costs 8
+vpdpbusd per position (zmm; 16 ymm on the 8-lane paths) and no horizontal sums. F16/BF16: row-major as stored.
+Every kernel takes the path tag (isa.tag(): an empty array whose dtype names the path) as its first argument.
 
 Decode (T ≤ 16 positions), as llama.cpp: activations rounded to int8 per block of 32 (x ≈ xd_b · xq),
     y[t, j] = Σ_b d[j,b] · xd[t,b] · Σ_i q[j,b,i] · xq[t,b,i]   +   Σ_b h[j,b] · xk[t,b]
 with h = m, xk = Σx_b for Q4_1; h = d, xk = −8·Σx_b for Q4_0; no second term for Q8_0. The inner sums are
-integer (vpdpbusd / vpmaddubsw), scaled in float lanes: one float accumulator vector per position.
-Several positions for the price of one: the rows of T positions are taken 4 (then 2, then 1) at a time
-and each weight vector, once loaded and unpacked, is applied to all of them while it is in registers;
-a weight row (≤ a few KB) is read from memory once and from L1 for the other chunks.
-Rows are split into one contiguous range per thread (16-row tasks handed out in turn ran 5-8x slower in
+integer, scaled in float lanes (a vector of 16 rows' scales times the block's activation scale).
+Several positions for the price of one: per group, positions are taken 8 (16-lane path), 4, 2, then 1 at a time,
+and each block's weights, once loaded and unpacked, serve all of them; a group (a few KB) is read from memory
+once and from L1 for the other chunks. A position's result has the same bits whatever T (no reassociation).
+Groups are split into one contiguous range per thread (16-row tasks handed out in turn ran 5-8x slower in
 some processes; a static split removed that, measured in the earlier qkernels.py, now removed).
 """
 from __future__ import annotations
