@@ -145,6 +145,21 @@ def test_a_position_has_the_same_bits_at_any_t(path, qtype):
         assert np.array_equal(run(x[:T]), one[:T]), T
 
 
+def test_fused_parts_that_end_inside_a_group():
+    """Stacking matrices whose rows do not fill whole 16-row groups repacks them: the same values, and the
+    kernel's rows are the parts' rows (a Stacked of mixed formats writes each part into its slice)."""
+    rng = np.random.default_rng(5)
+    a, b = (stored(rng.standard_normal((n, 64)).astype(np.float32), "Q4_1") for n in (40, 20))
+    fused = Quant.concat([Quant(a), Quant(b)])
+    assert np.array_equal(fused.dequantized(), np.concatenate([a.float32(), b.float32()]))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    out, oa, ob = np.empty((3, 60), np.float32), np.empty((3, 40), np.float32), np.empty((3, 20), np.float32)
+    fused.forward(x, out)
+    Quant(a).forward(x, oa)
+    Quant(b).forward(x, ob)
+    assert np.array_equal(out, np.concatenate([oa, ob], 1))
+
+
 INSTRUCTIONS = {"avx2": ["vpmaddubsw", "vpmaddwd"], "avxvnni": ["vpdpbusd"], "avx512vnni": ["vpdpbusd", "zmm"]}
 
 
