@@ -85,43 +85,63 @@ class Quant(Linear):
         self.out_features, self.in_features = N, K
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         if block == 0:  # F16 / BF16: 16-bit values as they are
-            self.qn = np.ascontiguousarray(t.data).view(np.uint16).reshape(N, K)
+            self._qn = np.ascontiguousarray(t.data).view(np.uint16).reshape(N, K)
             self.nb = 0
-            self.d = self.m = np.zeros((N, 0), np.uint16)
+            self.qi = np.zeros((1, 1), np.uint8)
+            self.di = self.mi = np.zeros((N, 0), np.uint16)
             return
         if K % 32:
             raise ValueError(f"{t.qtype} rows of {K} values are not whole blocks")
         nb = self.nb = K // 32
         blocks = np.asarray(t.data).reshape(N, nb, block)
-        self.d = np.empty((N, nb), np.uint16)
-        self.m = np.empty((N, nb if moff else 0), np.uint16)
-        q = np.empty((N, nb * (block - qoff)), np.uint8)  # GGUF's order, scales split off
-        step = max(1, (8 << 20) // max(1, nb * block))
-        for a in range(0, N, step):  # in chunks of 8 MB, each released from the mapping once copied
+        R = qmatmul.ROWS
+        G = -(-N // R)
+        self.qi = np.empty((G, nb * R * (block - qoff)), np.int8 if t.qtype == "Q8_0" else np.uint8)
+        self.di = np.empty((G, nb * R), np.uint16)
+        self.mi = np.empty((G, nb * R if moff else 0), np.uint16)
+        step = R * max(1, (8 << 20) // max(1, R * nb * block))
+        for a in range(0, N, step):  # in chunks of ~8 MB, each released from the mapping once repacked
             b = blocks[a:a + step]
-            self.d[a:a + step] = b[:, :, 0:2].view(np.uint16)[:, :, 0]
-            if moff:
-                self.m[a:a + step] = b[:, :, moff:moff + 2].view(np.uint16)[:, :, 0]
-            q[a:a + step] = b[:, :, qoff:].reshape(len(b), -1)
+            d = b[:, :, 0:2].view(np.uint16)[:, :, 0]
+            m = b[:, :, moff:moff + 2].view(np.uint16)[:, :, 0] if moff else np.zeros((len(b), 0), np.uint16)
+            qi, di, mi = qmatmul.pack(b[:, :, qoff:].view(self.qi.dtype), d, m)
+            g = a // R
+            self.qi[g:g + len(qi)], self.di[g:g + len(qi)], self.mi[g:g + len(qi)] = qi, di, mi
             release_pages(b)
-        self.qn = q.view(np.int8) if t.qtype == "Q8_0" else q
+
+    @property
+    def qn(self) -> np.ndarray:
+        """The quants in GGUF's order (N, nb·32 int8 | nb·16 nibble bytes), rebuilt from the interleaved
+        layout the kernels read (qi, di, mi: qmatmul.pack); F16/BF16: the values (N, K). For the GPU upload
+        and exports."""
+        if not self.nb:
+            return self._qn
+        return qmatmul.unpack_q(self.qi, self.out_features, self.nb)
+
+    @property
+    def d(self) -> np.ndarray:
+        """The f16 block scales (N, nb) in GGUF's row order (rebuilt; the kernels read di)."""
+        return qmatmul.unpack_s(self.di, self.out_features) if self.nb else self.di
+
+    @property
+    def m(self) -> np.ndarray:
+        """Q4_1's f16 block minimums (N, nb), else (N, 0) (rebuilt; the kernels read mi)."""
+        return qmatmul.unpack_s(self.mi, self.out_features) if self.nb else self.mi
 
     @property
     def q(self) -> np.ndarray:
         """The quants in the block-transposed order of earlier versions (byte i of block b at i·nb + b; for
-        code that reads them directly, e.g. lowrank's export). The kernels use qn (GGUF's order)."""
+        code that reads them directly, e.g. lowrank's export). The kernels use qi (the interleaved layout)."""
         if not self.nb:
             return self.qn
-        N, w = self.qn.shape
-        return np.ascontiguousarray(self.qn.reshape(N, self.nb, w // self.nb).transpose(0, 2, 1)).reshape(N, w)
+        qn = self.qn
+        N, w = qn.shape
+        return np.ascontiguousarray(qn.reshape(N, self.nb, w // self.nb).transpose(0, 2, 1)).reshape(N, w)
 
     @property
     def _tag(self):
-        """The ISA path for this matrix: 2-block steps (avx512vnni) need an even number of blocks."""
-        tag = isa.tag()
-        if self.nb % 2 and isa.TAGS["avx512vnni"] is tag:
-            return isa.tag("avxvnni")
-        return tag
+        """The ISA path for this matrix (the interleaved kernels take any number of blocks)."""
+        return isa.tag()
 
     @classmethod
     def concat(cls, parts: list["Quant"]) -> "Quant":
@@ -129,9 +149,16 @@ class Quant(Linear):
         out = object.__new__(cls)
         out.__dict__.update(parts[0].__dict__)
         out.__dict__.pop("_bufs", None)
-        out.qn = np.concatenate([p.qn for p in parts])
-        out.d = np.concatenate([p.d for p in parts])
-        out.m = np.concatenate([p.m for p in parts])
+        if not out.nb:
+            out._qn = np.concatenate([p.qn for p in parts])
+            out.di = out.mi = np.zeros((len(out._qn), 0), np.uint16)
+        elif all(p.out_features % qmatmul.ROWS == 0 for p in parts[:-1]):  # whole groups: stacked as they are
+            out.qi, out.di, out.mi = (np.concatenate([getattr(p, k) for p in parts]) for k in ("qi", "di", "mi"))
+        else:  # a part ends inside a group: repacked from GGUF's order
+            n, nb = sum(p.out_features for p in parts), out.nb
+            qn = np.concatenate([p.qn for p in parts])
+            out.qi, out.di, out.mi = qmatmul.pack(qn.reshape(n, nb, -1), np.concatenate([p.d for p in parts]),
+                                                  np.concatenate([p.m for p in parts]))
         out.out_features = sum(p.out_features for p in parts)
         out.bias = None  # make_linear sets the stacked bias
         return out
@@ -149,8 +176,8 @@ class Quant(Linear):
         """(h, xk) of the second term: Q4_1 m·Σx, Q4_0 −8·d·Σx, none for Q8_0."""
         if self.qtype == "Q4_0":
             np.multiply(xs, np.float32(-8.0), out=xk)
-            return self.d, xk
-        return self.m, xs
+            return self.di, xk
+        return self.mi, xs
 
     def forward(self, x, out):
         T = x.shape[0]
@@ -158,14 +185,14 @@ class Quant(Linear):
         if T < self.GEMM_MIN_ROWS and self.nb and self.exact:
             xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
             h, xk = self._correction(xs, np.empty_like(xs))
-            qmatmul.matmul_q_exact(self._tag, np.ascontiguousarray(x), xk, self.qn, self.d, h, out, n)
+            qmatmul.matmul_q_exact(self._tag, np.ascontiguousarray(x), xk, self.qi, self.di, h, out, n)
         elif T < self.GEMM_MIN_ROWS and self.nb:
             xq, xde, xs, xk = self._act_buffers(T)
             qmatmul.quantize_x(x, xq, xde, xs)
             h, xk = self._correction(xs, xk)
-            qmatmul.matmul_q(self._tag, xq, xde, xk, self.qn, self.d, h, out, n)
+            qmatmul.matmul_q(self._tag, xq, xde, xk, self.qi, self.di, h, out, n)
         elif T < self.GEMM_MIN_ROWS:
-            qmatmul.matmul_half(self._tag, np.ascontiguousarray(x), self.qn, self.qtype == "BF16", out, n)
+            qmatmul.matmul_half(self._tag, np.ascontiguousarray(x), self._qn, self.qtype == "BF16", out, n)
         else:
             split_rows(self.out_features, lambda a, b: self._gemm(x, out, a, b))
         if self.bias is not None:
@@ -181,12 +208,10 @@ class Quant(Linear):
 
     def _dequantize_natural(self, a: int, b: int, w: np.ndarray) -> None:
         """Rows a..b−1 as float32 into w, in natural column order."""
-        if self.qtype == "Q8_0":
-            qmatmul.dequantize_q8_0(self.qn, self.d, a, b, w)
-        elif self.qtype in ("Q4_0", "Q4_1"):
-            qmatmul.dequantize_q4(self.qn, self.d, self.m, a, b, w)
+        if self.nb:
+            qmatmul.dequantize_i(self.qi, self.di, self.mi, a, b, w)
         else:
-            qmatmul.dequantize_half(self.qn, self.qtype == "BF16", a, b, w)
+            qmatmul.dequantize_half(self._qn, self.qtype == "BF16", a, b, w)
 
     def _dequantize(self, a: int, b: int, w: np.ndarray) -> None:
         """Rows a..b−1 in the block-transposed column order of earlier versions (gpu.float_matrix undoes it)."""
@@ -209,7 +234,8 @@ class Quant(Linear):
 
     @property
     def nbytes(self) -> int:
-        return self.qn.nbytes + self.d.nbytes + self.m.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        q = self.qi if self.nb else self._qn
+        return q.nbytes + self.di.nbytes + self.mi.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
 def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequantize: bool = False,

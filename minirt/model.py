@@ -453,10 +453,10 @@ class StepTable:
                 fmt[i], self.fs[i] = 0, lin.w
             else:
                 fmt[i] = step.FORMATS[lin.qtype]
-                self.qs[i] = lin.qn.view(np.uint8) if lin.nb else ph8
-                self.hs[i] = lin.d if lin.nb else lin.qn
-                if lin.m.shape[1]:
-                    self.ms[i] = lin.m
+                self.qs[i] = lin.qi.view(np.uint8) if lin.nb else ph8  # the interleaved layout
+                self.hs[i] = lin.di if lin.nb else lin.qn
+                if lin.nb and lin.mi.shape[1]:
+                    self.ms[i] = lin.mi
             return i
         n_main = 4 * c.n_layers  # entries 4·layer + (qkv, wo, up, down); low-rank factors come after them
         fmt += [0] * n_main

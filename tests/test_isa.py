@@ -108,18 +108,56 @@ def test_kernels_on_every_path(path, qtype, T):
             xq, xde, xs, xk = lin._act_buffers(T)
             Q.quantize_x(x, xq, xde, xs)
             h, xk = lin._correction(xs, xk)
-            Q.matmul_q(isa.tag(p), xq, xde, xk, lin.qn, lin.d, h, out, 2)
+            Q.matmul_q(isa.tag(p), xq, xde, xk, lin.qi, lin.di, h, out, 2)
             exact = np.empty((T, N), np.float32)
-            Q.matmul_q_exact(isa.tag(p), x, xk, lin.qn, lin.d, h, exact, 2)
+            Q.matmul_q_exact(isa.tag(p), x, xk, lin.qi, lin.di, h, exact, 2)
             assert np.abs(exact - dense).max() < 1e-4 * scale
         else:
-            Q.matmul_half(isa.tag(p), x, lin.qn, qtype == "BF16", out, 2)
+            Q.matmul_half(isa.tag(p), x, lin._qn, qtype == "BF16", out, 2)
             assert np.abs(out - dense).max() < 1e-4 * scale
         outs[p] = out
     assert np.abs(outs[path] - outs["portable"]).max() < 1e-5 * scale  # the same integers, float rounding apart
     if lin.nb:
         assert np.abs(outs[path] - int8_activation_reference(t, x)).max() < 1e-4 * scale
         assert np.abs(outs[path] - dense).max() < 0.03 * scale  # what int8 activations cost
+
+
+@pytest.mark.parametrize("path", isa.PATHS)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_a_position_has_the_same_bits_at_any_t(path, qtype):
+    """Each position's result does not depend on how many positions share the call (the kernels take 8, 4, 2 or
+    1 at a time): greedy speculative and Jacobi decoding stay identical to plain decoding."""
+    tag = runnable(path)
+    rng = np.random.default_rng(3)
+    N, K = 40, 128
+    lin = Quant(stored(rng.standard_normal((N, K)).astype(np.float32), qtype))
+    x = rng.standard_normal((16, K)).astype(np.float32)
+
+    def run(xs):
+        out = np.empty((len(xs), N), np.float32)
+        xq, xde, s, xk = lin._act_buffers(len(xs))
+        Q.quantize_x(xs, xq, xde, s)
+        h, xk = lin._correction(s, xk)
+        Q.matmul_q(tag, xq, xde, xk, lin.qi, lin.di, h, out, 2)
+        return out
+    one = np.concatenate([run(x[t:t + 1]) for t in range(16)])
+    for T in (2, 3, 5, 7, 8, 13, 16):
+        assert np.array_equal(run(x[:T]), one[:T]), T
+
+
+def test_fused_parts_that_end_inside_a_group():
+    """Stacking matrices whose rows do not fill whole 16-row groups repacks them: the same values, and the
+    kernel's rows are the parts' rows (a Stacked of mixed formats writes each part into its slice)."""
+    rng = np.random.default_rng(5)
+    a, b = (stored(rng.standard_normal((n, 64)).astype(np.float32), "Q4_1") for n in (40, 20))
+    fused = Quant.concat([Quant(a), Quant(b)])
+    assert np.array_equal(fused.dequantized(), np.concatenate([a.float32(), b.float32()]))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    out, oa, ob = np.empty((3, 60), np.float32), np.empty((3, 40), np.float32), np.empty((3, 20), np.float32)
+    fused.forward(x, out)
+    Quant(a).forward(x, oa)
+    Quant(b).forward(x, ob)
+    assert np.array_equal(out, np.concatenate([oa, ob], 1))
 
 
 INSTRUCTIONS = {"avx2": ["vpmaddubsw", "vpmaddwd"], "avxvnni": ["vpdpbusd"], "avx512vnni": ["vpdpbusd", "zmm"]}
@@ -136,19 +174,50 @@ def _asm(fn, *args):
 @pytest.mark.parametrize("path", isa.PATHS)
 def test_compiled_code_has_the_instructions(path):
     tag = runnable(path)
-    nb = 6
-    q4, d = np.zeros((1, nb * 16), np.uint8), np.zeros((1, nb), np.uint16)
-    xq, xde = np.zeros((1, nb * 32), np.int8), np.zeros((1, nb * 8), np.float32)
-    asm = _asm(Q._q1, tag, q4[0], d[0], xq[0], xde[0], nb)
+    nb, R = 6, Q.ROWS
+    d, xq, xde = np.zeros((1, nb * R), np.uint16), np.zeros((1, nb * 32), np.int8), np.zeros((1, nb * 8), np.float32)
+    xs, xsum, dst = np.zeros((1, nb), np.float32), np.zeros((1, nb), np.int32), np.zeros((1, R), np.float32)
+    asm = _asm(Q._i1, tag, np.zeros(nb * R * 16, np.uint8), d[0], d[0], xq, xde, xs, xsum, 0, nb, R * 16, 0, dst, 0)
+    asm8 = _asm(Q._i1, tag, np.zeros(nb * R * 32, np.int8), d[0], d[0, :0], xq, xde, xs, xsum, 0, nb, R * 32, 0, dst, 0)
     fasm = _asm(Q._h1, tag, np.zeros(64, np.uint16), np.zeros(64, np.float32), 64, False)
     for ins in INSTRUCTIONS.get(path, []):
         assert ins in asm, f"{path}: no {ins} in the Q4 kernel"
+        assert ins in asm8, f"{path}: no {ins} in the Q8_0 kernel"
     if path == "avx2":
-        assert "vpdpbusd" not in asm
+        assert "vpdpbusd" not in asm and "vpsignb" in asm8  # Q8_0: |w| × (x with w's sign), as llama.cpp
     if path == "portable":
         assert "vpdpbusd" not in asm and "vpmaddubsw" not in asm
     if path in X86:
         assert "vcvtph2ps" in fasm and "vcvtph2ps" in asm  # F16C widening of weights and block scales
+
+
+@pytest.mark.parametrize("path", isa.PATHS)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_interleaved_layout_extremes(path, qtype):
+    """The interleaved kernels' integer sums are exact at the operands' extremes (Q8_0's ±127 weights against
+    ±127 activations: the VNNI paths' w+128 offset and AVX2's sign trick), for a row count that leaves a
+    partly filled group, and the layout round-trips to GGUF's order."""
+    tag = runnable(path)
+    rng = np.random.default_rng(7)
+    N, K, T = 37, 96, 5
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[0], w[1, :32], w[2] = 1.0, -1.0, np.where(np.arange(K) % 2, 1.0, -1.0)
+    t = stored(w, qtype)
+    lin = Quant(t)
+    raw = np.asarray(t.data).reshape(N, K // 32, -1)
+    assert np.array_equal(lin.d, raw[:, :, :2].copy().view(np.uint16)[:, :, 0])
+    assert np.array_equal(lin.qn.view(np.uint8), raw[:, :, 4 if qtype == "Q4_1" else 2:].reshape(N, -1))
+    if qtype == "Q4_1":  # what the GPU upload and exports read: GGUF's order, rebuilt
+        assert np.array_equal(lin.m, raw[:, :, 2:4].copy().view(np.uint16)[:, :, 0])
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    x[0], x[1, :32], x[2] = 3.0, -3.0, np.where(np.arange(K) % 3, -2.0, 2.0)
+    out = np.empty((T, N), np.float32)
+    xq, xde, xs, xk = lin._act_buffers(T)
+    Q.quantize_x(x, xq, xde, xs)
+    h, xk = lin._correction(xs, xk)
+    Q.matmul_q(tag, xq, xde, xk, lin.qi, lin.di, h, out, 2)
+    ref = int8_activation_reference(t, x)
+    assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
 
 
 def test_selected_path_is_what_linear_runs():
@@ -160,11 +229,11 @@ def test_selected_path_is_what_linear_runs():
 _CACHE_PROBE = """
 import numpy as np
 from minirt.cpu import isa, qmatmul as Q
-T, N, nb = 2, 8, 4
+T, N, nb, R = 2, 8, 4, Q.ROWS
 out = np.empty((T, N), np.float32)
 Q.matmul_q(isa.tag(), np.ones((T, nb * 32), np.int8), np.ones((T, nb * 8), np.float32),
-           np.ones((T, nb), np.float32), np.ones((N, nb * 16), np.uint8), np.zeros((N, nb), np.uint16),
-           np.zeros((N, nb), np.uint16), out, 1)
+           np.ones((T, nb), np.float32), np.ones((1, nb * R * 16), np.uint8), np.zeros((1, nb * R), np.uint16),
+           np.zeros((1, nb * R), np.uint16), out, 1)
 print(sum(Q.matmul_q.stats.cache_hits.values()), sum(Q.matmul_q.stats.cache_misses.values()))
 """
 

@@ -106,6 +106,7 @@ class _VecModel(models.PrimitiveModel):
 
 
 FAST = ("fast",)
+CONTRACT = ("contract",)  # fused multiply-adds, no reordering: the same bits for a position at any T
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
@@ -417,6 +418,200 @@ def isum(typingctx, v):
     return types.int32(v), cg
 
 
+# ---- the interleaved layout (qmatmul's kernels): 16 rows per group, lane r of a vector = row r ------------
+# Per group of 16 rows and block of 32 values, k-group c (values 4c..4c+3 of the block) of the 16 rows lies in
+# 64 bytes, row r at bytes 4r..4r+3: Q8_0 as int8 at 64·c; Q4_* as nibbles, k-groups c and c+4 in the low and high
+# nibbles of the bytes at 64·c (c < 4: GGUF's byte 4c+k of a block holds values 4c+k and 16+4c+k). A path with
+# 16 int32 lanes (avx512vnni) takes a group at once; the others (8 lanes) take it in halves of 8 rows (bytes
+# 32·h.. of each 64). Activations enter as a 4-byte k-group broadcast to every lane.
+def _lanes(t) -> int:
+    return 16 if path_of(t) == "avx512vnni" else 8
+
+
+@intrinsic
+def lanes(typingctx, isa):
+    """L: rows per vector of the interleaved kernels (16 on avx512vnni, else 8)."""
+    if not _is_int_tag(isa):
+        return None
+    n = _lanes(isa)
+
+    def cg(ctx, b, sig, args):
+        return ir.Constant(ir.IntType(64), n)
+    return types.intp(isa), cg
+
+
+def _kgroup(ctx, b, aty, arr, base, c, n, q8):
+    """k-group c of a block whose bytes start at base: 4·n bytes, lane r = row r, as value bytes."""
+    chunk = c if q8 else c % 4
+    off = b.add(base, ir.Constant(base.type, 64 * chunk))
+    v = b.load(_ptr(ctx, b, aty, arr, off, _lt("u8", 4 * n)), align=1)
+    if q8:
+        return v
+    return b.and_(v, _splat(v.type, 15)) if c < 4 else b.lshr(v, _splat(v.type, 4))
+
+
+def _xbcast(ctx, b, aty, arr, off, n):
+    """The 4 int8 activations at arr[off:off+4] in every one of n lanes."""
+    v = b.load(_ptr(ctx, b, aty, arr, off, ir.VectorType(I32, 1)), align=1)
+    return b.bitcast(_shuffle(b, v, v, [0] * n), _lt("i8", 4 * n))
+
+
+def _bdot_typer(chains, isa, q, base, x, xo, xsum):
+    """Integer dot products of one block of a group (rows in lanes) with one position's int8 activations:
+    lane r = Σ_i q[r, i] · x[xo + i] over the block's 32 values (int32, L lanes). q: the group's bytes (1-D,
+    int8 Q8_0 or uint8 nibbles), base: the block's first byte (plus 32·h for half h on 8-lane paths);
+    xsum: Σ x[xo:xo+32] (int), used by the VNNI paths for Q8_0, whose weights enter as w ^ 0x80 = w + 128
+    (unsigned) and whose sums start at −128·xsum. Calls at the same base share the weight loads (LLVM's GVN)."""
+    if not _is_int_tag(isa) or not isinstance(q, types.Array):
+        return None
+    path, n = path_of(isa), _lanes(isa)
+    q8 = q.dtype == types.int8
+
+    def cg(ctx, b, sig, args):
+        _, qa, base_, xa, xo_, xs_ = args
+        zero = ir.Constant(_lt("i32", n), None)
+        p16 = []
+        accs = [zero] * chains  # two chains (even and odd k-groups) halve the latency for a lone position
+        if q8 and path in ("avxvnni", "avx512vnni"):
+            w32 = xs_.type.width
+            s = b.trunc(xs_, I32) if w32 > 32 else b.sext(xs_, I32) if w32 < 32 else xs_
+            s = b.mul(s, ir.Constant(I32, -128))
+            acc = b.insert_element(zero, s, ir.Constant(I32, 0))
+            accs[0] = _shuffle(b, acc, acc, [0] * n)
+        for c in range(8):
+            acc = accs[c % chains]
+            w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
+            xv = _xbcast(ctx, b, sig.args[3], xa, b.add(xo_, ir.Constant(xo_.type, 4 * c)), n)
+            if path == "portable":
+                wide = ir.VectorType(I32, 4 * n)
+                p = b.mul(b.sext(w, wide) if q8 else b.zext(w, wide), b.sext(xv, wide))
+                accs[c % chains] = b.add(acc, _group4(b, p, n, b.add))
+                continue
+            if q8 and path == "avx2":  # |w| (u8) × (x with w's sign): pmaddubsw's pairs stay within i16
+                xv = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, w])
+                w = b.select(b.icmp_signed("<", w, ir.Constant(w.type, None)), b.sub(ir.Constant(w.type, None), w), w)
+            elif q8:
+                w = b.xor(w, _splat(w.type, 0x80))
+            if path == "avx2" and not q8:  # nibbles: 8 pair sums ≤ 8·2·15·127 < 2¹⁵, one vpmaddwd per block
+                p16.append(_call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, xv]))
+            elif path == "avx2":
+                accs[c % chains] = b.add(acc, _dot_avx2(b, w, xv))
+            else:
+                name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
+                accs[c % chains] = _call(b, name, acc.type, [acc, w, xv])
+        if p16:
+            while len(p16) > 1:
+                p16 = [b.add(p16[i], p16[i + 1]) for i in range(0, len(p16), 2)]
+            return _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [p16[0], _splat(ir.VectorType(I16, 16), 1)])
+        return b.add(accs[0], accs[1]) if chains == 2 else accs[0]
+    return Vec("i32", n)(isa, q, base, x, xo, xsum), cg
+
+
+@intrinsic
+def bdot(typingctx, isa, q, base, x, xo, xsum):
+    """_bdot_typer's sums in one chain (several positions: their chains interleave)."""
+    return _bdot_typer(1, isa, q, base, x, xo, xsum)
+
+
+@intrinsic
+def bdot2(typingctx, isa, q, base, x, xo, xsum):
+    """_bdot_typer's sums in two chains (one position; integer sums: the same bits either way)."""
+    return _bdot_typer(2, isa, q, base, x, xo, xsum)
+
+
+@intrinsic
+def bdotf(typingctx, isa, q, base, x, xo):
+    """As bdot with float32 activations x[xo:xo+32] (the exact path): float products, float lanes."""
+    if not _is_int_tag(isa) or not isinstance(q, types.Array):
+        return None
+    n = _lanes(isa)
+    q8 = q.dtype == types.int8
+
+    def cg(ctx, b, sig, args):
+        _, qa, base_, xa, xo_ = args
+        fty = ir.VectorType(F32, 4 * n)
+        acc = ir.Constant(_lt("f32", n), None)
+        for c in range(8):
+            w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
+            wf = b.sitofp(w, fty) if q8 else b.uitofp(w, fty)
+            x4 = b.load(_ptr(ctx, b, sig.args[3], xa, b.add(xo_, ir.Constant(xo_.type, 4 * c)),
+                             ir.VectorType(F32, 4)), align=4)
+            xv = _shuffle(b, x4, x4, [k for _ in range(n) for k in range(4)])
+            acc = b.fadd(acc, _group4(b, b.fmul(wf, xv, flags=FAST), n, lambda u, v: b.fadd(u, v, flags=FAST)),
+                         flags=FAST)
+        return acc
+    return Vec("f32", n)(isa, q, base, x, xo), cg
+
+
+@intrinsic
+def hvec(typingctx, isa, h, off):
+    """L f16 values h[off:off+L] (uint16 bits, 1-D) as float32 lanes (vcvtph2ps)."""
+    if not _is_int_tag(isa):
+        return None
+    n = _lanes(isa)
+
+    def cg(ctx, b, sig, args):
+        v = b.load(_ptr(ctx, b, sig.args[1], args[1], args[2], ir.VectorType(I16, n)), align=2)
+        return _half_to_float(b, v)
+    return Vec("f32", n)(isa, h, off), cg
+
+
+@intrinsic
+def lzero(typingctx, isa):
+    """L float lanes, zero."""
+    if not _is_int_tag(isa):
+        return None
+    n = _lanes(isa)
+
+    def cg(ctx, b, sig, args):
+        return ir.Constant(_lt("f32", n), None)
+    return Vec("f32", n)(isa), cg
+
+
+def _fsplat(b, s, n):
+    v = b.insert_element(ir.Constant(_lt("f32", n), None), s, ir.Constant(I32, 0))
+    return _shuffle(b, v, v, [0] * n)
+
+
+@intrinsic
+def fma_is(typingctx, acc, iv, dv, s):
+    """acc + float(iv) · (dv · s): int32 lanes iv, float lanes dv, a float32 scalar s."""
+    if not isinstance(acc, Vec) or not isinstance(iv, Vec) or not isinstance(s, types.Float):
+        return None
+
+    def cg(ctx, b, sig, args):
+        a, i, d, sc = args
+        f = b.sitofp(i, a.type) if sig.args[1].kind == "i32" else i
+        return b.fadd(a, b.fmul(f, b.fmul(d, _fsplat(b, sc, a.type.count), flags=CONTRACT), flags=CONTRACT), flags=CONTRACT)
+    return acc(acc, iv, dv, s), cg
+
+
+@intrinsic
+def fma_s(typingctx, acc, v, s):
+    """acc + v · s (float lanes v, a float32 scalar s)."""
+    if not isinstance(acc, Vec) or not isinstance(s, types.Float):
+        return None
+
+    def cg(ctx, b, sig, args):
+        a, v, sc = args
+        return b.fadd(a, b.fmul(v, _fsplat(b, sc, a.type.count), flags=CONTRACT), flags=CONTRACT)
+    return acc(acc, v, s), cg
+
+
+@intrinsic
+def fstore(typingctx, out, off, a, c):
+    """out[off:off+L] = a + c (float lanes; out 1-D float32, unit stride)."""
+    if not isinstance(a, Vec) or not isinstance(out, types.Array):
+        return None
+
+    def cg(ctx, b, sig, args):
+        o, off_, av, cv = args
+        b.store(b.fadd(av, cv, flags=CONTRACT), _ptr(ctx, b, sig.args[0], o, off_, av.type), align=4)
+        return ctx.get_dummy_value()
+    return types.none(out, off, a, c), cg
+
+
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "fzero16", "fmadd", "isum"]
+           "fvload", "fzero16", "fmadd", "isum", "lanes", "bdot", "bdot2", "bdotf", "hvec", "lzero", "fma_is",
+           "fma_s", "fstore"]

@@ -1,17 +1,20 @@
 """Matrix kernels on stored formats (Q8_0, Q4_0, Q4_1, F16, BF16), built on the ISA primitives of isa.py.
 
-Layout: GGUF's own, split at load into quants (N, nb·32 int8 for Q8_0; N, nb·16 nibble bytes for Q4_*) and
-f16 scales d (N, nb) (and m for Q4_1). Every kernel takes the path tag (isa.tag(): an empty array whose dtype
-names the path) as its first argument.
+Layout of the block formats: interleaved at load (pack(), as llama.cpp's repacked block_q4_0x8, here 16 rows):
+per group of 16 rows and block of 32 values, the 4-byte groups of the 16 rows side by side, then their f16
+scales d (and Q4_1's m) side by side. One vector load gives lane r = row r; the activations enter as one
+4-byte group broadcast to every lane (vpdpbusd's {1to16} memory operand), so a block of 16 rows costs 8
+vpdpbusd per position (zmm; 16 ymm on the 8-lane paths) and no horizontal sums. F16/BF16: row-major as stored.
+Every kernel takes the path tag (isa.tag(): an empty array whose dtype names the path) as its first argument.
 
 Decode (T ≤ 16 positions), as llama.cpp: activations rounded to int8 per block of 32 (x ≈ xd_b · xq),
     y[t, j] = Σ_b d[j,b] · xd[t,b] · Σ_i q[j,b,i] · xq[t,b,i]   +   Σ_b h[j,b] · xk[t,b]
 with h = m, xk = Σx_b for Q4_1; h = d, xk = −8·Σx_b for Q4_0; no second term for Q8_0. The inner sums are
-integer (vpdpbusd / vpmaddubsw), scaled in float lanes: one float accumulator vector per position.
-Several positions for the price of one: the rows of T positions are taken 4 (then 2, then 1) at a time
-and each weight vector, once loaded and unpacked, is applied to all of them while it is in registers;
-a weight row (≤ a few KB) is read from memory once and from L1 for the other chunks.
-Rows are split into one contiguous range per thread (16-row tasks handed out in turn ran 5-8x slower in
+integer, scaled in float lanes (a vector of 16 rows' scales times the block's activation scale).
+Several positions for the price of one: per group, positions are taken 8 (16-lane path), 4, 2, then 1 at a time,
+and each block's weights, once loaded and unpacked, serve all of them; a group (a few KB) is read from memory
+once and from L1 for the other chunks. A position's result has the same bits whatever T (no reassociation).
+Groups are split into one contiguous range per thread (16-row tasks handed out in turn ran 5-8x slower in
 some processes; a static split removed that, measured in the earlier qkernels.py, now removed).
 """
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (bfloat, blocks_per_step, dot, dscale, fdot, fload, fma_acc, fmadd, fsum, fvload, fzero, fzero16,
-                  half, hload, wload, xload)
+from .isa import (bdot, bdot2, bdotf, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
+                  hload, hvec, lanes, lzero)
 
 JIT = dict(cache=True, fastmath=True)
 
@@ -48,99 +51,243 @@ def quantize_x(x, xq, xde, xs):
                 xq[t, b * 32 + i] = np.int8(np.round(x[t, b * 32 + i] * inv))
 
 
-@njit(**JIT)
-def _q1(isa, qr, dr, x0, e0, nb):
-    G = blocks_per_step(isa)
-    a0 = fzero(isa)
-    for b in range(0, nb, G):
-        w = wload(isa, qr, b)
-        s = dscale(isa, dr, b)
-        a0 = fma_acc(a0, dot(isa, w, xload(isa, x0, b * 32)), fload(isa, e0, b * 8), s)
-    return fsum(a0)
+# ---- the interleaved layout: see pack(); a group of ROWS rows is read once per call ---------------------
+ROWS = 16
+
+
+def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray):
+    """GGUF-order quants q (n, nb, Bq bytes: 32 int8 for Q8_0, 16 nibble bytes for Q4_*) and f16 scales d, m
+    (n, nb; m may have no columns) → the interleaved layout, n padded with zero rows to groups of ROWS:
+        qi (G, nb·ROWS·Bq): per group and block, the 4-byte groups c = 0..Bq/4−1 of the block, each as ROWS
+                            rows × 4 bytes (row r at 4r): 64 bytes per c
+        di, mi (G, nb·ROWS): per group and block, the ROWS rows' scales side by side
+    so that a vector load gives lane r = row r (isa.bdot); Q4's k-groups c and c+4 share bytes as nibbles."""
+    n, nb, Bq = q.shape
+    G = -(-n // ROWS)
+    pad = G * ROWS - n
+    if pad:
+        q = np.concatenate([q, np.zeros((pad, nb, Bq), q.dtype)])
+        d = np.concatenate([d, np.zeros((pad, nb), d.dtype)])
+        m = np.concatenate([m, np.zeros((pad, m.shape[1]), m.dtype)])
+    qi = q.reshape(G, ROWS, nb, Bq // 4, 4).transpose(0, 2, 3, 1, 4).reshape(G, nb * ROWS * Bq)
+    di = d.reshape(G, ROWS, nb).transpose(0, 2, 1).reshape(G, nb * ROWS)
+    mi = m.reshape(G, ROWS, m.shape[1]).transpose(0, 2, 1).reshape(G, -1)
+    return np.ascontiguousarray(qi), np.ascontiguousarray(di), np.ascontiguousarray(mi)
+
+
+def unpack_q(qi: np.ndarray, n: int, nb: int) -> np.ndarray:
+    """pack's qi → GGUF-order quants (n, nb·Bq)."""
+    G = qi.shape[0]
+    Bq = qi.shape[1] // (nb * ROWS)
+    return np.ascontiguousarray(qi.reshape(G, nb, Bq // 4, ROWS, 4).transpose(0, 3, 1, 2, 4)).reshape(G * ROWS,
+                                                                                                      nb * Bq)[:n]
+
+
+def unpack_s(si: np.ndarray, n: int) -> np.ndarray:
+    """pack's di / mi → (n, nb) (or (n, 0))."""
+    G = si.shape[0]
+    k = si.shape[1] // ROWS
+    return np.ascontiguousarray(si.reshape(G, k, ROWS).transpose(0, 2, 1)).reshape(G * ROWS, k)[:n]
 
 
 @njit(**JIT)
-def _q2(isa, qr, dr, xq, xde, t, nb):
-    G = blocks_per_step(isa)
-    a0 = fzero(isa)
-    a1 = fzero(isa)
-    x0, x1, e0, e1 = xq[t], xq[t + 1], xde[t], xde[t + 1]
-    for b in range(0, nb, G):
-        w = wload(isa, qr, b)
-        s = dscale(isa, dr, b)
-        o, oe = b * 32, b * 8
-        a0 = fma_acc(a0, dot(isa, w, xload(isa, x0, o)), fload(isa, e0, oe), s)
-        a1 = fma_acc(a1, dot(isa, w, xload(isa, x1, o)), fload(isa, e1, oe), s)
-    return fsum(a0), fsum(a1)
+def _i1(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
+    a0 = lzero(isa)
+    m0 = lzero(isa)
+    x0 = xq[t]
+    for b in range(nb):
+        base, ds = b * B + 4 * hr, b * ROWS + hr
+        a0 = fma_is(a0, bdot2(isa, q, base, x0, b * 32, xsum[t, b]), hvec(isa, d, ds), xde[t, b * 8])
+        if h.shape[0]:
+            m0 = fma_s(m0, hvec(isa, h, ds), xk[t, b])
+    fstore(dst[t], col, a0, m0)
 
 
 @njit(**JIT)
-def _q4(isa, qr, dr, xq, xde, t, nb):
-    G = blocks_per_step(isa)
-    a0 = fzero(isa)
-    a1 = fzero(isa)
-    a2 = fzero(isa)
-    a3 = fzero(isa)
+def _i2(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
+    a0 = lzero(isa)
+    a1 = lzero(isa)
+    m0 = lzero(isa)
+    m1 = lzero(isa)
+    x0, x1 = xq[t], xq[t + 1]
+    for b in range(nb):
+        base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        dv = hvec(isa, d, ds)
+        a0 = fma_is(a0, bdot(isa, q, base, x0, o, xsum[t, b]), dv, xde[t, b * 8])
+        a1 = fma_is(a1, bdot(isa, q, base, x1, o, xsum[t + 1, b]), dv, xde[t + 1, b * 8])
+        if h.shape[0]:
+            hv = hvec(isa, h, ds)
+            m0 = fma_s(m0, hv, xk[t, b])
+            m1 = fma_s(m1, hv, xk[t + 1, b])
+    fstore(dst[t], col, a0, m0)
+    fstore(dst[t + 1], col, a1, m1)
+
+
+@njit(**JIT)
+def _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
+    a0 = lzero(isa)
+    a1 = lzero(isa)
+    a2 = lzero(isa)
+    a3 = lzero(isa)
+    m0 = lzero(isa)
+    m1 = lzero(isa)
+    m2 = lzero(isa)
+    m3 = lzero(isa)
     x0, x1, x2, x3 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3]
-    e0, e1, e2, e3 = xde[t], xde[t + 1], xde[t + 2], xde[t + 3]
-    for b in range(0, nb, G):
-        w = wload(isa, qr, b)
-        s = dscale(isa, dr, b)
-        o, oe = b * 32, b * 8
-        a0 = fma_acc(a0, dot(isa, w, xload(isa, x0, o)), fload(isa, e0, oe), s)
-        a1 = fma_acc(a1, dot(isa, w, xload(isa, x1, o)), fload(isa, e1, oe), s)
-        a2 = fma_acc(a2, dot(isa, w, xload(isa, x2, o)), fload(isa, e2, oe), s)
-        a3 = fma_acc(a3, dot(isa, w, xload(isa, x3, o)), fload(isa, e3, oe), s)
-    return fsum(a0), fsum(a1), fsum(a2), fsum(a3)
+    for b in range(nb):
+        base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        dv = hvec(isa, d, ds)
+        a0 = fma_is(a0, bdot(isa, q, base, x0, o, xsum[t, b]), dv, xde[t, b * 8])
+        a1 = fma_is(a1, bdot(isa, q, base, x1, o, xsum[t + 1, b]), dv, xde[t + 1, b * 8])
+        a2 = fma_is(a2, bdot(isa, q, base, x2, o, xsum[t + 2, b]), dv, xde[t + 2, b * 8])
+        a3 = fma_is(a3, bdot(isa, q, base, x3, o, xsum[t + 3, b]), dv, xde[t + 3, b * 8])
+        if h.shape[0]:
+            hv = hvec(isa, h, ds)
+            m0 = fma_s(m0, hv, xk[t, b])
+            m1 = fma_s(m1, hv, xk[t + 1, b])
+            m2 = fma_s(m2, hv, xk[t + 2, b])
+            m3 = fma_s(m3, hv, xk[t + 3, b])
+    fstore(dst[t], col, a0, m0)
+    fstore(dst[t + 1], col, a1, m1)
+    fstore(dst[t + 2], col, a2, m2)
+    fstore(dst[t + 3], col, a3, m3)
+
+
+@njit(**JIT)
+def _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col, nt):
+    """5 ≤ nt ≤ 8 positions (16-lane path: 32 vector registers)."""
+    a0 = lzero(isa)
+    a1 = lzero(isa)
+    a2 = lzero(isa)
+    a3 = lzero(isa)
+    a4 = lzero(isa)
+    a5 = lzero(isa)
+    a6 = lzero(isa)
+    a7 = lzero(isa)
+    m0 = lzero(isa)
+    m1 = lzero(isa)
+    m2 = lzero(isa)
+    m3 = lzero(isa)
+    m4 = lzero(isa)
+    m5 = lzero(isa)
+    m6 = lzero(isa)
+    m7 = lzero(isa)
+    t5, t6, t7 = t + min(5, nt - 1), t + min(6, nt - 1), t + min(7, nt - 1)
+    x0, x1, x2, x3, x4, x5, x6, x7 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3], xq[t + 4], xq[t5], xq[t6], xq[t7]
+    for b in range(nb):
+        base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        dv = hvec(isa, d, ds)
+        a0 = fma_is(a0, bdot(isa, q, base, x0, o, xsum[t, b]), dv, xde[t, b * 8])
+        a1 = fma_is(a1, bdot(isa, q, base, x1, o, xsum[t + 1, b]), dv, xde[t + 1, b * 8])
+        a2 = fma_is(a2, bdot(isa, q, base, x2, o, xsum[t + 2, b]), dv, xde[t + 2, b * 8])
+        a3 = fma_is(a3, bdot(isa, q, base, x3, o, xsum[t + 3, b]), dv, xde[t + 3, b * 8])
+        a4 = fma_is(a4, bdot(isa, q, base, x4, o, xsum[t + 4, b]), dv, xde[t + 4, b * 8])
+        if nt > 5:
+            a5 = fma_is(a5, bdot(isa, q, base, x5, o, xsum[t5, b]), dv, xde[t5, b * 8])
+        if nt > 6:
+            a6 = fma_is(a6, bdot(isa, q, base, x6, o, xsum[t6, b]), dv, xde[t6, b * 8])
+        if nt > 7:
+            a7 = fma_is(a7, bdot(isa, q, base, x7, o, xsum[t7, b]), dv, xde[t7, b * 8])
+        if h.shape[0]:
+            hv = hvec(isa, h, ds)
+            m0 = fma_s(m0, hv, xk[t, b])
+            m1 = fma_s(m1, hv, xk[t + 1, b])
+            m2 = fma_s(m2, hv, xk[t + 2, b])
+            m3 = fma_s(m3, hv, xk[t + 3, b])
+            m4 = fma_s(m4, hv, xk[t + 4, b])
+            m5 = fma_s(m5, hv, xk[t5, b])
+            m6 = fma_s(m6, hv, xk[t6, b])
+            m7 = fma_s(m7, hv, xk[t7, b])
+    fstore(dst[t], col, a0, m0)
+    fstore(dst[t + 1], col, a1, m1)
+    fstore(dst[t + 2], col, a2, m2)
+    fstore(dst[t + 3], col, a3, m3)
+    fstore(dst[t + 4], col, a4, m4)
+    if nt > 5:
+        fstore(dst[t5], col, a5, m5)
+    if nt > 6:
+        fstore(dst[t6], col, a6, m6)
+    if nt > 7:
+        fstore(dst[t7], col, a7, m7)
+
+
+@njit(**JIT)
+def _group(isa, q, d, h, xq, xde, xk, xsum, nb, B, dst, col):
+    """All positions for one group's rows into dst[:, col:col+ROWS]: up to 8 (16-lane path) or 4 (then 2, then 1)
+    positions share each weight load; 8-lane paths take the group in two halves."""
+    T = xq.shape[0]
+    L = lanes(isa)
+    for hr in range(0, ROWS, L):
+        t = 0
+        if L == 16:
+            while T - t >= 5:
+                nt = min(8, T - t)
+                _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr, nt)
+                t += nt
+        while t + 4 <= T:
+            _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr)
+            t += 4
+        if t + 2 <= T:
+            _i2(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr)
+            t += 2
+        if t < T:
+            _i1(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr)
 
 
 @njit(parallel=True, **JIT)
 def matmul_q(isa, xq, xde, xk, q, d, h, out, n_parts):
-    """out[t, j] for the block formats (see the module docstring); h has no columns for Q8_0."""
-    T = xq.shape[0]
-    N, nb = d.shape
-    step = (N + n_parts - 1) // n_parts
-    for part in prange(n_parts):  # one contiguous range of rows per thread
-        for j in range(part * step, min(N, (part + 1) * step)):
-            qr, dr = q[j], d[j]
-            t = 0
-            while t + 4 <= T:
-                out[t, j], out[t + 1, j], out[t + 2, j], out[t + 3, j] = _q4(isa, qr, dr, xq, xde, t, nb)
-                t += 4
-            if t + 2 <= T:
-                out[t, j], out[t + 1, j] = _q2(isa, qr, dr, xq, xde, t, nb)
-                t += 2
-            if t < T:
-                out[t, j] = _q1(isa, qr, dr, xq[t], xde[t], nb)
-            if h.shape[1]:
-                hr = h[j]
+    """out[t, j] for the block formats in the interleaved layout (pack: q, d, h = qi, di, and mi (Q4_1) / di
+    (Q4_0) / no columns (Q8_0)); see the module docstring. out: (T, N), N ≤ ROWS·groups."""
+    T, N = out.shape
+    G = d.shape[0]
+    nb = d.shape[1] // ROWS
+    B = q.shape[1] // nb  # bytes per group and block
+    xsum = np.empty((T, nb), np.int32)  # Σ of each block's int8 activations (Q8_0 on the VNNI paths)
+    for t in range(T):
+        for b in range(nb):
+            s = 0
+            for i in range(32):
+                s += np.int32(xq[t, b * 32 + i])
+            xsum[t, b] = s
+    step = (G + n_parts - 1) // n_parts
+    for part in prange(n_parts):  # one contiguous range of groups per thread
+        tmp = np.empty((T, ROWS), np.float32)
+        for g in range(part * step, min(G, (part + 1) * step)):
+            hg = h[g]
+            if (g + 1) * ROWS <= N:
+                _group(isa, q[g], d[g], hg, xq, xde, xk, xsum, nb, B, out, g * ROWS)
+            else:  # the last, padded group
+                _group(isa, q[g], d[g], hg, xq, xde, xk, xsum, nb, B, tmp, 0)
                 for t in range(T):
-                    c = np.float32(0.0)
-                    for b in range(nb):
-                        c += half(hr[b]) * xk[t, b]
-                    out[t, j] += c
+                    for r in range(N - g * ROWS):
+                        out[t, g * ROWS + r] = tmp[t, r]
 
 
 @njit(parallel=True, **JIT)
 def matmul_q_exact(isa, x, xk, q, d, h, out, n_parts):
     """As matmul_q with float32 activations x (T, K): float products, no activation rounding."""
-    T = x.shape[0]
-    N, nb = d.shape
-    G = blocks_per_step(isa)
-    step = (N + n_parts - 1) // n_parts
+    T, N = out.shape
+    G = d.shape[0]
+    nb = d.shape[1] // ROWS
+    B = q.shape[1] // nb
+    L = lanes(isa)
+    step = (G + n_parts - 1) // n_parts
     for part in prange(n_parts):
-        for j in range(part * step, min(N, (part + 1) * step)):
-            qr, dr = q[j], d[j]
-            for t in range(T):
-                xr = x[t]
-                a = fzero(isa)
-                for b in range(0, nb, G):
-                    a = fmadd(a, fdot(isa, wload(isa, qr, b), xr, b * 32), dscale(isa, dr, b))
-                c = fsum(a)
-                if h.shape[1]:
+        tmp = np.empty(L, np.float32)
+        for g in range(part * step, min(G, (part + 1) * step)):
+            qg, dg, hg = q[g], d[g], h[g]
+            for hr in range(0, ROWS, L):
+                for t in range(T):
+                    a = lzero(isa)
+                    m = lzero(isa)
                     for b in range(nb):
-                        c += half(h[j, b]) * xk[t, b]
-                out[t, j] = c
+                        ds = b * ROWS + hr
+                        a = fmadd(a, bdotf(isa, qg, b * B + 4 * hr, x[t], b * 32), hvec(isa, dg, ds))
+                        if hg.shape[0]:
+                            m = fma_s(m, hvec(isa, hg, ds), xk[t, b])
+                    fstore(tmp, 0, a, m)
+                    for r in range(min(L, N - g * ROWS - hr)):
+                        out[t, g * ROWS + hr + r] = tmp[r]
 
 
 @njit(**JIT)
@@ -217,26 +364,24 @@ def matmul_half(isa, x, q, bf16, out, n_parts):
 
 # ---- dequantization (for batched GEMMs, the embedding rows, exports): rows a..b−1 into w ------------------
 @njit(nogil=True, **JIT)
-def dequantize_q8_0(q, d, a, b, w):
-    nb = d.shape[1]
+def dequantize_i(q, d, m, a, b, w):
+    """Rows a..b−1 of a matrix in pack's layout as float32 (natural column order) into w."""
+    nb = d.shape[1] // ROWS
+    B = q.shape[1] // nb
+    q8 = B == 32 * ROWS
     for j in range(a, b):
+        g, r = j // ROWS, j % ROWS
         for c in range(nb):
-            s = half(d[j, c])
-            for i in range(32):
-                w[j - a, c * 32 + i] = np.float32(q[j, c * 32 + i]) * s
-
-
-@njit(nogil=True, **JIT)
-def dequantize_q4(q, d, m, a, b, w):
-    nb = d.shape[1]
-    for j in range(a, b):
-        for c in range(nb):
-            s = half(d[j, c])
-            off = half(m[j, c]) if m.shape[1] else np.float32(-8.0) * s
-            for i in range(16):
-                v = q[j, c * 16 + i]
-                w[j - a, c * 32 + i] = np.float32(v & np.uint8(15)) * s + off
-                w[j - a, c * 32 + 16 + i] = np.float32(v >> np.uint8(4)) * s + off
+            s = half(d[g, c * ROWS + r])
+            off = half(m[g, c * ROWS + r]) if m.shape[1] else np.float32(0.0) if q8 else np.float32(-8.0) * s
+            for k in range(8):
+                for i in range(4):
+                    if q8:
+                        v = np.float32(q[g, c * B + 64 * k + 4 * r + i])
+                    else:
+                        byte = np.uint8(q[g, c * B + 64 * (k % 4) + 4 * r + i])
+                        v = np.float32(byte & np.uint8(15)) if k < 4 else np.float32(byte >> np.uint8(4))
+                    w[j - a, c * 32 + 4 * k + i] = v * s + off
 
 
 @njit(nogil=True, **JIT)

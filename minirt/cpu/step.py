@@ -10,9 +10,10 @@ The model is a table (kernels know nothing of models; model.StepTable builds it)
     fmt[i]            format code of matrix i = 4·layer + (0 qkv | 1 wo | 2 up | 3 down): see FORMATS; LOWRANK
                       for a low-rank matrix, whose factors V, U are entries sub[i, 0], sub[i, 1] past the 4·L
                       (rank sub[i, 2]): low-rank modes run in the step too
-    qs[i]             quant bytes (N, nb·32 Q8_0 as uint8 | nb·16 Q4_*), else a (1, 1) placeholder
-    hs[i]             f16 scales d (N, nb) | the F16/BF16 values (N, K)
-    ms[i]             Q4_1's f16 minimums m (N, nb), else (N, 0)
+    qs[i]             quant bytes in qmatmul.pack's interleaved layout (groups, …; Q8_0 as uint8), else a (1, 1)
+                      placeholder
+    hs[i]             f16 scales di (groups, nb·16) | the F16/BF16 values (N, K)
+    ms[i]             Q4_1's f16 minimums mi (groups, nb·16), else (groups, 0)
     fs[i]             a float32 matrix (N, K) (Dense), else a (1, 1) placeholder
     bs[i]             the bias (N,), or (0,)
     nw, nb_           norm weights and biases (L, 4, dim): attn, ffn, post_attn, post_ffn (biases: LayerNorm)
@@ -48,10 +49,7 @@ MAX_T = 16  # positions per call (the decode kernels' range; more go through the
 
 @njit(**JIT)
 def _matmul_q(tag, tag_odd, xq, xde, xk, q, d, h, out, n):
-    if tag_odd is not None:  # None (pruned at compile time) where no matrix has an odd number of blocks
-        if d.shape[1] % 2 == 1:
-            matmul_q(tag_odd, xq, xde, xk, q, d, h, out, n)
-            return
+    # tag_odd: unused by the interleaved kernels, which take any number of blocks (as Quant._tag)
     matmul_q(tag, xq, xde, xk, q, d, h, out, n)
 
 
