@@ -4,11 +4,14 @@ Numba's default puts compiled kernels in the package's __pycache__: inside site-
 uninstall (and then shadows an editable install as an empty namespace package), and each install path gets
 its own copy. Here a kernel's cache entry is keyed by its module's path *within minirt* and the module's
 content (Numba's source stamp is a hash of the file), so every install of the same code shares one compiled
-copy; the CPU and Numba version are part of Numba's own key. Imported by minirt/__init__ before any kernel.
+copy; the CPU and Numba version are part of Numba's own key. The stamp also hashes minirt/cpu's sources
+(kernel_sources_digest): a kernel inlines intrinsics and kernels of other files, which Numba does not track.
+Imported by minirt/__init__ before any kernel.
 The folder is home()/numba, or NUMBA_CACHE_DIR where that is set (Numba's own variable), fixed at import.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,6 +21,18 @@ from .home import home
 
 _PACKAGE = Path(__file__).resolve().parent
 _ROOT: list[Path] = []  # the kernel cache folder, fixed when minirt is imported (MINIRT_HOME at that time)
+_KERNELS: list[str] = []  # the digest of minirt/cpu's sources, computed once
+
+
+def kernel_sources_digest() -> str:
+    """A hash of every module under minirt/cpu: the kernels' intrinsics (isa.py) and the kernels other kernels
+    call live there, and Numba compiles them into each caller's cache entry without noting the dependency."""
+    if not _KERNELS:
+        h = hashlib.sha256()
+        for path in sorted((_PACKAGE / "cpu").glob("*.py")):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+        _KERNELS.append(h.hexdigest())
+    return _KERNELS[0]
 
 
 class MinirtCacheLocator(caching.UserProvidedCacheLocator):
@@ -25,6 +40,11 @@ class MinirtCacheLocator(caching.UserProvidedCacheLocator):
         super().__init__(py_func, py_file)
         rel = Path(py_file).resolve().parent.relative_to(_PACKAGE.parent)
         self._cache_path = os.path.join(_ROOT[0], *rel.parts)
+
+    def get_source_stamp(self):
+        """The function's file, and minirt/cpu's sources: an entry compiled against an older isa.py (or any
+        kernel it inlines) is stale even where its own file did not change."""
+        return super().get_source_stamp(), kernel_sources_digest()
 
     @classmethod
     def from_function(cls, py_func, py_file):

@@ -247,6 +247,22 @@ def test_on_disk_cache_serves_a_second_process():
     assert (hits, misses) == (1, 0)
 
 
+def test_cache_entry_goes_stale_when_an_intrinsic_changes(tmp_path):
+    """A kernel compiled against an older isa.py must not be served after isa.py alone changed (Numba stamps
+    an entry with its own file only; minirt's locator adds minirt/cpu's sources): a copy of the package, its
+    own cache, one edit of isa.py."""
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "minirt"), tmp_path / "minirt", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    run = lambda: tuple(map(int, subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
+                                                 text=True, check=True, cwd=tmp_path).stdout.split()))
+    assert run() == (0, 1) and run() == (1, 0)
+    with open(tmp_path / "minirt" / "cpu" / "isa.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert run() == (0, 1)
+
+
 @pytest.mark.parametrize("path", [p for p in isa.PATHS if p != "portable"])
 def test_env_forces_a_lower_path(path):
     if path not in HOST:
