@@ -161,3 +161,24 @@ def test_gemma3_native_equals_float32_expansion(gemma_pair):
         p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
         kls += list((p * (np.log(p) - np.log(q))).sum(-1))
     assert np.mean(kls) < 0.05, kls
+
+
+@pytest.mark.parametrize("qtype", KTYPES + ["F16", "BF16"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_position_has_the_same_bits_at_any_t(qtype, exact):
+    """A position's logits do not depend on how many positions share the call (the kernels take 4, 2 or 1 at
+    a time): greedy speculative decoding on Gemma 3's K-quants (and on F16 files) stays identical to plain
+    decoding. Reassociating float flags broke this (a 1-position kernel summed in another order)."""
+    rng = np.random.default_rng(4)
+    N, K = 24, 512
+    if qtype in ("F16", "BF16"):
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        raw = w.astype(np.float16) if qtype == "F16" else (w.view(np.uint32) >> 16).astype(np.uint16)
+        lin = make_linear([Tensor(raw.view(np.uint8).reshape(N, -1), qtype, (N, K))], exact=exact)
+    else:
+        lin = KQuant(random_tensor(qtype, N, K), exact=exact)
+    x = rng.standard_normal((16, K)).astype(np.float32)
+    run = lambda xs: lin.forward(xs, np.empty((len(xs), N), np.float32))  # noqa: E731
+    one = np.concatenate([run(x[t:t + 1]) for t in range(16)])
+    for T in (2, 3, 5, 16):
+        assert np.array_equal(run(x[:T]), one[:T]), T

@@ -105,7 +105,7 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _lt(fe_type.kind, fe_type.n))
 
 
-FAST = ("fast",)
+FAST = ("contract",)  # was "fast": reassociation let LLVM sum a 1-position kernel in another order than a 4-position one
 CONTRACT = ("contract",)  # fused multiply-adds, no reordering: the same bits for a position at any T
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
