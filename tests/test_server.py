@@ -395,25 +395,31 @@ def _readme_curl() -> list[str]:
     return [ln for ln in block.splitlines() if ln.startswith("curl ")]
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_cli_serve_readme_curl_and_sigterm(tmp_path):
+def _serve_cli(*args):
+    """`minirt serve --model smollm2 ARGS` in a subprocess on a free port, once /health answers: (proc, url)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "minirt", "serve", "--model", "smollm2", "--port", str(port),
-                             "--ctx", "256", "--parallel", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return proc, url
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_cli_serve_readme_curl_and_sigterm(tmp_path):
+    proc, url = _serve_cli("--ctx", "256", "--parallel", "2")
     try:
-        url = f"http://127.0.0.1:{port}"
-        t0 = time.time()
-        while time.time() - t0 < 120:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         lines = _readme_curl()
         assert len(lines) >= 4
         outs = []
         for line in lines:
-            out = subprocess.run(line.replace("127.0.0.1:8080", f"127.0.0.1:{port}"), shell=True, capture_output=True,
+            out = subprocess.run(line.replace("127.0.0.1:8080", url[len("http://"):]), shell=True, capture_output=True,
                                  text=True, timeout=60)
             assert out.returncode == 0, out.stderr
             outs.append(out.stdout)
@@ -440,18 +446,8 @@ def test_cli_serve_readme_curl_and_sigterm(tmp_path):
 def test_cli_serve_second_signal_ends_streams_now():
     """Ctrl-C (or SIGTERM) twice: the running stream ends at once with finish_reason "length", the server
     exits 0 without a traceback, well before the 30 s drain."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "minirt", "serve", "--model", "smollm2", "--port", str(port),
-                             "--ctx", "2048", "--parallel", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc, url = _serve_cli("--ctx", "2048", "--parallel", "1")
     try:
-        url = f"http://127.0.0.1:{port}"
-        t0 = time.time()
-        while time.time() - t0 < 120:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         body = {"prompt": "Once upon a time", "max_tokens": 2000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             it = r.iter_lines()

@@ -171,34 +171,26 @@ def attend(qv, kc, vc, s0, n, scale, sc, o):
         o[i] *= inv
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def attention(q, kc, vc, pos0, scale, window, scores, out):
     """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled;
     query t sits at position pos0+t and sees positions 0..pos0+t, or with window > 0 only the last `window`
     of them (sliding-window layers: position s is seen from p when p − s < window). Query head h reads kv
-    head h // (H/Hkv).
-    scores is scratch (n_parts, ≥ pos0+T), one row per part: the (t, h) tasks are dealt to the parts in turn
-    (a task's cost grows with t, so contiguous ranges would not balance), and the scratch stays
-    O(threads · context) rather than O(T · H · context). out (T, H, hd)."""
-    T, H, hd = q.shape
-    group = H // kc.shape[0]
-    n_parts = scores.shape[0]
-    for part in prange(n_parts):
-        sc = scores[part]
-        for task in range(part, T * H, n_parts):
-            t = task // H
-            h = task % H
-            n = pos0 + t + 1
-            s0 = max(0, n - window) if window > 0 else 0
-            attend(q[t, h], kc[h // group], vc[h // group], s0, n, scale, sc, out[t, h])
+    head h // (H/Hkv). scores: scratch (n_parts, ≥ pos0+T), see attention_rows; out (T, H, hd)."""
+    T = q.shape[0]
+    positions = np.arange(pos0, pos0 + T)
+    attention_rows(q, kc.reshape((1,) + kc.shape), vc.reshape((1,) + vc.shape), np.zeros(T, np.int64), positions,
+                   scale, window, scores, out)
 
 
 @njit(parallel=True, **JIT)
 def attention_rows(q, kc, vc, slots, positions, scale, window, scores, out):
     """attention() for rows that each carry their own cache and position: row t is the query at position
     positions[t] of the sequence whose cache is slot slots[t] of kc/vc (S, Hkv, ctx, hd). T positions of one
-    sequence (slots all equal, positions consecutive) give attention()'s bits; one row each of several
-    sequences is a batched decode step."""
+    sequence (slots all equal, positions consecutive) is attention(); one row each of several sequences is a
+    batched decode step. scores is scratch (n_parts, ≥ the furthest position + 1), one row per part: the
+    (t, h) tasks are dealt to the parts in turn (a task's cost grows with its position, so contiguous ranges
+    would not balance), and the scratch stays O(threads · context) rather than O(T · H · context)."""
     T, H, hd = q.shape
     group = H // kc.shape[1]
     n_parts = scores.shape[0]
