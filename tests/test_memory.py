@@ -254,3 +254,53 @@ def test_gemma3_generation_peak_rss():
     peak, size, kv, n = min(runs[1:])
     assert n == 128
     assert size < peak <= size + kv + GEMMA_OVERHEAD, f"peak {peak / 1e6:.0f} MB, file {size / 1e6:.0f} MB, KV {kv / 1e6:.1f} MB"
+
+
+TWIN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    from numba.core.registry import CPUDispatcher
+    import minirt
+    from minirt.cpu import kernels, kquants, qmatmul, step
+    from minirt.model import Model, kernel_twin, warm_kernels
+    from minirt.readers import read_checkpoint
+    from minirt.registry import pull
+
+    def loaded():
+        return {{f"{{m.__name__}}.{{k}}": len(d.overloads) for m in (kernels, kquants, qmatmul, step)
+                for k, d in vars(m).items() if isinstance(d, CPUDispatcher)}}
+
+    def llvm_rss():
+        out, cur = 0, ""
+        for line in open("/proc/self/smaps"):
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                cur = line
+            elif line.startswith("Rss:") and "libllvmlite" in cur:
+                out += int(line.split()[1]) * 1024
+        return out
+    ck = read_checkpoint(pull({name!r}))
+    twin = kernel_twin(ck)
+    twin_bytes = sum(t.data.nbytes for t in twin.tensors.values())
+    before = loaded()
+    warm_kernels(ck)
+    twin_loaded, llvm = loaded(), llvm_rss()
+    m = Model.from_checkpoint(ck)
+    m.warmup()
+    print(json.dumps([twin_bytes, before, twin_loaded, loaded(), llvm]))
+""")
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3-270m"])
+def test_kernel_twin_loads_every_kernel_the_model_calls(name):
+    """warm_kernels' zero-weight twin loads (or compiles) every kernel the real model's warm-up then calls, so no
+    kernel is loaded while the weights are resident, and LLVM's code pages are released afterwards."""
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", TWIN_SCRIPT.format(root=root, name=name)], capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr
+    twin_bytes, before, twin_loaded, after, llvm = json.loads(r.stdout.strip().splitlines()[-1])
+    assert twin_bytes < 16e6
+    assert sum(twin_loaded.values()) > sum(before.values()) + 5  # the twin did load kernels
+    assert after == twin_loaded  # ... all of them: the real model's warm-up loaded none
+    assert llvm < 8e6  # libllvmlite's pages (~60 MB once kernels load) released
