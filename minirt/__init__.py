@@ -56,9 +56,10 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
     if threads is not None:
         set_threads(threads)
     ck = read_checkpoint(resolve(model, cache_dir))
-    if device == "cpu":  # the kernels first, while no weight is resident (peak memory: see warm_kernels)
-        warm_kernels(ck, dequantize, exact)
+    # the kernels first, while no weight is resident (peak memory: see warm_kernels)
+    kernels = warm_kernels(ck, dequantize, exact) if device == "cpu" else 0.0
     m = Model.from_checkpoint(ck, dequantize=dequantize, exact=exact, ctx=ctx)
+    m.kernel_seconds = kernels  # part of the warm-up, not of loading the weights (what the CLI reports)
     del ck
     m = compose(m, mode, options, given=mode_options)
     if device == "cuda":

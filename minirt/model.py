@@ -385,16 +385,19 @@ def kernel_twin(ck: Checkpoint) -> Checkpoint | None:
     return validate(Checkpoint(cfg, tensors, TokenizerSpec("none"), None), explicit_head_dim=True)
 
 
-def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False) -> None:
+def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False) -> float:
     """Load the kernels ck's model will call by running its zero-weight twin (kernel_twin), then release the
     compiler's pages: Numba touches ~60 MB of LLVM's code for every kernel it loads, which otherwise stays
-    resident beside the weights (peak RSS)."""
+    resident beside the weights (peak RSS). Returns the seconds it took (compiling, on a first run)."""
+    import time
+    t0 = time.perf_counter()
     try:
         twin = kernel_twin(ck)
     except MinirtError:  # a config the shrunk widths do not fit: the kernels then load with the model
-        return
+        return 0.0
     if twin is not None:
         Model.from_checkpoint(twin, dequantize=dequantize, exact=exact).warmup()
+    return time.perf_counter() - t0
 
 
 # ---- the compiled decode step's table (cpu/step.py) ----------------------------------------------------------
