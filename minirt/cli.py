@@ -253,7 +253,9 @@ def _load_timed(args):
 def _warm_up(model, load_seconds: float) -> None:
     """A warm-up run, then the load and warm-up times on stderr, so that prompt and decode speeds are the
     model's own. Called once the request is checked, so that a bad request stays a one-line error."""
-    warm = model.warmup() if hasattr(model, "warmup") else 0.0
+    kernels = getattr(model, "kernel_seconds", 0.0)  # minirt.load ran the kernels once before the weights
+    warm = (model.warmup() if hasattr(model, "warmup") else 0.0) + kernels
+    load_seconds -= kernels
     first = " (the first run compiles the kernels; later runs read them from the cache)" if warm > 3 else ""
     print(f"load: {load_seconds:.2f} s · warm-up: {warm:.2f} s{first}", file=sys.stderr)
 

@@ -65,3 +65,32 @@ def install() -> None:
     classes = impl._locator_classes
     if MinirtCacheLocator not in classes:
         classes.insert(0, MinirtCacheLocator)
+
+
+def release_compiler_pages() -> int:
+    """Drop LLVM's code pages (libllvmlite.so, ~60-70 MB touched when Numba loads kernels from its cache) and
+    malloc's free memory from this process's resident set; returns the bytes of mappings released. Only
+    read-only mappings that hold no private (copied-on-write) page are released: their pages are the file's,
+    and fault back in from it if LLVM runs again (a kernel compiled or loaded later). Linux only; elsewhere,
+    or where /proc or libc cannot be read, nothing is done."""
+    import ctypes
+    import re
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        smaps = open("/proc/self/smaps").read()
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) .*?libllvmlite[^\n]*\n((?:[A-Z][^\n]*\n)+)", smaps, re.M):
+        anon = re.search(r"^Anonymous:\s+(\d+)", m.group(4), re.M)
+        if "w" in m.group(3) or anon is None or int(anon.group(1)) != 0:
+            continue
+        a, b = int(m.group(1), 16), int(m.group(2), 16)
+        if libc.madvise(a, b - a, 4) == 0:  # MADV_DONTNEED: clean file pages leave the resident set
+            released += b - a
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
+    return released

@@ -21,6 +21,7 @@ from types import MappingProxyType
 import numba
 import numpy as np
 
+from . import jitcache
 from .cpu import isa, kernels, step
 from .config import ModelConfig
 from .errors import MinirtError
@@ -114,6 +115,12 @@ class Model:
         validate(ck)  # readers validate what they return; a Checkpoint built by hand is checked here
         cfg, t = ck.config, ck.tensors
         ctx = context_size(cfg.max_ctx, ctx)  # refused before any building
+        # the tokenizer first: what building it leaves free goes back to the system before the weights come in
+        tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
+        if tok.chat_template is None:  # a file without a template: the family's own, as llama.cpp falls back to
+            from .chat import BUILTIN_TEMPLATES
+            tok.chat_template = BUILTIN_TEMPLATES.get(cfg.arch)
+        jitcache.release_compiler_pages()
 
         def linear(ws, bs=None):
             return make_linear(ws, bs, dequantize, exact)
@@ -159,10 +166,6 @@ class Model:
         embed = Embedding(t["embed"], table)  # a tied head (or a copy, if the head is factored) is the table
         pos = np.array(t["pos_embed"].float32()) if "pos_embed" in t else None
         ck.release_pages()
-        tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
-        if tok.chat_template is None:  # a file without a template: the family's own, as llama.cpp falls back to
-            from .chat import BUILTIN_TEMPLATES
-            tok.chat_template = BUILTIN_TEMPLATES.get(cfg.arch)
         model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type, ctx)
         if "minirt.lowrank.manifest" in ck.metadata:
             from .modes.lowrank import describe_export
@@ -332,6 +335,7 @@ class Model:
         tok = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
         for n in (1, 5, 24):  # a decode step, a few positions (drafts), a prompt (the batched path)
             self.forward([tok] * n, cache)
+        jitcache.release_compiler_pages()  # LLVM ran only to load the kernels: its pages can go
         return time.perf_counter() - t0
 
     def generate(self, prompt, **kwargs):
@@ -344,6 +348,57 @@ class Model:
     def weight_bytes(self) -> int:
         """Bytes of weights read per decode step (all matrices plus the head; embeddings read one row)."""
         return sum(L.qkv.nbytes + L.wo.nbytes + L.up.nbytes + L.down.nbytes for L in self.layers) + self.head.nbytes
+
+
+# ---- loading the kernels before the weights ---------------------------------------------------------------
+TWIN_WIDTH = 256          # a multiple of every block format's row length (32, and 256 for the K-quants)
+TWIN_MIN_BYTES = 32 << 20  # smaller checkpoints gain nothing worth a second model
+
+
+def kernel_twin(ck: Checkpoint) -> Checkpoint | None:
+    """A checkpoint of ck's architecture, layer count, heads and per-matrix formats at width, FFN width and
+    vocabulary TWIN_WIDTH, every weight zero: running it loads from Numba's cache the kernels the real model
+    calls (same array types), at a time when no weight is resident. None for small or low-rank checkpoints."""
+    from .readers.validate import expected_shapes, tensor_nbytes
+    if any(".lr_" in k for k in ck.tensors) or sum(getattr(t.data, "nbytes", 0) for t in ck.tensors.values()) \
+            < TWIN_MIN_BYTES:
+        return None
+    import dataclasses
+    w = TWIN_WIDTH
+    cfg = dataclasses.replace(ck.config, dim=w, hidden_dim=w, vocab_size=w)
+    req, opt = expected_shapes(cfg, {k: tuple(t.shape) for k, t in ck.tensors.items()})
+    floats = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+    tensors = {}
+    for name, t in ck.tensors.items():
+        shape = req.get(name, opt.get(name))
+        if shape is None:
+            continue
+        if t.qtype in floats:
+            data = np.zeros(shape, floats[t.qtype])
+        else:
+            rows = math.prod(shape[:-1])
+            data = np.zeros((rows, tensor_nbytes(t.qtype, shape) // rows) if len(shape) > 1 else tensor_nbytes(t.qtype, shape),
+                            np.uint8)
+        tensors[name] = Tensor(data, t.qtype, shape)
+    from .readers.base import TokenizerSpec
+    from .readers.validate import validate
+    # heads × head_dim need not be the twin's width (as a file's explicit key_length allows)
+    return validate(Checkpoint(cfg, tensors, TokenizerSpec("none"), None), explicit_head_dim=True)
+
+
+def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False) -> float:
+    """Load the kernels ck's model will call by running its zero-weight twin (kernel_twin), then release the
+    compiler's pages: Numba touches ~60 MB of LLVM's code for every kernel it loads, which otherwise stays
+    resident beside the weights (peak RSS). Returns the seconds it took (compiling, on a first run)."""
+    import time
+    t0 = time.perf_counter()
+    try:
+        twin = kernel_twin(ck)
+    except MinirtError:  # a config the shrunk widths do not fit: the kernels then load with the model
+        return 0.0
+    if twin is not None:
+        Model.from_checkpoint(twin, dequantize=dequantize, exact=exact).warmup()
+    return time.perf_counter() - t0
 
 
 # ---- the compiled decode step's table (cpu/step.py) ----------------------------------------------------------

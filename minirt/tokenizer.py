@@ -260,6 +260,9 @@ def _trie_pattern(words: list[str]) -> str:
     return pat(trie)
 
 
+_HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class SPMTokenizer(Tokenizer):
     """A SentencePiece model file (tokenizer.model)."""
 
@@ -286,17 +289,12 @@ class SPMTokenizer(Tokenizer):
         from sentencepiece import sentencepiece_model_pb2 as pb
         proto = pb.ModelProto()
         proto.ParseFromString(spec.spm_proto if spec.spm_proto is not None else open(spec.spm_model, "rb").read())
-        CONTROL, USER, BYTE, UNKNOWN = (pb.ModelProto.SentencePiece.Type.Value(n)
-                                        for n in ("CONTROL", "USER_DEFINED", "BYTE", "UNKNOWN"))
-        self._bytes, special = [b""] * self.vocab_size, {}
+        CONTROL, USER = (pb.ModelProto.SentencePiece.Type.Value(n) for n in ("CONTROL", "USER_DEFINED"))
+        special = {}
         for i, p in enumerate(proto.pieces):
-            if p.type == BYTE:
-                hexbyte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", p.piece)
-                self._bytes[i] = bytes([int(hexbyte.group(1), 16)]) if hexbyte else b""
-            elif p.type not in (CONTROL, UNKNOWN):
-                self._bytes[i] = p.piece.replace("\u2581", " ").encode()
             if p.type in (CONTROL, USER) and p.piece:
                 special.setdefault(p.piece, i)
+        del proto  # a piece's bytes are asked of the processor when needed (token_bytes), not kept per piece
         # control and user-defined pieces are matched in the text as they are, before SentencePiece sees the
         # rest (as llama.cpp and Hugging Face do): chat markers such as <start_of_turn>, Gemma's whitespace runs
         self.special = special
@@ -316,7 +314,17 @@ class SPMTokenizer(Tokenizer):
         return out
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        """A piece's bytes: a byte piece's byte, nothing for control and unknown pieces (and ids past the
+        pieces), else its text with ▁ as a space. Asked of the processor per token: a list of 262k bytes
+        objects would cost ~12 MB for what a decode step reads once."""
+        sp = self.sp
+        if token_id >= self.n_pieces or sp.is_control(token_id) or sp.is_unknown(token_id):
+            return b""
+        piece = sp.id_to_piece(token_id)
+        if sp.is_byte(token_id):
+            hexbyte = _HEX_BYTE.fullmatch(piece)
+            return bytes([int(hexbyte.group(1), 16)]) if hexbyte else b""
+        return piece.replace("\u2581", " ").encode()
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) < self.n_pieces])

@@ -109,6 +109,24 @@ def test_config_from_the_file(gemma):
     assert {c.layer_theta(i) for i in range(18)} == {10000.0, 1e6}
 
 
+def test_file_type_is_the_files_own(gemma):
+    """Reports name the file as llama.cpp does (general.file_type: 15 = MOSTLY_Q4_K_M, read here with the gguf
+    package), not after its largest tensor (the tied Q8_0 embedding)."""
+    import gguf
+    r = gguf.GGUFReader(pull("gemma3-270m"))
+    assert r.fields["general.file_type"].contents() == 15
+    assert gemma.file_type == "Q4_K_M"
+
+
+def test_file_type_without_the_key_is_the_most_frequent_matrix_type():
+    from collections import Counter
+    from minirt.readers.gguf import file_type_name
+    # by number of matrices, not by elements (one large Q8_0 embedding), and a K type named as its _M mix
+    assert file_type_name({}, Counter({"Q4_K": 62, "Q5_0": 45, "Q6_K": 18, "Q8_0": 1})) == "Q4_K_M"
+    assert file_type_name({}, Counter({"Q8_0": 3, "F32": 1})) == "Q8_0"
+    assert file_type_name({"general.file_type": 2}, Counter({"Q8_0": 3})) == "Q4_0"
+
+
 def test_chat_uses_gemmas_template(gemma):
     text = gemma.tokenizer.chat_prompt("Hello!", "Be brief.")
     assert text == "<bos><start_of_turn>user\nBe brief.\n\nHello!<end_of_turn>\n<start_of_turn>model\n"

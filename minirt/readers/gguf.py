@@ -57,6 +57,26 @@ NAMES = {
 }
 
 
+# general.file_type (llama_ftype) as llama.cpp names it (llama_model_ftype_name, without "MOSTLY_")
+FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+                   17: "Q5_K_M", 18: "Q6_K", 21: "Q2_K_S", 25: "IQ4_NL", 30: "IQ4_XS", 32: "BF16"}
+# without the key, llama.cpp names a file after its most frequent tensor type, a K type as its _M mix
+GUESSED = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+
+def file_type_name(meta: dict, matrix_types: Counter) -> str:
+    """The file type for reports, as llama.cpp names it: general.file_type where the file has a known one,
+    else the most frequent matrix type (by number of matrices)."""
+    ft = meta.get("general.file_type")
+    if isinstance(ft, int) and ft in FILE_TYPE_NAMES:
+        return FILE_TYPE_NAMES[ft]
+    if not matrix_types:
+        return ""
+    t = matrix_types.most_common(1)[0][0]
+    return GUESSED.get(t, t)
+
+
 LOWRANK_PARTS = ("lr_u", "lr_v", "lr_b")  # factor tensors of a low-rank export (minirt.lowrank)
 
 
@@ -303,7 +323,7 @@ def read_gguf(path: Path) -> Checkpoint:
         tensors[name] = Tensor(data, qtype, shape)
         names[name] = tname
         if len(shape) == 2:
-            types[qtype] += rows * shape[-1]
+            types[qtype] += 1
 
     lim = LIMITS
     n_heads = _meta_int(meta, f"{arch}.attention.head_count", path, hi=lim["n_heads"])
@@ -329,7 +349,7 @@ def read_gguf(path: Path) -> Checkpoint:
         tied_head="head" not in tensors and "head.lr_u" not in tensors,
         **options,
     )
-    ck = Checkpoint(cfg, tensors, _tokenizer(meta, path), path, types.most_common(1)[0][0] if types else "", mm,
+    ck = Checkpoint(cfg, tensors, _tokenizer(meta, path), path, file_type_name(meta, types), mm,
                     {k: v for k, v in meta.items() if k.startswith("minirt.")}, ignored=ignored, names=names)
     validate(ck, explicit_head_dim=explicit)  # shapes checked before the Q/K rows are reordered
     tensors = ck.tensors
