@@ -456,7 +456,7 @@ def _xbcast(ctx, b, aty, arr, off, n):
     return b.bitcast(_shuffle(b, v, v, [0] * n), _lt("i8", 4 * n))
 
 
-def _bdot_typer(chains, isa, q, base, x, xo, xsum):
+def _bdot_typer(isa, q, base, x, xo, xsum):
     """Integer dot products of one block of a group (rows in lanes) with one position's int8 activations:
     lane r = Σ_i q[r, i] · x[xo + i] over the block's 32 values (int32, L lanes). q: the group's bytes (1-D,
     int8 Q8_0 or uint8 nibbles), base: the block's first byte (plus 32·h for half h on 8-lane paths);
@@ -471,21 +471,20 @@ def _bdot_typer(chains, isa, q, base, x, xo, xsum):
         _, qa, base_, xa, xo_, xs_ = args
         zero = ir.Constant(_lt("i32", n), None)
         p16 = []
-        accs = [zero] * chains  # two chains (even and odd k-groups) halve the latency for a lone position
+        acc = zero  # one chain: two (even and odd k-groups) measured 4–20% slower at T = 1, Q8_0 the most
         if q8 and path in ("avxvnni", "avx512vnni"):
             w32 = xs_.type.width
             s = b.trunc(xs_, I32) if w32 > 32 else b.sext(xs_, I32) if w32 < 32 else xs_
             s = b.mul(s, ir.Constant(I32, -128))
             acc = b.insert_element(zero, s, ir.Constant(I32, 0))
-            accs[0] = _shuffle(b, acc, acc, [0] * n)
+            acc = _shuffle(b, acc, acc, [0] * n)
         for c in range(8):
-            acc = accs[c % chains]
             w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
             xv = _xbcast(ctx, b, sig.args[3], xa, b.add(xo_, ir.Constant(xo_.type, 4 * c)), n)
             if path == "portable":
                 wide = ir.VectorType(I32, 4 * n)
                 p = b.mul(b.sext(w, wide) if q8 else b.zext(w, wide), b.sext(xv, wide))
-                accs[c % chains] = b.add(acc, _group4(b, p, n, b.add))
+                acc = b.add(acc, _group4(b, p, n, b.add))
                 continue
             if q8 and path == "avx2":  # |w| (u8) × (x with w's sign): pmaddubsw's pairs stay within i16
                 xv = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, w])
@@ -495,28 +494,22 @@ def _bdot_typer(chains, isa, q, base, x, xo, xsum):
             if path == "avx2" and not q8:  # nibbles: 8 pair sums ≤ 8·2·15·127 < 2¹⁵, one vpmaddwd per block
                 p16.append(_call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, xv]))
             elif path == "avx2":
-                accs[c % chains] = b.add(acc, _dot_avx2(b, w, xv))
+                acc = b.add(acc, _dot_avx2(b, w, xv))
             else:
                 name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
-                accs[c % chains] = _call(b, name, acc.type, [acc, w, xv])
+                acc = _call(b, name, acc.type, [acc, w, xv])
         if p16:
             while len(p16) > 1:
                 p16 = [b.add(p16[i], p16[i + 1]) for i in range(0, len(p16), 2)]
             return _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [p16[0], _splat(ir.VectorType(I16, 16), 1)])
-        return b.add(accs[0], accs[1]) if chains == 2 else accs[0]
+        return acc
     return Vec("i32", n)(isa, q, base, x, xo, xsum), cg
 
 
 @intrinsic
 def bdot(typingctx, isa, q, base, x, xo, xsum):
-    """_bdot_typer's sums in one chain (several positions: their chains interleave)."""
-    return _bdot_typer(1, isa, q, base, x, xo, xsum)
-
-
-@intrinsic
-def bdot2(typingctx, isa, q, base, x, xo, xsum):
-    """_bdot_typer's sums in two chains (one position; integer sums: the same bits either way)."""
-    return _bdot_typer(2, isa, q, base, x, xo, xsum)
+    """_bdot_typer's sums (several positions at the same base: their chains interleave)."""
+    return _bdot_typer(isa, q, base, x, xo, xsum)
 
 
 @intrinsic
@@ -613,5 +606,5 @@ def fstore(typingctx, out, off, a, c):
 
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "fzero16", "fmadd", "isum", "lanes", "bdot", "bdot2", "bdotf", "hvec", "lzero", "fma_is",
+           "fvload", "fzero16", "fmadd", "isum", "lanes", "bdot", "bdotf", "hvec", "lzero", "fma_is",
            "fma_s", "fstore"]

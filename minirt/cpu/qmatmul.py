@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (bdot, bdot2, bdotf, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
+from .isa import (bdot, bdotf, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
                   hload, hvec, lanes, lzero)
 
 JIT = dict(cache=True, fastmath=True)
@@ -97,7 +97,7 @@ def _i1(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
     x0 = xq[t]
     for b in range(nb):
         base, ds = b * B + 4 * hr, b * ROWS + hr
-        a0 = fma_is(a0, bdot2(isa, q, base, x0, b * 32, xsum[t, b]), hvec(isa, d, ds), xde[t, b * 8])
+        a0 = fma_is(a0, bdot(isa, q, base, x0, b * 32, xsum[t, b]), hvec(isa, d, ds), xde[t, b * 8])
         if h.shape[0]:
             m0 = fma_s(m0, hvec(isa, h, ds), xk[t, b])
     fstore(dst[t], col, a0, m0)
