@@ -124,7 +124,7 @@ def _norm(x, w, b, layer, eps, out):
             kernels.rmsnorm_row(x[t], w, eps, out[t])
 
 
-@njit(**JIT)
+@njit(nogil=True, **JIT)  # the server's HTTP thread runs while a step computes
 def layers(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
            layer_norm, ffn, use_rope, qk_norm, post_norms, eps, scale,
            x, slots, positions, kc, vc, h, o, qkv, q, att, up, act, scores, mid, xqb, xdeb, xsb, xkb, n):
