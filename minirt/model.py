@@ -459,10 +459,9 @@ def step_fallback_reason(model: Model) -> str | None:
 
 
 def _leaves(lin) -> list:
-    """The stored matrices a Linear runs: itself, or a low-rank matrix's two factors (V, U) and itself."""
-    if type(lin) is LowRank:
-        return [lin.v, lin.u] if type(lin.v) in (Dense, Quant) and type(lin.u) in (Dense, Quant) else [lin.v]
-    return [lin]
+    """The stored matrices a Linear runs: itself, or a low-rank matrix's two factors (V, U); the caller checks
+    that each is a kind the step runs."""
+    return [lin.v, lin.u] if type(lin) is LowRank else [lin]
 
 
 def _one_type(arrays: list[np.ndarray]) -> tuple:

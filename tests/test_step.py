@@ -182,6 +182,20 @@ def test_lowrank_factors_run_in_the_step(storage):
         assert np.isfinite(compiled).all() and not np.array_equal(compiled, plain)
 
 
+def test_lowrank_with_a_factor_the_step_does_not_run_goes_per_operation():
+    """Each factor is checked: a low-rank matrix whose U is of a kind the step lacks takes the per-op path."""
+    from minirt.modes.lowrank import LowRank, with_lowrank
+    lr = with_lowrank(minirt.Model.from_checkpoint(random_checkpoint("llama", MIXES["Q4_1"])), energy=0.9,
+                      storage="F32", force=True)
+    L = next(L for L in lr.layers if type(L.up) is LowRank)
+
+    class Other(Dense):
+        pass
+    L.up.u = Other(L.up.u.w)
+    assert "up: Other" in M.step_fallback_reason(lr)
+    assert both_paths(lr, [1, 2], [3])[2] == 0
+
+
 def test_trait_fields_the_step_does_not_know(monkeypatch):
     @dataclasses.dataclass(frozen=True)
     class Later(Traits):
