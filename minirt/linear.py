@@ -67,14 +67,16 @@ class Dense(Linear):
 class Quant(Linear):
     """A matrix kept in its stored format (Q8_0, Q4_0, Q4_1, F16, BF16): no float32 copy.
 
-    Up to DECODE_MAX_ROWS positions run the kernels of minirt/cpu/qmatmul.py on the quantized rows, on the
-    instruction set chosen at import (minirt/cpu/isa.py; MINIRT_ISA forces a lower one): block formats with
-    int8-quantized activations, as llama.cpp does (float32 activations with exact=True); each weight block is
-    loaded once for several positions. More positions dequantize tiles of rows and multiply them with BLAS."""
+    The kernels of minirt/cpu/qmatmul.py run on the quantized rows, on the instruction set chosen at import
+    (minirt/cpu/isa.py; MINIRT_ISA forces a lower one). Block formats (Q8_0, Q4_0, Q4_1) take int8-quantized
+    activations, as llama.cpp does, at any number of positions: each loaded weight block serves 8 positions at a
+    time, so a prompt runs on the same kernels as a decode step (pp128 ×3 against dequantized tiles and BLAS,
+    and a position's bits do not depend on how a prompt is chunked). exact=True (float32 activations) and
+    F16/BF16 take the kernels up to GEMM_MIN_ROWS − 1 positions; more dequantize tiles and multiply with BLAS."""
 
     FORMATS = {"Q8_0": (34, 2, None), "Q4_0": (18, 2, None), "Q4_1": (20, 4, 2), "F16": (0, 0, None),
                "BF16": (0, 0, None)}  # bytes per block, offset of the quants, offset of m
-    GEMM_MIN_ROWS = 17  # from this many positions on: dequantized tiles and BLAS
+    GEMM_MIN_ROWS = 17  # from this many positions on: dequantized tiles and BLAS (exact and 16-bit matrices)
     TILE = 64
 
     def __init__(self, t: Tensor, bias: np.ndarray | None = None, exact: bool = False):
@@ -166,11 +168,12 @@ class Quant(Linear):
     def _act_buffers(self, T: int):
         """int8 activations, their block scales (×8 lanes), sums and correction factors for T positions:
         allocated once per T."""
-        bufs = self.__dict__.setdefault("_bufs", {})
-        if T not in bufs:
-            bufs[T] = (np.empty((T, self.in_features), np.int8), np.empty((T, self.nb * 8), np.float32),
-                       np.empty((T, self.nb), np.float32), np.empty((T, self.nb), np.float32))
-        return bufs[T]
+        bufs = self.__dict__.get("_bufs")
+        if bufs is None or len(bufs[0]) < T:  # grown to the next power of two: a few sizes over any prompt mix
+            n = 1 << (T - 1).bit_length()
+            bufs = self._bufs = (np.empty((n, self.in_features), np.int8), np.empty((n, self.nb * 8), np.float32),
+                                 np.empty((n, self.nb), np.float32), np.empty((n, self.nb), np.float32))
+        return tuple(b[:T] for b in bufs)
 
     def _correction(self, xs, xk):
         """(h, xk) of the second term: Q4_1 m·Σx, Q4_0 −8·d·Σx, none for Q8_0."""
@@ -186,7 +189,7 @@ class Quant(Linear):
             xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
             h, xk = self._correction(xs, np.empty_like(xs))
             qmatmul.matmul_q_exact(self._tag, np.ascontiguousarray(x), xk, self.qi, self.di, h, out, n)
-        elif T < self.GEMM_MIN_ROWS and self.nb:
+        elif self.nb and not self.exact:
             xq, xde, xs, xk = self._act_buffers(T)
             qmatmul.quantize_x(x, xq, xde, xs)
             h, xk = self._correction(xs, xk)
@@ -260,9 +263,10 @@ def make_linear(ws: list[Tensor], bs: list[Tensor | None] | None = None, dequant
 class KQuant(Linear):
     """A matrix in a K-quant or 5-bit format (Q2_K … Q6_K, Q5_0, Q5_1), each row its stored bytes (no float32 copy).
 
-    Up to Quant.GEMM_MIN_ROWS − 1 positions run minirt/cpu/kquants.py's kernels (int8 activations as llama.cpp's
-    vec_dot_qK_q8_K; float32 activations with exact=True), each weight block loaded once for all positions; more
-    positions dequantize tiles of rows (the gguf package's arithmetic) and multiply them with BLAS."""
+    minirt/cpu/kquants.py's kernels run at any number of positions with int8 activations (as llama.cpp's
+    vec_dot_qK_q8_K), each weight block loaded once for several positions. With exact=True (float32
+    activations) they run up to Quant.GEMM_MIN_ROWS − 1 positions; more dequantize tiles of rows (the gguf
+    package's arithmetic) and multiply them with BLAS."""
 
     FORMATS = kquants.FORMATS
 
@@ -297,17 +301,17 @@ class KQuant(Linear):
 
     def _buffers(self, T: int):
         """int8 activations, their scales over 8 lanes, sums per 16, and the threads' row-scale scratch."""
-        bufs = self.__dict__.setdefault("_bufs", {})
+        bufs = self.__dict__.get("_bufs")
         n = numba.get_num_threads()
-        if (T, n) not in bufs:
-            K = self.in_features
-            bufs[(T, n)] = (np.empty((T, K), np.int8), np.empty((T, K // 4), np.float32),
-                            np.empty((T, K // 16), np.float32), np.empty((n, 2, K // 16), np.float32))
-        return bufs[(T, n)]
+        if bufs is None or len(bufs[0]) < T or len(bufs[3]) != n:  # rows grown to the next power of two
+            K, r = self.in_features, 1 << (T - 1).bit_length()
+            bufs = self._bufs = (np.empty((r, K), np.int8), np.empty((r, K // 4), np.float32),
+                                 np.empty((r, K // 16), np.float32), np.empty((n, 2, K // 16), np.float32))
+        return bufs[0][:T], bufs[1][:T], bufs[2][:T], bufs[3]
 
     def forward(self, x, out):
         T = x.shape[0]
-        if T < Quant.GEMM_MIN_ROWS:
+        if T < Quant.GEMM_MIN_ROWS or not self.exact:
             xq, xde, xs16, scratch = self._buffers(T)
             if self.exact:
                 x = np.ascontiguousarray(x)

@@ -31,24 +31,25 @@ JIT = dict(cache=True, fastmath=True)
 @njit(**JIT)
 def quantize_x(x, xq, xde, xs):
     """Activations x (T, K) → int8 xq (T, K), block scales xd repeated over 8 lanes xde (T, nb·8), and the
-    float block sums xs (T, nb)."""
+    block sums of the rounded activations xs = xd·Σxq (T, nb), as llama.cpp's q8_1 carries them: the offset term
+    (Q4_0's −8, Q4_1's m) then sees the same rounded x as the quants (Σx instead: PPL +1.6% on Q4_0)."""
     T, K = x.shape
     nb = K // 32
     for t in range(T):
         for b in range(nb):
             amax = np.float32(0.0)
-            tot = np.float32(0.0)
             for i in range(32):
-                v = x[t, b * 32 + i]
-                amax = max(amax, abs(v))
-                tot += v
+                amax = max(amax, abs(x[t, b * 32 + i]))
             dd = amax / np.float32(127.0)
             inv = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
             for i in range(8):
                 xde[t, b * 8 + i] = dd
-            xs[t, b] = tot
+            tot = 0
             for i in range(32):
-                xq[t, b * 32 + i] = np.int8(np.round(x[t, b * 32 + i] * inv))
+                v = np.int8(np.round(x[t, b * 32 + i] * inv))
+                xq[t, b * 32 + i] = v
+                tot += np.int32(v)
+            xs[t, b] = dd * np.float32(tot)
 
 
 # ---- the interleaved layout: see pack(); a group of ROWS rows is read once per call ---------------------
