@@ -101,8 +101,10 @@ class Quant(Linear):
         self.qi = np.empty((G, nb * R * (block - qoff)), np.int8 if t.qtype == "Q8_0" else np.uint8)
         self.di = np.empty((G, nb * R), np.uint16)
         self.mi = np.empty((G, nb * R if moff else 0), np.uint16)
-        step = R * max(1, (8 << 20) // max(1, R * nb * block))
-        for a in range(0, N, step):  # in chunks of ~8 MB, each released from the mapping once repacked
+        step = R * max(1, (1 << 20) // max(1, R * nb * block))
+        # in chunks of ~1 MB, each released from the mapping once repacked (chunks of 8 MB left ~16 MB of freed
+        # temporaries in the heap at the peak: glibc serves them from the heap once its mmap threshold has grown)
+        for a in range(0, N, step):
             b = blocks[a:a + step]
             d = b[:, :, 0:2].view(np.uint16)[:, :, 0]
             m = b[:, :, moff:moff + 2].view(np.uint16)[:, :, 0] if moff else np.zeros((len(b), 0), np.uint16)

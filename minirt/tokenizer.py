@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import MinirtError
+from . import spm
 from .readers.base import TokenizerSpec
 
 # llama.cpp's pre-tokenizers (src/llama-vocab.cpp, llama_vocab::impl regex_exprs), by tokenizer.ggml.pre. Each
@@ -264,70 +265,91 @@ _HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class SPMTokenizer(Tokenizer):
-    """A SentencePiece model file (tokenizer.model)."""
+    """SentencePiece: a GGUF `llama` vocabulary (pieces, scores, types) runs on minirt.spm's BPE; a
+    tokenizer.model file on the sentencepiece library. Control and user-defined pieces are matched in the text as
+    they are before SentencePiece sees the rest (as llama.cpp and Hugging Face do): chat markers such as
+    <start_of_turn>, Gemma's whitespace runs."""
 
     def __init__(self, spec: TokenizerSpec, vocab_size: int | None = None):
-        import sentencepiece as spm
-        try:
-            self.sp = (spm.SentencePieceProcessor(model_proto=spec.spm_proto) if spec.spm_proto is not None
-                       else spm.SentencePieceProcessor(model_file=str(spec.spm_model)))
-        except (OSError, RuntimeError) as e:
-            where = spec.spm_model if spec.spm_proto is None else "the SentencePiece vocabulary in the GGUF"
-            raise MinirtError(f"{where}: not a readable SentencePiece model ({e})") from None
-        self.vocab_size = self.n_pieces = self.sp.get_piece_size()
+        if spec.spm_vocab is not None:
+            pieces, types = self._from_vocab(spec.spm_vocab)
+            bos = eos = -1
+        else:
+            pieces, types, bos, eos = self._from_file(spec.spm_model)
+        self.vocab_size = self.n_pieces = len(types)
         if vocab_size is not None:
             if self.n_pieces > vocab_size:
                 raise MinirtError(f"tokenizer: {self.n_pieces} SentencePiece pieces for an embedding of "
                                   f"{vocab_size} rows (a tokenizer for another model?)")
             self.vocab_size = vocab_size  # a padded embedding: ids past the pieces decode to nothing
-        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        self.types = types
         self.bos_id = spec.bos_id if spec.bos_id is not None else (bos if bos >= 0 else None)
         self.eos_id = spec.eos_id if spec.eos_id is not None else (eos if eos >= 0 else None)
         self.add_bos = spec.add_bos
         self.chat_template = spec.chat_template
         self.eog_ids = frozenset({self.eos_id} - {None})
-        from sentencepiece import sentencepiece_model_pb2 as pb
-        proto = pb.ModelProto()
-        proto.ParseFromString(spec.spm_proto if spec.spm_proto is not None else open(spec.spm_model, "rb").read())
-        CONTROL, USER = (pb.ModelProto.SentencePiece.Type.Value(n) for n in ("CONTROL", "USER_DEFINED"))
         special = {}
-        for i, p in enumerate(proto.pieces):
-            if p.type in (CONTROL, USER) and p.piece:
-                special.setdefault(p.piece, i)
-        del proto  # a piece's bytes are asked of the processor when needed (token_bytes), not kept per piece
-        # control and user-defined pieces are matched in the text as they are, before SentencePiece sees the
-        # rest (as llama.cpp and Hugging Face do): chat markers such as <start_of_turn>, Gemma's whitespace runs
+        for i in np.flatnonzero((types == spm.CONTROL) | (types == spm.USER_DEFINED)).tolist():
+            p = pieces(i)
+            if p:
+                special.setdefault(p, i)
         self.special = special
         self._special_re = re.compile(_trie_pattern(list(special))) if special else None
 
+    def _from_vocab(self, v: dict):
+        if len(v["off"]) < 2:
+            raise MinirtError("the SentencePiece vocabulary in the GGUF has no pieces")
+        self.bpe = spm.SpmBpe(**v)
+        self._plain, self.sp = self.bpe.encode, None
+        return self.bpe.piece, self.bpe.types
+
+    def _from_file(self, path):
+        import sentencepiece
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise MinirtError(f"{path}: not a readable SentencePiece model ({e})") from None
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        proto = pb.ModelProto()
+        proto.ParseFromString(open(path, "rb").read())
+        types = np.array([p.type for p in proto.pieces], np.int8)  # sentencepiece's numbers, as GGUF's
+        del proto
+        sp = self.sp
+        self._plain, self.bpe = sp.encode, None
+        return sp.id_to_piece, types, sp.bos_id(), sp.eos_id()
+
     def _encode(self, text: str) -> list[int]:
         if self._special_re is None:
-            return self.sp.encode(text)
+            return self._plain(text)
         out, pos = [], 0
         for m in self._special_re.finditer(text):
             if m.start() > pos:
-                out += self.sp.encode(text[pos:m.start()])
+                out += self._plain(text[pos:m.start()])
             out.append(self.special[m.group()])
             pos = m.end()
         if pos < len(text):
-            out += self.sp.encode(text[pos:])
+            out += self._plain(text[pos:])
         return out
 
     def token_bytes(self, token_id: int) -> bytes:
         """A piece's bytes: a byte piece's byte, nothing for control and unknown pieces (and ids past the
-        pieces), else its text with ▁ as a space. Asked of the processor per token: a list of 262k bytes
-        objects would cost ~12 MB for what a decode step reads once."""
-        sp = self.sp
-        if token_id >= self.n_pieces or sp.is_control(token_id) or sp.is_unknown(token_id):
+        pieces), else its text with ▁ as a space."""
+        if token_id >= self.n_pieces or self.types[token_id] in (spm.CONTROL, spm.UNKNOWN):
             return b""
-        piece = sp.id_to_piece(token_id)
-        if sp.is_byte(token_id):
-            hexbyte = _HEX_BYTE.fullmatch(piece)
+        if self.bpe is not None:
+            raw = self.bpe.piece_bytes(token_id)
+        else:
+            raw = self.sp.id_to_piece(token_id).encode()
+        if self.types[token_id] == spm.BYTE:
+            hexbyte = _HEX_BYTE.fullmatch(raw.decode("ascii", "replace"))
             return bytes([int(hexbyte.group(1), 16)]) if hexbyte else b""
-        return piece.replace("\u2581", " ").encode()
+        return raw.replace("\u2581".encode(), b" ")
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids if int(i) < self.n_pieces])
+        ids = [int(i) for i in ids if int(i) < self.n_pieces]
+        if self.sp is not None:
+            return self.sp.decode(ids)
+        return self.bpe.decode(ids)
 
 
 class NoTokenizer(Tokenizer):

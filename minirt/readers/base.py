@@ -65,7 +65,7 @@ class TokenizerSpec:
     pre: str = "gpt-2"                          # bpe: pre-tokenizer, as llama.cpp names it (tokenizer.ggml.pre)
     normalizer: str | None = None               # bpe: None | "NFC" (tokenizer.json's normalizer, e.g. Qwen2's)
     spm_model: Path | None = None               # spm: path of tokenizer.model
-    spm_proto: bytes | None = None              # spm: or its bytes (built from a GGUF `llama` vocabulary)
+    spm_vocab: dict | None = None               # spm: or a GGUF `llama` vocabulary (minirt.spm.SpmBpe's arguments)
     tiktoken_file: Path | None = None           # bpe given as a .tiktoken ranks file
     bos_id: int | None = None
     eos_id: int | None = None

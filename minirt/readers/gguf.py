@@ -406,8 +406,7 @@ def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
         pre = meta.get("tokenizer.ggml.pre", "default")  # llama.cpp's default regexes where the key is missing
         return TokenizerSpec("bpe", tokens=tokens, merges=merges, special=special, pre=pre if isinstance(pre, str) else "",
                              add_bos=meta.get("tokenizer.ggml.add_bos_token", False) is True, **common)
-    if model == "llama":  # SentencePiece: pieces, scores and types → a tokenizer.model built in memory
-        from .spm import proto_from_gguf
+    if model == "llama":  # SentencePiece BPE: pieces, scores and types as arrays (minirt.spm runs them)
         scores = meta.get("tokenizer.ggml.scores")
         if scores is not None and (not isinstance(scores, list) or len(scores) != len(tokens)
                                    or not all(isinstance(x, (int, float)) for x in scores)):
@@ -416,7 +415,11 @@ def _tokenizer(meta: dict, path: Path) -> TokenizerSpec:
             v = opt_id(key)
             if v is not None and v >= len(tokens):
                 raise MinirtError(f"{path}: metadata {key} {v} is past the {len(tokens)} tokens")
-        return TokenizerSpec("spm", spm_proto=proto_from_gguf(meta),
+        from ..spm import vocab_arrays
+        vocab = dict(**vocab_arrays(tokens, scores, types), unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
+                     add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                     remove_extra_whitespaces=bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
+        return TokenizerSpec("spm", spm_vocab=vocab,
                              add_bos=meta.get("tokenizer.ggml.add_bos_token", True) is True, **common)
     if model is None:
         return TokenizerSpec("none", **common)
