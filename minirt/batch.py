@@ -24,7 +24,7 @@ import numpy as np
 from .cpu import kernels
 from .errors import MinirtError
 from .kvcache import KVCache
-from .linear import BLAS_MIN_ROWS, Quant
+from .linear import BLAS_MIN_ROWS, KQuant, Quant, Stacked
 
 # Rows per pass: below both batched thresholds (Dense: BLAS from BLAS_MIN_ROWS rows; Quant: dequantized
 # tiles + BLAS from GEMM_MIN_ROWS), where every matrix kernel computes each row on its own.
@@ -125,3 +125,15 @@ class BatchStep:
             cache.pos += 1
         h = m.norm(x, np.empty_like(x))
         return m.head.forward(h, np.empty((n, c.vocab_size), np.float32))
+
+
+def positions_independent(model) -> bool:
+    """Whether a position's result has the same bits however positions are grouped into calls (so that KV rows
+    of a prefix computed in one request serve another): every matrix of the layers is a block format or a
+    K-quant on its integer kernels, which take any number of positions row by row. F16/F32 matrices (BLAS from
+    16 positions) and exact=True (float tiles from 17) are not."""
+    def ok(m):
+        if isinstance(m, Stacked):
+            return all(ok(p) for p in m.parts)
+        return (isinstance(m, Quant) and m.nb > 0 or isinstance(m, KQuant)) and not m.exact
+    return hasattr(model, "layers") and all(ok(m) for L in model.layers for m in (L.qkv, L.wo, L.up, L.down))

@@ -54,6 +54,12 @@ class KVCache:
         view.pool = None if self.pool is None else (self.pool[0][:n], self.pool[1][:n])
         return view
 
+    def copy_prefix(self, src: "KVCache", n: int) -> None:
+        """Hold src's first n positions (a server's prefix cache copies a shared prompt prefix this way)."""
+        self.k[:, :, :n] = src.k[:, :, :n]
+        self.v[:, :, :n] = src.v[:, :, :n]
+        self.pos = n
+
     def truncate(self, pos: int) -> None:
         """Forget every position ≥ pos (speculative decoding rolls back rejected drafts this way)."""
         if not 0 <= pos <= self.pos:

@@ -276,6 +276,27 @@ def test_batched_equals_alone(live, smollm2_fast):
     assert alone[-1] != alone[-2]
 
 
+def test_prefix_cache_reuses_rows_and_changes_nothing(live, smollm2_fast, smollm2):
+    """A request whose prompt shares a long prefix with an earlier one's runs only the rest, and gets what it
+    gets alone from Model.generate (a position's bits do not depend on how positions are grouped)."""
+    from minirt.batch import positions_independent
+    assert live.batcher.prefix_cache and positions_independent(smollm2_fast)
+    assert not positions_independent(smollm2)  # exact: float tiles and BLAS from 17 positions
+    c = live.client()
+    base = PROMPTS[-1]
+    n_base = len(smollm2_fast.tokenizer.encode(base))
+    assert _wait_idle(live.batcher)
+    first = c.completions.create(model="x", prompt=base + " First,", max_tokens=6, temperature=0)
+    for tail in (" Second,", " First,"):  # another question on the same text, then the same prompt again
+        prompt = base + tail
+        r = c.completions.create(model="x", prompt=prompt, max_tokens=6, temperature=0)
+        ids = smollm2_fast.tokenizer.encode(prompt)
+        assert r.choices[0].text == _reference(smollm2_fast, ids, 6)[0]
+        assert n_base - 2 <= r.usage.prompt_tokens_details.cached_tokens <= len(ids) - 1
+    assert r.choices[0].text == first.choices[0].text
+    assert r.usage.prompt_tokens_details.cached_tokens == len(ids) - 1  # all but the position that gives logits
+
+
 def test_disconnect_frees_the_slot(live):
     with httpx.stream("POST", live.url + "/v1/completions",
                       json={"prompt": "Once upon a time", "max_tokens": 300, "stream": True}) as resp:

@@ -264,11 +264,12 @@ class Server:
                 "text_offset": offsets}
 
     @staticmethod
-    def _usage(prompt: int, completion: int) -> dict:
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _stream(self, rid, chat, seqs, events, usage_chunk):
-        left, prompt, completion = len(seqs), len(seqs[0].prompt), 0
+        left, prompt, completion, cached = len(seqs), len(seqs[0].prompt), 0, 0
         k = seqs[0].params.logprobs
         try:
             if chat:
@@ -291,8 +292,9 @@ class Server:
                 if reason:
                     left -= 1
                     completion += e["completion_tokens"]
+                    cached = max(cached, e["cached_tokens"])
             if usage_chunk:
-                yield self._chunk(rid, chat, [], self._usage(prompt, completion))
+                yield self._chunk(rid, chat, [], self._usage(prompt, completion, cached))
             yield "data: [DONE]\n\n"
         finally:
             if left:
@@ -302,7 +304,7 @@ class Server:
         texts = [[] for _ in seqs]
         lps = [[] for _ in seqs]
         reasons = [None] * len(seqs)
-        left, completion = len(seqs), 0
+        left, completion, cached = len(seqs), 0, 0
         try:
             while left:
                 try:
@@ -320,6 +322,7 @@ class Server:
                 if e.get("finish_reason"):
                     reasons[i] = e["finish_reason"]
                     completion += e["completion_tokens"]
+                    cached = max(cached, e["cached_tokens"])
                     left -= 1
         finally:
             if left:
@@ -336,7 +339,7 @@ class Server:
                 choices.append({"index": s.index, "text": text, "logprobs": lp, "finish_reason": reasons[s.index]})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.name, "choices": choices,
-                             "usage": self._usage(len(seqs[0].prompt), completion)})
+                             "usage": self._usage(len(seqs[0].prompt), completion, cached)})
 
     async def models(self, request: Request) -> Response:
         try:

@@ -12,6 +12,12 @@ A prompt is always cut into the same chunks (balanced, from its length alone), a
 each row on its own, so a request's tokens do not depend on what else runs beside it; each sequence samples
 with its own random generator (seeded when the request has a seed).
 
+Prefix cache: a freed slot keeps the KV rows it holds and the tokens they are of. A new sequence takes the free
+slot whose tokens share the longest prefix with its prompt and runs only the rest (OpenAI's
+usage.prompt_tokens_details.cached_tokens counts what was reused). It is on only where a position's result has
+the same bits however the positions are grouped into calls (minirt.batch.positions_independent: block-format
+and K-quant matrices, whose integer kernels take any T), so answers never depend on it.
+
 Events go back to the HTTP side through sequence.emit (thread-safe: the app passes loop.call_soon_threadsafe).
 Nothing outlives a request: the server is stateless between requests.
 """
@@ -25,12 +31,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..batch import BatchStep
+from ..batch import BatchStep, positions_independent
 from ..kvcache import KVCache
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import Detokenizer
 
 PREFILL_STEP = 64  # prompt positions per step at most (one chunk of one sequence)
+MIN_REUSE = 16     # prefix-cache hits shorter than this are not worth taking a particular slot
 
 
 class Busy(Exception):
@@ -69,11 +76,19 @@ class Sequence:
     pending: str = ""
     finished: bool = False
 
+    cached: int = 0                # prompt positions whose KV rows came from the prefix cache
+
     def __post_init__(self):
         p = self.params
         self.sampler = Sampler(SamplingParams(p.temperature, p.top_k, p.top_p, p.min_p, 1.0, p.seed))
-        n = -(-len(self.prompt) // PREFILL_STEP)
-        self.bounds = [len(self.prompt) * i // n for i in range(n + 1)]
+        self.start_at(0)
+
+    def start_at(self, done: int) -> None:
+        """Prefill from prompt position `done` (the rows before it are in the cache), in balanced chunks."""
+        rest = len(self.prompt) - done
+        n = max(1, -(-rest // PREFILL_STEP))
+        self.done_prompt = self.cached = done
+        self.bounds = [done + rest * i // n for i in range(n + 1)]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -99,8 +114,11 @@ def split_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class Batcher:
-    def __init__(self, model, parallel: int = 4, ctx: int | None = None, queue: int = 64):
+    def __init__(self, model, parallel: int = 4, ctx: int | None = None, queue: int = 64,
+                 prefix_cache: bool = True):
         self.model, self.parallel, self.queue_limit = model, parallel, queue
+        self.prefix_cache = prefix_cache and positions_independent(model)
+        self.held: dict[int, list[int]] = {}  # id(free slot) → the tokens of the KV rows it still holds
         self.ctx = ctx or model.ctx
         self.step = BatchStep(model)
         # slots: allocated once, reused; one pool, so that a step runs every sequence in one compiled call
@@ -184,9 +202,7 @@ class Batcher:
                         s = self.waiting.popleft()
                         if s.cancelled:
                             continue
-                        s.cache = self.free.pop()
-                        s.cache.truncate(0)
-                        self.active.append(s)
+                        self._admit(s)
                 self._step()
         except BaseException as e:  # a bug: end every stream with an error rather than hang them
             with self.cv:
@@ -204,11 +220,38 @@ class Batcher:
         if any(s.cancelled for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
 
+    def _admit(self, s: Sequence) -> None:
+        """Give s the least recently freed slot. Where a free slot holds a prefix of its prompt (at least
+        MIN_REUSE positions; one prompt position is always left to run, for its logits), those rows are copied
+        in first, so that the slot that held them keeps them for the next request (a shared system prompt
+        serves every conversation)."""
+        best, reuse = -1, 0
+        if self.prefix_cache:
+            for i, c in enumerate(self.free):
+                held = self.held.get(id(c), [])
+                n = min(len(held), len(s.prompt) - 1)
+                k = next((j for j in range(n) if held[j] != s.prompt[j]), n)
+                if k > reuse:
+                    best, reuse = i, k
+        src = self.free[best]
+        cache = s.cache = self.free.pop()
+        self.held.pop(id(cache), None)
+        if reuse < MIN_REUSE:
+            reuse = 0
+        if src is cache:
+            cache.truncate(reuse)
+        else:
+            cache.copy_prefix(src, reuse)
+        s.start_at(reuse)
+        self.active.append(s)
+
     def _free(self, s: Sequence) -> None:
         with self.cv:
             if s in self.active:
                 self.active.remove(s)
-                self.free.append(s.cache)
+                if self.prefix_cache:  # the rows written: the prompt's, then each token fed back
+                    self.held[id(s.cache)] = (s.prompt + s.tokens)[:s.cache.pos]
+                self.free.insert(0, s.cache)  # admission pops from the end: the least recently freed
                 s.cache = None
             elif s in self.waiting:
                 self.waiting.remove(s)
@@ -272,4 +315,4 @@ class Batcher:
             tail = out if hit else tail
         self._free(s)
         s.emit({"index": s.index, "text": tail, "finish_reason": reason, "prompt_tokens": len(s.prompt),
-                "completion_tokens": len(s.tokens)})
+                "completion_tokens": len(s.tokens), "cached_tokens": s.cached})
