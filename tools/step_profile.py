@@ -2,6 +2,8 @@
 
     python tools/step_profile.py MODEL [-t THREADS] [-d DEPTH] [-r REPS] [--bandwidth GB/s]
 
+(The wrappers below are not cached: a test imports this file by path, a script runs it as __main__, and
+Numba's cache cannot tell the two apart.)
 Each phase runs alone, over every layer, in one compiled call (no Python between layers), with the caches
 flushed before each repetition (a 64 MiB read: in the real step the weights of the other matrices pass through
 the L3 in between); the figure is the median of the repetitions. Phases:
@@ -36,14 +38,14 @@ from minirt.cpu.qmatmul import quantize_x
 MATRICES = ("qkv", "wo", "gate/up", "down")
 
 
-@njit(cache=True)
+@njit
 def _mats(j, L, tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, x, out, mid, xqb, xdeb, xsb, xkb, n):
     for li in range(L):
         step._matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, 4 * li + j, x, out, mid, xqb, xdeb, xsb, xkb,
                      n)
 
 
-@njit(cache=True)
+@njit
 def _quant(L, fmt, xs_in, xqb, xdeb, xsb):
     """quantize_x of each block-format matrix's input, as _linear runs it (xs_in: the 4 inputs)."""
     for li in range(L):
@@ -57,13 +59,13 @@ def _quant(L, fmt, xs_in, xqb, xdeb, xsb):
                            xsb[:T * nb].reshape(T, nb))
 
 
-@njit(cache=True)
+@njit
 def _attention(L, q, kc, vc, slots, positions, scale, win, scores, att):
     for li in range(L):
         kernels.attention_rows(q, kc[li], vc[li], slots, positions, scale, win[li], scores, att)
 
 
-@njit(cache=True)
+@njit
 def _small(L, x, h, qkv, q, kc, vc, slots, positions, cr, sr, nw, nbias, qkn, layer_norm, ffn, use_rope, qk_norm,
            post_norms, eps, up, act, o):
     """The step's work between the matrices, in its order (see step.layers)."""
@@ -95,30 +97,38 @@ def _small(L, x, h, qkv, q, kc, vc, slots, positions, cr, sr, nw, nbias, qkn, la
             step._norm(o, nw[li, 3], nbias[li, 3], layer_norm, eps, o)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True)
 def _empty_region(out):
     for i in prange(out.shape[0]):
         out[i] += 1.0
 
 
-@njit(cache=True)
+@njit
 def _regions(k, out):
     for _ in range(k):
         _empty_region(out)
 
 
+def _clock():
+    """At 1 thread the kernels run on the calling thread: its CPU time (time.thread_time) leaves out the time
+    other processes hold the core (on 2 shared cores a 10 ms step was preempted in most runs, a 0.5 ms phase
+    rarely: wall-clock medians put a phantom 30-60% "overhead" on the step). Threads: wall clock."""
+    return time.thread_time if numba.get_num_threads() == 1 else time.perf_counter
+
+
 def _time(fns: dict, reps: int, flush) -> dict:
     """Median seconds of each fn() over reps rounds, interleaved (one run of each per round: under load the
     figures share the same conditions), each run after a cache flush (untimed)."""
+    clock = _clock()
     ts = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(reps):
         for k, fn in fns.items():
             flush()
-            t = time.perf_counter()
+            t = clock()
             fn()
-            ts[k].append(time.perf_counter() - t)
+            ts[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
@@ -208,7 +218,8 @@ def report(p: dict, name: str) -> str:
     summed = sum(sec.values())
     bw = p["bandwidth"]
     lines = [f"{name}: decode step (T = 1) at position {p['depth']}, {p['threads']} threads, "
-             f"bandwidth {bw / 1e9:.1f} GB/s; each phase alone, median, caches flushed",
+             f"bandwidth {bw / 1e9:.1f} GB/s; each phase alone, median, caches flushed, "
+             f"{'CPU time of the calling thread' if p['threads'] == 1 else 'wall clock'}",
              "| phase | ms/token | share of step | GB/s | floor ms | × floor |", "|---|---|---|---|---|---|"]
     for k, v in sec.items():
         row = f"| {k} | {v * 1e3:.3f} | {v / total:.1%} |"
