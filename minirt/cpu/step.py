@@ -47,7 +47,7 @@ def as_list(arrays):
     """A typed List of the arrays (one type), built by compiled (cached) functions: numba.typed.List built from
     Python compiles its methods in every process (≈ 1 s), which the warm start cannot afford. One element per
     call: a function taking the whole tuple compiles once per tuple length (the table's 4·layers entries) and
-    took 20 of the 75 s of a cold start (SmolLM2: 5 lists of 120 arrays); these compile once per array type."""
+    took 17-20 s of a 70-77 s cold start (SmolLM2: 5 lists of 120 arrays); these compile once per array type."""
     out = _list_of(arrays[0])
     for a in arrays[1:]:
         _append(out, a)
