@@ -254,7 +254,11 @@ def _warm_up(model, load_seconds: float) -> None:
     """A warm-up run, then the load and warm-up times on stderr, so that prompt and decode speeds are the
     model's own. Called once the request is checked, so that a bad request stays a one-line error."""
     kernels = getattr(model, "kernel_seconds", 0.0)  # minirt.load ran the kernels once before the weights
-    warm = (model.warmup() if hasattr(model, "warmup") else 0.0) + kernels
+    # a twin ran every kernel of the dense model (same array types: warm_kernels): running them again on the
+    # model loads nothing (0.1 s at 1 thread, 0.4-0.8 s at 2 threads on cores shared with other work); a mode
+    # may have swapped in Linears of other kernels
+    twin_did = kernels and getattr(model, "mode", None) == "dense"
+    warm = (model.warmup() if hasattr(model, "warmup") and not twin_did else 0.0) + kernels
     load_seconds -= kernels
     first = " (the first run compiles the kernels; later runs read them from the cache)" if warm > 3 else ""
     print(f"load: {load_seconds:.2f} s · warm-up: {warm:.2f} s{first}", file=sys.stderr)

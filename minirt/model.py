@@ -379,6 +379,8 @@ def kernel_twin(ck: Checkpoint) -> Checkpoint | None:
             rows = math.prod(shape[:-1])
             data = np.zeros((rows, tensor_nbytes(t.qtype, shape) // rows) if len(shape) > 1 else tensor_nbytes(t.qtype, shape),
                             np.uint8)
+        if isinstance(t.data, np.ndarray) and not t.data.flags.writeable:
+            data.flags.writeable = False  # a matrix mapped from the file: the kernels' read-only array types
         tensors[name] = Tensor(data, t.qtype, shape)
     from .readers.base import TokenizerSpec
     from .readers.validate import validate
@@ -389,15 +391,17 @@ def kernel_twin(ck: Checkpoint) -> Checkpoint | None:
 def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False) -> float:
     """Load the kernels ck's model will call by running its zero-weight twin (kernel_twin), then release the
     compiler's pages: Numba touches ~60 MB of LLVM's code for every kernel it loads, which otherwise stays
-    resident beside the weights (peak RSS). Returns the seconds it took (compiling, on a first run)."""
+    resident beside the weights (peak RSS). Returns the seconds it took (compiling, on a first run), 0.0 where
+    no twin ran (the model's own warmup() then loads the kernels)."""
     import time
     t0 = time.perf_counter()
     try:
         twin = kernel_twin(ck)
     except MinirtError:  # a config the shrunk widths do not fit: the kernels then load with the model
         return 0.0
-    if twin is not None:
-        Model.from_checkpoint(twin, dequantize=dequantize, exact=exact).warmup()
+    if twin is None:
+        return 0.0
+    Model.from_checkpoint(twin, dequantize=dequantize, exact=exact).warmup()
     return time.perf_counter() - t0
 
 

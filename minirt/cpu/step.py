@@ -34,12 +34,25 @@ from .qmatmul import matmul_half, matmul_q, quantize_x
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
 @njit(**JIT)
-def as_list(arrays):
-    """A typed List of a tuple's arrays, built in compiled (cached) code: numba.typed.List built from Python
-    compiles its methods in every process (≈ 1 s), which the warm start cannot afford."""
+def _list_of(a):
     out = List()
-    for a in arrays:
-        out.append(a)
+    out.append(a)
+    return out
+
+
+@njit(**JIT)
+def _append(out, a):
+    out.append(a)
+
+
+def as_list(arrays):
+    """A typed List of the arrays (one type), built by compiled (cached) functions: numba.typed.List built from
+    Python compiles its methods in every process (≈ 1 s), which the warm start cannot afford. One element per
+    call: a function taking the whole tuple compiles once per tuple length (the table's 4·layers entries) and
+    took 17-20 s of a 70-77 s cold start (SmolLM2: 5 lists of 120 arrays); these compile once per array type."""
+    out = _list_of(arrays[0])
+    for a in arrays[1:]:
+        _append(out, a)
     return out
 
 
