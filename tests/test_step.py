@@ -246,20 +246,10 @@ def test_k_quants_and_stacked_run_in_the_step(arch):
     assert M.step_fallback_reason(m) is None
     rng = np.random.default_rng(2)
     for T in (1, 3, 16):
-        ids, prefix = rng.integers(0, VOCAB, T), rng.integers(0, VOCAB, 11)
-        per_op, compiled, runs = both_paths(m, ids, prefix)
+        per_op, compiled, runs = both_paths(m, rng.integers(0, VOCAB, T), rng.integers(0, VOCAB, 11))
         assert runs == 1
-        same_as_per_op(compiled, per_op)
-        np.testing.assert_array_equal(both_paths(m, ids, prefix)[1], compiled)  # the step repeats its bits
+        np.testing.assert_array_equal(compiled, per_op)
         assert np.isfinite(compiled).all() and compiled.std() > 0.1
-
-
-def same_as_per_op(compiled, per_op):
-    """Bit-equal in most runs; in some (the gemma3 mix: 1 run of 3 here) the two paths differed in the last bits
-    (1.5e-5 of logits up to 20), which this session could not trace (see test_gemma3_runs_the_compiled_step):
-    held to float32 rounding and the same argmax, not to the bit."""
-    assert (compiled.argmax(-1) == per_op.argmax(-1)).all()
-    np.testing.assert_allclose(compiled, per_op, rtol=1e-5, atol=1e-4)
 
 
 def test_five_bit_blocks_with_an_odd_number_of_blocks():
@@ -270,7 +260,7 @@ def test_five_bit_blocks_with_an_odd_number_of_blocks():
     for T in (1, 2, 5):
         per_op, compiled, runs = both_paths(m, list(range(1, T + 1)), [4, 5, 6])
         assert runs == 1
-        same_as_per_op(compiled, per_op)
+        np.testing.assert_array_equal(compiled, per_op)
 
 
 def test_exact_k_quants_go_per_operation():
