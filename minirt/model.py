@@ -22,11 +22,11 @@ import numba
 import numpy as np
 
 from . import jitcache
-from .cpu import isa, kernels, kquants, step
+from .cpu import isa, kernels, step
 from .config import ModelConfig
 from .errors import MinirtError
 from .kvcache import KVCache, context_size
-from .linear import Dense, KQuant, Linear, Quant, Stacked, make_linear
+from .linear import Dense, Linear, Quant, make_linear
 from .modes.lowrank import LowRank
 from .readers import Checkpoint, Tensor
 from .cpu.threads import blas_single_threaded
@@ -406,8 +406,8 @@ def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False) 
 
 
 # ---- the compiled decode step's table (cpu/step.py) ----------------------------------------------------------
-# The step covers what it knows: the traits below, the Linears Dense, Quant, KQuant, Stacked (mixed formats) and
-# LowRank of those (float32 activations of exact=True and every other Linear, e.g. pinv's, go per operation), norms of the
+# The step covers what it knows: the traits below, the Linears Dense and Quant (float32 activations of
+# exact=True and every other Linear, e.g. modes' low-rank or pinv ones, go per operation), norms of the
 # trait's kind. A trait or config field added later that the step does not know takes the per-operation
 # path unless it has its default value (a feature that is off). tests/test_step.py holds both paths equal.
 STEP_TRAITS = {"norm", "ffn", "rope", "qk_norm", "post_norms", "embed_scale", "fused_qkv", "swa_pattern",
@@ -446,8 +446,7 @@ def step_fallback_reason(model: Model) -> str | None:
             for lin in _leaves(getattr(L, name)):
                 if type(lin) is Dense:
                     continue
-                kinds = step.FORMATS if type(lin) is Quant else step.KFORMATS if type(lin) is KQuant else ()
-                if getattr(lin, "qtype", None) not in kinds or lin.exact or lin.bias is not None \
+                if type(lin) is not Quant or lin.qtype not in step.FORMATS or lin.exact or lin.bias is not None \
                         and lin is not getattr(L, name):
                     return (f"layer {i} {name}: {type(lin).__name__}"
                             f"{' (exact)' if getattr(lin, 'exact', False) else ''}")
@@ -464,9 +463,9 @@ def step_fallback_reason(model: Model) -> str | None:
 
 
 def _leaves(lin) -> list:
-    """The stored matrices a Linear runs: itself, a low-rank matrix's two factors (V, U) or a Stacked one's
-    parts; the caller checks that each is a kind the step runs."""
-    return [lin.v, lin.u] if type(lin) is LowRank else list(lin.parts) if type(lin) is Stacked else [lin]
+    """The stored matrices a Linear runs: itself, or a low-rank matrix's two factors (V, U); the caller checks
+    that each is a kind the step runs."""
+    return [lin.v, lin.u] if type(lin) is LowRank else [lin]
 
 
 def _one_type(arrays: list[np.ndarray]) -> tuple:
@@ -507,15 +506,6 @@ class StepTable:
                 fmt[i] = step.LOWRANK
                 sub[i] = (add(lin.v), add(lin.u), lin.rank)
                 self.max_rank = max(self.max_rank, lin.rank)
-            elif type(lin) is Stacked:  # parts: consecutive entries, each of its rows in sub[p, 2]
-                fmt[i] = step.STACKED
-                parts = [add(p) for p in lin.parts]
-                for j, p in zip(parts, lin.parts):
-                    sub[j] = (0, 0, p.out_features)
-                sub[i] = (parts[0], len(parts), 0)
-                self.max_rank = max(self.max_rank, *(p.out_features for p in lin.parts))  # mid holds a part
-            elif type(lin) is KQuant:
-                fmt[i], self.qs[i] = step.KFORMATS[lin.qtype], lin.q
             elif type(lin) is Dense:
                 self.dense = True
                 fmt[i], self.fs[i] = 0, lin.w
@@ -553,14 +543,12 @@ class StepTable:
                                np.int64)
         self.eps = float(model.layers[0].attn_norm.eps) if model.layers else c.norm_eps
         leaves = [lin for L in L0 for m in (L.qkv, L.wo, L.up, L.down) for lin in _leaves(m)]
-        odd = any(lin.nb % 2 for lin in leaves if type(lin) is Quant) or any(
-            (lin.in_features // 32) % 2 for lin in leaves if type(lin) is KQuant)
+        odd = any(lin.nb % 2 for lin in leaves if type(lin) is Quant)
         self.tags = (isa.tag(), isa.tag("avxvnni") if odd and isa.SELECTED == "avx512vnni" else None)
         codes = set(self.fmt.tolist())
-        self.has = tuple(isa.tag() if c in codes else None for c in range(len(step.FORMATS))) + tuple(
-            kquants.FORMAT_TAGS[f] if c in codes else None for f, c in step.KFORMATS.items())
+        self.has = tuple(isa.tag() if c in codes else None for c in range(len(step.FORMATS)))
         self._rope = (None, None, None)
-        self._act: dict[tuple[int, int], tuple] = {}  # (T, threads) → activation scratch
+        self._act: dict[int, tuple] = {}
 
     def covers(self, T: int) -> bool:
         """Positions the step runs with the per-operation path's kernels (Dense switches to BLAS at BLAS_MIN_ROWS)."""
@@ -596,16 +584,14 @@ class StepTable:
         s = model._buffers(T)
         x = np.ascontiguousarray(model._embed(tokens, positions), dtype=np.float32)
         cos, sin = self._tables(model)
-        n = numba.get_num_threads()
-        if (T, n) not in self._act:
+        if T not in self._act:
             nb = self.max_k // 32
-            self._act[T, n] = (np.empty(T * self.max_rank, np.float32), np.empty(T * self.max_k, np.int8),
-                               np.empty(T * nb * 8, np.float32), np.empty(T * nb, np.float32),
-                               np.empty(T * nb * 2 + n * nb * 4, np.float32))
-        mid, xqb, xdeb, xsb, xkb = self._act[T, n]
+            self._act[T] = (np.empty(T * self.max_rank, np.float32), np.empty(T * self.max_k, np.int8),
+                            np.empty(T * nb * 8, np.float32), np.empty(T * nb, np.float32), np.empty(T * nb, np.float32))
+        mid, xqb, xdeb, xsb, xkb = self._act[T]
         step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.sub, self.qs, self.hs, self.ms, self.fs, self.bs,
                     self.nw, self.nb, self.qkn, self.win, self.rope_i, cos, sin,
                     tr.norm == "layer", step.FFNS[tr.ffn], tr.rope, tr.qk_norm, tr.post_norms, self.eps, c.scale,
                     x, slots, positions, kc, vc, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],
-                    s["act"], scores, mid, xqb, xdeb, xsb, xkb, n)
+                    s["act"], scores, mid, xqb, xdeb, xsb, xkb, numba.get_num_threads())
         return x

@@ -7,13 +7,11 @@ parallel regions of the 4 matrix products, attention and the activation (norms, 
 few positions run on the calling thread: a fork/join costs more than they do).
 
 The model is a table (kernels know nothing of models; model.StepTable builds it):
-    fmt[i]            format code of matrix i = 4·layer + (0 qkv | 1 wo | 2 up | 3 down): see FORMATS and KFORMATS;
-                      LOWRANK for a low-rank matrix, whose factors V, U are entries sub[i, 0], sub[i, 1] past the
-                      4·L (rank sub[i, 2]): low-rank modes run in the step too; STACKED for matrices of several
-                      formats stacked along their outputs (linear.Stacked), parts sub[i, 0] … sub[i, 0] + sub[i, 1]
-                      − 1 past the 4·L, part p of sub[p, 2] rows
-    qs[i]             quant bytes in qmatmul.pack's interleaved layout (groups, …; Q8_0 as uint8), a K-quant's
-                      stored rows (N, bytes per row), else a (1, 1) placeholder
+    fmt[i]            format code of matrix i = 4·layer + (0 qkv | 1 wo | 2 up | 3 down): see FORMATS; LOWRANK
+                      for a low-rank matrix, whose factors V, U are entries sub[i, 0], sub[i, 1] past the 4·L
+                      (rank sub[i, 2]): low-rank modes run in the step too
+    qs[i]             quant bytes in qmatmul.pack's interleaved layout (groups, …; Q8_0 as uint8), else a (1, 1)
+                      placeholder
     hs[i]             f16 scales di (groups, nb·16) | the F16/BF16 values (N, K)
     ms[i]             Q4_1's f16 minimums mi (groups, nb·16), else (groups, 0)
     fs[i]             a float32 matrix (N, K) (Dense), else a (1, 1) placeholder
@@ -28,7 +26,7 @@ import numpy as np
 from numba import njit
 from numba.typed import List
 
-from . import kernels, kquants
+from . import kernels
 from .qmatmul import matmul_half, matmul_q, quantize_x
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
@@ -57,8 +55,6 @@ def as_list(arrays):
 
 
 FORMATS = {"F32": 0, "Q8_0": 1, "Q4_0": 2, "Q4_1": 3, "F16": 4, "BF16": 5}
-KFORMATS = {name: 5 + fid for name, (fid, _, _) in kquants.FORMATS.items()}  # 6 … 12: kquants.py's kernels
-STACKED = 14  # linear.Stacked: its parts are further entries of the table (sub)
 LOWRANK = 15  # a low-rank matrix (modes/lowrank.py): its two factors are further entries of the table (sub)
 FFNS = {"swiglu": 0, "geglu": 1, "gelu": 2}
 MAX_T = 16  # positions per call (the decode kernels' range; more go through the per-operation path)
@@ -71,10 +67,10 @@ def _matmul_q(tag, tag_odd, xq, xde, xk, q, d, h, out, n):
 
 
 @njit(**JIT)
-def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, ks, code, q, hs, ms, w, bias, x, out, xqb, xdeb, xsb, xkb, n):
+def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, code, q, hs, ms, w, bias, x, out, xqb, xdeb, xsb, xkb, n):
     """out = x · Wᵀ (+ bias) for one matrix of the table, as Quant.forward / Dense.forward do for T ≤ 16.
-    f32 … bf16, ks (the K-quant formats' tags): None where the model has no matrix of that format: Numba prunes
-    those branches, so that only the kernels the model uses are compiled (and loaded from the cache)."""
+    f32 … bf16: None where the model has no matrix of that format: Numba prunes those branches, so that
+    only the kernels the model uses are compiled (and loaded from the cache)."""
     T, K = x.shape
     nb = K // 32
     xq = xqb[:T * K].reshape(T, K)
@@ -102,25 +98,9 @@ def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, ks, code, q, hs, ms, w, 
     elif code == 4:
         if f16 is not None:
             matmul_half(tag, x, hs, False, out, n)
-    elif code == 5:
+    else:
         if bf16 is not None:
             matmul_half(tag, x, hs, True, out, n)
-    else:
-        k = code - 6
-        if k == 0:
-            _kquant(tag, tag_odd, ks[0], q, x, out, xqb, xdeb, xkb, n)
-        elif k == 1:
-            _kquant(tag, tag_odd, ks[1], q, x, out, xqb, xdeb, xkb, n)
-        elif k == 2:
-            _kquant(tag, tag_odd, ks[2], q, x, out, xqb, xdeb, xkb, n)
-        elif k == 3:
-            _kquant(tag, tag_odd, ks[3], q, x, out, xqb, xdeb, xkb, n)
-        elif k == 4:
-            _kquant(tag, tag_odd, ks[4], q, x, out, xqb, xdeb, xkb, n)
-        elif k == 5:
-            _kquant(tag, tag_odd, ks[5], q, x, out, xqb, xdeb, xkb, n)
-        else:
-            _kquant(tag, tag_odd, ks[6], q, x, out, xqb, xdeb, xkb, n)
     if bias.shape[0]:
         for t in range(T):
             for j in range(bias.shape[0]):
@@ -128,55 +108,19 @@ def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, ks, code, q, hs, ms, w, 
 
 
 @njit(**JIT)
-def _kquant(tag, tag_odd, fmt, q, x, out, xqb, xdeb, xkb, n):
-    """out = x · Wᵀ for a K-quant or 5-bit matrix of format tag fmt, as KQuant.forward does (int8 activations):
-    xkb holds the sums per 16 (T, K/16), then the threads' row-scale scratch (n, 2, K/16)."""
-    if fmt is not None:
-        T, K = x.shape
-        g = K // 16
-        xq = xqb[:T * K].reshape(T, K)
-        xde = xdeb[:T * g * 4].reshape(T, g * 4)
-        xs16 = xkb[:T * g].reshape(T, g)
-        scratch = xkb[T * g:T * g + n * 2 * g].reshape(n, 2, g)
-        kquants.quantize_x(x, xq, xde, xs16)
-        if tag_odd is not None:
-            if (K // 32) % 2:  # KQuant._tag: 2-block steps need an even number of blocks
-                kquants.matmul_k(tag_odd, fmt, xq, xde, xs16, q, scratch, out)
-                return
-        kquants.matmul_k(tag, fmt, xq, xde, xs16, q, scratch, out)
-
-
-@njit(**JIT)
 def _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, i, x, out, mid, xqb, xdeb, xsb, xkb, n):
     """out = x · (matrix i of the table)ᵀ: one stored matrix, or a LOWRANK pair through the scratch mid,
-    out = (x · Vᵀ) · Uᵀ + bias, with V = matrix sub[i, 0] (rank sub[i, 2] rows) and U = matrix sub[i, 1], or a
-    STACKED one, each part computed into mid and copied to its columns of out (as Stacked.forward), then the bias."""
-    f32, q8, q40, q41, f16, bf16 = has[:6]
-    ks = has[6:]
-    if fmt[i] == STACKED:
-        T = x.shape[0]
-        c = 0
-        for p in range(sub[i, 0], sub[i, 0] + sub[i, 1]):
-            rows = sub[p, 2]
-            y = mid[:T * rows].reshape(T, rows)
-            _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, ks, fmt[p], qs[p], hs[p], ms[p], fs[p], bs[p], x, y,
-                    xqb, xdeb, xsb, xkb, n)
-            out[:, c:c + rows] = y
-            c += rows
-        bias = bs[i]
-        for t in range(T):
-            for j in range(bias.shape[0]):
-                out[t, j] += bias[j]
-        return
+    out = (x · Vᵀ) · Uᵀ + bias, with V = matrix sub[i, 0] (rank sub[i, 2] rows) and U = matrix sub[i, 1]."""
+    f32, q8, q40, q41, f16, bf16 = has
     if fmt[i] != LOWRANK:
-        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, ks, fmt[i], qs[i], hs[i], ms[i], fs[i], bs[i], x, out,
+        _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[i], qs[i], hs[i], ms[i], fs[i], bs[i], x, out,
                 xqb, xdeb, xsb, xkb, n)
         return
     a, b, r = sub[i, 0], sub[i, 1], sub[i, 2]
     y = mid[:x.shape[0] * r].reshape(x.shape[0], r)
-    _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, ks, fmt[a], qs[a], hs[a], ms[a], fs[a], bs[a], x, y,
+    _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[a], qs[a], hs[a], ms[a], fs[a], bs[a], x, y,
             xqb, xdeb, xsb, xkb, n)
-    _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, ks, fmt[b], qs[b], hs[b], ms[b], fs[b], bs[b], y, out,
+    _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, fmt[b], qs[b], hs[b], ms[b], fs[b], bs[b], y, out,
             xqb, xdeb, xsb, xkb, n)
     bias = bs[i]
     for t in range(x.shape[0]):
@@ -201,8 +145,7 @@ def layers(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, nw, nbias, qkn, win,
     of the sequence whose cache is slot slots[t] of kc/vc (L, S, Hkv, ctx, hd): T positions of one sequence
     (S = 1), or one position each of several sequences (a batched decode step, minirt.batch); its key and
     value go there. Buffers as Model._buffers; mid flat scratch for a low-rank matrix's T × rank middle;
-    xqb/xdeb/xsb/xkb flat scratch for the int8 activations (T·K, T·nb·8, T·nb, and T·nb·2 + n·nb·4 for the
-    largest K: K-quants' sums per 16 and row-scale scratch)."""
+    xqb/xdeb/xsb/xkb flat scratch for the int8 activations (T·K, T·nb·8, T·nb, T·nb for the largest K)."""
     T = x.shape[0]
     H, hd = q.shape[1], q.shape[2]
     Hkv = kc.shape[2]
