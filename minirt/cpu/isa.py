@@ -429,6 +429,23 @@ def _lanes(t) -> int:
 
 
 @intrinsic
+def sum_offset(typingctx, isa, q, no_h):
+    """Where a block's integer sums start, per unit of Σx (the block's int8 activations), for bdots' bias:
+    −128 for Q8_0 (int8 q) on the VNNI paths (its weights enter as w + 128), −8 for Q4_0 (uint8 q without a
+    second term, no_h: its −8 offset kept in the integers, as llama.cpp's q4_0·q8_0), else 0."""
+    if not _is_int_tag(isa) or not isinstance(q, types.Array):
+        return None
+    q8 = q.dtype == types.int8
+    v = -128 if path_of(isa) in ("avxvnni", "avx512vnni") and q8 else 0
+
+    def cg(ctx, b, sig, args):
+        if q8:
+            return ir.Constant(I32, v)
+        return b.select(args[2], ir.Constant(I32, -8), ir.Constant(I32, 0))
+    return types.int32(isa, q, types.boolean), cg
+
+
+@intrinsic
 def lanes(typingctx, isa):
     """L: rows per vector of the interleaved kernels (16 on avx512vnni, else 8)."""
     if not _is_int_tag(isa):
@@ -506,6 +523,80 @@ def _bdot_typer(isa, q, base, x, xo, xsum):
     return Vec("i32", n)(isa, q, base, x, xo, xsum), cg
 
 
+def _xbcast2(ctx, b, aty, arr, row, off, n):
+    """As _xbcast from row `row` of a 2-D C-contiguous int8 array."""
+    a = ctx.make_array(aty)(ctx, b, arr)
+    st = b.extract_value(a.strides, 0)
+    p = b.gep(a.data, [b.add(b.mul(row, st), off)])
+    v = b.load(b.bitcast(p, ir.VectorType(I32, 1).as_pointer()), align=1)
+    return b.bitcast(_shuffle(b, v, v, [0] * n), _lt("i8", 4 * n))
+
+
+def _elem2(ctx, b, aty, arr, row, col):
+    """arr[row, col] of a 2-D C-contiguous array."""
+    a = ctx.make_array(aty)(ctx, b, arr)
+    st = b.extract_value(a.shape, 1)
+    return b.load(b.gep(a.data, [b.add(b.mul(row, st), col)]))
+
+
+@intrinsic
+def bdots(typingctx, isa, q, base, xq, t, nt, xo, bias, blk, n_pos):
+    """bdot for n_pos positions t, t+1, … of xq (2-D int8; positions past t+nt−1 repeat t+nt−1) at once, as a
+    tuple of int32 lane vectors: each weight k-group, loaded and unpacked once, goes to every position before
+    the next (the positions' chains interleave: n_pos independent vpdpbusd in a row). bias (2-D int32
+    (T, nb)): each position's sums start at bias[t, blk] (−128·Σx for Q8_0 on the VNNI paths, −8·Σx for
+    Q4_0, 0 else). n_pos: a literal int."""
+    if not _is_int_tag(isa) or not isinstance(q, types.Array) or not isinstance(n_pos, types.IntegerLiteral):
+        return None
+    path, n = path_of(isa), _lanes(isa)
+    q8 = q.dtype == types.int8
+    N = n_pos.literal_value
+    vt = Vec("i32", n)
+
+    def cg(ctx, b, sig, args):
+        _, qa, base_, xa, t_, nt_, xo_, ba, blk_, _n = args
+        i64 = ir.IntType(64)
+        t_ = b.sext(t_, i64) if t_.type.width < 64 else t_
+        last = b.sub(b.add(t_, nt_ if nt_.type.width == 64 else b.sext(nt_, i64)), ir.Constant(i64, 1))
+        rows = [b.select(b.icmp_signed("<", b.add(t_, ir.Constant(i64, k)), last),
+                         b.add(t_, ir.Constant(i64, k)), last) if k else t_ for k in range(N)]
+        zero = ir.Constant(_lt("i32", n), None)
+        accs = []
+        for k in range(N):
+            s = _elem2(ctx, b, sig.args[7], ba, rows[k], blk_)
+            s = b.trunc(s, I32) if s.type.width > 32 else s
+            v = b.insert_element(zero, s, ir.Constant(I32, 0))
+            accs.append(_shuffle(b, v, v, [0] * n))
+        p16 = [None] * N
+        for c in (0, 4, 1, 5, 2, 6, 3, 7) if not q8 else range(8):
+            w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
+            xoff = b.add(xo_, ir.Constant(xo_.type, 4 * c))
+            if q8 and path in ("avxvnni", "avx512vnni"):
+                w = b.xor(w, _splat(w.type, 0x80))
+            wneg = b.icmp_signed("<", w, ir.Constant(w.type, None)) if q8 and path == "avx2" else None
+            wabs = b.select(wneg, b.sub(ir.Constant(w.type, None), w), w) if wneg is not None else None
+            for k in range(N):
+                xv = _xbcast2(ctx, b, sig.args[3], xa, rows[k], xoff, n)
+                if path == "portable":
+                    wide = ir.VectorType(I32, 4 * n)
+                    p = b.mul(b.sext(w, wide) if q8 else b.zext(w, wide), b.sext(xv, wide))
+                    accs[k] = b.add(accs[k], _group4(b, p, n, b.add))
+                elif path == "avx2" and q8:
+                    xs = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, w])
+                    accs[k] = b.add(accs[k], _dot_avx2(b, wabs, xs))
+                elif path == "avx2":  # nibbles: 8 pair sums ≤ 8·2·15·127 < 2¹⁵, one vpmaddwd per block
+                    pp = _call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, xv])
+                    p16[k] = pp if p16[k] is None else b.add(p16[k], pp)
+                else:
+                    name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
+                    accs[k] = _call(b, name, accs[k].type, [accs[k], w, xv])
+        if path == "avx2" and not q8:
+            accs = [b.add(accs[k], _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8),
+                                         [p16[k], _splat(ir.VectorType(I16, 16), 1)])) for k in range(N)]
+        return ctx.make_tuple(b, sig.return_type, accs)
+    return types.UniTuple(vt, N)(isa, q, base, xq, t, nt, xo, bias, blk, n_pos), cg
+
+
 @intrinsic
 def bdot(typingctx, isa, q, base, x, xo, xsum):
     """_bdot_typer's sums (several positions at the same base: their chains interleave)."""
@@ -534,6 +625,28 @@ def bdotf(typingctx, isa, q, base, x, xo):
                          flags=FAST)
         return acc
     return Vec("f32", n)(isa, q, base, x, xo), cg
+
+
+@intrinsic
+def prefetch(typingctx, q, off, nbytes):
+    """Prefetch (to L1, read) the lines of q's bytes off..off+nbytes (q 1-D; past its end is harmless: a
+    prefetch never faults). The interleaved kernels fetch a few KB ahead of the block they compute: at 8
+    positions a block's compute outlasts the hardware prefetcher's lead."""
+    if not isinstance(q, types.Array) or not isinstance(nbytes, types.IntegerLiteral):
+        return None
+    n = nbytes.literal_value
+
+    def cg(ctx, b, sig, args):
+        a = ctx.make_array(sig.args[0])(ctx, b, args[0])
+        p8 = ir.IntType(8).as_pointer()
+        fn = b.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
+            b.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
+        base = b.bitcast(a.data, p8)
+        for k in range(0, n, 64):
+            ptr = b.gep(base, [b.add(args[1], ir.Constant(args[1].type, k))])
+            b.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        return ctx.get_dummy_value()
+    return types.none(q, off, nbytes), cg
 
 
 @intrinsic
@@ -606,5 +719,5 @@ def fstore(typingctx, out, off, a, c):
 
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "fzero16", "fmadd", "isum", "lanes", "bdot", "bdotf", "hvec", "lzero", "fma_is",
+           "fvload", "fzero16", "fmadd", "isum", "sum_offset", "prefetch", "lanes", "bdot", "bdots", "bdotf", "hvec", "lzero", "fma_is",
            "fma_s", "fstore"]
