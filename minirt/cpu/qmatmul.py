@@ -54,7 +54,7 @@ def quantize_x(x, xq, xde, xs):
 
 # ---- the interleaved layout: see pack(); a group of ROWS rows is read once per call ---------------------
 ROWS = 16
-PF = 4096  # bytes ahead that _i4/_i8 prefetch
+PF = 4096  # bytes ahead that the kernels prefetch (512 a block: Q8_0's; Q4's 256 and the next's)
 
 
 def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray):
@@ -98,6 +98,7 @@ def _i1(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     m0 = lzero(isa)
     for b in range(nb):
         base, ds = b * B + 4 * hr, b * ROWS + hr
+        prefetch(q, base + PF, 512)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, b * 32, bias, b, 1)[0], hvec(isa, d, ds), xde[t, b * 8])
         if h.shape[0]:
             m0 = fma_s(m0, hvec(isa, h, ds), xk[t, b])
@@ -112,6 +113,7 @@ def _i2(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     m1 = lzero(isa)
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        prefetch(q, base + PF, 512)
         dv = hvec(isa, d, ds)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
         a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
@@ -135,7 +137,7 @@ def _i4(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     m3 = lzero(isa)
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
-        prefetch(q, base + PF, 576)
+        prefetch(q, base + PF, 512)
         dv = hvec(isa, d, ds)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
         a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
@@ -175,7 +177,7 @@ def _i8(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col, nt):
     t5, t6, t7 = t + min(5, nt - 1), t + min(6, nt - 1), t + min(7, nt - 1)
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
-        prefetch(q, base + PF, 576)
+        prefetch(q, base + PF, 512)
         dv = hvec(isa, d, ds)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
         a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
