@@ -473,56 +473,6 @@ def _xbcast(ctx, b, aty, arr, off, n):
     return b.bitcast(_shuffle(b, v, v, [0] * n), _lt("i8", 4 * n))
 
 
-def _bdot_typer(isa, q, base, x, xo, xsum):
-    """Integer dot products of one block of a group (rows in lanes) with one position's int8 activations:
-    lane r = Σ_i q[r, i] · x[xo + i] over the block's 32 values (int32, L lanes). q: the group's bytes (1-D,
-    int8 Q8_0 or uint8 nibbles), base: the block's first byte (plus 32·h for half h on 8-lane paths);
-    xsum: Σ x[xo:xo+32] (int), used by the VNNI paths for Q8_0, whose weights enter as w ^ 0x80 = w + 128
-    (unsigned) and whose sums start at −128·xsum. Calls at the same base share the weight loads (LLVM's GVN)."""
-    if not _is_int_tag(isa) or not isinstance(q, types.Array):
-        return None
-    path, n = path_of(isa), _lanes(isa)
-    q8 = q.dtype == types.int8
-
-    def cg(ctx, b, sig, args):
-        _, qa, base_, xa, xo_, xs_ = args
-        zero = ir.Constant(_lt("i32", n), None)
-        p16 = []
-        acc = zero  # one chain: two (even and odd k-groups) measured 4–20% slower at T = 1, Q8_0 the most
-        if q8 and path in ("avxvnni", "avx512vnni"):
-            w32 = xs_.type.width
-            s = b.trunc(xs_, I32) if w32 > 32 else b.sext(xs_, I32) if w32 < 32 else xs_
-            s = b.mul(s, ir.Constant(I32, -128))
-            acc = b.insert_element(zero, s, ir.Constant(I32, 0))
-            acc = _shuffle(b, acc, acc, [0] * n)
-        for c in range(8):
-            w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
-            xv = _xbcast(ctx, b, sig.args[3], xa, b.add(xo_, ir.Constant(xo_.type, 4 * c)), n)
-            if path == "portable":
-                wide = ir.VectorType(I32, 4 * n)
-                p = b.mul(b.sext(w, wide) if q8 else b.zext(w, wide), b.sext(xv, wide))
-                acc = b.add(acc, _group4(b, p, n, b.add))
-                continue
-            if q8 and path == "avx2":  # |w| (u8) × (x with w's sign): pmaddubsw's pairs stay within i16
-                xv = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, w])
-                w = b.select(b.icmp_signed("<", w, ir.Constant(w.type, None)), b.sub(ir.Constant(w.type, None), w), w)
-            elif q8:
-                w = b.xor(w, _splat(w.type, 0x80))
-            if path == "avx2" and not q8:  # nibbles: 8 pair sums ≤ 8·2·15·127 < 2¹⁵, one vpmaddwd per block
-                p16.append(_call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, xv]))
-            elif path == "avx2":
-                acc = b.add(acc, _dot_avx2(b, w, xv))
-            else:
-                name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
-                acc = _call(b, name, acc.type, [acc, w, xv])
-        if p16:
-            while len(p16) > 1:
-                p16 = [b.add(p16[i], p16[i + 1]) for i in range(0, len(p16), 2)]
-            return _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [p16[0], _splat(ir.VectorType(I16, 16), 1)])
-        return acc
-    return Vec("i32", n)(isa, q, base, x, xo, xsum), cg
-
-
 def _xbcast2(ctx, b, aty, arr, row, off, n):
     """As _xbcast from row `row` of a 2-D C-contiguous int8 array."""
     a = ctx.make_array(aty)(ctx, b, arr)
@@ -541,11 +491,15 @@ def _elem2(ctx, b, aty, arr, row, col):
 
 @intrinsic
 def bdots(typingctx, isa, q, base, xq, t, nt, xo, bias, blk, n_pos):
-    """bdot for n_pos positions t, t+1, … of xq (2-D int8; positions past t+nt−1 repeat t+nt−1) at once, as a
-    tuple of int32 lane vectors: each weight k-group, loaded and unpacked once, goes to every position before
-    the next (the positions' chains interleave: n_pos independent vpdpbusd in a row). bias (2-D int32
-    (T, nb)): each position's sums start at bias[t, blk] (−128·Σx for Q8_0 on the VNNI paths, −8·Σx for
-    Q4_0, 0 else). n_pos: a literal int."""
+    """Integer dot products of one block of a group (rows in lanes) with the int8 activations of n_pos positions
+    t, t+1, … of xq (2-D; positions past t+nt−1 repeat t+nt−1): a tuple of n_pos int32 lane vectors, lane r =
+    bias[t, blk] + Σ_i q[r, i]·xq[t, xo + i] over the block's 32 values. q: the group's bytes (1-D, int8 Q8_0 or
+    uint8 nibbles), base: the block's first byte (plus 32·h for half h on 8-lane paths). bias (int32 (T, nb),
+    sum_offset·Σx): Q8_0's weights enter the VNNI paths as w ^ 0x80 = w + 128 (unsigned), their sums start at
+    −128·Σx; Q4_0's at −8·Σx (its offset kept in the integers). Each weight k-group, loaded and unpacked once,
+    goes to every position before the next; calls at the same base share the weight loads (LLVM's GVN), which
+    is how the kernels use it (n_pos = 1: the positions' chains one after another measured the same as
+    interleaved, and 8 at once computes the unused ones at 5-7 positions). n_pos: a literal int."""
     if not _is_int_tag(isa) or not isinstance(q, types.Array) or not isinstance(n_pos, types.IntegerLiteral):
         return None
     path, n = path_of(isa), _lanes(isa)
@@ -595,12 +549,6 @@ def bdots(typingctx, isa, q, base, xq, t, nt, xo, bias, blk, n_pos):
                                          [p16[k], _splat(ir.VectorType(I16, 16), 1)])) for k in range(N)]
         return ctx.make_tuple(b, sig.return_type, accs)
     return types.UniTuple(vt, N)(isa, q, base, xq, t, nt, xo, bias, blk, n_pos), cg
-
-
-@intrinsic
-def bdot(typingctx, isa, q, base, x, xo, xsum):
-    """_bdot_typer's sums (several positions at the same base: their chains interleave)."""
-    return _bdot_typer(isa, q, base, x, xo, xsum)
 
 
 @intrinsic
@@ -719,5 +667,5 @@ def fstore(typingctx, out, off, a, c):
 
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "fzero16", "fmadd", "isum", "sum_offset", "prefetch", "lanes", "bdot", "bdots", "bdotf", "hvec", "lzero", "fma_is",
-           "fma_s", "fstore"]
+           "fvload", "fzero16", "fmadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
+           "fma_is", "fma_s", "fstore"]

@@ -9,8 +9,14 @@ Every kernel takes the path tag (isa.tag(): an empty array whose dtype names the
 
 Decode (T ≤ 16 positions), as llama.cpp: activations rounded to int8 per block of 32 (x ≈ xd_b · xq),
     y[t, j] = Σ_b d[j,b] · xd[t,b] · Σ_i q[j,b,i] · xq[t,b,i]   +   Σ_b h[j,b] · xk[t,b]
-with h = m, xk = Σx_b for Q4_1; h = d, xk = −8·Σx_b for Q4_0; no second term for Q8_0. The inner sums are
-integer, scaled in float lanes (a vector of 16 rows' scales times the block's activation scale).
+with h = m, xk = Σx_b for Q4_1 (xd·Σxq, as q8_1); no second term for Q8_0, nor for Q4_0 given h without columns:
+its q − 8 is kept in the integers (each block's sums start at −8·Σxq, as llama.cpp's q4_0·q8_0; h = d,
+xk = −8·Σx as a float term still works, one FMA and a scale load per block and position dearer). The inner
+sums are integer, scaled in float lanes (a vector of 16 rows' scales times the block's activation scale).
+At 4+ positions the kernels run at vpdpbusd's throughput on Zen 4 (8 per block, position and 16 rows: 0.5 ns
+each in a loop of nothing else, 4.0-4.2 ns per block and position at T=16; the float scale work and the
+unpacking hide beside them), so more positions cost in proportion; a kernel prefetches 4 KB ahead, since a
+block's compute at 4-8 positions outlasts the hardware prefetcher's lead.
 Several positions for the price of one: per group, positions are taken 8 (16-lane path), 4, 2, then 1 at a time,
 and each block's weights, once loaded and unpacked, serve all of them; a group (a few KB) is read from memory
 once and from L1 for the other chunks. A position's result has the same bits whatever T (no reassociation).
@@ -22,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (bdotf, bdots, prefetch, sum_offset, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
-                  hload, hvec, lanes, lzero)
+from .isa import (bdotf, bdots, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
+                  hload, hvec, lanes, lzero, prefetch, sum_offset)
 
 JIT = dict(cache=True, fastmath=True)
 
@@ -63,7 +69,7 @@ def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray):
         qi (G, nb·ROWS·Bq): per group and block, the 4-byte groups c = 0..Bq/4−1 of the block, each as ROWS
                             rows × 4 bytes (row r at 4r): 64 bytes per c
         di, mi (G, nb·ROWS): per group and block, the ROWS rows' scales side by side
-    so that a vector load gives lane r = row r (isa.bdot); Q4's k-groups c and c+4 share bytes as nibbles."""
+    so that a vector load gives lane r = row r (isa.bdots); Q4's k-groups c and c+4 share bytes as nibbles."""
     n, nb, Bq = q.shape
     G = -(-n // ROWS)
     pad = G * ROWS - n
