@@ -105,6 +105,9 @@ def _i1(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     for b in range(nb):
         base, ds = b * B + 4 * hr, b * ROWS + hr
         prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, b * 32, bias, b, 1)[0], hvec(isa, d, ds), xde[t, b * 8])
         if h.shape[0]:
             m0 = fma_s(m0, hvec(isa, h, ds), xk[t, b])
@@ -120,6 +123,9 @@ def _i2(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
         prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
         dv = hvec(isa, d, ds)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
         a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
@@ -144,6 +150,9 @@ def _i4(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
         prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
         dv = hvec(isa, d, ds)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
         a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
@@ -184,6 +193,9 @@ def _i8(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col, nt):
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
         prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
         dv = hvec(isa, d, ds)
         a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
         a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
