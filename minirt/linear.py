@@ -177,9 +177,10 @@ class Quant(Linear):
                                  np.empty((n, self.nb), np.float32), np.empty((n, self.nb), np.float32))
         return tuple(b[:T] for b in bufs)
 
-    def _correction(self, xs, xk):
-        """(h, xk) of the second term: Q4_1 m·Σx, Q4_0 −8·d·Σx, none for Q8_0."""
-        if self.qtype == "Q4_0":
+    def _correction(self, xs, xk, exact=False):
+        """(h, xk) of the second term: Q4_1 m·Σx; Q4_0 −8·d·Σx on the exact (float) path, none on the int8 one
+        (matmul_q keeps Q4_0's −8 in the integer sums when h has no columns); none for Q8_0."""
+        if self.qtype == "Q4_0" and exact:
             np.multiply(xs, np.float32(-8.0), out=xk)
             return self.di, xk
         return self.mi, xs
@@ -189,7 +190,7 @@ class Quant(Linear):
         n = numba.get_num_threads()
         if T < self.GEMM_MIN_ROWS and self.nb and self.exact:
             xs = x.reshape(T, self.nb, 32).sum(axis=2, dtype=np.float32)
-            h, xk = self._correction(xs, np.empty_like(xs))
+            h, xk = self._correction(xs, np.empty_like(xs), exact=True)
             qmatmul.matmul_q_exact(self._tag, np.ascontiguousarray(x), xk, self.qi, self.di, h, out, n)
         elif self.nb and not self.exact:
             xq, xde, xs, xk = self._act_buffers(T)

@@ -429,6 +429,23 @@ def _lanes(t) -> int:
 
 
 @intrinsic
+def sum_offset(typingctx, isa, q, no_h):
+    """Where a block's integer sums start, per unit of Σx (the block's int8 activations), for bdots' bias:
+    −128 for Q8_0 (int8 q) on the VNNI paths (its weights enter as w + 128), −8 for Q4_0 (uint8 q without a
+    second term, no_h: its −8 offset kept in the integers, as llama.cpp's q4_0·q8_0), else 0."""
+    if not _is_int_tag(isa) or not isinstance(q, types.Array):
+        return None
+    q8 = q.dtype == types.int8
+    v = -128 if path_of(isa) in ("avxvnni", "avx512vnni") and q8 else 0
+
+    def cg(ctx, b, sig, args):
+        if q8:
+            return ir.Constant(I32, v)
+        return b.select(args[2], ir.Constant(I32, -8), ir.Constant(I32, 0))
+    return types.int32(isa, q, types.boolean), cg
+
+
+@intrinsic
 def lanes(typingctx, isa):
     """L: rows per vector of the interleaved kernels (16 on avx512vnni, else 8)."""
     if not _is_int_tag(isa):
@@ -456,60 +473,82 @@ def _xbcast(ctx, b, aty, arr, off, n):
     return b.bitcast(_shuffle(b, v, v, [0] * n), _lt("i8", 4 * n))
 
 
-def _bdot_typer(isa, q, base, x, xo, xsum):
-    """Integer dot products of one block of a group (rows in lanes) with one position's int8 activations:
-    lane r = Σ_i q[r, i] · x[xo + i] over the block's 32 values (int32, L lanes). q: the group's bytes (1-D,
-    int8 Q8_0 or uint8 nibbles), base: the block's first byte (plus 32·h for half h on 8-lane paths);
-    xsum: Σ x[xo:xo+32] (int), used by the VNNI paths for Q8_0, whose weights enter as w ^ 0x80 = w + 128
-    (unsigned) and whose sums start at −128·xsum. Calls at the same base share the weight loads (LLVM's GVN)."""
-    if not _is_int_tag(isa) or not isinstance(q, types.Array):
-        return None
-    path, n = path_of(isa), _lanes(isa)
-    q8 = q.dtype == types.int8
+def _xbcast2(ctx, b, aty, arr, row, off, n):
+    """As _xbcast from row `row` of a 2-D C-contiguous int8 array."""
+    a = ctx.make_array(aty)(ctx, b, arr)
+    st = b.extract_value(a.strides, 0)
+    p = b.gep(a.data, [b.add(b.mul(row, st), off)])
+    v = b.load(b.bitcast(p, ir.VectorType(I32, 1).as_pointer()), align=1)
+    return b.bitcast(_shuffle(b, v, v, [0] * n), _lt("i8", 4 * n))
 
-    def cg(ctx, b, sig, args):
-        _, qa, base_, xa, xo_, xs_ = args
-        zero = ir.Constant(_lt("i32", n), None)
-        p16 = []
-        acc = zero  # one chain: two (even and odd k-groups) measured 4–20% slower at T = 1, Q8_0 the most
-        if q8 and path in ("avxvnni", "avx512vnni"):
-            w32 = xs_.type.width
-            s = b.trunc(xs_, I32) if w32 > 32 else b.sext(xs_, I32) if w32 < 32 else xs_
-            s = b.mul(s, ir.Constant(I32, -128))
-            acc = b.insert_element(zero, s, ir.Constant(I32, 0))
-            acc = _shuffle(b, acc, acc, [0] * n)
-        for c in range(8):
-            w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
-            xv = _xbcast(ctx, b, sig.args[3], xa, b.add(xo_, ir.Constant(xo_.type, 4 * c)), n)
-            if path == "portable":
-                wide = ir.VectorType(I32, 4 * n)
-                p = b.mul(b.sext(w, wide) if q8 else b.zext(w, wide), b.sext(xv, wide))
-                acc = b.add(acc, _group4(b, p, n, b.add))
-                continue
-            if q8 and path == "avx2":  # |w| (u8) × (x with w's sign): pmaddubsw's pairs stay within i16
-                xv = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, w])
-                w = b.select(b.icmp_signed("<", w, ir.Constant(w.type, None)), b.sub(ir.Constant(w.type, None), w), w)
-            elif q8:
-                w = b.xor(w, _splat(w.type, 0x80))
-            if path == "avx2" and not q8:  # nibbles: 8 pair sums ≤ 8·2·15·127 < 2¹⁵, one vpmaddwd per block
-                p16.append(_call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, xv]))
-            elif path == "avx2":
-                acc = b.add(acc, _dot_avx2(b, w, xv))
-            else:
-                name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
-                acc = _call(b, name, acc.type, [acc, w, xv])
-        if p16:
-            while len(p16) > 1:
-                p16 = [b.add(p16[i], p16[i + 1]) for i in range(0, len(p16), 2)]
-            return _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [p16[0], _splat(ir.VectorType(I16, 16), 1)])
-        return acc
-    return Vec("i32", n)(isa, q, base, x, xo, xsum), cg
+
+def _elem2(ctx, b, aty, arr, row, col):
+    """arr[row, col] of a 2-D C-contiguous array."""
+    a = ctx.make_array(aty)(ctx, b, arr)
+    st = b.extract_value(a.shape, 1)
+    return b.load(b.gep(a.data, [b.add(b.mul(row, st), col)]))
 
 
 @intrinsic
-def bdot(typingctx, isa, q, base, x, xo, xsum):
-    """_bdot_typer's sums (several positions at the same base: their chains interleave)."""
-    return _bdot_typer(isa, q, base, x, xo, xsum)
+def bdots(typingctx, isa, q, base, xq, t, nt, xo, bias, blk, n_pos):
+    """Integer dot products of one block of a group (rows in lanes) with the int8 activations of n_pos positions
+    t, t+1, … of xq (2-D; positions past t+nt−1 repeat t+nt−1): a tuple of n_pos int32 lane vectors, lane r =
+    bias[t, blk] + Σ_i q[r, i]·xq[t, xo + i] over the block's 32 values. q: the group's bytes (1-D, int8 Q8_0 or
+    uint8 nibbles), base: the block's first byte (plus 32·h for half h on 8-lane paths). bias (int32 (T, nb),
+    sum_offset·Σx): Q8_0's weights enter the VNNI paths as w ^ 0x80 = w + 128 (unsigned), their sums start at
+    −128·Σx; Q4_0's at −8·Σx (its offset kept in the integers). Each weight k-group, loaded and unpacked once,
+    goes to every position before the next; calls at the same base share the weight loads (LLVM's GVN), which
+    is how the kernels use it (n_pos = 1: the positions' chains one after another measured the same as
+    interleaved, and 8 at once computes the unused ones at 5-7 positions). n_pos: a literal int."""
+    if not _is_int_tag(isa) or not isinstance(q, types.Array) or not isinstance(n_pos, types.IntegerLiteral):
+        return None
+    path, n = path_of(isa), _lanes(isa)
+    q8 = q.dtype == types.int8
+    N = n_pos.literal_value
+    vt = Vec("i32", n)
+
+    def cg(ctx, b, sig, args):
+        _, qa, base_, xa, t_, nt_, xo_, ba, blk_, _n = args
+        i64 = ir.IntType(64)
+        t_ = b.sext(t_, i64) if t_.type.width < 64 else t_
+        last = b.sub(b.add(t_, nt_ if nt_.type.width == 64 else b.sext(nt_, i64)), ir.Constant(i64, 1))
+        rows = [b.select(b.icmp_signed("<", b.add(t_, ir.Constant(i64, k)), last),
+                         b.add(t_, ir.Constant(i64, k)), last) if k else t_ for k in range(N)]
+        zero = ir.Constant(_lt("i32", n), None)
+        accs = []
+        for k in range(N):
+            s = _elem2(ctx, b, sig.args[7], ba, rows[k], blk_)
+            s = b.trunc(s, I32) if s.type.width > 32 else s
+            v = b.insert_element(zero, s, ir.Constant(I32, 0))
+            accs.append(_shuffle(b, v, v, [0] * n))
+        p16 = [None] * N
+        for c in (0, 4, 1, 5, 2, 6, 3, 7) if not q8 else range(8):
+            w = _kgroup(ctx, b, sig.args[1], qa, base_, c, n, q8)
+            xoff = b.add(xo_, ir.Constant(xo_.type, 4 * c))
+            if q8 and path in ("avxvnni", "avx512vnni"):
+                w = b.xor(w, _splat(w.type, 0x80))
+            wneg = b.icmp_signed("<", w, ir.Constant(w.type, None)) if q8 and path == "avx2" else None
+            wabs = b.select(wneg, b.sub(ir.Constant(w.type, None), w), w) if wneg is not None else None
+            for k in range(N):
+                xv = _xbcast2(ctx, b, sig.args[3], xa, rows[k], xoff, n)
+                if path == "portable":
+                    wide = ir.VectorType(I32, 4 * n)
+                    p = b.mul(b.sext(w, wide) if q8 else b.zext(w, wide), b.sext(xv, wide))
+                    accs[k] = b.add(accs[k], _group4(b, p, n, b.add))
+                elif path == "avx2" and q8:
+                    xs = _call(b, "llvm.x86.avx2.psign.b", xv.type, [xv, w])
+                    accs[k] = b.add(accs[k], _dot_avx2(b, wabs, xs))
+                elif path == "avx2":  # nibbles: 8 pair sums ≤ 8·2·15·127 < 2¹⁵, one vpmaddwd per block
+                    pp = _call(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [w, xv])
+                    p16[k] = pp if p16[k] is None else b.add(p16[k], pp)
+                else:
+                    name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
+                    accs[k] = _call(b, name, accs[k].type, [accs[k], w, xv])
+        if path == "avx2" and not q8:
+            accs = [b.add(accs[k], _call(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8),
+                                         [p16[k], _splat(ir.VectorType(I16, 16), 1)])) for k in range(N)]
+        return ctx.make_tuple(b, sig.return_type, accs)
+    return types.UniTuple(vt, N)(isa, q, base, xq, t, nt, xo, bias, blk, n_pos), cg
 
 
 @intrinsic
@@ -534,6 +573,28 @@ def bdotf(typingctx, isa, q, base, x, xo):
                          flags=FAST)
         return acc
     return Vec("f32", n)(isa, q, base, x, xo), cg
+
+
+@intrinsic
+def prefetch(typingctx, q, off, nbytes):
+    """Prefetch (to L1, read) the lines of q's bytes off..off+nbytes (q 1-D; past its end is harmless: a
+    prefetch never faults). The interleaved kernels fetch a few KB ahead of the block they compute: at 8
+    positions a block's compute outlasts the hardware prefetcher's lead."""
+    if not isinstance(q, types.Array) or not isinstance(nbytes, types.IntegerLiteral):
+        return None
+    n = nbytes.literal_value
+
+    def cg(ctx, b, sig, args):
+        a = ctx.make_array(sig.args[0])(ctx, b, args[0])
+        p8 = ir.IntType(8).as_pointer()
+        fn = b.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
+            b.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
+        base = b.bitcast(a.data, p8)
+        for k in range(0, n, 64):
+            ptr = b.gep(base, [b.add(args[1], ir.Constant(args[1].type, k))])
+            b.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        return ctx.get_dummy_value()
+    return types.none(q, off, nbytes), cg
 
 
 @intrinsic
@@ -606,5 +667,5 @@ def fstore(typingctx, out, off, a, c):
 
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "fzero16", "fmadd", "isum", "lanes", "bdot", "bdotf", "hvec", "lzero", "fma_is",
-           "fma_s", "fstore"]
+           "fvload", "fzero16", "fmadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
+           "fma_is", "fma_s", "fstore"]

@@ -9,8 +9,14 @@ Every kernel takes the path tag (isa.tag(): an empty array whose dtype names the
 
 Decode (T ≤ 16 positions), as llama.cpp: activations rounded to int8 per block of 32 (x ≈ xd_b · xq),
     y[t, j] = Σ_b d[j,b] · xd[t,b] · Σ_i q[j,b,i] · xq[t,b,i]   +   Σ_b h[j,b] · xk[t,b]
-with h = m, xk = Σx_b for Q4_1; h = d, xk = −8·Σx_b for Q4_0; no second term for Q8_0. The inner sums are
-integer, scaled in float lanes (a vector of 16 rows' scales times the block's activation scale).
+with h = m, xk = Σx_b for Q4_1 (xd·Σxq, as q8_1); no second term for Q8_0, nor for Q4_0 given h without columns:
+its q − 8 is kept in the integers (each block's sums start at −8·Σxq, as llama.cpp's q4_0·q8_0; h = d,
+xk = −8·Σx as a float term still works, one FMA and a scale load per block and position dearer). The inner
+sums are integer, scaled in float lanes (a vector of 16 rows' scales times the block's activation scale).
+At 4+ positions the kernels run at vpdpbusd's throughput on Zen 4 (8 per block, position and 16 rows: 0.5 ns
+each in a loop of nothing else, 4.0-4.2 ns per block and position at T=16; the float scale work and the
+unpacking hide beside them), so more positions cost in proportion; a kernel prefetches 4 KB ahead, since a
+block's compute at 4-8 positions outlasts the hardware prefetcher's lead.
 Several positions for the price of one: per group, positions are taken 8 (16-lane path), 4, 2, then 1 at a time,
 and each block's weights, once loaded and unpacked, serve all of them; a group (a few KB) is read from memory
 once and from L1 for the other chunks. A position's result has the same bits whatever T (no reassociation).
@@ -22,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (bdot, bdotf, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
-                  hload, hvec, lanes, lzero)
+from .isa import (bdotf, bdots, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
+                  hload, hvec, lanes, lzero, prefetch, sum_offset)
 
 JIT = dict(cache=True, fastmath=True)
 
@@ -54,6 +60,7 @@ def quantize_x(x, xq, xde, xs):
 
 # ---- the interleaved layout: see pack(); a group of ROWS rows is read once per call ---------------------
 ROWS = 16
+PF = 4096  # bytes ahead that the kernels prefetch (512 a block: Q8_0's; Q4's 256 and the next's)
 
 
 def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray):
@@ -62,7 +69,7 @@ def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray):
         qi (G, nb·ROWS·Bq): per group and block, the 4-byte groups c = 0..Bq/4−1 of the block, each as ROWS
                             rows × 4 bytes (row r at 4r): 64 bytes per c
         di, mi (G, nb·ROWS): per group and block, the ROWS rows' scales side by side
-    so that a vector load gives lane r = row r (isa.bdot); Q4's k-groups c and c+4 share bytes as nibbles."""
+    so that a vector load gives lane r = row r (isa.bdots); Q4's k-groups c and c+4 share bytes as nibbles."""
     n, nb, Bq = q.shape
     G = -(-n // ROWS)
     pad = G * ROWS - n
@@ -98,30 +105,36 @@ def unpack_s(si: np.ndarray, n: int) -> np.ndarray:
 
 
 @njit(**JIT)
-def _i1(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
+def _i1(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     a0 = lzero(isa)
     m0 = lzero(isa)
-    x0 = xq[t]
     for b in range(nb):
         base, ds = b * B + 4 * hr, b * ROWS + hr
-        a0 = fma_is(a0, bdot(isa, q, base, x0, b * 32, xsum[t, b]), hvec(isa, d, ds), xde[t, b * 8])
+        prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
+        a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, b * 32, bias, b, 1)[0], hvec(isa, d, ds), xde[t, b * 8])
         if h.shape[0]:
             m0 = fma_s(m0, hvec(isa, h, ds), xk[t, b])
     fstore(dst[t], col, a0, m0)
 
 
 @njit(**JIT)
-def _i2(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
+def _i2(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     a0 = lzero(isa)
     a1 = lzero(isa)
     m0 = lzero(isa)
     m1 = lzero(isa)
-    x0, x1 = xq[t], xq[t + 1]
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
         dv = hvec(isa, d, ds)
-        a0 = fma_is(a0, bdot(isa, q, base, x0, o, xsum[t, b]), dv, xde[t, b * 8])
-        a1 = fma_is(a1, bdot(isa, q, base, x1, o, xsum[t + 1, b]), dv, xde[t + 1, b * 8])
+        a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
+        a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
         if h.shape[0]:
             hv = hvec(isa, h, ds)
             m0 = fma_s(m0, hv, xk[t, b])
@@ -131,7 +144,7 @@ def _i2(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
 
 
 @njit(**JIT)
-def _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
+def _i4(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     a0 = lzero(isa)
     a1 = lzero(isa)
     a2 = lzero(isa)
@@ -140,14 +153,17 @@ def _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
     m1 = lzero(isa)
     m2 = lzero(isa)
     m3 = lzero(isa)
-    x0, x1, x2, x3 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3]
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
         dv = hvec(isa, d, ds)
-        a0 = fma_is(a0, bdot(isa, q, base, x0, o, xsum[t, b]), dv, xde[t, b * 8])
-        a1 = fma_is(a1, bdot(isa, q, base, x1, o, xsum[t + 1, b]), dv, xde[t + 1, b * 8])
-        a2 = fma_is(a2, bdot(isa, q, base, x2, o, xsum[t + 2, b]), dv, xde[t + 2, b * 8])
-        a3 = fma_is(a3, bdot(isa, q, base, x3, o, xsum[t + 3, b]), dv, xde[t + 3, b * 8])
+        a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
+        a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
+        a2 = fma_is(a2, bdots(isa, q, base, xq, t + 2, 1, o, bias, b, 1)[0], dv, xde[t + 2, b * 8])
+        a3 = fma_is(a3, bdots(isa, q, base, xq, t + 3, 1, o, bias, b, 1)[0], dv, xde[t + 3, b * 8])
         if h.shape[0]:
             hv = hvec(isa, h, ds)
             m0 = fma_s(m0, hv, xk[t, b])
@@ -161,7 +177,7 @@ def _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col):
 
 
 @njit(**JIT)
-def _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col, nt):
+def _i8(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col, nt):
     """5 ≤ nt ≤ 8 positions (16-lane path: 32 vector registers)."""
     a0 = lzero(isa)
     a1 = lzero(isa)
@@ -180,21 +196,24 @@ def _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col, nt):
     m6 = lzero(isa)
     m7 = lzero(isa)
     t5, t6, t7 = t + min(5, nt - 1), t + min(6, nt - 1), t + min(7, nt - 1)
-    x0, x1, x2, x3, x4, x5, x6, x7 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3], xq[t + 4], xq[t5], xq[t6], xq[t7]
     for b in range(nb):
         base, ds, o = b * B + 4 * hr, b * ROWS + hr, b * 32
+        prefetch(q, base + PF, 512)
+        prefetch(d, 2 * ds + 512, 64)
+        if h.shape[0]:
+            prefetch(h, 2 * ds + 512, 64)
         dv = hvec(isa, d, ds)
-        a0 = fma_is(a0, bdot(isa, q, base, x0, o, xsum[t, b]), dv, xde[t, b * 8])
-        a1 = fma_is(a1, bdot(isa, q, base, x1, o, xsum[t + 1, b]), dv, xde[t + 1, b * 8])
-        a2 = fma_is(a2, bdot(isa, q, base, x2, o, xsum[t + 2, b]), dv, xde[t + 2, b * 8])
-        a3 = fma_is(a3, bdot(isa, q, base, x3, o, xsum[t + 3, b]), dv, xde[t + 3, b * 8])
-        a4 = fma_is(a4, bdot(isa, q, base, x4, o, xsum[t + 4, b]), dv, xde[t + 4, b * 8])
+        a0 = fma_is(a0, bdots(isa, q, base, xq, t, 1, o, bias, b, 1)[0], dv, xde[t, b * 8])
+        a1 = fma_is(a1, bdots(isa, q, base, xq, t + 1, 1, o, bias, b, 1)[0], dv, xde[t + 1, b * 8])
+        a2 = fma_is(a2, bdots(isa, q, base, xq, t + 2, 1, o, bias, b, 1)[0], dv, xde[t + 2, b * 8])
+        a3 = fma_is(a3, bdots(isa, q, base, xq, t + 3, 1, o, bias, b, 1)[0], dv, xde[t + 3, b * 8])
+        a4 = fma_is(a4, bdots(isa, q, base, xq, t + 4, 1, o, bias, b, 1)[0], dv, xde[t + 4, b * 8])
         if nt > 5:
-            a5 = fma_is(a5, bdot(isa, q, base, x5, o, xsum[t5, b]), dv, xde[t5, b * 8])
+            a5 = fma_is(a5, bdots(isa, q, base, xq, t5, 1, o, bias, b, 1)[0], dv, xde[t5, b * 8])
         if nt > 6:
-            a6 = fma_is(a6, bdot(isa, q, base, x6, o, xsum[t6, b]), dv, xde[t6, b * 8])
+            a6 = fma_is(a6, bdots(isa, q, base, xq, t6, 1, o, bias, b, 1)[0], dv, xde[t6, b * 8])
         if nt > 7:
-            a7 = fma_is(a7, bdot(isa, q, base, x7, o, xsum[t7, b]), dv, xde[t7, b * 8])
+            a7 = fma_is(a7, bdots(isa, q, base, xq, t7, 1, o, bias, b, 1)[0], dv, xde[t7, b * 8])
         if h.shape[0]:
             hv = hvec(isa, h, ds)
             m0 = fma_s(m0, hv, xk[t, b])
@@ -219,7 +238,7 @@ def _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col, nt):
 
 
 @njit(**JIT)
-def _group(isa, q, d, h, xq, xde, xk, xsum, nb, B, dst, col):
+def _group(isa, q, d, h, xq, xde, xk, bias, nb, B, dst, col):
     """All positions for one group's rows into dst[:, col:col+ROWS]: up to 8 (16-lane path) or 4 (then 2, then 1)
     positions share each weight load; 8-lane paths take the group in two halves."""
     T = xq.shape[0]
@@ -229,16 +248,16 @@ def _group(isa, q, d, h, xq, xde, xk, xsum, nb, B, dst, col):
         if L == 16:
             while T - t >= 5:
                 nt = min(8, T - t)
-                _i8(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr, nt)
+                _i8(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col + hr, nt)
                 t += nt
         while t + 4 <= T:
-            _i4(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr)
+            _i4(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col + hr)
             t += 4
         if t + 2 <= T:
-            _i2(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr)
+            _i2(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col + hr)
             t += 2
         if t < T:
-            _i1(isa, q, d, h, xq, xde, xk, xsum, t, nb, B, hr, dst, col + hr)
+            _i1(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col + hr)
 
 
 @njit(parallel=True, **JIT)
@@ -249,22 +268,23 @@ def matmul_q(isa, xq, xde, xk, q, d, h, out, n_parts):
     G = d.shape[0]
     nb = d.shape[1] // ROWS
     B = q.shape[1] // nb  # bytes per group and block
-    xsum = np.empty((T, nb), np.int32)  # Σ of each block's int8 activations (Q8_0 on the VNNI paths)
+    bias = np.empty((T, nb), np.int32)  # where each block's integer sums start: sum_offset · Σ int8 x
+    off = sum_offset(isa, q, h.shape[1] == 0)
     for t in range(T):
         for b in range(nb):
             s = 0
             for i in range(32):
                 s += np.int32(xq[t, b * 32 + i])
-            xsum[t, b] = s
+            bias[t, b] = off * s
     step = (G + n_parts - 1) // n_parts
     for part in prange(n_parts):  # one contiguous range of groups per thread
         tmp = np.empty((T, ROWS), np.float32)
         for g in range(part * step, min(G, (part + 1) * step)):
             hg = h[g]
             if (g + 1) * ROWS <= N:
-                _group(isa, q[g], d[g], hg, xq, xde, xk, xsum, nb, B, out, g * ROWS)
+                _group(isa, q[g], d[g], hg, xq, xde, xk, bias, nb, B, out, g * ROWS)
             else:  # the last, padded group
-                _group(isa, q[g], d[g], hg, xq, xde, xk, xsum, nb, B, tmp, 0)
+                _group(isa, q[g], d[g], hg, xq, xde, xk, bias, nb, B, tmp, 0)
                 for t in range(T):
                     for r in range(N - g * ROWS):
                         out[t, g * ROWS + r] = tmp[t, r]

@@ -85,12 +85,8 @@ def _linear(tag, tag_odd, f32, q8, q40, q41, f16, bf16, code, q, hs, ms, w, bias
             _matmul_q(tag, tag_odd, xq, xde, xs, q.view(np.int8), hs, ms, out, n)
     elif code == 2:
         if q40 is not None:
-            quantize_x(x, xq, xde, xs)
-            xk = xkb[:T * nb].reshape(T, nb)
-            for t in range(T):
-                for b in range(nb):
-                    xk[t, b] = xs[t, b] * np.float32(-8.0)
-            _matmul_q(tag, tag_odd, xq, xde, xk, q, hs, hs, out, n)
+            quantize_x(x, xq, xde, xs)  # ms: no columns: Q4_0's −8 stays in the integer sums (matmul_q)
+            _matmul_q(tag, tag_odd, xq, xde, xs, q, hs, ms, out, n)
     elif code == 3:
         if q41 is not None:
             quantize_x(x, xq, xde, xs)
