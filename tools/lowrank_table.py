@@ -1,6 +1,7 @@
 """The low-rank trade-off table: every setting against dense, measured in one run.
 
     python3 tools/lowrank_table.py [--chunks 10] [--runs 3] [--gen 64] [--calib-tokens 4096] [--quick]
+    python3 tools/lowrank_table.py --model gemma3-270m [--threads 1] [--per-op]
 
 Base: SmolLM2-135M's shipped weights expanded to float32 (the dense reference and baseline speed). For each
 setting — energy 0.80/0.85/0.90/0.95/0.99 and parameter ratio 0.5/0.7/0.9, plain SVD and activation-aware
@@ -9,6 +10,11 @@ factored), matrices factored, parameters kept, MiB read per token, tg tokens/s (
 speedup over dense float32, perplexity on the first windows of botchan.txt (ctx 512; disjoint from the
 calibration text) and its change, KL(dense ‖ setting) and top-1 agreement. The quantized formats follow at
 their bytes per token, and factors stored in Q8_0 for the calibrated settings.
+
+--model gemma3-270m: the base is the shipped Q4_K_M model as loaded (layers dequantized only for the SVD; its Q8_0
+head and embedding stay), the speed baseline is that model's tg in the same run, and the settings are energy
+0.9/0.99 and params 0.5/0.9, plain and aware, F32 factors, then Q8_0 factors for three of them. --per-op runs every
+row on the per-operation path (no compiled step), so that the speed ratios compare like with like.
 """
 from __future__ import annotations
 
@@ -70,7 +76,16 @@ def main():
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--quick", action="store_true", help="two settings only (a smoke run)")
+    ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"))
+    ap.add_argument("--threads", type=int, default=0, help="Numba threads (default: as set)")
+    ap.add_argument("--per-op", action="store_true", help="every row on the per-operation path")
     args = ap.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    if args.per_op:
+        minirt.model.Model.compiled_step = False
+    if args.model != "smollm2":
+        return gemma(args)
     raw = open(pull("botchan"), "rb").read().decode("utf-8")
     text, calib_text = raw, raw[len(raw) // 2:]
     dense = minirt.load("smollm2", dequantize=True)
@@ -106,6 +121,38 @@ def main():
     print(f"SmolLM2-135M, {args.chunks} windows of 512 (botchan.txt), tg{args.gen} × {args.runs}, "
           f"{numba.get_num_threads()} threads; calibration: "
           f"{len(calib)} tokens of botchan's second half")
+    print("\n".join(out))
+
+
+def gemma(args):
+    """The table for a shipped K-quant model: its own values are the reference and the speed baseline."""
+    raw = open(pull("botchan"), "rb").read().decode("utf-8")
+    text, calib_text = raw, raw[len(raw) // 2:]
+    shipped = minirt.load(args.model)
+    ref = perplexity(shipped, text, ctx=512, chunks=args.chunks, progress=False, keep=True)
+    args.dense_ppl = ref.ppl
+    base = ref.logprobs
+    out = ["| setting | ranks min/med/max | factored | params kept | MiB/token | tg tok/s | shipped tg, same run "
+           "| speedup | PPL | ΔPPL | KL | top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out.append(row("shipped Q4_K_M (baseline)", shipped, text, args, base, shipped))
+    calib = np.asarray(shipped.tokenizer.encode(calib_text, add_bos=False)[:args.calib_tokens], np.int64)
+    t = time.perf_counter()
+    plain = Factorizer(shipped)
+    aware = Factorizer(shipped, calibration_grams(shipped, calib))
+    sys.stderr.write(f"decompositions: {time.perf_counter() - t:.0f} s\n")
+    settings = [("energy", 0.90), ("energy", 0.99), ("params", 0.5), ("params", 0.9)]
+    if args.quick:
+        settings = [("params", 0.9)]
+    for kind, val in settings:
+        for name, fz in (("plain", plain), ("aware", aware)):
+            out.append(row(f"{name} {kind} {val}", fz.build(**{kind: val}), text, args, base, shipped))
+    q8 = [("aware", aware, "params", 0.9), ("aware", aware, "energy", 0.99), ("plain", plain, "energy", 0.99)]
+    for name, fz, kind, val in (q8[:1] if args.quick else q8):
+        m = fz.build(**{kind: val}, storage="Q8_0")
+        out.append(row(f"{name} {kind} {val}, Q8_0 factors", m, text, args, base, shipped))
+    print(f"{args.model} (shipped Q4_K_M), {args.chunks} windows of 512 (botchan.txt), tg{args.gen} × {args.runs} "
+          f"interleaved, {numba.get_num_threads()} threads, {'per-operation path' if args.per_op else 'default path'}; "
+          f"calibration: {len(calib)} tokens of botchan's second half")
     print("\n".join(out))
 
 
