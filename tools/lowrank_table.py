@@ -86,16 +86,8 @@ def main():
         minirt.model.Model.compiled_step = False
     if args.model != "smollm2":
         return gemma(args)
-    raw = open(pull("botchan"), "rb").read().decode("utf-8")
-    text, calib_text = raw, raw[len(raw) // 2:]
     dense = minirt.load("smollm2", dequantize=True)
-    ref = perplexity(dense, text, ctx=512, chunks=args.chunks, progress=False, keep=True)
-    args.dense_ppl = ref.ppl
-    base = ref.logprobs
-    out = ["| setting | ranks min/med/max | factored | params kept | MiB/token | tg tok/s | dense F32 tg, same run "
-           "| speedup | PPL | ΔPPL | KL | top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    out.append(row("dense F32 (baseline)", dense, text, args, base, dense))
-    calib = np.asarray(dense.tokenizer.encode(calib_text, add_bos=False)[:args.calib_tokens], np.int64)
+    text, base, calib, out = baseline(args, dense, "dense F32", "dense F32")
     t = time.perf_counter()
     plain = Factorizer(dense, progress=True)
     grams = calibration_grams(dense, calib, progress=True)
@@ -124,18 +116,24 @@ def main():
     print("\n".join(out))
 
 
-def gemma(args):
-    """The table for a shipped K-quant model: its own values are the reference and the speed baseline."""
+def baseline(args, ref_model, name: str, column: str):
+    """botchan's text, the reference model's log-probabilities on it (its PPL in args.dense_ppl), the calibration
+    ids (botchan's second half) and the table so far: its header and the reference's own row."""
     raw = open(pull("botchan"), "rb").read().decode("utf-8")
     text, calib_text = raw, raw[len(raw) // 2:]
-    shipped = minirt.load(args.model)
-    ref = perplexity(shipped, text, ctx=512, chunks=args.chunks, progress=False, keep=True)
+    ref = perplexity(ref_model, text, ctx=512, chunks=args.chunks, progress=False, keep=True)
     args.dense_ppl = ref.ppl
-    base = ref.logprobs
-    out = ["| setting | ranks min/med/max | factored | params kept | MiB/token | tg tok/s | shipped tg, same run "
+    out = [f"| setting | ranks min/med/max | factored | params kept | MiB/token | tg tok/s | {column} tg, same run "
            "| speedup | PPL | ΔPPL | KL | top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    out.append(row("shipped Q4_K_M (baseline)", shipped, text, args, base, shipped))
-    calib = np.asarray(shipped.tokenizer.encode(calib_text, add_bos=False)[:args.calib_tokens], np.int64)
+    out.append(row(f"{name} (baseline)", ref_model, text, args, ref.logprobs, ref_model))
+    calib = np.asarray(ref_model.tokenizer.encode(calib_text, add_bos=False)[:args.calib_tokens], np.int64)
+    return text, ref.logprobs, calib, out
+
+
+def gemma(args):
+    """The table for a shipped K-quant model: its own values are the reference and the speed baseline."""
+    shipped = minirt.load(args.model)
+    text, base, calib, out = baseline(args, shipped, "shipped Q4_K_M", "shipped")
     t = time.perf_counter()
     plain = Factorizer(shipped)
     aware = Factorizer(shipped, calibration_grams(shipped, calib))
