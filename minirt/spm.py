@@ -192,6 +192,7 @@ class SpmBpe:
         self.types = np.array(types, np.int8)  # a copy: the rules below retype some pieces
         self.types[self.types == 0] = NORMAL  # llama.cpp's "undefined"
         self.byte_ids = self._byte_ids()
+        self.byte_of = {} if self.byte_ids is None else {int(i): b for b, i in enumerate(self.byte_ids)}
         if self.byte_ids is None:  # a partial set of byte pieces stays as plain pieces (sentencepiece's rule)
             self.types[self.types == BYTE] = NORMAL
         self.types[(self.types == UNKNOWN) & (np.arange(n) != unk_id)] = UNUSED  # one unknown piece: unk_id's
@@ -225,6 +226,16 @@ class SpmBpe:
     def piece_bytes(self, i: int) -> bytes:
         return self.blob[self.off[i]:self.off[i + 1]].tobytes()
 
+    def token_bytes(self, i: int) -> bytes:
+        """What piece i writes into a text: its byte (a byte piece), nothing (control and unknown pieces), else
+        its text with ▁ as a space."""
+        t = self.types[i]
+        if t == CONTROL or t == UNKNOWN:
+            return b""
+        if t == BYTE:
+            return bytes([self.byte_of[i]])
+        return self.piece_bytes(i).replace("\u2581".encode(), b" ")
+
     def decode(self, ids: list[int]) -> str:
         """sentencepiece's decoding: control pieces vanish, the unknown piece reads " ⁇ ", byte pieces join into
         UTF-8, ▁ reads as a space, and the first piece loses the dummy-prefix space."""
@@ -236,8 +247,8 @@ class SpmBpe:
                 continue
             if t == UNKNOWN:
                 out += " \u2047 ".encode()
-            elif t == BYTE and self.byte_ids is not None:
-                out.append(int(np.flatnonzero(self.byte_ids == i)[0]))
+            elif t == BYTE:
+                out += self.token_bytes(i)
             else:
                 raw = self.piece_bytes(i)
                 if first:

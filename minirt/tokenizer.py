@@ -334,12 +334,13 @@ class SPMTokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes:
         """A piece's bytes: a byte piece's byte, nothing for control and unknown pieces (and ids past the
         pieces), else its text with ▁ as a space."""
-        if token_id >= self.n_pieces or self.types[token_id] in (spm.CONTROL, spm.UNKNOWN):
+        if token_id >= self.n_pieces:
             return b""
         if self.bpe is not None:
-            raw = self.bpe.piece_bytes(token_id)
-        else:
-            raw = self.sp.id_to_piece(token_id).encode()
+            return self.bpe.token_bytes(token_id)
+        if self.types[token_id] in (spm.CONTROL, spm.UNKNOWN):
+            return b""
+        raw = self.sp.id_to_piece(token_id).encode()
         if self.types[token_id] == spm.BYTE:
             hexbyte = _HEX_BYTE.fullmatch(raw.decode("ascii", "replace"))
             return bytes([int(hexbyte.group(1), 16)]) if hexbyte else b""

@@ -54,6 +54,9 @@ def test_ids_and_text_equal_sentencepiece(seed, byte_fallback, prefix, strip, te
     ids = ours.encode(text)
     assert ids == sp.encode(text)
     assert ours.decode(ids) == sp.decode(ids)
+    want = b"".join(b"" if sp.is_control(i) or sp.is_unknown(i) else bytes([int(sp.id_to_piece(i)[3:5], 16)])
+                    if sp.is_byte(i) else sp.id_to_piece(i).replace("▁", " ").encode() for i in ids)
+    assert b"".join(ours.token_bytes(i) for i in ids) == want  # what a stream of tokens writes
 
 
 def test_unused_pieces_are_split_back_and_unknown_runs_are_one_id():
