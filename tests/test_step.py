@@ -240,3 +240,40 @@ def test_read_only_matrices_among_writable_ones():
     per_op, compiled, runs = both_paths(m, [1, 2, 3], [4, 5])
     assert runs == 1
     np.testing.assert_array_equal(compiled, per_op)
+
+
+ACTIVATIONS = """
+import sys
+import numpy as np
+from minirt.cpu import kernels
+rng = np.random.default_rng(0)
+gu = (rng.standard_normal((3, 2 * 1536)) * 4).astype(np.float32)
+outs = [np.zeros((3, 1536), np.float32) for _ in range(4)]
+kernels.geglu(gu, outs[0])               # parallel, as the step and Model._layers call it
+for t in range(3):
+    kernels.geglu_row(gu[t], outs[1][t])  # one row at a time
+kernels.gelu_new(gu[:, :1536], outs[2])
+kernels.swiglu(gu, outs[3])
+sys.stdout.write(np.stack(outs).tobytes().hex())
+"""
+
+
+def test_activations_same_bits_compiled_or_cached(tmp_path):
+    """The FFN activations give the same bits in a process that compiles them (into an empty Numba cache)
+    and in one that loads them from that cache, and the same bits parallel or row by row: greedy text must
+    not depend on whether the cache was warm. (libm's tanhf in the parallel geglu did: Gemma 3's greedy text
+    changed between a first and a second run.) And they are the float64 functions within float32 rounding."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", ACTIVATIONS], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    compiled, cached = (np.frombuffer(bytes.fromhex(r.stdout), np.float32).reshape(4, 3, 1536) for r in runs)
+    assert compiled.tobytes() == cached.tobytes()
+    assert compiled[0].tobytes() == compiled[1].tobytes()  # parallel == row by row
+    gu = (np.random.default_rng(0).standard_normal((3, 2 * 1536)) * 4).astype(np.float32).astype(np.float64)
+    g, up = gu[:, :1536], gu[:, 1536:]
+    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+    for got, ref in ((compiled[0], gelu * up), (compiled[2], gelu), (compiled[3], g / (1 + np.exp(-g)) * up)):
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
