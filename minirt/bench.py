@@ -195,8 +195,10 @@ class SpecResult:
     accepted: int
     steps: int
     identical: bool
-    dense_s: list[float]   # seconds per prompt
+    dense_s: list[float]   # seconds per prompt, the prompt's prefill included
     spec_s: list[float]
+    dense_decode_s: list[float]  # seconds per prompt after the first token (Stats.decode_seconds)
+    spec_decode_s: list[float]
 
 
 def run_speculative(model, prompts: list[str], n: int, draft: str | None = None, k: int | None = None,
@@ -206,7 +208,7 @@ def run_speculative(model, prompts: list[str], n: int, draft: str | None = None,
     opts = model.mode_options if model.mode == "speculative" else {}
     draft = opts.get("draft", "ngram") if draft is None else draft
     k = opts.get("draft_k", 4) if k is None else k
-    dense, spec, dense_s, spec_s = [], [], [], []
+    dense, spec, dense_s, spec_s, dense_dec, spec_dec = [], [], [], [], [], []
     proposed = accepted = steps = 0
     identical = True
     model.generate(prompts[0], max_tokens=4, temperature=0, mode="speculative", draft=draft, draft_k=k).text()
@@ -216,20 +218,23 @@ def run_speculative(model, prompts: list[str], n: int, draft: str | None = None,
         g.text()
         dense_s.append(time.perf_counter() - t)
         dense.append(len(g.stats.tokens) / dense_s[-1])
+        dense_dec.append(g.stats.decode_seconds)
         t = time.perf_counter()
         s = model.generate(p, max_tokens=n, temperature=0, mode="speculative", draft=draft, draft_k=k)
         s.text()
         spec_s.append(time.perf_counter() - t)
         spec.append(len(s.stats.tokens) / spec_s[-1])
+        spec_dec.append(s.stats.decode_seconds)
         identical &= s.stats.tokens == g.stats.tokens
         proposed, accepted, steps = proposed + s.spec.proposed, accepted + s.spec.accepted, steps + s.spec.steps
-    return SpecResult(dense, spec, proposed, accepted, steps, identical, dense_s, spec_s)
+    return SpecResult(dense, spec, proposed, accepted, steps, identical, dense_s, spec_s, dense_dec, spec_dec)
 
 
 def report_speculative(name: str, res: SpecResult, draft: str, k: int) -> str:
     # the same tokens either way (greedy, identical output): the speedup is the ratio of total times
     speed = sum(res.dense_s) / sum(res.spec_s)
+    decode = sum(res.dense_decode_s) / sum(res.spec_decode_s)  # the same prefill either way: decoding alone
     per_call = (res.accepted + res.steps) / res.steps if res.steps else 0.0
     return (f"| {name} | {draft} | {k} | {res.accepted / max(res.proposed, 1):.0%} | {per_call:.2f} | "
-            f"{BenchResult._ms(res.dense_tps)} | {BenchResult._ms(res.spec_tps)} | {speed:.2f}x | "
+            f"{BenchResult._ms(res.dense_tps)} | {BenchResult._ms(res.spec_tps)} | {speed:.2f}x | {decode:.2f}x | "
             f"{'yes' if res.identical else 'NO'} |")

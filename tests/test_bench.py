@@ -64,3 +64,16 @@ def test_step_profile_phases_cover_the_step(smollm2_fast):
     text = sp.report(p, "smollm2")
     for phase in ("qkv", "gate/up", "down", "head", "attention", "norms+rope+act", "act quant", "overhead"):
         assert f"| {phase}" in text
+
+
+def test_speculative_table_times_decoding_apart_from_the_prompt(smollm2_fast):
+    """The speculative row gives the end-to-end speedup and the decoding-only one (after the first token),
+    from the generations' own timings; the output is compared with plain decoding's."""
+    prompt = "The cat sat on the mat. The cat sat on the mat. The cat sat on the"
+    res = bench.run_speculative(smollm2_fast, [prompt], n=12, draft="ngram", k=4)
+    assert res.identical and res.steps >= 1
+    assert len(res.dense_decode_s) == len(res.spec_decode_s) == 1
+    assert 0 < res.dense_decode_s[0] < res.dense_s[0] and 0 < res.spec_decode_s[0] < res.spec_s[0]
+    cells = bench.report_speculative("m", res, "ngram", 4).strip("|").split("|")
+    assert len(cells) == 10
+    assert cells[8].strip() == f"{res.dense_decode_s[0] / res.spec_decode_s[0]:.2f}x"
