@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import f16load, f16zero, fmadd, fsum, host_paths
+from .isa import f16load, f16zero, fmadd, fstore4, fsum, host_paths, lane, sum16x16
 from .qmatmul import _widen
 
 JIT = dict(cache=True, fastmath=True)
@@ -45,10 +45,17 @@ def _block(w, r, x, t, K, out, j):
         c20 = fmadd(c20, w2, x0); c21 = fmadd(c21, w2, x1); c22 = fmadd(c22, w2, x2); c23 = fmadd(c23, w2, x3)  # noqa: E702
         w3 = f16load(w, r + 3, k)
         c30 = fmadd(c30, w3, x0); c31 = fmadd(c31, w3, x1); c32 = fmadd(c32, w3, x2); c33 = fmadd(c33, w3, x3)  # noqa: E702
-    out[t, j], out[t + 1, j], out[t + 2, j], out[t + 3, j] = fsum(c00), fsum(c01), fsum(c02), fsum(c03)
-    out[t, j + 1], out[t + 1, j + 1], out[t + 2, j + 1], out[t + 3, j + 1] = fsum(c10), fsum(c11), fsum(c12), fsum(c13)
-    out[t, j + 2], out[t + 1, j + 2], out[t + 2, j + 2], out[t + 3, j + 2] = fsum(c20), fsum(c21), fsum(c22), fsum(c23)
-    out[t, j + 3], out[t + 1, j + 3], out[t + 2, j + 3], out[t + 3, j + 3] = fsum(c30), fsum(c31), fsum(c32), fsum(c33)
+    # lane 4p + a = the sum of row a at position p: position p's 4 rows are lanes 4p..4p+3
+    s = sum16x16(c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33)
+    if out.strides[1] == 4:
+        fstore4(out, t, j, s, 0)
+        fstore4(out, t + 1, j, s, 1)
+        fstore4(out, t + 2, j, s, 2)
+        fstore4(out, t + 3, j, s, 3)
+    else:
+        for p in range(4):
+            for a in range(4):
+                out[t + p, j + a] = lane(s, 4 * p + a)
     if K16 < K:
         for a in range(4):
             for p in range(4):

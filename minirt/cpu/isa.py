@@ -435,6 +435,67 @@ def f16zero(typingctx):
     return Vec("f32", 16)(), cg
 
 
+def _sum16_masks():
+    """Shuffle masks of sum16x16's levels: each level adds the low and high halves of every group of partial sums
+    of two vectors, so that after 4 levels lane i holds the total of vector i."""
+    masks, s = [], 16
+    while s > 1:
+        h, lo, hi = s // 2, [], []
+        for src in range(2):
+            for g in range(16 // s):
+                base = 16 * src + g * s
+                lo += list(range(base, base + h))
+                hi += list(range(base + h, base + s))
+        masks.append((lo, hi))
+        s = h
+    return masks
+
+
+@intrinsic
+def sum16x16(typingctx, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """The totals of 16 vectors of 16 float lanes, as one vector (lane i = Σ of vector i): 15 shuffle-pair adds,
+    where 16 separate horizontal sums take 64 (the GEMM block's reduction)."""
+    vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
+    if not all(isinstance(v, Vec) and v.n == 16 and v.kind == "f32" for v in vs):
+        return None
+    masks = _sum16_masks()
+
+    def cg(ctx, b, sig, args):
+        cur = list(args)
+        for lo, hi in masks:
+            cur = [b.fadd(_shuffle(b, cur[i], cur[i + 1], lo), _shuffle(b, cur[i], cur[i + 1], hi), flags=FAST)
+                   for i in range(0, len(cur), 2)]
+        return cur[0]
+    return Vec("f32", 16)(*vs), cg
+
+
+@intrinsic
+def fstore4(typingctx, out, row, col, v, i):
+    """out[row, col:col+4] = lanes 4i..4i+3 of v (16 float lanes; out 2-D float32 with unit-stride rows; i a
+    literal int)."""
+    if not isinstance(v, Vec) or not isinstance(i, types.IntegerLiteral) or not isinstance(out, types.Array):
+        return None
+    k = i.literal_value
+
+    def cg(ctx, b, sig, args):
+        o, r, c, vv, _ = args
+        q = _shuffle(b, vv, vv, [4 * k + m for m in range(4)])
+        b.store(q, _ptr2(ctx, b, sig.args[0], o, r, c, q.type), align=4)
+        return ctx.get_dummy_value()
+    return types.none(out, row, col, v, i), cg
+
+
+@intrinsic
+def lane(typingctx, v, i):
+    """Lane i of float lanes v."""
+    if not isinstance(v, Vec) or not isinstance(i, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        return b.extract_element(args[0], args[1])
+    return types.float32(v, i), cg
+
+
 @intrinsic
 def fvload(typingctx, isa, x, off):
     """16·G float32 values from x[off:] (1-D)."""
@@ -740,5 +801,5 @@ def fstore(typingctx, out, off, a, c):
 
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "hload2", "fvload2", "f16load", "f16zero", "fzero16", "fmadd", "fadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
+           "fvload", "hload2", "fvload2", "f16load", "f16zero", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
            "fma_is", "fma_s", "fstore"]
