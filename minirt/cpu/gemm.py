@@ -24,7 +24,7 @@ RB = 4  # rows per block
 TB = 4  # positions per block
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)  # inlined: a call per block costs its arguments' atomic refcounts
 def _block(w, r, x, t, K, out, j):
     """out[t..t+3, j..j+3] = x[t..t+3] · w[r..r+3]ᵀ (w float32, 2-D)."""
     K16 = K - K % 16
@@ -65,7 +65,7 @@ def _block(w, r, x, t, K, out, j):
                 out[t + p, j + a] += c
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _one(w, r, x, t, K, out, j):
     """out[t, j] = x[t] · w[r] (the rows and positions outside whole blocks)."""
     K16 = K - K % 16
@@ -78,7 +78,7 @@ def _one(w, r, x, t, K, out, j):
     out[t, j] = s
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _rows(w, r, nr, x, out, j):
     """out[:, j..j+nr−1] from rows r..r+nr−1 of the float32 w (nr ≤ RB)."""
     T, K = x.shape
