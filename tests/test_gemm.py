@@ -1,6 +1,7 @@
-"""minirt/cpu/gemm.py, the prompt GEMM of the float matrices (F32, F16, BF16): equal to numpy's float64 product of
+"""The float matrices (F32, F16, BF16). minirt/cpu/gemm.py, their prompt GEMM, equals numpy's float64 product of
 the stored values, for shapes with rows, positions and columns outside whole blocks, into a strided output, split
-over any number of parts; and Dense / Quant take it for prompts where gemm.USE says so."""
+over any number of parts; Dense / Quant take it for prompts where gemm.USE says so; the F32 decode kernel equals
+float64 and gives a position the same bits at any T."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,3 +55,20 @@ def test_linear_prompt_path(qtype, monkeypatch):
     for use in (True, False):
         monkeypatch.setattr(gemm, "USE", use)
         _check(lin.forward(x, np.empty((T, N), np.float32)), ref)
+
+
+@pytest.mark.parametrize("K", [64, 100, 576])
+def test_f32_decode_kernel(K):
+    """kernels.matmul_f32 (decode, T ≤ 16): equal to float64, and a position's bits do not depend on T."""
+    from minirt.cpu import kernels
+    rng = np.random.default_rng(K)
+    N = 37
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = rng.standard_normal((16, K)).astype(np.float32)
+    full = np.empty((16, N), np.float32)
+    kernels.matmul_f32(x, w, full, 2)
+    _check(full, x.astype(np.float64) @ w.astype(np.float64).T)
+    for T in (1, 3, 5):
+        out = np.empty((T, N), np.float32)
+        kernels.matmul_f32(x[:T], w, out, 3)
+        assert np.array_equal(out, full[:T])
