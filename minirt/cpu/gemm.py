@@ -5,7 +5,8 @@ accumulators (16 lanes each: one zmm with AVX-512), so each k-step loads 4 weigh
 16 FMAs; the 16 sums are reduced once per block. F16/BF16 rows are widened once per block of 4 rows into a small
 float32 buffer (L1) that serves every position; F32 rows are read in place (they stay in L1 over the positions).
 Rows are split into one contiguous range per thread, inside Numba's parallel region: no BLAS threads and no
-Python thread pool beside Numba's (whose threads spin after a region and took the cores from them).
+Python thread pool beside Numba's (SmolLM2's layer shapes at 128 positions: 2.0× from 1 to 2 threads, where
+single-threaded OpenBLAS calls from a Python pool scaled 1.78×).
 """
 from __future__ import annotations
 
