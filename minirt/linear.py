@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .cpu import isa, kernels, kquants, qmatmul
+from .cpu import gemm, isa, kernels, kquants, qmatmul
 from .cpu.threads import split_rows
 from .readers.base import Tensor, release_pages
 
@@ -51,7 +51,9 @@ class Dense(Linear):
         return cls(w, stacked_bias(ws, bs))
 
     def forward(self, x, out):
-        if x.shape[0] >= BLAS_MIN_ROWS:
+        if x.shape[0] >= BLAS_MIN_ROWS and gemm.USE:
+            gemm.gemm(np.ascontiguousarray(x), self.w, out, numba.get_num_threads())
+        elif x.shape[0] >= BLAS_MIN_ROWS:
             split_rows(self.out_features, lambda a, b: np.matmul(x, self.w[a:b].T, out=out[:, a:b]))
         else:
             kernels.matmul_f32(x, self.w, out, numba.get_num_threads())
@@ -199,6 +201,8 @@ class Quant(Linear):
             qmatmul.matmul_q(self._tag, xq, xde, xk, self.qi, self.di, h, out, n)
         elif T < self.GEMM_MIN_ROWS:
             qmatmul.matmul_half(self._tag, np.ascontiguousarray(x), self._qn, self.qtype == "BF16", out, n)
+        elif not self.nb and gemm.USE:
+            gemm.gemm_half(np.ascontiguousarray(x), self._qn, self.qtype == "BF16", out, n)
         else:
             split_rows(self.out_features, lambda a, b: self._gemm(x, out, a, b))
         if self.bias is not None:

@@ -373,6 +373,129 @@ def hload(typingctx, isa, q, off, bf16):
     return Vec("f32", n)(isa, q, off, bf16), cg
 
 
+def _ptr2(ctx, b, aty, arr, row, off, vty):
+    """Pointer to arr[row, off] of a 2-D array whose rows are unit-stride, as a pointer to vty: no view (a row
+    view in a loop costs its reference counting, ~20 ns a row in the half kernels)."""
+    a = ctx.make_array(aty)(ctx, b, arr)
+    st = b.extract_value(a.strides, 0)
+    i64 = ir.IntType(64)
+    row = b.sext(row, i64) if row.type.width < 64 else row
+    off = b.sext(off, i64) if off.type.width < 64 else off
+    p = b.gep(b.bitcast(a.data, ir.IntType(8).as_pointer()), [b.mul(row, st)])
+    p = b.gep(b.bitcast(p, a.data.type), [off])
+    return b.bitcast(p, vty.as_pointer())
+
+
+@intrinsic
+def hload2(typingctx, isa, q, row, off, bf16):
+    """As hload from q[row, off:] of a 2-D uint16 array (rows unit-stride)."""
+    if not _is_int_tag(isa) or not isinstance(bf16, types.BooleanLiteral) or not isinstance(q, types.Array):
+        return None
+    n = 16 * _blocks(isa)
+    is_bf = bf16.literal_value
+
+    def cg(ctx, b, sig, args):
+        h = b.load(_ptr2(ctx, b, sig.args[1], args[1], args[2], args[3], ir.VectorType(I16, n)), align=2)
+        if is_bf:
+            u = b.shl(b.zext(h, ir.VectorType(I32, n)), _splat(ir.VectorType(I32, n), 16))
+            return b.bitcast(u, ir.VectorType(F32, n))
+        return _half_to_float(b, h)
+    return Vec("f32", n)(isa, q, row, off, bf16), cg
+
+
+@intrinsic
+def fvload2(typingctx, isa, x, row, off):
+    """16·G float32 values from x[row, off:] of a 2-D array (rows unit-stride)."""
+    if not _is_int_tag(isa) or not isinstance(x, types.Array):
+        return None
+    n = 16 * _blocks(isa)
+
+    def cg(ctx, b, sig, args):
+        return b.load(_ptr2(ctx, b, sig.args[1], args[1], args[2], args[3], _lt("f32", n)), align=4)
+    return Vec("f32", n)(isa, x, row, off), cg
+
+
+@intrinsic
+def f16load(typingctx, x, row, off):
+    """16 float32 values x[row, off:off+16] of a 2-D float32 array (rows unit-stride): one zmm with AVX-512
+    (the prompt GEMM's vectors; two ymm elsewhere)."""
+    if not isinstance(x, types.Array) or x.dtype != types.float32:
+        return None
+
+    def cg(ctx, b, sig, args):
+        return b.load(_ptr2(ctx, b, sig.args[0], args[0], args[1], args[2], _lt("f32", 16)), align=4)
+    return Vec("f32", 16)(x, row, off), cg
+
+
+@intrinsic
+def f16zero(typingctx):
+    """16 float32 lanes, zero."""
+    def cg(ctx, b, sig, args):
+        return ir.Constant(_lt("f32", 16), None)
+    return Vec("f32", 16)(), cg
+
+
+def _sum16_masks():
+    """Shuffle masks of sum16x16's levels: each level adds the low and high halves of every group of partial sums
+    of two vectors, so that after 4 levels lane i holds the total of vector i."""
+    masks, s = [], 16
+    while s > 1:
+        h, lo, hi = s // 2, [], []
+        for src in range(2):
+            for g in range(16 // s):
+                base = 16 * src + g * s
+                lo += list(range(base, base + h))
+                hi += list(range(base + h, base + s))
+        masks.append((lo, hi))
+        s = h
+    return masks
+
+
+@intrinsic
+def sum16x16(typingctx, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """The totals of 16 vectors of 16 float lanes, as one vector (lane i = Σ of vector i): 15 shuffle-pair adds,
+    where 16 separate horizontal sums take 64 (the GEMM block's reduction)."""
+    vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
+    if not all(isinstance(v, Vec) and v.n == 16 and v.kind == "f32" for v in vs):
+        return None
+    masks = _sum16_masks()
+
+    def cg(ctx, b, sig, args):
+        cur = list(args)
+        for lo, hi in masks:
+            cur = [b.fadd(_shuffle(b, cur[i], cur[i + 1], lo), _shuffle(b, cur[i], cur[i + 1], hi), flags=FAST)
+                   for i in range(0, len(cur), 2)]
+        return cur[0]
+    return Vec("f32", 16)(*vs), cg
+
+
+@intrinsic
+def fstore4(typingctx, out, row, col, v, i):
+    """out[row, col:col+4] = lanes 4i..4i+3 of v (16 float lanes; out 2-D float32 with unit-stride rows; i a
+    literal int)."""
+    if not isinstance(v, Vec) or not isinstance(i, types.IntegerLiteral) or not isinstance(out, types.Array):
+        return None
+    k = i.literal_value
+
+    def cg(ctx, b, sig, args):
+        o, r, c, vv, _ = args
+        q = _shuffle(b, vv, vv, [4 * k + m for m in range(4)])
+        b.store(q, _ptr2(ctx, b, sig.args[0], o, r, c, q.type), align=4)
+        return ctx.get_dummy_value()
+    return types.none(out, row, col, v, i), cg
+
+
+@intrinsic
+def lane(typingctx, v, i):
+    """Lane i of float lanes v."""
+    if not isinstance(v, Vec) or not isinstance(i, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        return b.extract_element(args[0], args[1])
+    return types.float32(v, i), cg
+
+
 @intrinsic
 def fvload(typingctx, isa, x, off):
     """16·G float32 values from x[off:] (1-D)."""
@@ -405,6 +528,17 @@ def fmadd(typingctx, acc, a, c):
     def cg(ctx, b, sig, args):
         return b.fadd(args[0], b.fmul(args[1], args[2], flags=FAST), flags=FAST)
     return acc(acc, a, c), cg
+
+
+@intrinsic
+def fadd(typingctx, a, c):
+    """a + c, float lanes."""
+    if not isinstance(a, Vec):
+        return None
+
+    def cg(ctx, b, sig, args):
+        return b.fadd(args[0], args[1], flags=FAST)
+    return a(a, c), cg
 
 
 @intrinsic
@@ -667,5 +801,5 @@ def fstore(typingctx, out, off, a, c):
 
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "fzero16", "fmadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
+           "fvload", "hload2", "fvload2", "f16load", "f16zero", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
            "fma_is", "fma_s", "fstore"]

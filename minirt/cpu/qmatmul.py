@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (bdotf, bdots, bfloat, blocks_per_step, fma_is, fma_s, fmadd, fstore, fsum, fvload, fzero16, half,
-                  hload, hvec, lanes, lzero, prefetch, sum_offset)
+from .isa import (bdotf, bdots, bfloat, blocks_per_step, fadd, fvload2, hload2, fma_is, fma_s, fmadd, fstore, fsum,
+                  fzero16, half, hvec, lanes, lzero, prefetch, sum_offset)
 
 JIT = dict(cache=True, fastmath=True)
 
@@ -318,75 +318,8 @@ def matmul_q_exact(isa, x, xk, q, d, h, out, n_parts):
 
 
 @njit(**JIT)
-def _h1(isa, qr, x0, K, bf16):
-    V = 16 * blocks_per_step(isa)
-    Kv = K - K % V
-    a0 = fzero16(isa)
-    if bf16:
-        for k in range(0, Kv, V):
-            a0 = fmadd(a0, hload(isa, qr, k, True), fvload(isa, x0, k))
-    else:
-        for k in range(0, Kv, V):
-            a0 = fmadd(a0, hload(isa, qr, k, False), fvload(isa, x0, k))
-    return fsum(a0)
-
-
-@njit(**JIT)
-def _h4(isa, qr, x0, x1, x2, x3, K, bf16):
-    V = 16 * blocks_per_step(isa)
-    Kv = K - K % V
-    a0 = fzero16(isa)
-    a1 = fzero16(isa)
-    a2 = fzero16(isa)
-    a3 = fzero16(isa)
-    if bf16:
-        for k in range(0, Kv, V):
-            w = hload(isa, qr, k, True)
-            a0 = fmadd(a0, w, fvload(isa, x0, k))
-            a1 = fmadd(a1, w, fvload(isa, x1, k))
-            a2 = fmadd(a2, w, fvload(isa, x2, k))
-            a3 = fmadd(a3, w, fvload(isa, x3, k))
-    else:
-        for k in range(0, Kv, V):
-            w = hload(isa, qr, k, False)
-            a0 = fmadd(a0, w, fvload(isa, x0, k))
-            a1 = fmadd(a1, w, fvload(isa, x1, k))
-            a2 = fmadd(a2, w, fvload(isa, x2, k))
-            a3 = fmadd(a3, w, fvload(isa, x3, k))
-    return fsum(a0), fsum(a1), fsum(a2), fsum(a3)
-
-
-@njit(**JIT)
 def _widen(v, bf16):
     return bfloat(v) if bf16 else half(v)
-
-
-@njit(parallel=True, **JIT)
-def matmul_half(isa, x, q, bf16, out, n_parts):
-    """F16 (widened by fpext: vcvtph2ps) or BF16 (a 16-bit shift) rows, float32 products; each widened
-    weight vector is applied to 4 positions at a time."""
-    T, K = x.shape
-    N = q.shape[0]
-    V = 16 * blocks_per_step(isa)
-    Kv = K - K % V
-    step = (N + n_parts - 1) // n_parts
-    for part in prange(n_parts):
-        for j in range(part * step, min(N, (part + 1) * step)):
-            qr = q[j]
-            t = 0
-            while t + 4 <= T:
-                out[t, j], out[t + 1, j], out[t + 2, j], out[t + 3, j] = _h4(isa, qr, x[t], x[t + 1], x[t + 2],
-                                                                           x[t + 3], K, bf16)
-                t += 4
-            while t < T:
-                out[t, j] = _h1(isa, qr, x[t], K, bf16)
-                t += 1
-            if Kv < K:
-                for t in range(T):
-                    c = np.float32(0.0)
-                    for k in range(Kv, K):
-                        c += x[t, k] * _widen(qr[k], bf16)
-                    out[t, j] += c
 
 
 # ---- dequantization (for batched GEMMs, the embedding rows, exports): rows a..b−1 into w ------------------
@@ -417,3 +350,92 @@ def dequantize_half(q, bf16, a, b, w):
     for j in range(a, b):
         for k in range(K):
             w[j - a, k] = _widen(q[j, k], bf16)
+
+
+
+@njit(inline="always", **JIT)  # inlined: a call per row cost ~25% (arguments pushed, 3 atomic refcounts)
+def _g1(isa, q, j, x, t, K, bf16):
+    """Σ_k q[j, k] · x[t, k] over the whole vectors of the row (K − K % V values): two chains of accumulators
+    (k-steps 2i and 2i+1), so that the FMA latency does not bound a row; loads straight from the 2-D arrays
+    (a row view per call cost its reference counting)."""
+    V = 16 * blocks_per_step(isa)
+    W = 2 * V
+    Kw = K - K % W
+    a0 = fzero16(isa)
+    b0 = fzero16(isa)
+    if bf16:
+        for k in range(0, Kw, W):
+            a0 = fmadd(a0, hload2(isa, q, j, k, True), fvload2(isa, x, t, k))
+            b0 = fmadd(b0, hload2(isa, q, j, k + V, True), fvload2(isa, x, t, k + V))
+        if Kw + V <= K:
+            a0 = fmadd(a0, hload2(isa, q, j, Kw, True), fvload2(isa, x, t, Kw))
+    else:
+        for k in range(0, Kw, W):
+            a0 = fmadd(a0, hload2(isa, q, j, k, False), fvload2(isa, x, t, k))
+            b0 = fmadd(b0, hload2(isa, q, j, k + V, False), fvload2(isa, x, t, k + V))
+        if Kw + V <= K:
+            a0 = fmadd(a0, hload2(isa, q, j, Kw, False), fvload2(isa, x, t, Kw))
+    return fsum(fadd(a0, b0))
+
+
+@njit(inline="always", **JIT)
+def _g2(isa, q, j, x, t, K, bf16):
+    """_g1 for positions t and t+1, each widened weight vector loaded once: the same sums, in the same order."""
+    V = 16 * blocks_per_step(isa)
+    W = 2 * V
+    Kw = K - K % W
+    a0 = fzero16(isa)
+    b0 = fzero16(isa)
+    a1 = fzero16(isa)
+    b1 = fzero16(isa)
+    if bf16:
+        for k in range(0, Kw, W):
+            w = hload2(isa, q, j, k, True)
+            v = hload2(isa, q, j, k + V, True)
+            a0 = fmadd(a0, w, fvload2(isa, x, t, k))
+            b0 = fmadd(b0, v, fvload2(isa, x, t, k + V))
+            a1 = fmadd(a1, w, fvload2(isa, x, t + 1, k))
+            b1 = fmadd(b1, v, fvload2(isa, x, t + 1, k + V))
+        if Kw + V <= K:
+            w = hload2(isa, q, j, Kw, True)
+            a0 = fmadd(a0, w, fvload2(isa, x, t, Kw))
+            a1 = fmadd(a1, w, fvload2(isa, x, t + 1, Kw))
+    else:
+        for k in range(0, Kw, W):
+            w = hload2(isa, q, j, k, False)
+            v = hload2(isa, q, j, k + V, False)
+            a0 = fmadd(a0, w, fvload2(isa, x, t, k))
+            b0 = fmadd(b0, v, fvload2(isa, x, t, k + V))
+            a1 = fmadd(a1, w, fvload2(isa, x, t + 1, k))
+            b1 = fmadd(b1, v, fvload2(isa, x, t + 1, k + V))
+        if Kw + V <= K:
+            w = hload2(isa, q, j, Kw, False)
+            a0 = fmadd(a0, w, fvload2(isa, x, t, Kw))
+            a1 = fmadd(a1, w, fvload2(isa, x, t + 1, Kw))
+    return fsum(fadd(a0, b0)), fsum(fadd(a1, b1))
+
+
+@njit(parallel=True, **JIT)
+def matmul_half(isa, x, q, bf16, out, n_parts):
+    """F16 (widened by fpext: vcvtph2ps) or BF16 (a 16-bit shift) rows, float32 products; each widened
+    weight vector serves 2 positions at a time (_g2; _g1 for an odd last one), both summing a position in
+    the same order: the same bits at any T."""
+    T, K = x.shape
+    N = q.shape[0]
+    V = 16 * blocks_per_step(isa)
+    Kv = K - K % V
+    step = (N + n_parts - 1) // n_parts
+    for part in prange(n_parts):
+        for j in range(part * step, min(N, (part + 1) * step)):
+            t = 0
+            while t + 2 <= T:
+                out[t, j], out[t + 1, j] = _g2(isa, q, j, x, t, K, bf16)
+                t += 2
+            if t < T:
+                out[t, j] = _g1(isa, q, j, x, t, K, bf16)
+            if Kv < K:
+                for t in range(T):
+                    c = np.float32(0.0)
+                    for k in range(Kv, K):
+                        c += x[t, k] * _widen(q[j, k], bf16)
+                    out[t, j] += c
