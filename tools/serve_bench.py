@@ -193,6 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", default="minirt,llama", help="which to start: minirt, llama or both")
     ap.add_argument("--url", default=None, help="measure a server already running here instead")
+    ap.add_argument("--pid", type=int, default=None, help="with --url: the server's process id (CPU by thread)")
     ap.add_argument("--model", default=None, help="GGUF file (default: the registry's SmolLM2 Q4_1)")
     ap.add_argument("--streams", default="1,4,8", help="concurrency levels")
     ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
@@ -203,7 +204,7 @@ def main() -> None:
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
     if args.url:
-        print(json.dumps(run(args.url.rstrip("/"), args), indent=1))
+        print(json.dumps(run(args.url.rstrip("/"), args, args.pid), indent=1))
         return
     model = args.model
     if model is None:

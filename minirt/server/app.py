@@ -28,6 +28,7 @@ MAX_N = 8               # choices per request
 MAX_STOP = 8            # stop strings per request
 MAX_LOGPROBS = 20       # top_logprobs / logprobs (as OpenAI)
 RETRY_AFTER = "1"       # seconds a refused client is told to wait
+INLINE_TOKENIZE = 4096  # characters of prompt up to which a request is tokenized on the event loop itself
 
 
 class ApiError(Exception):
@@ -130,6 +131,20 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def _text_size(body: dict, chat: bool) -> int:
+    """Characters of prompt text a request carries (what tokenizing it costs grows with); a large number where
+    the shape is unexpected (the checks that follow say what is wrong, off the event loop)."""
+    try:
+        if chat:
+            msgs = body["messages"]
+            return 64 * len(msgs) + sum(len(m["content"]) if isinstance(m.get("content"), str)
+                                        else len(str(m.get("content"))) for m in msgs)
+        prompt = body["prompt"]
+        return len(prompt) if isinstance(prompt, (str, list)) else 1 << 30
+    except (KeyError, TypeError, AttributeError):
+        return 1 << 30
+
+
 class Server:
     """The app's state: the model, its name, the batcher and the options. Holds nothing between requests."""
 
@@ -206,7 +221,10 @@ class Server:
             stream = _bool(body, "stream")
             opts = body.get("stream_options")
             usage_chunk = isinstance(opts, dict) and opts.get("include_usage") is True
-            ids = await run_in_threadpool(self._prompt_ids, body, chat)
+            if _text_size(body, chat) <= INLINE_TOKENIZE:  # a thread hop costs more than a short prompt
+                ids = self._prompt_ids(body, chat)
+            else:  # a long one would hold up every stream's writes: tokenized off the event loop
+                ids = await run_in_threadpool(self._prompt_ids, body, chat)
             room = self.batcher.ctx - len(ids)
             if room < 1:
                 raise ApiError(400, f"the prompt has {len(ids)} tokens, but a slot's context holds "

@@ -304,6 +304,7 @@ class Batcher:
             if b == len(s.prompt):
                 s.detok = Detokenizer(self.model.tokenizer)
                 self._deliver(s, logits)
+                self._flush()  # its first token goes out now, not after the decode step below
         decoding = [s for s in self.active if s.next_token is not None]
         if decoding:
             self.peak = max(self.peak, len(decoding))
