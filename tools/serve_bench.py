@@ -182,7 +182,7 @@ def start(kind: str, model: str, port: int, parallel: int, ctx: int, threads: in
 def run(url: str, args, pid: int | None = None) -> dict:
     asyncio.run(stream_one(url, "warm up", 4))
     out = {"concurrency": [concurrent(url, c, args.requests, args.tokens, pid) for c in args.streams]}
-    out["ttft"] = ttft_under_load(url, long_tokens=args.tokens * 2)
+    out["ttft"] = ttft_under_load(url, long_tokens=max(args.tokens * 2, 16 * args.probes), probes=args.probes)
     base = out["concurrency"][0]["agg_tok_s"]
     for row in out["concurrency"]:
         row["speedup"] = round(row["agg_tok_s"] / base, 2)
@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--streams", default="1,4,8", help="concurrency levels")
     ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    ap.add_argument("--probes", type=int, default=5, help="short requests timed alone and under load (median)")
     ap.add_argument("--ctx", type=int, default=512, help="context per slot")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18180)

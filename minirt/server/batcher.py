@@ -6,7 +6,8 @@ and reused; a sequence holds one from admission to its end. Every step of the sc
   2. admits waiting sequences into free slots (they join at this step),
   3. runs one prefill chunk (≤ PREFILL_STEP prompt positions) of one admitted sequence, shortest first
      (so a long prompt delays the running streams by one chunk per step, not by the whole prompt, and a
-     short request's first token comes out within the step it joins),
+     short request's first token comes out within the step it joins, before the decode pass below; the
+     previous step's tokens are sent with it, so that no HTTP work competes with the prefill for the cores),
   4. runs ONE forward pass over the next position of every decoding sequence (minirt.batch.BatchStep).
 A prompt is always cut into the same chunks (balanced, from its length alone), and the decode step computes
 each row on its own, so a request's tokens do not depend on what else runs beside it; each sequence samples
@@ -216,7 +217,8 @@ class Batcher:
                             continue
                         self._admit(s)
                 self._step()
-                self._flush()
+                if not (self.waiting and self.free):  # else the events wait for the admission's prefill: _step
+                    self._flush()
         except BaseException as e:  # a bug: end every stream with an error rather than hang them
             with self.cv:
                 self.stopped = True
@@ -304,7 +306,10 @@ class Batcher:
             if b == len(s.prompt):
                 s.detok = Detokenizer(self.model.tokenizer)
                 self._deliver(s, logits)
-                self._flush()  # its first token goes out now, not after the decode step below
+        # The events of the step before, held while this prefill ran (the HTTP thread and the clients writing
+        # and reading them would take a core from it: on 2 cores, ~1/5 of a short request's time to first
+        # token under load), and the new sequence's first token, which goes out now, not after the decode step
+        self._flush()
         decoding = [s for s in self.active if s.next_token is not None]
         if decoding:
             self.peak = max(self.peak, len(decoding))
