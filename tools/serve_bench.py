@@ -8,7 +8,11 @@ concurrent streams, and the time to first token of a short request while 7 long 
 Each server is started here (minirt serve --parallel 8; llama-server -np 8 -cb, each slot with the same context),
 warmed with one request, measured, and stopped. Requests are greedy completions with ignore_eos, so every one
 generates exactly --tokens tokens. The clients are asyncio tasks of one thread, on bare sockets: they share
-the cores with the server, so they cost as little CPU as they can; cpu_ms_per_token says what each side took.
+the cores with the server, so they cost as little CPU as they can; cpu_ms_per_token says what each side took
+(the server's threads by name: main runs the model, python its OpenMP worker, minirt-http the event loop).
+The httpx client used before cost ~0.5 ms of CPU per token and created a client (an SSL context, 10-30 ms)
+inside every request's timing: figures taken with it are not comparable with these (TTFT alone was mostly
+that client's set-up, which flattered the TTFT ratio).
 """
 from __future__ import annotations
 
