@@ -256,19 +256,20 @@ class Server:
 
     def _chunk(self, rid: str, chat: bool, choices: list, usage=None, created: int | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()) if created is None else created, "model": self.name, "choices": choices}
+                "created": int(time.time()) if created is None else created, "model": self.name,
+                "choices": choices}
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def _chunker(self, rid: str, chat: bool):
-        """chunk(choice) → the SSE line of a chunk with that one choice: the fields every chunk of a stream
-        shares (id, object, created, model) are encoded once, only the choice each time."""
+        """(chunk(choice) → the SSE line of a chunk with that one choice, created): the fields every chunk of a
+        stream shares (id, object, created, model) are encoded once, only the choice each time."""
         created = int(time.time())
-        head = self._chunk(rid, chat, [None], created=created)
-        a, b = head.split("[null]")
+        head = json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": created, "model": self.name}, ensure_ascii=False)[:-1]  # without its "}"
         dumps = json.JSONEncoder(ensure_ascii=False).encode
-        return lambda choice: f"{a}[{dumps(choice)}]{b}", created
+        return lambda choice: f'data: {head}, "choices": [{dumps(choice)}]}}\n\n', created
 
     def _logprobs(self, chat: bool, entries: list, k: int):
         tok = self.model.tokenizer

@@ -222,7 +222,6 @@ class Batcher:
         except BaseException as e:  # a bug: end every stream with an error rather than hang them
             with self.cv:
                 self.stopped = True
-                self.outbox.clear()
                 for s in list(self.active) + list(self.waiting):
                     self._post(s, {"error": f"internal error: {type(e).__name__}: {e}"})
                     s.finished = True
@@ -307,8 +306,8 @@ class Batcher:
                 s.detok = Detokenizer(self.model.tokenizer)
                 self._deliver(s, logits)
         # The events of the step before, held while this prefill ran (the HTTP thread and the clients writing
-        # and reading them would take a core from it: on 2 cores, ~1/5 of a short request's time to first
-        # token under load), and the new sequence's first token, which goes out now, not after the decode step
+        # and reading them would take a core from it, on 2 cores), and the new sequence's first token, which
+        # goes out now, not after the decode step
         self._flush()
         decoding = [s for s in self.active if s.next_token is not None]
         if decoding:
