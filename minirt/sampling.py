@@ -94,5 +94,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history=()) -> int:
         if self.params.greedy:  # skips the softmax: argmax of the penalized logits is the same token
+            if self.params.repetition_penalty == 1.0:  # nothing to penalize: the same argmax without the copy
+                return int(np.argmax(logits))
             return int(np.argmax(self.penalize(logits, history)))
         return self.draw(self.distribution(logits, history))

@@ -7,25 +7,27 @@ concurrent streams, and the time to first token of a short request while 7 long 
 
 Each server is started here (minirt serve --parallel 8; llama-server -np 8 -cb, each slot with the same context),
 warmed with one request, measured, and stopped. Requests are greedy completions with ignore_eos, so every one
-generates exactly --tokens tokens; streams are read with the openai client's HTTP library.
+generates exactly --tokens tokens. The clients are asyncio tasks of one thread, on bare sockets: they share
+the cores with the server, so they cost as little CPU as they can; cpu_ms_per_token says what each side took
+(the server's threads by name: main runs the model, python its OpenMP worker, minirt-http the event loop).
+The httpx client used before cost ~0.5 ms of CPU per token and created a client (an SSL context, 10-30 ms)
+inside every request's timing: figures taken with it are not comparable with these (TTFT alone was mostly
+that client's set-up, which flattered the TTFT ratio).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
+import urllib.request
 from pathlib import Path
 
-try:
-    import httpx2 as httpx
-except ImportError:
-    import httpx
 
 LLAMA_SERVER = Path.home() / ".cache/minirt-anchors/llama.cpp-0.3.36/build/bin/llama-server"
 PROMPTS = ["Once upon a time, in a small village,", "The history of the Roman Empire", "Write a poem about the sea.",
@@ -33,67 +35,126 @@ PROMPTS = ["Once upon a time, in a small village,", "The history of the Roman Em
            "A recipe for pancakes:"]
 
 
-def stream_one(url: str, prompt: str, tokens: int) -> tuple[float, float, int]:
-    """(time to first token, total seconds, tokens received) for one streaming greedy completion."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "model": "bench"}
+async def stream_one(url: str, prompt: str, tokens: int) -> tuple[float, float, int]:
+    """(time to first token, total seconds, tokens received) for one streaming greedy completion.
+
+    A bare HTTP/1.1 client on asyncio streams (one connection per request, chunked or close-delimited body):
+    the clients share the server's 2 cores, so each costs as little CPU as it can (httpx in threads took
+    ~0.5 ms per token here, a quarter of the server's whole overhead per token)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "model": "bench"}).encode()
     t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
     first, n = None, 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                n += 1
-                if first is None:
-                    first = time.perf_counter() - t0
+    try:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        if head.split(" ", 2)[1] != "200":
+            raise RuntimeError(f"{url}: {head.splitlines()[0]}")
+        chunked = "transfer-encoding: chunked" in head.lower()
+        events = b""
+        while True:
+            if chunked:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                data = await reader.readexactly(size + 2)
+                if not size:
+                    break
+                data = data[:-2]
+            else:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+            *done, events = (events + data).split(b"\n\n")
+            for e in done:
+                if not e.startswith(b"data: ") or e == b"data: [DONE]":
+                    continue
+                choices = json.loads(e[6:]).get("choices")
+                if choices and choices[0].get("text"):
+                    n += 1
+                    if first is None:
+                        first = time.perf_counter() - t0
+    finally:
+        writer.close()
     return (first or 0.0), time.perf_counter() - t0, n
 
 
-def concurrent(url: str, streams: int, requests: int, tokens: int) -> dict:
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of each thread of process pid, by thread name (Linux /proc; {} elsewhere), and of
+    this (the client's) process under "client"."""
+    out = {"client": time.process_time()}
+    if pid is None:
+        return out
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in tasks:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        name = "main" if tid == str(pid) else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
+    """Milliseconds of CPU per generated token, by thread (name → ms), between two thread_cpu() readings."""
+    return {k: round((after[k] - before.get(k, 0.0)) * 1e3 / max(tokens, 1), 3) for k in after
+            if after[k] - before.get(k, 0.0) > 0}
+
+
+def concurrent(url: str, streams: int, requests: int, tokens: int, pid: int | None = None) -> dict:
     """`streams` clients, each sending `requests` requests one after another."""
     lat, ttft, counts = [], [], []
-    lock = threading.Lock()
 
-    def client(i):
+    async def client(i):
         for k in range(requests):
-            f, t, n = stream_one(url, PROMPTS[(i + k) % len(PROMPTS)], tokens)
-            with lock:
-                ttft.append(f)
-                lat.append(t)
-                counts.append(n)
+            f, t, n = await stream_one(url, PROMPTS[(i + k) % len(PROMPTS)], tokens)
+            ttft.append(f)
+            lat.append(t)
+            counts.append(n)
+
+    async def all_clients():
+        await asyncio.gather(*(client(i) for i in range(streams)))
+    cpu0 = thread_cpu(pid)
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    asyncio.run(all_clients())
     wall = time.perf_counter() - t0
+    cpu = cpu_per_token(cpu0, thread_cpu(pid), sum(counts))
     return {"streams": streams, "requests": len(lat), "tokens": sum(counts), "wall_s": round(wall, 2),
             "agg_tok_s": round(sum(counts) / wall, 1), "latency_p50_s": round(statistics.median(lat), 2),
-            "latency_max_s": round(max(lat), 2), "ttft_p50_s": round(statistics.median(ttft), 3)}
+            "latency_max_s": round(max(lat), 2), "ttft_p50_s": round(statistics.median(ttft), 3),
+            "cpu_ms_per_token": cpu}
 
 
-def ttft_under_load(url: str, long_tokens: int, short_tokens: int = 4, background: int = 7) -> dict:
-    """TTFT of a short request alone, then while `background` long streams decode."""
-    alone = min(stream_one(url, "Hello, my name is", short_tokens)[0] for _ in range(3))
-    done = []
+def ttft_under_load(url: str, long_tokens: int, short_tokens: int = 4, background: int = 7, probes: int = 5) -> dict:
+    """TTFT of a short request alone, then while `background` long streams decode (the median of `probes`
+    each; the minimum beside it)."""
+    async def probe():
+        return (await stream_one(url, "Hello, my name is", short_tokens))[0]
 
-    def long(i):
-        done.append(stream_one(url, PROMPTS[i % len(PROMPTS)], long_tokens))
-    threads = [threading.Thread(target=long, args=(i,)) for i in range(background)]
-    for th in threads:
-        th.start()
-    time.sleep(0.5)
-    # wait until the long streams are decoding: a probe's first token arrives only after their prefills
-    stream_one(url, "Hi", 1)
-    loaded = [stream_one(url, "Hello, my name is", short_tokens)[0] for _ in range(3)]
-    for th in threads:
-        th.join()
-    return {"ttft_alone_s": round(alone, 3), "ttft_under_7_streams_s": round(statistics.median(loaded), 3),
-            "ratio": round(statistics.median(loaded) / alone, 2)}
+    async def measure():
+        alone = [await probe() for _ in range(probes)]
+        longs = [asyncio.create_task(stream_one(url, PROMPTS[i % len(PROMPTS)], long_tokens))
+                 for i in range(background)]
+        await asyncio.sleep(0.5)
+        # wait until the long streams are decoding: a probe's first token arrives only after their prefills
+        await stream_one(url, "Hi", 1)
+        loaded = [await probe() for _ in range(probes)]
+        if any(t.done() for t in longs):
+            print("warning: a long stream ended before the probes did: raise --tokens", file=sys.stderr)
+        await asyncio.gather(*longs)
+        return alone, loaded
+    alone, loaded = asyncio.run(measure())
+    a, b = statistics.median(alone), statistics.median(loaded)
+    return {"ttft_alone_s": round(a, 3), "ttft_under_7_streams_s": round(b, 3), "ratio": round(b / a, 2),
+            "ttft_alone_min_s": round(min(alone), 3), "ttft_under_7_streams_min_s": round(min(loaded), 3)}
 
 
 def wait_health(url: str, proc, seconds: float = 300) -> None:
@@ -102,9 +163,10 @@ def wait_health(url: str, proc, seconds: float = 300) -> None:
         if proc is not None and proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
             pass
         time.sleep(0.3)
     raise SystemExit("the server did not come up")
@@ -121,10 +183,10 @@ def start(kind: str, model: str, port: int, parallel: int, ctx: int, threads: in
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
 
 
-def run(url: str, args) -> dict:
-    stream_one(url, "warm up", 4)
-    out = {"concurrency": [concurrent(url, c, args.requests, args.tokens) for c in args.streams]}
-    out["ttft"] = ttft_under_load(url, long_tokens=args.tokens * 2)
+def run(url: str, args, pid: int | None = None) -> dict:
+    asyncio.run(stream_one(url, "warm up", 4))
+    out = {"concurrency": [concurrent(url, c, args.requests, args.tokens, pid) for c in args.streams]}
+    out["ttft"] = ttft_under_load(url, long_tokens=max(args.tokens * 2, 16 * args.probes), probes=args.probes)
     base = out["concurrency"][0]["agg_tok_s"]
     for row in out["concurrency"]:
         row["speedup"] = round(row["agg_tok_s"] / base, 2)
@@ -135,17 +197,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", default="minirt,llama", help="which to start: minirt, llama or both")
     ap.add_argument("--url", default=None, help="measure a server already running here instead")
+    ap.add_argument("--pid", type=int, default=None, help="with --url: the server's process id (CPU by thread)")
     ap.add_argument("--model", default=None, help="GGUF file (default: the registry's SmolLM2 Q4_1)")
     ap.add_argument("--streams", default="1,4,8", help="concurrency levels")
     ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    ap.add_argument("--probes", type=int, default=5, help="short requests timed alone and under load (median)")
     ap.add_argument("--ctx", type=int, default=512, help="context per slot")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18180)
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
     if args.url:
-        print(json.dumps(run(args.url.rstrip("/"), args), indent=1))
+        print(json.dumps(run(args.url.rstrip("/"), args, args.pid), indent=1))
         return
     model = args.model
     if model is None:
@@ -157,7 +221,7 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{args.port}"
             wait_health(url, proc)
-            results[kind] = run(url, args)
+            results[kind] = run(url, args, proc.pid)
             print(kind, json.dumps(results[kind]), file=sys.stderr, flush=True)
         finally:
             proc.send_signal(signal.SIGINT)

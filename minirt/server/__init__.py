@@ -10,6 +10,7 @@ HTTP load balancer.
 from __future__ import annotations
 
 import sys
+import threading
 
 from ..errors import MinirtError
 
@@ -36,6 +37,16 @@ def make_app(model, name: str, **options):
     return server.app(), server
 
 
+def _os_thread_name(name: str) -> None:
+    """Name the calling thread for the OS (top -H, /proc/PID/task/*/comm: how tools/serve_bench.py tells the
+    HTTP thread's CPU time from the model's); Linux only, silently nothing elsewhere."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 def serve(model, name: str, host: str = "127.0.0.1", port: int = 8080, log_level: str = "warning",
           drain_seconds: float = DRAIN_SECONDS, **options) -> None:
     """Serve until SIGINT/SIGTERM; on SIGTERM stop accepting, let running streams finish (≤ drain_seconds).
@@ -44,7 +55,6 @@ def serve(model, name: str, host: str = "127.0.0.1", port: int = 8080, log_level
     cost ~10× more when entered from a thread other than the main one (tools/omp_threads.py)."""
     _require()
     import signal
-    import threading
 
     import uvicorn
     app, server = make_app(model, name, own_thread=False, **options)
@@ -55,6 +65,7 @@ def serve(model, name: str, host: str = "127.0.0.1", port: int = 8080, log_level
     failed = []
 
     def run_http():
+        _os_thread_name("minirt-http")
         try:
             http.run()
         except BaseException as e:  # e.g. SystemExit when the port is taken (uvicorn has logged why)

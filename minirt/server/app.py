@@ -28,6 +28,7 @@ MAX_N = 8               # choices per request
 MAX_STOP = 8            # stop strings per request
 MAX_LOGPROBS = 20       # top_logprobs / logprobs (as OpenAI)
 RETRY_AFTER = "1"       # seconds a refused client is told to wait
+INLINE_TOKENIZE = 4096  # characters of prompt up to which a request is tokenized on the event loop itself
 
 
 class ApiError(Exception):
@@ -130,6 +131,20 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def _text_size(body: dict, chat: bool) -> int:
+    """Characters of prompt text a request carries (what tokenizing it costs grows with); a large number where
+    the shape is unexpected (the checks that follow say what is wrong, off the event loop)."""
+    try:
+        if chat:
+            msgs = body["messages"]
+            return 64 * len(msgs) + sum(len(m["content"]) if isinstance(m.get("content"), str)
+                                        else len(str(m.get("content"))) for m in msgs)
+        prompt = body["prompt"]
+        return len(prompt) if isinstance(prompt, (str, list)) else 1 << 30
+    except (KeyError, TypeError, AttributeError):
+        return 1 << 30
+
+
 class Server:
     """The app's state: the model, its name, the batcher and the options. Holds nothing between requests."""
 
@@ -206,7 +221,10 @@ class Server:
             stream = _bool(body, "stream")
             opts = body.get("stream_options")
             usage_chunk = isinstance(opts, dict) and opts.get("include_usage") is True
-            ids = await run_in_threadpool(self._prompt_ids, body, chat)
+            if _text_size(body, chat) <= INLINE_TOKENIZE:  # a thread hop costs more than a short prompt
+                ids = self._prompt_ids(body, chat)
+            else:  # a long one would hold up every stream's writes: tokenized off the event loop
+                ids = await run_in_threadpool(self._prompt_ids, body, chat)
             room = self.batcher.ctx - len(ids)
             if room < 1:
                 raise ApiError(400, f"the prompt has {len(ids)} tokens, but a slot's context holds "
@@ -217,13 +235,10 @@ class Server:
                 raise Busy("the server is shutting down")
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
-
-            def emit(event, _put=events.put_nowait):
-                loop.call_soon_threadsafe(_put, event)
             seqs = []
-            for i in range(n):
+            for i in range(n):  # the batcher calls put_nowait on this loop, a step's events in one hand-off
                 p = params if params.seed is None or i == 0 else Params(**{**vars(params), "seed": params.seed + i})
-                seqs.append(Sequence(ids, p, emit, index=i))
+                seqs.append(Sequence(ids, p, events.put_nowait, index=i, loop=loop))
             self.batcher.submit(seqs)
         except ApiError as e:
             return error_response(e)
@@ -239,12 +254,22 @@ class Server:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._whole(request, rid, chat, seqs, events)
 
-    def _chunk(self, rid: str, chat: bool, choices: list, usage=None) -> str:
+    def _chunk(self, rid: str, chat: bool, choices: list, usage=None, created: int | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.name, "choices": choices}
+                "created": int(time.time()) if created is None else created, "model": self.name,
+                "choices": choices}
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def _chunker(self, rid: str, chat: bool):
+        """(chunk(choice) → the SSE line of a chunk with that one choice, created): the fields every chunk of a
+        stream shares (id, object, created, model) are encoded once, only the choice each time."""
+        created = int(time.time())
+        head = json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": created, "model": self.name}, ensure_ascii=False)[:-1]  # without its "}"
+        dumps = json.JSONEncoder(ensure_ascii=False).encode
+        return lambda choice: f'data: {head}, "choices": [{dumps(choice)}]}}\n\n', created
 
     def _logprobs(self, chat: bool, entries: list, k: int):
         tok = self.model.tokenizer
@@ -271,31 +296,44 @@ class Server:
     async def _stream(self, rid, chat, seqs, events, usage_chunk):
         left, prompt, completion, cached = len(seqs), len(seqs[0].prompt), 0, 0
         k = seqs[0].params.logprobs
+        chunk, created = self._chunker(rid, chat)
         try:
             if chat:
                 yield self._chunk(rid, chat, [{"index": s.index, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None} for s in seqs])
+                                               "logprobs": None, "finish_reason": None} for s in seqs],
+                                  created=created)
             while left:
-                e = await events.get()
-                if "error" in e:
-                    yield f"data: {json.dumps({'error': {'message': e['error'], 'type': 'server_error'}})}\n\n"
-                    return
-                lp = self._logprobs(chat, [e["logprob"]], k) if "logprob" in e else None
-                reason = e.get("finish_reason")
-                if e["text"] or lp is not None or reason:
-                    if chat:
-                        delta = {"content": e["text"]} if e["text"] or not reason else {}
-                        choice = {"index": e["index"], "delta": delta, "logprobs": lp, "finish_reason": reason}
-                    else:
-                        choice = {"index": e["index"], "text": e["text"], "logprobs": lp, "finish_reason": reason}
-                    yield self._chunk(rid, chat, [choice])
-                if reason:
-                    left -= 1
-                    completion += e["completion_tokens"]
-                    cached = max(cached, e["cached_tokens"])
-            if usage_chunk:
-                yield self._chunk(rid, chat, [], self._usage(prompt, completion, cached))
-            yield "data: [DONE]\n\n"
+                got = [await events.get()]
+                while not events.empty():  # events that queued up while this task waited: one write for all
+                    got.append(events.get_nowait())
+                out = []
+                for e in got:
+                    if "error" in e:
+                        out.append(f"data: {json.dumps({'error': {'message': e['error'], 'type': 'server_error'}})}"
+                                   "\n\n")
+                        yield "".join(out)
+                        return
+                    lp = self._logprobs(chat, [e["logprob"]], k) if "logprob" in e else None
+                    reason = e.get("finish_reason")
+                    if e["text"] or lp is not None or reason:
+                        if chat:
+                            delta = {"content": e["text"]} if e["text"] or not reason else {}
+                            choice = {"index": e["index"], "delta": delta, "logprobs": lp, "finish_reason": reason}
+                        else:
+                            choice = {"index": e["index"], "text": e["text"], "logprobs": lp, "finish_reason": reason}
+                        out.append(chunk(choice))
+                    if reason:
+                        left -= 1
+                        completion += e["completion_tokens"]
+                        cached = max(cached, e["cached_tokens"])
+                if left:
+                    if out:
+                        yield "".join(out)
+                    continue
+                if usage_chunk:
+                    out.append(self._chunk(rid, chat, [], self._usage(prompt, completion, cached), created=created))
+                out.append("data: [DONE]\n\n")
+                yield "".join(out)
         finally:
             if left:
                 self.batcher.cancel(seqs)  # the client went away: the slots free at the next step

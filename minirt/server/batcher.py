@@ -6,7 +6,8 @@ and reused; a sequence holds one from admission to its end. Every step of the sc
   2. admits waiting sequences into free slots (they join at this step),
   3. runs one prefill chunk (≤ PREFILL_STEP prompt positions) of one admitted sequence, shortest first
      (so a long prompt delays the running streams by one chunk per step, not by the whole prompt, and a
-     short request's first token comes out within the step it joins),
+     short request's first token comes out within the step it joins, before the decode pass below; the
+     previous step's tokens are sent with it, so that no HTTP work competes with the prefill for the cores),
   4. runs ONE forward pass over the next position of every decoding sequence (minirt.batch.BatchStep).
 A prompt is always cut into the same chunks (balanced, from its length alone), and the decode step computes
 each row on its own, so a request's tokens do not depend on what else runs beside it; each sequence samples
@@ -18,7 +19,10 @@ usage.prompt_tokens_details.cached_tokens counts what was reused). It is on only
 the same bits however the positions are grouped into calls (minirt.batch.positions_independent: block-format
 and K-quant matrices, whose integer kernels take any T), so answers never depend on it.
 
-Events go back to the HTTP side through sequence.emit (thread-safe: the app passes loop.call_soon_threadsafe).
+Events go back to the HTTP side in one hand-off per step: the events of a step are collected and, for the
+sequences whose `loop` is set (the app's event loop), passed in ONE loop.call_soon_threadsafe that calls each
+sequence's emit there (one wake-up of the HTTP thread per step, not one per token of each stream); a sequence
+without a loop has emit called from the scheduler thread (it must then be thread-safe).
 Nothing outlives a request: the server is stateless between requests.
 """
 from __future__ import annotations
@@ -63,8 +67,9 @@ class Params:
 class Sequence:
     prompt: list[int]
     params: Params
-    emit: Callable[[dict], None]   # called from the scheduler thread with each event
+    emit: Callable[[dict], None]   # called with each event: on `loop` where it is set, else the scheduler thread
     index: int = 0                 # the choice's index in its request
+    loop: object = None            # an asyncio event loop: emit runs there (the events of a step in one hand-off)
     cancelled: bool = False        # set by the HTTP side when the client goes away
     # scheduler state
     cache: object = None
@@ -113,6 +118,11 @@ def split_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text[:len(text) - hold], False
 
 
+def _dispatch(items: list) -> None:
+    for emit, event in items:
+        emit(event)
+
+
 class Batcher:
     def __init__(self, model, parallel: int = 4, ctx: int | None = None, queue: int = 64,
                  prefix_cache: bool = True):
@@ -130,6 +140,7 @@ class Batcher:
         self.stopped = False
         self.steps = 0
         self.peak = 0  # the most sequences one decode step has run together
+        self.outbox: list[tuple[Sequence, dict]] = []  # events of this step, handed over by _flush()
         self.thread = threading.Thread(target=self._run, name="minirt-batcher", daemon=True)
 
     def start(self) -> None:
@@ -192,11 +203,13 @@ class Batcher:
                     if self.stopped:
                         for s in list(self.active) + list(self.waiting):
                             self._finish(s, "length")
+                        self._flush()
                         return
                     self._retire_cancelled()
                     if self.deadline is not None and time.monotonic() > self.deadline:
                         for s in list(self.active) + list(self.waiting):
                             self._finish(s, "length")
+                        self._flush()
                         continue
                     while self.waiting and self.free:
                         s = self.waiting.popleft()
@@ -204,15 +217,38 @@ class Batcher:
                             continue
                         self._admit(s)
                 self._step()
+                if not (self.waiting and self.free):  # else the events wait for the admission's prefill: _step
+                    self._flush()
         except BaseException as e:  # a bug: end every stream with an error rather than hang them
             with self.cv:
                 self.stopped = True
                 for s in list(self.active) + list(self.waiting):
-                    s.emit({"error": f"internal error: {type(e).__name__}: {e}"})
+                    self._post(s, {"error": f"internal error: {type(e).__name__}: {e}"})
                     s.finished = True
                 self.active.clear()
                 self.waiting.clear()
+                self._flush()
             raise
+
+    def _post(self, s: Sequence, event: dict) -> None:
+        self.outbox.append((s, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events over: one call_soon_threadsafe per event loop, in the order they came."""
+        if not self.outbox:
+            return
+        out, self.outbox = self.outbox, []
+        by_loop: dict = {}
+        for s, event in out:
+            if s.loop is None:
+                s.emit(event)
+            else:
+                by_loop.setdefault(s.loop, []).append((s.emit, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_dispatch, items)
+            except RuntimeError:  # the loop has closed (the server is going away): nobody is listening
+                pass
 
     def _retire_cancelled(self) -> None:
         for s in [s for s in self.active if s.cancelled]:
@@ -269,6 +305,10 @@ class Batcher:
             if b == len(s.prompt):
                 s.detok = Detokenizer(self.model.tokenizer)
                 self._deliver(s, logits)
+        # The events of the step before, held while this prefill ran (the HTTP thread and the clients writing
+        # and reading them would take a core from it, on 2 cores), and the new sequence's first token, which
+        # goes out now, not after the decode step
+        self._flush()
         decoding = [s for s in self.active if s.next_token is not None]
         if decoding:
             self.peak = max(self.peak, len(decoding))
@@ -299,7 +339,7 @@ class Batcher:
         out, hit = split_stop(s.pending, p.stop)
         s.pending = "" if hit else s.pending[len(out):]
         event["text"] = out
-        s.emit(event)
+        self._post(s, event)
         if hit:
             return self._finish(s, "stop", flush=False)
         if len(s.tokens) >= p.max_tokens or s.cache.pos >= s.cache.capacity:
@@ -314,5 +354,5 @@ class Batcher:
             out, hit = split_stop(tail, s.params.stop)
             tail = out if hit else tail
         self._free(s)
-        s.emit({"index": s.index, "text": tail, "finish_reason": reason, "prompt_tokens": len(s.prompt),
+        self._post(s, {"index": s.index, "text": tail, "finish_reason": reason, "prompt_tokens": len(s.prompt),
                 "completion_tokens": len(s.tokens), "cached_tokens": s.cached})
