@@ -665,7 +665,32 @@ def fstore(typingctx, out, off, a, c):
     return types.none(out, off, a, c), cg
 
 
+@intrinsic
+def fmaf(typingctx, a, c, d):
+    """a·c + d rounded once (llvm.fma.f32: vectorized with the loop; never reassociated, as fastmath's a·c + d
+    may be)."""
+    if not all(isinstance(v, types.Float) for v in (a, c, d)):
+        return None
+
+    def cg(ctx, b, sig, args):
+        v = [ctx.cast(b, x, t, types.float32) for x, t in zip(args, sig.args)]
+        return _call(b, "llvm.fma.f32", F32, v)
+    return types.float32(a, c, d), cg
+
+
+@intrinsic
+def f32_bits(typingctx, i):
+    """The float32 whose bits are the int32 i."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        v = ctx.cast(b, args[0], sig.args[0], types.int32)
+        return b.bitcast(v, F32)
+    return types.float32(i), cg
+
+
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
            "fvload", "fzero16", "fmadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
-           "fma_is", "fma_s", "fstore"]
+           "fma_is", "fma_s", "fstore", "fmaf", "f32_bits"]
