@@ -690,7 +690,22 @@ def f32_bits(typingctx, i):
     return types.float32(i), cg
 
 
+@intrinsic
+def absmax32(typingctx, x, off):
+    """max |x[off:off+32]| (x 1-D float32, unit stride) as one vector load, fabs and a max tree (plain LLVM IR,
+    every path): a loop of max() over the 32 values stays a scalar chain. x must be contiguous (layout C)."""
+    if not isinstance(x, types.Array) or x.ndim != 1 or x.layout != "C" or x.dtype != types.float32:
+        return None
+
+    def cg(ctx, b, sig, args):
+        vty = ir.VectorType(F32, 32)
+        v = b.load(_ptr(ctx, b, sig.args[0], args[0], args[1], vty), align=4)
+        v = _call(b, "llvm.fabs.v32f32", vty, [v])
+        return _call(b, "llvm.vector.reduce.fmax.v32f32", F32, [v])
+    return types.float32(x, off), cg
+
+
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
            "fvload", "fzero16", "fmadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
-           "fma_is", "fma_s", "fstore", "fmaf", "f32_bits"]
+           "fma_is", "fma_s", "fstore", "fmaf", "f32_bits", "absmax32"]
