@@ -49,9 +49,10 @@ def reference(q, kc, vc, slots, positions, scale, window):
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (9, 3), (4, 1)])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("n_parts", [1, 2, 3])
-def test_attention_rows_against_float64(H, Hkv, window, n_parts):
-    rng = np.random.default_rng(H * 100 + Hkv * 10 + window + n_parts)
-    hd, ctx, S = 16, 40, 3
+@pytest.mark.parametrize("hd", [80, 24])  # 16-lane vectors (64 + 16 at a time) | not a multiple of 16: scalar loops
+def test_attention_rows_against_float64(H, Hkv, window, n_parts, hd):
+    rng = np.random.default_rng(H * 100 + Hkv * 10 + window + n_parts + hd)
+    ctx, S = 40, 3
     kc = rng.standard_normal((S, Hkv, ctx, hd)).astype(np.float32)
     vc = rng.standard_normal((S, Hkv, ctx, hd)).astype(np.float32)
     cases = [(np.zeros(6, np.int64), np.arange(30, 36)),       # 6 positions of one sequence

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .isa import f32_bits, fmaf
+from .isa import f32_bits, fmaf, fsum, v16, v16fma, v16put, v16zero
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
@@ -173,15 +173,50 @@ def attend_part(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
     """Query heads h0 … h0+group−1 of row t of q (T, H, hd), which share the kv head kc/vc (ctx, hd), over
     positions a..b−1 (b > a): each K and V row is read once for the group. Out: the softmax's max pm[t, h],
     its sum of exponentials pl[t, h] and the unnormalized Σ_s e^(score − max)·v_s in po[t, h];
-    sc: scratch (≥ group·(b − a))."""
+    sc: scratch (≥ group·(b − a)). With hd a multiple of 16, in 16-lane vectors (isa.v16*): a dot product
+    as one vector FMA chain and a tree sum, the V sums in registers (64 values at a time)."""
     hd = q.shape[2]
     L = b - a
-    for s in range(a, b):  # no views (kc[s]) inside the loops: each costs a reference count call
+    if hd % 16:
+        _attend_part_scalar(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl)
+        return
+    qt = q[t]
+    pt = po[t]
+    for s in range(a, b):
         for j in range(group):
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += q[t, h0 + j, i] * kc[s, i]
-            sc[j * L + s - a] = acc * scale
+            acc = v16zero()
+            for i0 in range(0, hd, 16):
+                acc = v16fma(acc, v16(qt, h0 + j, i0), v16(kc, s, i0))
+            sc[j * L + s - a] = fsum(acc) * scale
+    _softmax_part(sc, L, t, h0, group, pm, pl)
+    for j in range(group):
+        for i0 in range(0, hd, 64):
+            n4 = min(4, (hd - i0) // 16)
+            a0 = v16zero()
+            a1 = v16zero()
+            a2 = v16zero()
+            a3 = v16zero()
+            for s in range(a, b):
+                pr = sc[j * L + s - a]
+                a0 = v16fma(a0, pr, v16(vc, s, i0))
+                if n4 > 1:
+                    a1 = v16fma(a1, pr, v16(vc, s, i0 + 16))
+                if n4 > 2:
+                    a2 = v16fma(a2, pr, v16(vc, s, i0 + 32))
+                if n4 > 3:
+                    a3 = v16fma(a3, pr, v16(vc, s, i0 + 48))
+            v16put(pt, h0 + j, i0, a0)
+            if n4 > 1:
+                v16put(pt, h0 + j, i0 + 16, a1)
+            if n4 > 2:
+                v16put(pt, h0 + j, i0 + 32, a2)
+            if n4 > 3:
+                v16put(pt, h0 + j, i0 + 48, a3)
+
+
+@njit(**JIT)
+def _softmax_part(sc, L, t, h0, group, pm, pl):
+    """sc[j·L : (j+1)·L] ← e^(score − max) for each head j of the group; the max and the sum to pm, pl."""
     for j in range(group):
         m = sc[j * L]
         for s in range(1, L):
@@ -193,6 +228,21 @@ def attend_part(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
             tot += e
         pm[t, h0 + j] = m
         pl[t, h0 + j] = tot
+
+
+@njit(**JIT)
+def _attend_part_scalar(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
+    """attend_part for any hd, in scalar loops (that LLVM vectorizes as it can)."""
+    hd = q.shape[2]
+    L = b - a
+    for s in range(a, b):  # no views (kc[s]) inside the loops: each costs a reference count call
+        for j in range(group):
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += q[t, h0 + j, i] * kc[s, i]
+            sc[j * L + s - a] = acc * scale
+    _softmax_part(sc, L, t, h0, group, pm, pl)
+    for j in range(group):
         for i in range(hd):
             po[t, h0 + j, i] = 0.0
     for s in range(a, b):
