@@ -172,7 +172,7 @@ def profile(model, depth: int = 64, reps: int = 15, bandwidth: float | None = No
     nbytes["head"] = model.head.nbytes
     kc, vc = cache.k[:, None], cache.v[:, None]
     slots, positions = np.zeros(1, np.int64), np.array([cache.pos], np.int64)
-    scores = np.empty((n, cache.pos + 1), np.float32)
+    scores = np.empty((n, c.n_heads // c.n_kv_heads * (cache.pos + 1)), np.float32)
     q = s["q"]
     fns["attention"] = lambda: _attention(L, q, kc, vc, slots, positions, c.scale, table.win, scores, s["att"])
     cos, sin = table._tables(model)

@@ -799,7 +799,104 @@ def fstore(typingctx, out, off, a, c):
     return types.none(out, off, a, c), cg
 
 
+@intrinsic
+def fmaf(typingctx, a, c, d):
+    """a·c + d rounded once (llvm.fma.f32: vectorized with the loop; never reassociated, as fastmath's a·c + d
+    may be)."""
+    if not all(isinstance(v, types.Float) for v in (a, c, d)):
+        return None
+
+    def cg(ctx, b, sig, args):
+        v = [ctx.cast(b, x, t, types.float32) for x, t in zip(args, sig.args)]
+        return _call(b, "llvm.fma.f32", F32, v)
+    return types.float32(a, c, d), cg
+
+
+@intrinsic
+def f32_bits(typingctx, i):
+    """The float32 whose bits are the int32 i."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        v = ctx.cast(b, args[0], sig.args[0], types.int32)
+        return b.bitcast(v, F32)
+    return types.float32(i), cg
+
+
+@intrinsic
+def absmax32(typingctx, x, off):
+    """max |x[off:off+32]| (x 1-D float32, unit stride) as one vector load, fabs and a max tree (plain LLVM IR,
+    every path): a loop of max() over the 32 values stays a scalar chain. x must be contiguous (layout C)."""
+    if not isinstance(x, types.Array) or x.ndim != 1 or x.layout != "C" or x.dtype != types.float32:
+        return None
+
+    def cg(ctx, b, sig, args):
+        vty = ir.VectorType(F32, 32)
+        v = b.load(_ptr(ctx, b, sig.args[0], args[0], args[1], vty), align=4)
+        v = _call(b, "llvm.fabs.v32f32", vty, [v])
+        return _call(b, "llvm.vector.reduce.fmax.v32f32", F32, [v])
+    return types.float32(x, off), cg
+
+
+# ---- 16 float lanes, no path tag: plain LLVM vectors (zmm on AVX-512, two ymm on AVX2, four xmm elsewhere) --
+def _rowptr(ctx, b, aty, arr, row, col, vty):
+    """&arr[row, col] of a C-contiguous 2-D array as a vty pointer."""
+    a = ctx.make_array(aty)(ctx, b, arr)
+    n = b.extract_value(a.shape, 1)
+    return b.bitcast(b.gep(a.data, [b.add(b.mul(row, n), col)]), vty.as_pointer())
+
+
+def _c2(x):
+    return isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" and x.dtype == types.float32
+
+
+@intrinsic
+def v16(typingctx, x, row, col):
+    """x[row, col:col+16] (x 2-D float32, C-contiguous) as one vector."""
+    if not _c2(x):
+        return None
+
+    def cg(ctx, b, sig, args):
+        r, c = (ctx.cast(b, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:]))
+        return b.load(_rowptr(ctx, b, sig.args[0], args[0], r, c, _lt("f32", 16)), align=4)
+    return Vec("f32", 16)(x, row, col), cg
+
+
+@intrinsic
+def v16put(typingctx, x, row, col, v):
+    """x[row, col:col+16] = v."""
+    if not _c2(x) or not isinstance(v, Vec):
+        return None
+
+    def cg(ctx, b, sig, args):
+        r, c = (ctx.cast(b, v, t, types.intp) for v, t in zip(args[1:3], sig.args[1:3]))
+        b.store(args[3], _rowptr(ctx, b, sig.args[0], args[0], r, c, args[3].type), align=4)
+        return ctx.get_dummy_value()
+    return types.none(x, row, col, v), cg
+
+
+@intrinsic
+def v16zero(typingctx):
+    def cg(ctx, b, sig, args):
+        return ir.Constant(_lt("f32", 16), None)
+    return Vec("f32", 16)(), cg
+
+
+@intrinsic
+def v16fma(typingctx, acc, a, c):
+    """acc + a·c: a a vector or a float32 scalar (splat), c a vector; fused, never reordered."""
+    if not isinstance(acc, Vec) or not isinstance(c, Vec):
+        return None
+
+    def cg(ctx, b, sig, args):
+        a = args[1] if isinstance(sig.args[1], Vec) else _fsplat(b, ctx.cast(b, args[1], sig.args[1], types.float32), 16)
+        return b.fadd(args[0], b.fmul(a, args[2], flags=CONTRACT), flags=CONTRACT)
+    return acc(acc, a, c), cg
+
+
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "hload2", "fvload2", "f16load", "f16zero", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd", "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero",
-           "fma_is", "fma_s", "fstore"]
+           "fvload", "hload2", "fvload2", "f16load", "f16zero", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd",
+           "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero", "fma_is", "fma_s", "fstore",
+           "fmaf", "f32_bits", "absmax32", "v16", "v16put", "v16zero", "v16fma"]

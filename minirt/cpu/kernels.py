@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .isa import f16load, f16zero, fadd, fmadd, fsum
+from .isa import f16load, f16zero, f32_bits, fadd, fmadd, fmaf, fsum, v16, v16fma, v16put, v16zero
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
@@ -161,33 +161,112 @@ def head_rmsnorm(x, start, n_heads, hd, w, eps):
         head_rmsnorm_task(x, start, n_heads, hd, w, eps, task)
 
 
+LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693145751953125, 1.428606765330187e-06
+EXP_LO, EXP_HI = -86.6, 88.72284  # ≈ 2^−125 (normal: no denormals) … past float32's largest (inf)
+
+
+@njit(inline="always", **JIT)
+def expf(x):
+    """e^x in float32 within 2 ulp (Cephes' expf: n = round(x/ln 2), r = x − n·ln 2 in two FMAs, a degree-7
+    polynomial of r, times 2^n built from its bits). Arithmetic only, so a loop of it vectorizes (np.exp calls
+    libm once per value: Numba has no SVML here); the same bits wherever it is inlined. Below EXP_LO it gives
+    ≈ 2^−125 rather than 0, which a softmax or a sigmoid cannot tell apart."""
+    x = min(max(x, np.float32(EXP_LO)), np.float32(EXP_HI))
+    n = np.floor(x * np.float32(LOG2E) + np.float32(0.5))
+    r = fmaf(n, np.float32(-LN2_HI), x)
+    r = fmaf(n, np.float32(-LN2_LO), r)
+    p = np.float32(1.9875691500e-4)
+    p = fmaf(p, r, np.float32(1.3981999507e-3))
+    p = fmaf(p, r, np.float32(8.3334519073e-3))
+    p = fmaf(p, r, np.float32(4.1665795894e-2))
+    p = fmaf(p, r, np.float32(1.6666665459e-1))
+    p = fmaf(p, r, np.float32(5.0000001201e-1))
+    y = fmaf(p, r * r, r) + np.float32(1.0)
+    return y * f32_bits((np.int32(n) + np.int32(126)) << np.int32(23)) * np.float32(2.0)  # 2^(n−1)·2: n ≤ 128
+
+
 @njit(**JIT)
-def attend(qv, kc, vc, s0, n, scale, sc, o):
-    """One query head qv (hd,) over positions s0..n−1 of its kv head kc/vc (ctx, hd) → o (hd,); sc: scratch."""
-    hd = qv.shape[0]
-    m = -np.inf
-    for s in range(s0, n):
-        kv = kc[s]
-        acc = np.float32(0.0)
+def attend_part(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
+    """Query heads h0 … h0+group−1 of row t of q (T, H, hd), which share the kv head kc/vc (ctx, hd), over
+    positions a..b−1 (b > a): each K and V row is read once for the group. Out: the softmax's max pm[t, h],
+    its sum of exponentials pl[t, h] and the unnormalized Σ_s e^(score − max)·v_s in po[t, h];
+    sc: scratch (≥ group·(b − a)). With hd a multiple of 16, in 16-lane vectors (isa.v16*): a dot product
+    as one vector FMA chain and a tree sum, the V sums in registers (64 values at a time)."""
+    hd = q.shape[2]
+    L = b - a
+    if hd % 16:
+        _attend_part_scalar(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl)
+        return
+    qt = q[t]
+    pt = po[t]
+    for s in range(a, b):
+        for j in range(group):
+            acc = v16zero()
+            for i0 in range(0, hd, 16):
+                acc = v16fma(acc, v16(qt, h0 + j, i0), v16(kc, s, i0))
+            sc[j * L + s - a] = fsum(acc) * scale
+    _softmax_part(sc, L, t, h0, group, pm, pl)
+    for j in range(group):
+        for i0 in range(0, hd, 64):
+            n4 = min(4, (hd - i0) // 16)
+            a0 = v16zero()
+            a1 = v16zero()
+            a2 = v16zero()
+            a3 = v16zero()
+            for s in range(a, b):
+                pr = sc[j * L + s - a]
+                a0 = v16fma(a0, pr, v16(vc, s, i0))
+                if n4 > 1:
+                    a1 = v16fma(a1, pr, v16(vc, s, i0 + 16))
+                if n4 > 2:
+                    a2 = v16fma(a2, pr, v16(vc, s, i0 + 32))
+                if n4 > 3:
+                    a3 = v16fma(a3, pr, v16(vc, s, i0 + 48))
+            v16put(pt, h0 + j, i0, a0)
+            if n4 > 1:
+                v16put(pt, h0 + j, i0 + 16, a1)
+            if n4 > 2:
+                v16put(pt, h0 + j, i0 + 32, a2)
+            if n4 > 3:
+                v16put(pt, h0 + j, i0 + 48, a3)
+
+
+@njit(**JIT)
+def _softmax_part(sc, L, t, h0, group, pm, pl):
+    """sc[j·L : (j+1)·L] ← e^(score − max) for each head j of the group; the max and the sum to pm, pl."""
+    for j in range(group):
+        m = sc[j * L]
+        for s in range(1, L):
+            m = max(m, sc[j * L + s])
+        tot = np.float32(0.0)
+        for s in range(L):
+            e = expf(sc[j * L + s] - m)
+            sc[j * L + s] = e
+            tot += e
+        pm[t, h0 + j] = m
+        pl[t, h0 + j] = tot
+
+
+@njit(**JIT)
+def _attend_part_scalar(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
+    """attend_part for any hd, in scalar loops (that LLVM vectorizes as it can)."""
+    hd = q.shape[2]
+    L = b - a
+    for s in range(a, b):  # no views (kc[s]) inside the loops: each costs a reference count call
+        for j in range(group):
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += q[t, h0 + j, i] * kc[s, i]
+            sc[j * L + s - a] = acc * scale
+    _softmax_part(sc, L, t, h0, group, pm, pl)
+    for j in range(group):
         for i in range(hd):
-            acc += qv[i] * kv[i]
-        acc *= scale
-        sc[s] = acc
-        m = max(m, acc)
-    total = np.float32(0.0)
-    for s in range(s0, n):
-        e = np.exp(sc[s] - m)
-        sc[s] = e
-        total += e
-    o[:] = 0.0
-    for s in range(s0, n):
-        pr = sc[s]
-        vv = vc[s]
-        for i in range(hd):
-            o[i] += pr * vv[i]
-    inv = np.float32(1.0) / total
-    for i in range(hd):
-        o[i] *= inv
+            po[t, h0 + j, i] = 0.0
+    for s in range(a, b):
+        for j in range(group):
+            pr = sc[j * L + s - a]
+            for i in range(hd):
+                po[t, h0 + j, i] += pr * vc[s, i]
 
 
 @njit(**JIT)
@@ -195,7 +274,7 @@ def attention(q, kc, vc, pos0, scale, window, scores, out):
     """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled;
     query t sits at position pos0+t and sees positions 0..pos0+t, or with window > 0 only the last `window`
     of them (sliding-window layers: position s is seen from p when p − s < window). Query head h reads kv
-    head h // (H/Hkv). scores: scratch (n_parts, ≥ pos0+T), see attention_rows; out (T, H, hd)."""
+    head h // (H/Hkv). scores: scratch (n_parts, ·), see attention_rows; out (T, H, hd)."""
     T = q.shape[0]
     positions = np.arange(pos0, pos0 + T)
     attention_rows(q, kc.reshape((1,) + kc.shape), vc.reshape((1,) + vc.shape), np.zeros(T, np.int64), positions,
@@ -207,20 +286,57 @@ def attention_rows(q, kc, vc, slots, positions, scale, window, scores, out):
     """attention() for rows that each carry their own cache and position: row t is the query at position
     positions[t] of the sequence whose cache is slot slots[t] of kc/vc (S, Hkv, ctx, hd). T positions of one
     sequence (slots all equal, positions consecutive) is attention(); one row each of several sequences is a
-    batched decode step. scores is scratch (n_parts, ≥ the furthest position + 1), one row per part: the
-    (t, h) tasks are dealt to the parts in turn (a task's cost grows with its position, so contiguous ranges
-    would not balance), and the scratch stays O(threads · context) rather than O(T · H · context)."""
+    batched decode step. The positions a row sees are split into n_parts = scores.shape[0] contiguous ranges,
+    one per thread (each thread has the same share at any T and streams its part of the K/V rows); a thread
+    runs every (row, kv head) pair on its ranges (attend_part: a kv head's query heads together), then the
+    parts' softmaxes are merged in a fixed order. A row's ranges depend only on its position and n_parts, so
+    its result has the same bits at any T. scores: scratch (n_parts, ·), used where a row of it holds
+    group × a range (else each thread allocates its own)."""
     T, H, hd = q.shape
-    group = H // kc.shape[1]
+    Hkv = kc.shape[1]
+    group = H // Hkv
     n_parts = scores.shape[0]
+    span = 1
+    for t in range(T):
+        n = positions[t] + 1
+        span = max(span, min(n, window) if window > 0 else n)
+    po = np.empty((n_parts, T, H, hd), np.float32)
+    pm = np.empty((n_parts, T, H), np.float32)
+    pl = np.empty((n_parts, T, H), np.float32)
+    need = group * ((span + n_parts - 1) // n_parts)
     for part in prange(n_parts):
-        sc = scores[part]
-        for task in range(part, T * H, n_parts):
-            t = task // H
-            h = task % H
+        sc = scores[part] if scores.shape[1] >= need else np.empty(need, np.float32)
+        for task in range(T * Hkv):
+            t = task // Hkv
+            g = task % Hkv
             n = positions[t] + 1
             s0 = max(0, n - window) if window > 0 else 0
-            attend(q[t, h], kc[slots[t], h // group], vc[slots[t], h // group], s0, n, scale, sc, out[t, h])
+            a = s0 + (n - s0) * part // n_parts
+            b = s0 + (n - s0) * (part + 1) // n_parts
+            if b > a:
+                attend_part(q, kc[slots[t], g], vc[slots[t], g], t, g * group, group, a, b, scale, sc, po[part],
+                            pm[part], pl[part])
+            else:
+                for j in range(group):
+                    pl[part, t, g * group + j] = 0.0
+    for t in range(T):
+        for h in range(H):
+            m = pm[n_parts - 1, t, h]  # the last part's range is never empty
+            for c in range(n_parts - 1):
+                if pl[c, t, h] > 0:
+                    m = max(m, pm[c, t, h])
+            for i in range(hd):  # a loop, not o[:] = 0: in a parallel function that is a parallel region
+                out[t, h, i] = 0.0
+            tot = np.float32(0.0)
+            for c in range(n_parts):
+                if pl[c, t, h] > 0:
+                    w = expf(pm[c, t, h] - m)
+                    tot += w * pl[c, t, h]
+                    for i in range(hd):
+                        out[t, h, i] += w * po[c, t, h, i]
+            inv = np.float32(1.0) / tot
+            for i in range(hd):
+                out[t, h, i] *= inv
 
 
 @njit(**JIT)
@@ -229,7 +345,9 @@ def swiglu_row(gate_up, out):
     F = out.shape[0]
     for i in range(F):
         g = gate_up[i]
-        out[i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[F + i]
+        # expf: vectorized (np.exp: a libm call each); at most e^80, since a vectorized g / inf (a reciprocal
+        # estimate, fastmath) is nan, not −0
+        out[i] = g / (np.float32(1.0) + expf(min(-g, np.float32(80.0)))) * gate_up[F + i]
 
 
 @njit(parallel=True, **JIT)

@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (bdotf, bdots, bfloat, blocks_per_step, fadd, fvload2, hload2, fma_is, fma_s, fmadd, fstore, fsum,
-                  fzero16, half, hvec, lanes, lzero, prefetch, sum_offset)
+from .isa import (absmax32, bdotf, bdots, bfloat, blocks_per_step, fadd, fvload2, hload2, fma_is, fma_s, fmadd, fstore,
+                  fsum, fzero16, half, hvec, lanes, lzero, prefetch, sum_offset)
 
 JIT = dict(cache=True, fastmath=True)
 
@@ -42,10 +42,9 @@ def quantize_x(x, xq, xde, xs):
     T, K = x.shape
     nb = K // 32
     for t in range(T):
+        xt = x[t]
         for b in range(nb):
-            amax = np.float32(0.0)
-            for i in range(32):
-                amax = max(amax, abs(x[t, b * 32 + i]))
+            amax = absmax32(xt, b * 32)
             dd = amax / np.float32(127.0)
             inv = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
             for i in range(8):
