@@ -80,7 +80,8 @@ class BatchStep:
             return None
         positions = np.array([c.pos for c in caches], np.int64)
         slots = np.array([c.slot for c in caches], np.int64)
-        scores = np.empty((numba.get_num_threads(), int(positions.max()) + 1), np.float32)
+        c = m.cfg  # attention_rows' scratch: a kv head's query heads over a thread's share of the positions
+        scores = np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (int(positions.max()) + 1)), np.float32)
         return table.run_rows(m, tokens, pool[0], pool[1], slots, positions, scores)
 
     def _rows(self, tokens: np.ndarray, caches: list[KVCache]) -> np.ndarray:
@@ -95,7 +96,8 @@ class BatchStep:
             return m.head.forward(h, np.empty((n, c.vocab_size), np.float32))
         s = {k: v[:n] for k, v in self.buf.items()}
         positions = [np.array([cache.pos], np.int64) for cache in caches]
-        scores = np.empty((numba.get_num_threads(), max(cache.pos for cache in caches) + 1), np.float32)
+        scores = np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (max(cache.pos for cache in caches) + 1)),
+                          np.float32)
         x = m.embed[tokens]
         if m.pos_embed is not None:
             x += m.pos_embed[np.concatenate(positions)]
