@@ -103,7 +103,7 @@ def unpack_s(si: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(si.reshape(G, k, ROWS).transpose(0, 2, 1)).reshape(G * ROWS, k)[:n]
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _i1(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     a0 = lzero(isa)
     m0 = lzero(isa)
@@ -119,7 +119,7 @@ def _i1(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     fstore(dst[t], col, a0, m0)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _i2(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     a0 = lzero(isa)
     a1 = lzero(isa)
@@ -142,7 +142,7 @@ def _i2(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     fstore(dst[t + 1], col, a1, m1)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _i4(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     a0 = lzero(isa)
     a1 = lzero(isa)
@@ -175,7 +175,7 @@ def _i4(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col):
     fstore(dst[t + 3], col, a3, m3)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _i8(isa, q, d, h, xq, xde, xk, bias, t, nb, B, hr, dst, col, nt):
     """5 ≤ nt ≤ 8 positions (16-lane path: 32 vector registers)."""
     a0 = lzero(isa)
