@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import f16load, f16zero, fmadd, fstore4, fsum, host_paths, lane, sum16x16
+from .isa import SELECTED, f16load, f16zero, fmadd, fstore4, fsum, lane, sum16x16
 from .qmatmul import _widen
 
 JIT = dict(cache=True, fastmath=True)
 # Where the prompt GEMM replaces BLAS: with AVX-512 (32 vector registers hold the 16 accumulators and the 8 loads
 # of a k-step; measured 1.15-1.3× OpenBLAS's sgemm at 128 positions on Zen 4). With 16 registers (AVX2) the
-# accumulators would spill: BLAS stays there.
-USE = "avx512vnni" in host_paths()
+# accumulators would spill: BLAS stays there, and where MINIRT_ISA forces a lower path (as on an AVX2 machine).
+USE = SELECTED == "avx512vnni"
 RB = 4  # rows per block
 TB = 4  # positions per block
 
