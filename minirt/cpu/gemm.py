@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import SELECTED, f16load, f16zero, fmadd, fstore4, fsum, lane, sum16x16
+from .isa import SELECTED, fmadd, fstore4, fsum, lane, sum16x16, v16, v16zero
 from .qmatmul import _widen
 
 JIT = dict(cache=True, fastmath=True)
@@ -29,22 +29,22 @@ TB = 4  # positions per block
 def _block(w, r, x, t, K, out, j):
     """out[t..t+3, j..j+3] = x[t..t+3] · w[r..r+3]ᵀ (w float32, 2-D)."""
     K16 = K - K % 16
-    c00 = f16zero(); c01 = f16zero(); c02 = f16zero(); c03 = f16zero()  # noqa: E702 (c<row><position>)
-    c10 = f16zero(); c11 = f16zero(); c12 = f16zero(); c13 = f16zero()  # noqa: E702
-    c20 = f16zero(); c21 = f16zero(); c22 = f16zero(); c23 = f16zero()  # noqa: E702
-    c30 = f16zero(); c31 = f16zero(); c32 = f16zero(); c33 = f16zero()  # noqa: E702
+    c00 = v16zero(); c01 = v16zero(); c02 = v16zero(); c03 = v16zero()  # noqa: E702 (c<row><position>)
+    c10 = v16zero(); c11 = v16zero(); c12 = v16zero(); c13 = v16zero()  # noqa: E702
+    c20 = v16zero(); c21 = v16zero(); c22 = v16zero(); c23 = v16zero()  # noqa: E702
+    c30 = v16zero(); c31 = v16zero(); c32 = v16zero(); c33 = v16zero()  # noqa: E702
     for k in range(0, K16, 16):
-        x0 = f16load(x, t, k)
-        x1 = f16load(x, t + 1, k)
-        x2 = f16load(x, t + 2, k)
-        x3 = f16load(x, t + 3, k)
-        w0 = f16load(w, r, k)
+        x0 = v16(x, t, k)
+        x1 = v16(x, t + 1, k)
+        x2 = v16(x, t + 2, k)
+        x3 = v16(x, t + 3, k)
+        w0 = v16(w, r, k)
         c00 = fmadd(c00, w0, x0); c01 = fmadd(c01, w0, x1); c02 = fmadd(c02, w0, x2); c03 = fmadd(c03, w0, x3)  # noqa: E702
-        w1 = f16load(w, r + 1, k)
+        w1 = v16(w, r + 1, k)
         c10 = fmadd(c10, w1, x0); c11 = fmadd(c11, w1, x1); c12 = fmadd(c12, w1, x2); c13 = fmadd(c13, w1, x3)  # noqa: E702
-        w2 = f16load(w, r + 2, k)
+        w2 = v16(w, r + 2, k)
         c20 = fmadd(c20, w2, x0); c21 = fmadd(c21, w2, x1); c22 = fmadd(c22, w2, x2); c23 = fmadd(c23, w2, x3)  # noqa: E702
-        w3 = f16load(w, r + 3, k)
+        w3 = v16(w, r + 3, k)
         c30 = fmadd(c30, w3, x0); c31 = fmadd(c31, w3, x1); c32 = fmadd(c32, w3, x2); c33 = fmadd(c33, w3, x3)  # noqa: E702
     # lane 4p + a = the sum of row a at position p: position p's 4 rows are lanes 4p..4p+3
     s = sum16x16(c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33)
@@ -70,9 +70,9 @@ def _block(w, r, x, t, K, out, j):
 def _one(w, r, x, t, K, out, j):
     """out[t, j] = x[t] · w[r] (the rows and positions outside whole blocks)."""
     K16 = K - K % 16
-    c = f16zero()
+    c = v16zero()
     for k in range(0, K16, 16):
-        c = fmadd(c, f16load(w, r, k), f16load(x, t, k))
+        c = fmadd(c, v16(w, r, k), v16(x, t, k))
     s = fsum(c)
     for k in range(K16, K):
         s += w[r, k] * x[t, k]

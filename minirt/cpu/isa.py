@@ -415,26 +415,6 @@ def fvload2(typingctx, isa, x, row, off):
     return Vec("f32", n)(isa, x, row, off), cg
 
 
-@intrinsic
-def f16load(typingctx, x, row, off):
-    """16 float32 values x[row, off:off+16] of a 2-D float32 array (rows unit-stride): one zmm with AVX-512
-    (the prompt GEMM's vectors; two ymm elsewhere)."""
-    if not isinstance(x, types.Array) or x.dtype != types.float32:
-        return None
-
-    def cg(ctx, b, sig, args):
-        return b.load(_ptr2(ctx, b, sig.args[0], args[0], args[1], args[2], _lt("f32", 16)), align=4)
-    return Vec("f32", 16)(x, row, off), cg
-
-
-@intrinsic
-def f16zero(typingctx):
-    """16 float32 lanes, zero."""
-    def cg(ctx, b, sig, args):
-        return ir.Constant(_lt("f32", 16), None)
-    return Vec("f32", 16)(), cg
-
-
 def _sum16_masks():
     """Shuffle masks of sum16x16's levels: each level adds the low and high halves of every group of partial sums
     of two vectors, so that after 4 levels lane i holds the total of vector i."""
@@ -840,26 +820,19 @@ def absmax32(typingctx, x, off):
 
 
 # ---- 16 float lanes, no path tag: plain LLVM vectors (zmm on AVX-512, two ymm on AVX2, four xmm elsewhere) --
-def _rowptr(ctx, b, aty, arr, row, col, vty):
-    """&arr[row, col] of a C-contiguous 2-D array as a vty pointer."""
-    a = ctx.make_array(aty)(ctx, b, arr)
-    n = b.extract_value(a.shape, 1)
-    return b.bitcast(b.gep(a.data, [b.add(b.mul(row, n), col)]), vty.as_pointer())
-
-
 def _c2(x):
     return isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" and x.dtype == types.float32
 
 
 @intrinsic
 def v16(typingctx, x, row, col):
-    """x[row, col:col+16] (x 2-D float32, C-contiguous) as one vector."""
-    if not _c2(x):
+    """x[row, col:col+16] of a 2-D float32 array whose rows are unit-stride, as one vector of 16 float32 lanes (one
+    zmm with AVX-512, two ymm elsewhere): the prompt GEMM's, the F32 decode's and attention's loads."""
+    if not isinstance(x, types.Array) or x.ndim != 2 or x.dtype != types.float32:
         return None
 
     def cg(ctx, b, sig, args):
-        r, c = (ctx.cast(b, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:]))
-        return b.load(_rowptr(ctx, b, sig.args[0], args[0], r, c, _lt("f32", 16)), align=4)
+        return b.load(_ptr2(ctx, b, sig.args[0], args[0], args[1], args[2], _lt("f32", 16)), align=4)
     return Vec("f32", 16)(x, row, col), cg
 
 
@@ -870,14 +843,14 @@ def v16put(typingctx, x, row, col, v):
         return None
 
     def cg(ctx, b, sig, args):
-        r, c = (ctx.cast(b, v, t, types.intp) for v, t in zip(args[1:3], sig.args[1:3]))
-        b.store(args[3], _rowptr(ctx, b, sig.args[0], args[0], r, c, args[3].type), align=4)
+        b.store(args[3], _ptr2(ctx, b, sig.args[0], args[0], args[1], args[2], args[3].type), align=4)
         return ctx.get_dummy_value()
     return types.none(x, row, col, v), cg
 
 
 @intrinsic
 def v16zero(typingctx):
+    """16 float32 lanes, zero."""
     def cg(ctx, b, sig, args):
         return ir.Constant(_lt("f32", 16), None)
     return Vec("f32", 16)(), cg
@@ -897,6 +870,6 @@ def v16fma(typingctx, acc, a, c):
 
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
-           "fvload", "hload2", "fvload2", "f16load", "f16zero", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd",
+           "fvload", "hload2", "fvload2", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd",
            "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero", "fma_is", "fma_s", "fstore",
            "fmaf", "f32_bits", "absmax32", "v16", "v16put", "v16zero", "v16fma"]

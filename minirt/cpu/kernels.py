@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .isa import f16load, f16zero, f32_bits, fadd, fmadd, fmaf, fsum, v16, v16fma, v16put, v16zero
+from .isa import f32_bits, fadd, fmadd, fmaf, fsum, v16, v16fma, v16put, v16zero
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
@@ -19,15 +19,15 @@ JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: 
 def _dot_f32(w, j, x, t, K):
     """Σ_k w[j, k] · x[t, k]: 4 chains of 16 lanes, loads straight from the 2-D arrays (rows unit-stride)."""
     K64 = K - K % 64
-    a0 = f16zero()
-    a1 = f16zero()
-    a2 = f16zero()
-    a3 = f16zero()
+    a0 = v16zero()
+    a1 = v16zero()
+    a2 = v16zero()
+    a3 = v16zero()
     for k in range(0, K64, 64):
-        a0 = fmadd(a0, f16load(w, j, k), f16load(x, t, k))
-        a1 = fmadd(a1, f16load(w, j, k + 16), f16load(x, t, k + 16))
-        a2 = fmadd(a2, f16load(w, j, k + 32), f16load(x, t, k + 32))
-        a3 = fmadd(a3, f16load(w, j, k + 48), f16load(x, t, k + 48))
+        a0 = fmadd(a0, v16(w, j, k), v16(x, t, k))
+        a1 = fmadd(a1, v16(w, j, k + 16), v16(x, t, k + 16))
+        a2 = fmadd(a2, v16(w, j, k + 32), v16(x, t, k + 32))
+        a3 = fmadd(a3, v16(w, j, k + 48), v16(x, t, k + 48))
     s = fsum(fadd(fadd(a0, a1), fadd(a2, a3)))
     for k in range(K64, K):
         s += w[j, k] * x[t, k]
