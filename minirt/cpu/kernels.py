@@ -357,31 +357,17 @@ def swiglu(gate_up, out):
 
 
 GELU_C = math.sqrt(2.0 / math.pi)
-_POW2 = np.array([2.0 ** n for n in range(-126, 128)], np.float32)  # 2^n, exact, for the exp below
 EXACT = dict(cache=True, fastmath=False, error_model="numpy")
-
-
-@njit(**EXACT)
-def _exp(a):
-    """e^a in float32 from + − × ÷ and floor alone (|a| clamped to 87): 2^n · e^r, n = round(a / ln 2), |r| ≤ ln2/2,
-    e^r by its Taylor polynomial of degree 7 (relative error ≤ 1e-7 before rounding). Not libm's expf, nor fast
-    math: the same bits scalar or vectorized, inlined anywhere, compiled now or loaded from Numba's cache (libm's
-    tanhf in the parallel geglu gave other bits once loaded from the cache than when compiled in the process)."""
-    a = min(max(a, np.float32(-87.0)), np.float32(87.0))
-    n = np.floor(a * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = (a - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)  # ln 2 as exact hi + lo
-    p = np.float32(1.0 / 5040)
-    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
-        p = p * r + np.float32(c)
-    return p * _POW2[np.int32(n) + 126]
 
 
 @njit(**EXACT)
 def _gelu_tanh(v):
     """0.5·v·(1 + tanh(√(2/π)·(v + 0.044715·v³)))   (the tanh approximation: GPT-2's gelu_new, Gemma's GeGLU),
-    written as v / (1 + e^(−2u)) (the same function: 1 + tanh u = 2 / (1 + e^(−2u))) on the exact _exp."""
+    written as v / (1 + e^(−2u)) (the same function: 1 + tanh u = 2 / (1 + e^(−2u))) on expf, without fast math:
+    the same bits scalar or vectorized, inlined anywhere, compiled now or loaded from Numba's cache (libm's tanhf
+    in the parallel geglu gave other bits once loaded from the cache than when compiled in the process)."""
     u = np.float32(GELU_C) * (v + np.float32(0.044715) * v * v * v)
-    return v / (np.float32(1.0) + _exp(np.float32(-2.0) * u))
+    return v / (np.float32(1.0) + expf(np.float32(-2.0) * u))
 
 
 @njit(**JIT)
