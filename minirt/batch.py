@@ -134,8 +134,8 @@ class BatchStep:
 def positions_independent(model) -> bool:
     """Whether a position's result has the same bits however positions are grouped into calls (so that KV rows
     of a prefix computed in one request serve another): every matrix of the layers is a block format or a
-    K-quant on its integer kernels, which take any number of positions row by row. F16/F32 matrices (BLAS from
-    16 positions) and exact=True (float tiles from 17) are not."""
+    K-quant on its integer kernels, which take any number of positions row by row. F16/F32 matrices (from 16
+    positions the prompt GEMM or BLAS, which sum in another order) and exact=True (float tiles from 17) are not."""
     def ok(m):
         if isinstance(m, Stacked):
             return all(ok(p) for p in m.parts)
