@@ -142,9 +142,10 @@ class GDense:
             raise MinirtError(f"the GPU backend needs matrix widths divisible by 8, got {self.in_features}")
         self.w = to_device_dtype(cp, w, dtype)
         self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
+        self.pft = k.prefetch_table(self.w)  # its arrays for the kernels' L2 prefetch
 
     def __call__(self, x, out, T: int, mode: int = 0, **norm):
-        """out = epilogue(x · Wᵀ + b) (modes: see gemv_kernels); norm: nst, norm, layer, ost (see Kernels.gemv)."""
+        """out = epilogue(x · Wᵀ + b) (modes: see gemv_kernels); norm: nst, norm, layer, ost, pf (see Kernels.gemv)."""
         self.k.gemv(x, self.w, self.b, out, T, mode, **norm)
 
     @property
@@ -168,6 +169,7 @@ class GQuant(GDense):
         self.k, self.w = k, q
         self.out_features, self.in_features = q.shape
         self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
+        self.pft = k.prefetch_table(q)
 
 
 class GLowRank:
@@ -185,8 +187,9 @@ class GLowRank:
         self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
         self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
         self._mid: dict[int, object] = {}
+        self.pft = None  # two matrices: not prefetched
 
-    def __call__(self, x, out, T: int, mode: int = 0, **norm):
+    def __call__(self, x, out, T: int, mode: int = 0, pf=None, **norm):
         mid = self._mid.get(T)
         if mid is None:
             mid = self._mid[T] = self.cp.empty((T, self.u.shape[1]), self.cp.float32)
@@ -300,7 +303,7 @@ class GPUModel:
             mats = [m for L in self.layers for m in (L.qkv, L.wo, L.up, L.down)]
             types = {self.k.wtype(m.w) for m in mats if isinstance(m, GDense)}
             self.layers_type = types.pop() if len(types) == 1 and all(isinstance(m, GDense) for m in mats) else None
-            self.layer_table = self.bar = None
+            self.layer_table = self.bar = self.head_prefetch = None
             if self.layers_type:
                 ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731
                 rows = []
@@ -315,12 +318,21 @@ class GPUModel:
                     rows.append(row)
                 self.layer_table = cp.asarray(np.array(rows, np.uint64))
                 self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
+                self.head_prefetch = self.head.pft  # the layers kernel pulls the head into L2 (or None)
         self.stream.synchronize()
         # MINIRT_GPU_LAYERS=1: the persistent layers kernel (one launch for all layers) instead of 5 launches a
         # layer; off by default: slower on an H200 (SmolLM2 Q4_1: 880 vs 1150 tok/s, its 150 grid barriers cost
         # more than the graph's launch gaps; BENCHMARKS.md)
         self.persistent = self.layers_type is not None and os.environ.get("MINIRT_GPU_LAYERS", "0") == "1"
         self.per_sm = int(os.environ.get("MINIRT_GPU_LAYERS_PER_SM", "2"))  # blocks per SM in that grid (at most)
+        # L2 prefetch beyond each kernel's own rows (0 off): the persistent kernel pulls each layer into L2
+        # during the one before (1) and the head during the last layers (2); with 2 the 5-launch step also
+        # pulls each matrix during the kernel before it (measured slower: tools/gpu_lab.py)
+        self.prefetch = int(os.environ.get("MINIRT_GPU_PREFETCH", "1"))
+        # programmatic dependent launch in the captured steps (Hopper and later): a kernel's blocks come up and
+        # pull their weights into L2 while the kernel before it runs (kernels.py: pdl_launch, pdl_wait)
+        cc = cp.cuda.Device().compute_capability
+        self.pdl = int(cc) >= 90 and os.environ.get("MINIRT_GPU_PDL", "1") == "1"
         self._scratch: dict[int, dict] = {}
 
     # ---- buffers and caches -----------------------------------------------------------------------
@@ -377,11 +389,14 @@ class GPUModel:
             L0 = self.layers[0]
             k.layers(self.layer_table, self.layers_type, len(self.layers), x, b["qkv"], b["att"], b["act"], st, pos,
                      self.rope_cos, self.rope_sin, llama, cache.k, cache.v, scale, T, c.dim, H, Hkv, hd, cap,
-                     c.hidden_dim, up_mode, layer_norm, L0.attn_norm[2], L0.ffn_norm[2], self.bar, self.per_sm)
+                     c.hidden_dim, up_mode, layer_norm, L0.attn_norm[2], L0.ffn_norm[2], self.bar, self.per_sm,
+                     self.prefetch, self.head_prefetch)
+        pft = (lambda m: m.pft) if self.prefetch >= 2 else (lambda m: None)  # noqa: E731
         for li, L in enumerate(self.layers if not persistent else ()):
             kc, vc = cache.k[li], cache.v[li]
+            nxt = self.layers[li + 1].qkv if li + 1 < len(self.layers) else self.head
             if fused:
-                L.qkv(x, b["qkv"], T, 0, nst=st[2 * li], norm=L.attn_norm, layer=layer_norm)
+                L.qkv(x, b["qkv"], T, 0, nst=st[2 * li], norm=L.attn_norm, layer=layer_norm, pf=pft(L.wo))
             else:
                 k.norm(x, *L.attn_norm[:2], L.attn_norm[2], h, T, layer_norm)
                 L.qkv(h, b["qkv"], T, 0)
@@ -389,9 +404,9 @@ class GPUModel:
             k.attention(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, kc, vc, scale, b["att"], T, H, Hkv, hd,
                         cap, store=fused)
             if fused:
-                L.wo(b["att"], x, T, 1, ost=st[2 * li + 1])
-                L.up(x, b["act"], T, up_mode, nst=st[2 * li + 1], norm=L.ffn_norm, layer=layer_norm)
-                L.down(b["act"], x, T, 1, ost=st[2 * li + 2])
+                L.wo(b["att"], x, T, 1, ost=st[2 * li + 1], pf=pft(L.up))
+                L.up(x, b["act"], T, up_mode, nst=st[2 * li + 1], norm=L.ffn_norm, layer=layer_norm, pf=pft(L.down))
+                L.down(b["act"], x, T, 1, ost=st[2 * li + 2], pf=pft(nxt))
             else:
                 L.wo(b["att"], x, T, 1)
                 k.norm(x, *L.ffn_norm[:2], L.ffn_norm[2], h, T, layer_norm)
@@ -426,8 +441,10 @@ class GPUModel:
             s = self.stream
             s.begin_capture()
             try:
+                self.k.pdl = self.pdl
                 self._step(T, cache, pos, b, head, finish)
             finally:
+                self.k.pdl = False
                 g = s.end_capture()
             cache.graphs[key] = g
         g.launch(stream=self.stream)

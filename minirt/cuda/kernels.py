@@ -17,6 +17,8 @@ the KV cache of one layer (n_kv_heads, capacity, head_dim) float32.
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 SOURCE = r"""
@@ -26,6 +28,21 @@ SOURCE = r"""
 #define INF __int_as_float(0x7f800000)
 #define TT 4          // rows of x per pass over a weight row
 #define ACH 1024      // attention: positions scored per chunk (shared memory)
+
+// Programmatic dependent launch (sm_90+; no-ops below it and when a kernel was launched without it): every
+// kernel first lets the next one in the stream start launching (its blocks come up while this one runs), then
+// waits until the kernel before it has finished and its writes are visible, before it reads anything that
+// kernel wrote. Work that reads no such data (a weight prefetch) goes between the two.
+__device__ __forceinline__ void pdl_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -426,20 +443,65 @@ __device__ __forceinline__ void stats_end(double* sacc, double* ost, int T) {
     }
 }
 
+// L2 prefetch: the grid's threads pull a byte range into L2, one 128-byte line per thread and round, for a
+// later kernel or phase; no thread waits for it.
+__device__ __forceinline__ void l2_prefetch(unsigned long long p, size_t bytes) {
+    size_t nth = (size_t)gridDim.x * blockDim.x, tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p)
+        for (size_t o = tid * 128; o < bytes; o += nth * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+}
+// pf: null, or 3 (pointer, bytes) pairs (a matrix's arrays) to pull into L2 for the kernel after this one.
+__device__ __forceinline__ void l2_prefetch3(const unsigned long long* pf) {
+    if (pf)
+        for (int a = 0; a < 3; ++a) l2_prefetch(pf[2 * a], pf[2 * a + 1]);
+}
+
+// gemv on a tall matrix (the head: many short rows) gives each warp rows r and r + rows/2, their loads
+// interleaved: twice the bytes in flight per warp. 0: a row per warp.
+__device__ __forceinline__ int gemv_pair(int rows, int mode) {
+    return (mode != 2 && rows >= 8192 && rows % 2 == 0) ? rows / 2 : 0;
+}
+// The lanes of a warp pull row `row` of w (values, or quants, scales and minimums) into L2.
+template <typename W>
+__device__ __forceinline__ void prefetch_row(const W* w, const unsigned short* wd, const unsigned short* wm, int row,
+                                             int K, int lane) {
+    if constexpr (IsQ<W>::v) {
+        size_t nb = K >> 5, qb = nb * (Same<W, q8_0>::v ? 32 : 16);
+        unsigned long long q = reinterpret_cast<unsigned long long>(w) + row * qb;
+        for (size_t o = lane * 128; o < qb; o += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
+        if (lane == 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(wd + row * nb));
+        if (lane == 1 && wm) asm volatile("prefetch.global.L2 [%0];" ::"l"(wm + row * nb));
+    } else {
+        size_t rb = (size_t)K * sizeof(W);
+        unsigned long long q = reinterpret_cast<unsigned long long>(w) + row * rb;
+        for (size_t o = lane * 128; o < rb; o += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
+    }
+}
+
 // out = epilogue(h · Wᵀ + b), h = x or norm(x) (nst: statistics of x; nw, nb, eps, layer: the norm).
 // ost: where the statistics of the stored outputs accumulate (the next norm's input), or null.
 template <typename W>
 __global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const unsigned short* wd,
                      const unsigned short* wm, const float* __restrict__ bias,
                      float* __restrict__ out, int T, int K, int N, int mode, const double* __restrict__ nst,
-                     const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer, double* ost) {
+                     const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer, double* ost,
+                     const unsigned long long* __restrict__ pf) {
     __shared__ double sacc[32];
     Norm nm{nst, nw, nb, eps, layer};
-    stats_begin(sacc, ost, T);
+    pdl_launch();
     int rows = mode == 2 ? N / 2 : N;
+    int pair = gemv_pair(rows, mode), todo = pair ? pair : rows;
     int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
-    for (int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += nwarp)
-        warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane, nm, ost ? sacc : nullptr, 0, QS{wd, wm});
+    int row0 = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row0 < todo) {  // the weights do not depend on the kernel before: start pulling them into L2
+        prefetch_row<W>(w, wd, wm, row0, K, lane);
+        if (mode == 2 || pair) prefetch_row<W>(w, wd, wm, row0 + (mode == 2 ? rows : pair), K, lane);
+    }
+    l2_prefetch3(pf);
+    pdl_wait();
+    stats_begin(sacc, ost, T);
+    for (int row = row0; row < todo; row += nwarp)
+        warp_row<W, false>(x, w, bias, out, T, K, N, mode, row, lane, nm, ost ? sacc : nullptr, pair, QS{wd, wm});
     stats_end(sacc, ost, T);
 }
 
@@ -475,6 +537,8 @@ __global__ void lowrank(const float* __restrict__ x, const W* __restrict__ v, co
                         int T, int K, int R, int N, int mode, int stage, const double* __restrict__ nst,
                         const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer,
                         double* ost, int p1warp, int prefetch) {
+    pdl_launch();
+    pdl_wait();
     extern __shared__ float smem[];
     __shared__ float red[2 * 32 * TT];
     __shared__ double sacc[32];
@@ -537,6 +601,8 @@ template <typename W>
 __global__ void embed(const int* __restrict__ tok, const W* __restrict__ table, const unsigned short* td,
                       const unsigned short* tm, const float* __restrict__ pe,
                       const int* __restrict__ pos, float* __restrict__ x, int D, double* st, int nslots, int T) {
+    pdl_launch();
+    pdl_wait();
     __shared__ double red[32];
     int t = blockIdx.x;
     size_t id = (size_t)tok[t];
@@ -683,12 +749,29 @@ __device__ __forceinline__ void stage(const float* x, int T, int K, const Norm& 
     __syncthreads();
 }
 
+// A matrix of the layer table (its w, d, m pointers at p) of `rows` rows of K weights.
+template <typename W>
+__device__ __forceinline__ void l2_prefetch_mat(const unsigned long long* p, size_t rows, int K) {
+    if constexpr (IsQ<W>::v) {
+        size_t nb = rows * (size_t)(K >> 5);
+        l2_prefetch(p[0], nb * (Same<W, q8_0>::v ? 32 : 16));
+        l2_prefetch(p[1], nb * 2);
+        l2_prefetch(p[2], nb * 2);  // Q4_1's minimums (null otherwise)
+    } else {
+        l2_prefetch(p[0], rows * (size_t)K * sizeof(W));
+    }
+}
+
+// pf: 0 off · 1: each layer's matrices are pulled into L2 during the layer before (layer 0 at the start) ·
+// 2: also the head, a slice during each of the last 8 layers (hp: 3 (pointer, bytes) pairs, the head's arrays)
 template <typename W>
 __global__ void layers(const unsigned long long* __restrict__ P, int L, float* x, float* qkv, float* att,
                        float* act, double* st, const int* __restrict__ pos, const float* __restrict__ cs,
                        const float* __restrict__ sn, int use_rope, float* kc0, float* vc0, long long lstride,
                        float scale, int T, int D, int H, int Hkv, int hd, int cap, int F, int up_mode, int layer,
-                       float eps1, float eps2, int* bar) {
+                       float eps1, float eps2, int* bar, int pf, const unsigned long long* __restrict__ hp) {
+    pdl_launch();
+    pdl_wait();
     extern __shared__ float hs[];
     __shared__ double sacc[32];
     int lane = threadIdx.x & 31, nwarp = (gridDim.x * blockDim.x) >> 5;
@@ -697,6 +780,19 @@ __global__ void layers(const unsigned long long* __restrict__ P, int L, float* x
     Norm none{nullptr, nullptr, nullptr, 0.f, 0};
     for (int l = 0; l < L; ++l) {
         const unsigned long long* p = P + (size_t)l * NP;
+        for (int j = (pf && l == 0) ? 0 : 1; pf && j < 2 && l + j < L; ++j) {
+            const unsigned long long* pn = p + (size_t)j * NP;
+            l2_prefetch_mat<W>(pn, NQKV, D);
+            l2_prefetch_mat<W>(pn + 4, D, Q);
+            l2_prefetch_mat<W>(pn + 8, NUP, D);
+            l2_prefetch_mat<W>(pn + 12, D, F);
+        }
+        int S = min(L, 8), j = l - (L - S);
+        if (pf >= 2 && j >= 0)
+            for (int a = 0; a < 3; ++a) {
+                size_t b = hp[2 * a + 1], lo = (b * j / S) & ~(size_t)127, hi = j + 1 == S ? b : (b * (j + 1) / S) & ~(size_t)127;
+                l2_prefetch(hp[2 * a] ? hp[2 * a] + lo : 0, hi - lo);
+            }
 #define WP(i) reinterpret_cast<const W*>(p[i])
 #define SP(i) QS{reinterpret_cast<const unsigned short*>(p[(i) + 1]), reinterpret_cast<const unsigned short*>(p[(i) + 2])}
 #define FP(i) reinterpret_cast<const float*>(p[i])
@@ -740,6 +836,8 @@ extern "C" {
 // RMSNorm (layer = 0): x / sqrt(mean(x²) + eps) · w;  LayerNorm (layer = 1): (x − mean) / sqrt(var + eps) · w + b
 __global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
                      float eps, float* __restrict__ out, int D, int layer) {
+    pdl_launch();
+    pdl_wait();
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * D;
     float mu = 0.f;
@@ -760,6 +858,8 @@ __global__ void layer_norm(const float* __restrict__ x, const float* __restrict_
 __global__ void rope_store(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
                            const float* __restrict__ sn, int use_rope, float* __restrict__ q, float* __restrict__ kc,
                            float* __restrict__ vc, int H, int Hkv, int hd, int cap) {
+    pdl_launch();
+    pdl_wait();
     int t = blockIdx.x, h = blockIdx.y, p = *pos + t, half = hd / 2;
     const float* row = qkv + (size_t)t * (H + 2 * Hkv) * hd;
     float* dst;
@@ -791,10 +891,14 @@ __global__ void rope_store(const float* __restrict__ qkv, const int* __restrict_
 __global__ void attention(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ cs,
                           const float* __restrict__ sn, int use_rope, float* kc, float* vc, float scale,
                           float* __restrict__ out, int T, int H, int Hkv, int hd, int cap, int store) {
+    pdl_launch();
+    pdl_wait();
     attend<false>(blockIdx.x, blockIdx.y, qkv, pos, cs, sn, use_rope, kc, vc, scale, out, T, H, Hkv, hd, cap, store);
 }
 
 __global__ void advance(int* pos, int T) {
+    pdl_launch();
+    pdl_wait();
     if (threadIdx.x == 0) *pos += T;
 }
 
@@ -802,6 +906,8 @@ __global__ void advance(int* pos, int T) {
 // Blocks reduce slices; the last block to finish (count) reduces their partials (pval, pidx) and resets count.
 __global__ void argmax_step(const float* __restrict__ logits, int V, int* tok, int* pos, int* hist, int T,
                             float* pval, int* pidx, unsigned int* count) {
+    pdl_launch();
+    pdl_wait();
     __shared__ float redf[32];
     __shared__ int redi[32];
     __shared__ bool last;
@@ -848,6 +954,8 @@ __global__ void argmax_step(const float* __restrict__ logits, int V, int* tok, i
 // result[0] = accepted drafts, result[1] = next token.
 __global__ void verify(const float* __restrict__ P, int V, const int* __restrict__ draft, int K,
                        const float* __restrict__ Q, const float* __restrict__ u, int greedy, int* result) {
+    pdl_launch();
+    pdl_wait();
     __shared__ float redf[32];
     __shared__ int redi[32];
     __shared__ double scan[1024];
@@ -929,6 +1037,55 @@ TEMPLATES = ("gemv", "lowrank", "embed", "layers")
 FLOAT_ONLY = ("lowrank",)
 
 
+class _Attr(ctypes.Structure):  # CUlaunchAttribute (cuda.h): an id, padding, a 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _Config(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)), ("nattrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CTYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64, np.dtype(np.uint32): ctypes.c_uint32,
+           np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.float32): ctypes.c_float}
+
+
+class _Fn:
+    """A kernel of the module, called as CuPy's (grid, block, args, shared_mem); while its Kernels' pdl is set
+    (graph capture of a step), launched through the driver's cuLaunchKernelEx with programmatic stream
+    serialization (programmatic dependent launch: see pdl_launch/pdl_wait in the source). CuPy has no launch
+    attributes, so the launch goes through ctypes to libcuda, which CuPy has loaded already."""
+
+    _launch = None
+
+    def __init__(self, ks: "Kernels", f):
+        self.ks, self.f = ks, f
+        self.ptr = getattr(f, "ptr", None) or f.kernel.ptr
+
+    def __call__(self, grid, block, args, shared_mem: int = 0):
+        if not self.ks.pdl:
+            self.f(grid, block, args, shared_mem=shared_mem)
+            return
+        if _Fn._launch is None:
+            lib = ctypes.CDLL("libcuda.so.1")
+            _Fn._launch = lib.cuLaunchKernelEx
+            _Fn._launch.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                    ctypes.c_void_p]
+            _Fn._launch.restype = ctypes.c_int
+        vals = [ctypes.c_void_p(a.data.ptr) if hasattr(a, "data") and hasattr(a.data, "ptr")
+                else _CTYPES[np.asarray(a).dtype](a) for a in args]
+        params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        attr = _Attr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1
+        g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        cfg = _Config((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem,
+                      self.ks.cp.cuda.get_current_stream().ptr, ctypes.pointer(attr), 1)
+        rc = _Fn._launch(ctypes.byref(cfg), self.ptr, params, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc}")
+
+
 class QMat:
     """A quantized matrix on the device, as stored (minirt.linear.Quant's qn, d, m: the GGUF blocks with their
     scales split off): q (rows, K) int8 (Q8_0) or (rows, K/2) uint8 (Q4_0, Q4_1); d, m (rows, K/32) float16 bits."""
@@ -960,12 +1117,13 @@ class Kernels:
         self._resident: dict = {}
         self._smem_set: dict = {}
         self._argmax = None  # partials of the multi-block argmax (fixed pointers: graph-safe)
+        self.pdl = False  # launch with programmatic dependent launch (the backend sets it while capturing)
 
     def fn(self, name: str, wtype=None):
         key = name if wtype is None else f"{name}<{WEIGHT_TYPES[wtype]}>"
         f = self._f.get(key)
         if f is None:
-            f = self._f[key] = self.module.get_function(key)
+            f = self._f[key] = _Fn(self, self.module.get_function(key))
         return f
 
     @staticmethod
@@ -985,14 +1143,24 @@ class Kernels:
         nw, nb, eps = norm if norm is not None else (None, None, 0.0)
         return (self._p(nst), self._p(nw), self._p(nb), self.cp.float32(eps), self._i(int(layer)), self._p(ost))
 
-    def gemv(self, x, w, bias, out, T: int, mode: int = 0, nst=None, norm=None, layer: bool = False, ost=None):
+    def gemv(self, x, w, bias, out, T: int, mode: int = 0, nst=None, norm=None, layer: bool = False, ost=None,
+             pf=None):
         """out = epilogue(h · wᵀ + bias); h = x, or norm(x) with norm = (weight, bias, eps) and nst the (T, 2)
-        float64 statistics of x; ost: (T, 2) statistics to which the stored outputs are added (or None)."""
+        float64 statistics of x; ost: (T, 2) statistics to which the stored outputs are added (or None);
+        pf: the next matrix's prefetch table (prefetch_table), pulled into L2 meanwhile, or None."""
         N, K = w.shape
         rows = N // 2 if mode == 2 else N
-        self.fn("gemv", self.wtype(w))(((rows + 7) // 8,), (256,), (x, *self._w(w), self._p(bias), out, self._i(T), self._i(K),
+        todo = rows // 2 if mode != 2 and rows >= 8192 and rows % 2 == 0 else rows  # gemv_pair in the source
+        self.fn("gemv", self.wtype(w))(((todo + 7) // 8,), (256,), (x, *self._w(w), self._p(bias), out, self._i(T), self._i(K),
                                                                     self._i(N), self._i(mode),
-                                                                    *self._norm_args(nst, norm, layer, ost)))
+                                                                    *self._norm_args(nst, norm, layer, ost),
+                                                                    self._p(pf)))
+
+    def prefetch_table(self, w):
+        """A matrix's arrays as 3 (device pointer, bytes) pairs (uint64), for the kernels' L2 prefetch."""
+        arrs = [w.q, w.d, w.m] if isinstance(w, QMat) else [w, None, None]
+        return self.cp.asarray(np.array([v for a in arrs for v in ((0, 0) if a is None else (a.data.ptr, a.nbytes))],
+                                        np.uint64))
 
     def lowrank_grid(self, wtype: str, smem: int) -> int:
         """Blocks of 256 threads resident at once with `smem` bytes of dynamic shared memory each (the grid
@@ -1004,7 +1172,7 @@ class Kernels:
             per_sm = 1
             try:
                 from cupy.cuda import driver
-                ptr = getattr(f, "ptr", None) or f.kernel.ptr
+                ptr = f.ptr
                 if not self._smem_set.get(wtype):
                     driver.funcSetAttribute(ptr, 8, SMEM_MAX)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
                     self._smem_set[wtype] = True
@@ -1061,7 +1229,7 @@ class Kernels:
             per_sm = 1
             try:
                 from cupy.cuda import driver
-                ptr = getattr(f, "ptr", None) or f.kernel.ptr
+                ptr = f.ptr
                 if smem > 48 * 1024 and not self._smem_set.get((name, wtype)):
                     driver.funcSetAttribute(ptr, 8, SMEM_MAX)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
                     self._smem_set[(name, wtype)] = True
@@ -1072,8 +1240,9 @@ class Kernels:
         return g
 
     def layers(self, table, wtype: str, L: int, x, qkv, att, act, st, pos, cos, sin, use_rope, kc, vc, scale, T, D,
-               H, Hkv, hd, cap, F, up_mode, layer_norm, eps1, eps2, bar, per_sm: int = 2):
-        """Every layer of a step in one persistent launch (see the source); table: (layers, LAYER_POINTERS) uint64."""
+               H, Hkv, hd, cap, F, up_mode, layer_norm, eps1, eps2, bar, per_sm: int = 2, pf: int = 0, hp=None):
+        """Every layer of a step in one persistent launch (see the source); table: (layers, LAYER_POINTERS) uint64;
+        pf, hp: the L2 prefetch (see the source; hp: 6 uint64, needed for pf = 2)."""
         smem = self.layers_smem(T, D, H * hd, F)
         blocks = self.resident_blocks("layers", wtype, per_sm, smem)
         self.fn("layers", wtype)((blocks,), (256,), (table, self._i(L), x, qkv, att, act, st, pos, cos, sin,
@@ -1081,7 +1250,8 @@ class Kernels:
                                                     self.cp.float32(scale), self._i(T), self._i(D), self._i(H),
                                                     self._i(Hkv), self._i(hd), self._i(cap), self._i(F),
                                                     self._i(up_mode), self._i(int(layer_norm)),
-                                                    self.cp.float32(eps1), self.cp.float32(eps2), bar),
+                                                    self.cp.float32(eps1), self.cp.float32(eps2), bar,
+                                                    self._i(pf if hp is not None else min(pf, 1)), self._p(hp)),
                                  shared_mem=smem)
 
     @staticmethod
