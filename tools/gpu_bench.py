@@ -217,8 +217,11 @@ def generate_tps(g, prompts, n: int, **kw) -> tuple[list[float], list[list[int]]
         gen = g.generate(p, max_tokens=n, temperature=0, **kw)
         gen.text()
         st = gen.stats
-        tps.append((st.decode_tokens - 1) / st.decode_seconds)  # as Stats.summary: steps after the first token
-        print(f"    {len(st.tokens)} tokens ({st.stop_reason}), decode {tps[-1]:.0f} tok/s", flush=True)
+        if st.decode_tokens < 8:  # a prompt answered in a few tokens times nothing (kept out of the mean)
+            print(f"    {len(st.tokens)} tokens ({st.stop_reason}): too few to time", flush=True)
+        else:
+            tps.append((st.decode_tokens - 1) / st.decode_seconds)  # as Stats.summary: steps after the first
+            print(f"    {len(st.tokens)} tokens ({st.stop_reason}), decode {tps[-1]:.0f} tok/s", flush=True)
         toks.append(gen.stats.tokens)
         if gen.drafter is not None:
             spec.steps += gen.spec.steps

@@ -1,14 +1,12 @@
-"""Where a GPU decode step's time goes: the launch floor and the persistent layers kernel's variants.
+"""Where a GPU decode step's time goes: the launch floor, per-kernel times and the launch schemes.
 
     python3 tools/gpu_lab.py [-m FILE] [-n 128] [-r 3] [--floor-only]
 
 1. The launch floor: a CUDA graph of N empty kernels (N = the default step's launches), µs per node.
 2. Per-kernel times of the 5-launch step (tools/gpu_bench.profile_step).
-3. Greedy decode tok/s (tools/gpu_bench.decode_tps: argmax on the device, one sync at the end) of the step
-   with 5 launches a layer (L2 prefetch of the next matrix off / on) and of the persistent layers kernel with its L2 prefetch off / next layer / next
-   layer and the head (kernels.py pf), and of source variants that measure a part by leaving it out (no grid
-   barriers, no attention: wrong tokens, timing only) or change it (2 blocks per multiprocessor, no sleep in
-   the barrier's spin). Tokens are checked against the 5-launch step's where the variant is exact.
+3. Greedy decode tok/s (tools/gpu_bench.decode_tps: argmax on the device, one sync at the end) by launch
+   scheme (CONFIGS: 5 launches a layer, with and without programmatic dependent launch; the persistent layers
+   kernel with and without its L2 prefetch), each row's tokens checked against the first row's.
 """
 from __future__ import annotations
 
@@ -22,13 +20,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import minirt  # noqa: E402
-from minirt.cuda import kernels as K  # noqa: E402
 from minirt.cuda.backend import to_gpu  # noqa: E402
 
-VARIANTS = {  # name: source replacements (exact variants: the tokens are checked)
-    "2 blocks/SM (launch bounds)": {"template <typename W>\n__global__ void layers(":
-                                    "template <typename W>\n__global__ void __launch_bounds__(256, 2) layers("},
-}
+CONFIGS = [  # GPUModel attributes per row: launch scheme, programmatic dependent launch
+    dict(persistent=False, pdl=False),
+    dict(persistent=False, pdl=True),
+    dict(persistent=True, pdl=True, prefetch=0),
+    dict(persistent=True, pdl=True, prefetch=1),
+]
 
 
 def ms(xs):
@@ -57,18 +56,6 @@ def launch_floor(cp, n: int, reps: int = 50) -> float:
     return statistics.median(ts) / n * 1e6
 
 
-def variant_kernels(repl: dict):
-    src = K.SOURCE
-    for a, b in repl.items():
-        assert a in src, a
-        src = src.replace(a, b)
-    saved, K.SOURCE = K.SOURCE, src
-    try:
-        return K.Kernels()
-    finally:
-        K.SOURCE = saved
-
-
 def main():
     from gpu_bench import decode_tps
     ap = argparse.ArgumentParser()
@@ -94,25 +81,19 @@ def main():
         d = decode_tps(g, args.n, args.r, prompt)
         same = toks == ref
         rows.append((name, d, same))
-        print(f"  {name}: {ms(d)} tok/s ({1e6 / statistics.mean(d):.0f} µs/token), tokens as 5 a layer: {same}",
+        print(f"  {name}: {ms(d)} tok/s ({1e6 / statistics.mean(d):.0f} µs/token), tokens as the first row's: {same}",
               flush=True)
 
     from gpu_bench import profile_step
-    g.persistent, g.prefetch, g.pdl = False, 0, False
+    g.persistent, g.pdl = False, False
     ref = g.decode_greedy(prompt, g.new_cache(args.n + 2), args.n)
     print("per-kernel µs of the 5-launch step (layer 0, warm caches, 100 launches in a graph):", flush=True)
     profile_step(g)
-    for persistent, pf, pdl in ((False, 0, False), (False, 0, True), (False, 2, True), (True, 0, True),
-                                (True, 1, True), (True, 2, True)):
-        g.persistent, g.prefetch, g.pdl = persistent, pf, pdl
-        run(f"{'persistent' if persistent else '5 launches a layer'}, prefetch {pf}, PDL {int(pdl)}")
-    base = g.k
-    for name, repl in VARIANTS.items():
-        g.k = variant_kernels(repl)
-        g.persistent, g.prefetch, g.pdl = True, 1, True
-        run(f"persistent, prefetch 1, PDL 1, {name}")
-    g.k = base
-    print("\n| step | decode tok/s | µs/token | tokens as 5 a layer |\n|---|---|---|---|")
+    for cfg in CONFIGS:
+        for key, v in cfg.items():
+            setattr(g, key, v)
+        run(", ".join(f"{key} {int(v)}" for key, v in cfg.items()))
+    print("\n| step | decode tok/s | µs/token | tokens as the first row's |\n|---|---|---|---|")
     for name, d, same in rows:
         print(f"| {name} | {ms(d)} | {1e6 / statistics.mean(d):.0f} | {'—' if same is None else same} |")
 

@@ -5,9 +5,12 @@ to_gpu(model) uploads every matrix once, as stored: GGUF block matrices (Q8_0, Q
 to_gpu(model, "float16" | "bfloat16" | "float32") expands every matrix to that type instead. LowRank
 matrices (--mode lowrank) stay factored and run on the fused low-rank kernel. The KV cache lives on the
 device (float32), and so do sampling and speculative verification: a greedy decode step is one graph
-replay (embedding → all layers in one persistent kernel → norm → head → argmax, the position advanced on
-the device) and one 4-byte read of the token; a speculative step is one graph replay over K+1 positions
-and one verification kernel. A model the backend cannot run is refused (gpu_refusal) before any upload.
+replay (embedding → 5 kernels a layer → norm → head → argmax, the position advanced on the device; on
+Hopper and later each kernel is a programmatic dependent launch, which overlaps its start with the kernel
+before) and one 4-byte read of the token, which streamed generation queues two steps ahead of; a
+speculative step is one graph replay over K+1 positions and one verification kernel. MINIRT_GPU_LAYERS=1
+runs all layers in one persistent kernel instead (slower on an H200: BENCHMARKS.md). A model the backend
+cannot run is refused (gpu_refusal) before any upload.
 
 GPUModel keeps Model's contract: forward(tokens, cache, logits) returns float32 logits on the host;
 new_cache(), logits(), generate(), truncated() behave as on the CPU. Kernels: minirt/cuda/kernels.py.
@@ -142,10 +145,9 @@ class GDense:
             raise MinirtError(f"the GPU backend needs matrix widths divisible by 8, got {self.in_features}")
         self.w = to_device_dtype(cp, w, dtype)
         self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
-        self.pft = k.prefetch_table(self.w)  # its arrays for the kernels' L2 prefetch
 
     def __call__(self, x, out, T: int, mode: int = 0, **norm):
-        """out = epilogue(x · Wᵀ + b) (modes: see gemv_kernels); norm: nst, norm, layer, ost, pf (see Kernels.gemv)."""
+        """out = epilogue(x · Wᵀ + b) (modes: see gemv_kernels); norm: nst, norm, layer, ost (see Kernels.gemv)."""
         self.k.gemv(x, self.w, self.b, out, T, mode, **norm)
 
     @property
@@ -169,7 +171,6 @@ class GQuant(GDense):
         self.k, self.w = k, q
         self.out_features, self.in_features = q.shape
         self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
-        self.pft = k.prefetch_table(q)
 
 
 class GLowRank:
@@ -187,9 +188,8 @@ class GLowRank:
         self.b = None if bias is None else cp.asarray(np.asarray(bias, np.float32))
         self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
         self._mid: dict[int, object] = {}
-        self.pft = None  # two matrices: not prefetched
 
-    def __call__(self, x, out, T: int, mode: int = 0, pf=None, **norm):
+    def __call__(self, x, out, T: int, mode: int = 0, **norm):
         mid = self._mid.get(T)
         if mid is None:
             mid = self._mid[T] = self.cp.empty((T, self.u.shape[1]), self.cp.float32)
@@ -303,7 +303,7 @@ class GPUModel:
             mats = [m for L in self.layers for m in (L.qkv, L.wo, L.up, L.down)]
             types = {self.k.wtype(m.w) for m in mats if isinstance(m, GDense)}
             self.layers_type = types.pop() if len(types) == 1 and all(isinstance(m, GDense) for m in mats) else None
-            self.layer_table = self.bar = self.head_prefetch = None
+            self.layer_table = self.bar = None
             if self.layers_type:
                 ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731
                 rows = []
@@ -318,16 +318,13 @@ class GPUModel:
                     rows.append(row)
                 self.layer_table = cp.asarray(np.array(rows, np.uint64))
                 self.bar = cp.zeros(2, cp.int32)  # the grid barrier's arrival count and generation
-                self.head_prefetch = self.head.pft  # the layers kernel pulls the head into L2 (or None)
         self.stream.synchronize()
         # MINIRT_GPU_LAYERS=1: the persistent layers kernel (one launch for all layers) instead of 5 launches a
         # layer; off by default: slower on an H200 (SmolLM2 Q4_1: 880 vs 1150 tok/s, its 150 grid barriers cost
         # more than the graph's launch gaps; BENCHMARKS.md)
         self.persistent = self.layers_type is not None and os.environ.get("MINIRT_GPU_LAYERS", "0") == "1"
         self.per_sm = int(os.environ.get("MINIRT_GPU_LAYERS_PER_SM", "2"))  # blocks per SM in that grid (at most)
-        # L2 prefetch beyond each kernel's own rows (0 off): the persistent kernel pulls each layer into L2
-        # during the one before (1) and the head during the last layers (2); with 2 the 5-launch step also
-        # pulls each matrix during the kernel before it (measured slower: tools/gpu_lab.py)
+        # the persistent kernel pulls each layer into L2 during the one before (1; 0: not)
         self.prefetch = int(os.environ.get("MINIRT_GPU_PREFETCH", "1"))
         # programmatic dependent launch in the captured steps (Hopper and later): a kernel's blocks come up and
         # pull their weights into L2 while the kernel before it runs (kernels.py: pdl_launch, pdl_wait)
@@ -390,13 +387,11 @@ class GPUModel:
             k.layers(self.layer_table, self.layers_type, len(self.layers), x, b["qkv"], b["att"], b["act"], st, pos,
                      self.rope_cos, self.rope_sin, llama, cache.k, cache.v, scale, T, c.dim, H, Hkv, hd, cap,
                      c.hidden_dim, up_mode, layer_norm, L0.attn_norm[2], L0.ffn_norm[2], self.bar, self.per_sm,
-                     self.prefetch, self.head_prefetch)
-        pft = (lambda m: m.pft) if self.prefetch >= 2 else (lambda m: None)  # noqa: E731
+                     self.prefetch)
         for li, L in enumerate(self.layers if not persistent else ()):
             kc, vc = cache.k[li], cache.v[li]
-            nxt = self.layers[li + 1].qkv if li + 1 < len(self.layers) else self.head
             if fused:
-                L.qkv(x, b["qkv"], T, 0, nst=st[2 * li], norm=L.attn_norm, layer=layer_norm, pf=pft(L.wo))
+                L.qkv(x, b["qkv"], T, 0, nst=st[2 * li], norm=L.attn_norm, layer=layer_norm)
             else:
                 k.norm(x, *L.attn_norm[:2], L.attn_norm[2], h, T, layer_norm)
                 L.qkv(h, b["qkv"], T, 0)
@@ -404,9 +399,9 @@ class GPUModel:
             k.attention(b["qkv"], pos, self.rope_cos, self.rope_sin, llama, kc, vc, scale, b["att"], T, H, Hkv, hd,
                         cap, store=fused)
             if fused:
-                L.wo(b["att"], x, T, 1, ost=st[2 * li + 1], pf=pft(L.up))
-                L.up(x, b["act"], T, up_mode, nst=st[2 * li + 1], norm=L.ffn_norm, layer=layer_norm, pf=pft(L.down))
-                L.down(b["act"], x, T, 1, ost=st[2 * li + 2], pf=pft(nxt))
+                L.wo(b["att"], x, T, 1, ost=st[2 * li + 1])
+                L.up(x, b["act"], T, up_mode, nst=st[2 * li + 1], norm=L.ffn_norm, layer=layer_norm)
+                L.down(b["act"], x, T, 1, ost=st[2 * li + 2])
             else:
                 L.wo(b["att"], x, T, 1)
                 k.norm(x, *L.ffn_norm[:2], L.ffn_norm[2], h, T, layer_norm)
@@ -515,6 +510,36 @@ class GPUModel:
     def read_token(self) -> int:
         """The token the last greedy step chose (one 4-byte copy: the host sync of a decode step)."""
         return int(self._buffers(1)["tok"][:1].get(stream=self.stream)[0])
+
+    def greedy_tokens(self, tokens, cache, depth: int = 2):
+        """Greedy tokens after a prompt, as a generator, with `depth` steps queued on the device while the host
+        hands on a token: each step's token is copied into pinned host memory behind it, so the device never
+        waits for the host (with depth 1, it idled from a step's end to the next launch after the host's read).
+        A consumer that stops early leaves up to `depth` extra steps run."""
+        import cupyx
+        cp, s = self.cp, self.stream
+        ring = cupyx.empty_pinned((depth,), np.int32)
+        done = [cp.cuda.Event(disable_timing=True) for _ in range(depth)]
+        queued: list[int] = []
+
+        def copy_token(slot: int) -> None:  # the step just queued wrote its token at hist[pos]
+            src = cache.hist[cache.pos:cache.pos + 1]
+            cp.cuda.runtime.memcpyAsync(ring.ctypes.data + 4 * slot, src.data.ptr, 4, 2, s.ptr)  # 2: to the host
+            done[slot].record(s)
+            queued.append(slot)
+
+        self.prefill_greedy(tokens, cache)
+        copy_token(0)
+        n = 1
+        while queued:
+            slot = queued.pop(0)
+            done[slot].synchronize()
+            tok = int(ring[slot])
+            while len(queued) < depth and cache.pos < cache.capacity:  # `depth` steps queued while the host works
+                self.step_greedy(cache)
+                copy_token(n % depth)
+                n += 1
+            yield tok
 
     def decode_greedy(self, tokens, cache, n: int) -> list[int]:
         """n greedy tokens after a prompt, with one host sync at the end (for benchmarks)."""
@@ -653,8 +678,8 @@ class DeviceSampler:
 
 
 class GPUGeneration(Generation):
-    """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, the next step
-    launched before the host handles the current token."""
+    """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, two steps queued
+    ahead of the host (GPUModel.greedy_tokens)."""
 
     def _continues_cache(self) -> bool:
         return False
@@ -663,15 +688,8 @@ class GPUGeneration(Generation):
         m, cache = self.model, self.cache
         p = self.sampler.params
         if p.greedy and p.repetition_penalty == 1.0:
-            m.prefill_greedy(self.prompt_ids, cache)
-            while True:
-                tok = m.read_token()
-                more = cache.pos < cache.capacity
-                if more:
-                    m.step_greedy(cache)  # runs while the host detokenizes tok
-                yield tok
-                if not more:
-                    return
+            yield from m.greedy_tokens(self.prompt_ids, cache)  # the device runs ahead of the host
+            return
         ds = DeviceSampler(m, self.sampler, self.prompt_ids)
         rows = m.forward_device(self.prompt_ids, cache)
         while True:

@@ -444,16 +444,11 @@ __device__ __forceinline__ void stats_end(double* sacc, double* ost, int T) {
 }
 
 // L2 prefetch: the grid's threads pull a byte range into L2, one 128-byte line per thread and round, for a
-// later kernel or phase; no thread waits for it.
+// later phase; no thread waits for it.
 __device__ __forceinline__ void l2_prefetch(unsigned long long p, size_t bytes) {
     size_t nth = (size_t)gridDim.x * blockDim.x, tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (p)
         for (size_t o = tid * 128; o < bytes; o += nth * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
-}
-// pf: null, or 3 (pointer, bytes) pairs (a matrix's arrays) to pull into L2 for the kernel after this one.
-__device__ __forceinline__ void l2_prefetch3(const unsigned long long* pf) {
-    if (pf)
-        for (int a = 0; a < 3; ++a) l2_prefetch(pf[2 * a], pf[2 * a + 1]);
 }
 
 // gemv on a tall matrix (the head: many short rows) gives each warp rows r and r + rows/2, their loads
@@ -484,8 +479,7 @@ template <typename W>
 __global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const unsigned short* wd,
                      const unsigned short* wm, const float* __restrict__ bias,
                      float* __restrict__ out, int T, int K, int N, int mode, const double* __restrict__ nst,
-                     const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer, double* ost,
-                     const unsigned long long* __restrict__ pf) {
+                     const float* __restrict__ nw, const float* __restrict__ nb, float eps, int layer, double* ost) {
     __shared__ double sacc[32];
     Norm nm{nst, nw, nb, eps, layer};
     pdl_launch();
@@ -497,7 +491,6 @@ __global__ void gemv(const float* __restrict__ x, const W* __restrict__ w, const
         prefetch_row<W>(w, wd, wm, row0, K, lane);
         if (mode == 2 || pair) prefetch_row<W>(w, wd, wm, row0 + (mode == 2 ? rows : pair), K, lane);
     }
-    l2_prefetch3(pf);
     pdl_wait();
     stats_begin(sacc, ost, T);
     for (int row = row0; row < todo; row += nwarp)
@@ -762,14 +755,13 @@ __device__ __forceinline__ void l2_prefetch_mat(const unsigned long long* p, siz
     }
 }
 
-// pf: 0 off · 1: each layer's matrices are pulled into L2 during the layer before (layer 0 at the start) ·
-// 2: also the head, a slice during each of the last 8 layers (hp: 3 (pointer, bytes) pairs, the head's arrays)
+// pf = 1: each layer's matrices are pulled into L2 during the layer before (layer 0 at the start); 0: not.
 template <typename W>
 __global__ void layers(const unsigned long long* __restrict__ P, int L, float* x, float* qkv, float* att,
                        float* act, double* st, const int* __restrict__ pos, const float* __restrict__ cs,
                        const float* __restrict__ sn, int use_rope, float* kc0, float* vc0, long long lstride,
                        float scale, int T, int D, int H, int Hkv, int hd, int cap, int F, int up_mode, int layer,
-                       float eps1, float eps2, int* bar, int pf, const unsigned long long* __restrict__ hp) {
+                       float eps1, float eps2, int* bar, int pf) {
     pdl_launch();
     pdl_wait();
     extern __shared__ float hs[];
@@ -787,12 +779,6 @@ __global__ void layers(const unsigned long long* __restrict__ P, int L, float* x
             l2_prefetch_mat<W>(pn + 8, NUP, D);
             l2_prefetch_mat<W>(pn + 12, D, F);
         }
-        int S = min(L, 8), j = l - (L - S);
-        if (pf >= 2 && j >= 0)
-            for (int a = 0; a < 3; ++a) {
-                size_t b = hp[2 * a + 1], lo = (b * j / S) & ~(size_t)127, hi = j + 1 == S ? b : (b * (j + 1) / S) & ~(size_t)127;
-                l2_prefetch(hp[2 * a] ? hp[2 * a] + lo : 0, hi - lo);
-            }
 #define WP(i) reinterpret_cast<const W*>(p[i])
 #define SP(i) QS{reinterpret_cast<const unsigned short*>(p[(i) + 1]), reinterpret_cast<const unsigned short*>(p[(i) + 2])}
 #define FP(i) reinterpret_cast<const float*>(p[i])
@@ -1143,24 +1129,19 @@ class Kernels:
         nw, nb, eps = norm if norm is not None else (None, None, 0.0)
         return (self._p(nst), self._p(nw), self._p(nb), self.cp.float32(eps), self._i(int(layer)), self._p(ost))
 
-    def gemv(self, x, w, bias, out, T: int, mode: int = 0, nst=None, norm=None, layer: bool = False, ost=None,
-             pf=None):
+    def gemv(self, x, w, bias, out, T: int, mode: int = 0, nst=None, norm=None, layer: bool = False, ost=None):
         """out = epilogue(h · wᵀ + bias); h = x, or norm(x) with norm = (weight, bias, eps) and nst the (T, 2)
-        float64 statistics of x; ost: (T, 2) statistics to which the stored outputs are added (or None);
-        pf: the next matrix's prefetch table (prefetch_table), pulled into L2 meanwhile, or None."""
+        float64 statistics of x; ost: (T, 2) statistics to which the stored outputs are added (or None)."""
         N, K = w.shape
         rows = N // 2 if mode == 2 else N
-        todo = rows // 2 if mode != 2 and rows >= 8192 and rows % 2 == 0 else rows  # gemv_pair in the source
-        self.fn("gemv", self.wtype(w))(((todo + 7) // 8,), (256,), (x, *self._w(w), self._p(bias), out, self._i(T), self._i(K),
+        tall = mode != 2 and rows >= 8192 and rows % 2 == 0  # gemv_pair in the source
+        todo = rows // 2 if tall else rows
+        blocks = (todo + 7) // 8
+        if tall:  # one wave of resident blocks whose warps loop over the rows (latency-bound waves otherwise)
+            blocks = min(blocks, self.resident_blocks("gemv", self.wtype(w), 4))
+        self.fn("gemv", self.wtype(w))((blocks,), (256,), (x, *self._w(w), self._p(bias), out, self._i(T), self._i(K),
                                                                     self._i(N), self._i(mode),
-                                                                    *self._norm_args(nst, norm, layer, ost),
-                                                                    self._p(pf)))
-
-    def prefetch_table(self, w):
-        """A matrix's arrays as 3 (device pointer, bytes) pairs (uint64), for the kernels' L2 prefetch."""
-        arrs = [w.q, w.d, w.m] if isinstance(w, QMat) else [w, None, None]
-        return self.cp.asarray(np.array([v for a in arrs for v in ((0, 0) if a is None else (a.data.ptr, a.nbytes))],
-                                        np.uint64))
+                                                                    *self._norm_args(nst, norm, layer, ost)))
 
     def lowrank_grid(self, wtype: str, smem: int) -> int:
         """Blocks of 256 threads resident at once with `smem` bytes of dynamic shared memory each (the grid
@@ -1240,9 +1221,9 @@ class Kernels:
         return g
 
     def layers(self, table, wtype: str, L: int, x, qkv, att, act, st, pos, cos, sin, use_rope, kc, vc, scale, T, D,
-               H, Hkv, hd, cap, F, up_mode, layer_norm, eps1, eps2, bar, per_sm: int = 2, pf: int = 0, hp=None):
+               H, Hkv, hd, cap, F, up_mode, layer_norm, eps1, eps2, bar, per_sm: int = 2, pf: int = 0):
         """Every layer of a step in one persistent launch (see the source); table: (layers, LAYER_POINTERS) uint64;
-        pf, hp: the L2 prefetch (see the source; hp: 6 uint64, needed for pf = 2)."""
+        pf: the L2 prefetch of the next layer (see the source)."""
         smem = self.layers_smem(T, D, H * hd, F)
         blocks = self.resident_blocks("layers", wtype, per_sm, smem)
         self.fn("layers", wtype)((blocks,), (256,), (table, self._i(L), x, qkv, att, act, st, pos, cos, sin,
@@ -1251,7 +1232,7 @@ class Kernels:
                                                     self._i(Hkv), self._i(hd), self._i(cap), self._i(F),
                                                     self._i(up_mode), self._i(int(layer_norm)),
                                                     self.cp.float32(eps1), self.cp.float32(eps2), bar,
-                                                    self._i(pf if hp is not None else min(pf, 1)), self._p(hp)),
+                                                    self._i(pf)),
                                  shared_mem=smem)
 
     @staticmethod
