@@ -206,11 +206,6 @@ def test_greedy_decode_on_device_matches_cpu(name, cpu_models):
         cpu.append(int(np.argmax(logits)))
         logits = m.forward([cpu[-1]], cache)[0]
     assert g.decode_greedy(ids, g.new_cache(64), 24) == cpu
-    # the streamed generator with 1, 2 and 3 steps queued ahead: the same tokens, to the cache's end
-    from itertools import islice
-    for depth in (1, 2, 3):
-        assert list(islice(g.greedy_tokens(ids, g.new_cache(64), depth), 24)) == cpu
-    assert list(g.greedy_tokens(ids, g.new_cache(len(ids) + 5), 2)) == cpu[:6]  # stops when the cache is full
 
 
 @pytest.mark.gpu

@@ -7,10 +7,9 @@ matrices (--mode lowrank) stay factored and run on the fused low-rank kernel. Th
 device (float32), and so do sampling and speculative verification: a greedy decode step is one graph
 replay (embedding → 5 kernels a layer → norm → head → argmax, the position advanced on the device; on
 Hopper and later each kernel is a programmatic dependent launch, which overlaps its start with the kernel
-before) and one 4-byte read of the token, which streamed generation queues two steps ahead of; a
-speculative step is one graph replay over K+1 positions and one verification kernel. MINIRT_GPU_LAYERS=1
-runs all layers in one persistent kernel instead (slower on an H200: BENCHMARKS.md). A model the backend
-cannot run is refused (gpu_refusal) before any upload.
+before) and one 4-byte read of the token; a speculative step is one graph replay over K+1 positions and
+one verification kernel. MINIRT_GPU_LAYERS=1 runs all layers in one persistent kernel instead (slower on
+an H200: BENCHMARKS.md). A model the backend cannot run is refused (gpu_refusal) before any upload.
 
 GPUModel keeps Model's contract: forward(tokens, cache, logits) returns float32 logits on the host;
 new_cache(), logits(), generate(), truncated() behave as on the CPU. Kernels: minirt/cuda/kernels.py.
@@ -511,36 +510,6 @@ class GPUModel:
         """The token the last greedy step chose (one 4-byte copy: the host sync of a decode step)."""
         return int(self._buffers(1)["tok"][:1].get(stream=self.stream)[0])
 
-    def greedy_tokens(self, tokens, cache, depth: int = 2):
-        """Greedy tokens after a prompt, as a generator, with `depth` steps queued on the device while the host
-        hands on a token: each step's token is copied into pinned host memory behind it, so the device never
-        waits for the host (with depth 1, it idled from a step's end to the next launch after the host's read).
-        A consumer that stops early leaves up to `depth` extra steps run."""
-        import cupyx
-        cp, s = self.cp, self.stream
-        ring = cupyx.empty_pinned((depth,), np.int32)
-        done = [cp.cuda.Event(disable_timing=True) for _ in range(depth)]
-        queued: list[int] = []
-
-        def copy_token(slot: int) -> None:  # the step just queued wrote its token at hist[pos]
-            src = cache.hist[cache.pos:cache.pos + 1]
-            cp.cuda.runtime.memcpyAsync(ring.ctypes.data + 4 * slot, src.data.ptr, 4, 2, s.ptr)  # 2: to the host
-            done[slot].record(s)
-            queued.append(slot)
-
-        self.prefill_greedy(tokens, cache)
-        copy_token(0)
-        n = 1
-        while queued:
-            slot = queued.pop(0)
-            done[slot].synchronize()
-            tok = int(ring[slot])
-            while len(queued) < depth and cache.pos < cache.capacity:  # `depth` steps queued while the host works
-                self.step_greedy(cache)
-                copy_token(n % depth)
-                n += 1
-            yield tok
-
     def decode_greedy(self, tokens, cache, n: int) -> list[int]:
         """n greedy tokens after a prompt, with one host sync at the end (for benchmarks)."""
         p0 = cache.pos + len(tokens)
@@ -678,8 +647,8 @@ class DeviceSampler:
 
 
 class GPUGeneration(Generation):
-    """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, two steps queued
-    ahead of the host (GPUModel.greedy_tokens)."""
+    """Generation on a GPUModel: sampling on the device; greedy decoding as graph replays, the next step
+    launched before the host handles the current token."""
 
     def _continues_cache(self) -> bool:
         return False
@@ -688,8 +657,15 @@ class GPUGeneration(Generation):
         m, cache = self.model, self.cache
         p = self.sampler.params
         if p.greedy and p.repetition_penalty == 1.0:
-            yield from m.greedy_tokens(self.prompt_ids, cache)  # the device runs ahead of the host
-            return
+            m.prefill_greedy(self.prompt_ids, cache)
+            while True:
+                tok = m.read_token()
+                more = cache.pos < cache.capacity
+                if more:
+                    m.step_greedy(cache)  # runs while the host detokenizes tok
+                yield tok
+                if not more:
+                    return
         ds = DeviceSampler(m, self.sampler, self.prompt_ids)
         rows = m.forward_device(self.prompt_ids, cache)
         while True:
