@@ -273,7 +273,46 @@ def test_batched_equals_alone(live, smollm2_fast):
         batched = list(ex.map(lambda r: c.completions.create(model="x", **r).choices[0].text, reqs))
     assert batched == alone
     assert live.batcher.peak >= 3  # they did decode together
+    assert live.batcher.mixed_in >= 1  # and a prompt ran in a decode step (batch.Pass)
     assert alone[-1] != alone[-2]
+
+
+def test_requests_join_a_running_step(smollm2_fast):
+    """Short requests arriving while long streams decode stop the step at a layer boundary and join it
+    (Batcher._pass): their first token comes out of that step. Every answer is what Model.generate gives."""
+    from minirt.server.batcher import Batcher, Params, Sequence
+    m = smollm2_fast
+    b = Batcher(m, parallel=4, ctx=CTX)
+    assert b.mixed
+    texts: dict[int, list[str]] = {}
+
+    def submit(prompt, n):
+        s = Sequence(m.tokenizer.encode(prompt), Params(max_tokens=n, temperature=0), lambda e: None)
+        texts[id(s)] = []
+        s.emit = lambda e, out=texts[id(s)]: out.append(e.get("text", ""))
+        b.submit([s])
+        return s
+    b.start()
+    try:
+        longs = [submit(p, 60) for p in PROMPTS[:3]]
+        while not all(s.tokens for s in longs):
+            time.sleep(0.002)
+        probes = []
+        for k in range(5):  # one at a time, while the long ones decode
+            s = submit(PROMPTS[3 + k % 2], 3)
+            while not s.finished:
+                time.sleep(0.001)
+            probes.append(s)
+        assert not any(s.finished for s in longs)
+        for s in longs:
+            while not s.finished:
+                time.sleep(0.01)
+    finally:
+        b.stop()
+    assert b.joined >= 1 and b.mixed_in >= b.joined
+    for s in longs + probes:
+        ids = s.prompt
+        assert "".join(texts[id(s)]) == _reference(m, ids, s.params.max_tokens)[0]
 
 
 def test_prefix_cache_reuses_rows_and_changes_nothing(live, smollm2_fast, smollm2):
