@@ -148,21 +148,19 @@ class Pass:
         self.table = model._step_table()
         if pool is None or self.table is None or not self.table.covers(MAX_ROWS):
             raise ValueError("a pass needs pooled caches and the compiled step")
-        self.parts: list[tuple[KVCache, int, bool]] = []
+        self.parts: list[tuple[KVCache, int, bool]] = []  # (cache, rows, want) in the order of the rows
+        self.new: list[tuple[KVCache, np.ndarray]] = []   # parts added since the last run (not in x yet)
+        self.rows = 0
         self.x = np.empty((0, model.cfg.dim), np.float32)
         self.slots = self.positions = np.empty(0, np.int64)
-        self.layer = 0  # the layers before this one have run for every row
-
-    @property
-    def rows(self) -> int:
-        return len(self.x)
+        self.layer = 0  # the layers before this one have run for every row of x
 
     def _scores(self, positions):
         c = self.model.cfg  # attention_rows' scratch, as BatchStep._compiled
         return np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (int(positions.max()) + 1)), np.float32)
 
     def add(self, cache: KVCache, tokens, want: bool = True) -> None:
-        """Positions cache.pos … of tokens join the pass; want: return the last one's logits."""
+        """Positions cache.pos … of tokens join the pass (at its next run()); want: return the last one's logits."""
         m = self.model
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if not len(tokens) or self.rows + len(tokens) > MAX_ROWS:
@@ -172,19 +170,30 @@ class Pass:
         if tokens.min() < 0 or tokens.max() >= m.cfg.vocab_size:
             raise MinirtError(f"token id out of range 0..{m.cfg.vocab_size - 1}")
         cache.reserve(len(tokens))
-        m.rope(cache.capacity)
-        positions = np.arange(cache.pos, cache.pos + len(tokens), dtype=np.int64)
-        slots = np.full(len(tokens), cache.slot, np.int64)
+        self.parts.append((cache, len(tokens), want))
+        self.new.append((cache, tokens))
+        self.rows += len(tokens)
+
+    def _take_new(self) -> None:
+        """The rows added since the last run into x (embedded; the layers before self.layer run on them alone)."""
+        m = self.model
+        tokens = np.concatenate([t for _, t in self.new])
+        positions = np.concatenate([np.arange(c.pos, c.pos + len(t), dtype=np.int64) for c, t in self.new])
+        slots = np.concatenate([np.full(len(t), c.slot, np.int64) for c, t in self.new])
+        m.rope(max(c.capacity for c, _ in self.new))
+        self.new = []
         x = np.ascontiguousarray(m._embed(tokens, positions), dtype=np.float32)
         if self.layer:  # catch up with the rows already in the pass
             self.table.run_layers(m, x, *self.pool, slots, positions, self._scores(positions), 0, self.layer)
-        self.x = np.concatenate([self.x, x])
-        self.slots = np.concatenate([self.slots, slots])
-        self.positions = np.concatenate([self.positions, positions])
-        self.parts.append((cache, len(tokens), want))
+        if len(self.x):
+            x, slots, positions = (np.concatenate(p) for p in ((self.x, x), (self.slots, slots),
+                                                                (self.positions, positions)))
+        self.x, self.slots, self.positions = x, slots, positions
 
     def run(self, stop: np.ndarray = None) -> bool:
         """Run the remaining layers; True when done, False when stop[0] was set (at a layer boundary)."""
+        if self.new:
+            self._take_new()
         stop = self.table.NO_STOP if stop is None else stop
         self.layer = self.table.run_layers(self.model, self.x, *self.pool, self.slots, self.positions,
                                            self._scores(self.positions), self.layer, None, stop)
@@ -193,6 +202,8 @@ class Pass:
     def logits(self) -> list:
         """Each part's last-position logits (vocab,) (None where not wanted); every cache advances."""
         m = self.model
+        if self.new or self.layer < len(self.table.win):
+            raise ValueError("the pass has rows that have not run: run() it to the end first")
         ends = np.cumsum([n for _, n, _ in self.parts]) - 1
         want = [e for e, (_, _, w) in zip(ends, self.parts) if w]
         out = [None] * len(self.parts)

@@ -102,6 +102,8 @@ def test_pass_mixes_prompt_chunks_with_decode_rows(smollm2_fast):
     p.add(caches[3], ids[3][:half], want=False)  # a prompt in two chunks: the first gives no logits
     stop[0] = 1  # as a request arriving mid-step does: the pass stops after its first layer
     assert not p.run(stop) and p.layer == 1
+    with pytest.raises(ValueError, match="have not run"):
+        p.logits()
     stop[0] = 0
     p.add(caches[4], ids[4])  # runs layer 0 on its own rows, then the rest with the others
     assert p.rows == 3 + half + len(ids[4]) <= MAX_ROWS
