@@ -80,10 +80,19 @@ async def stream_one(url: str, prompt: str, tokens: int) -> tuple[float, float, 
     return (first or 0.0), time.perf_counter() - t0, n
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every process, every core; Linux /proc/stat, else 0)."""
+    try:
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
 def thread_cpu(pid: int | None) -> dict[str, float]:
-    """CPU seconds so far of each thread of process pid, by thread name (Linux /proc; {} elsewhere), and of
-    this (the client's) process under "client"."""
-    out = {"client": time.process_time()}
+    """CPU seconds so far of each thread of process pid, by thread name (Linux /proc; {} elsewhere), of this
+    (the client's) process under "client", and of the whole machine under "machine"."""
+    out = {"client": time.process_time(), "machine": machine_busy()}
     if pid is None:
         return out
     try:
@@ -104,9 +113,16 @@ def thread_cpu(pid: int | None) -> dict[str, float]:
 
 
 def cpu_per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
-    """Milliseconds of CPU per generated token, by thread (name → ms), between two thread_cpu() readings."""
-    return {k: round((after[k] - before.get(k, 0.0)) * 1e3 / max(tokens, 1), 3) for k in after
-            if after[k] - before.get(k, 0.0) > 0}
+    """Milliseconds of CPU per generated token, by thread (name → ms), between two thread_cpu() readings;
+    "others": what the rest of the machine (other sessions' processes) took meanwhile. A run where it is
+    more than a fraction of a millisecond per token measured a shared machine, not the server: with 2 cores,
+    a third busy process makes the kernels' 2 threads wait for each other."""
+    out = {k: round((after[k] - before.get(k, 0.0)) * 1e3 / max(tokens, 1), 3) for k in after
+           if after[k] - before.get(k, 0.0) > 0 and k != "machine"}
+    if after.get("machine"):
+        out["others"] = round(max(0.0, (after["machine"] - before["machine"]) * 1e3 / max(tokens, 1)
+                                  - sum(out.values())), 3)
+    return out
 
 
 def concurrent(url: str, streams: int, requests: int, tokens: int, pid: int | None = None) -> dict:
