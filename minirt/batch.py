@@ -141,7 +141,9 @@ class Pass:
         p = Pass(model, caches[0].pool); p.add(cache, [tok]); p.add(cache2, prompt)
         while not p.run(stop): p.add(...)           # a part that arrived while the pass ran
         rows = p.logits()                           # the last position's logits of each part (None: want=False)
-    At most MAX_ROWS rows in all; caches are slots of one pool (KVCache.pooled) and advance in logits()."""
+    At most MAX_ROWS rows in all; caches are slots of one pool (KVCache.pooled) and advance in logits().
+    (The server's batcher stops a pass to run a new request's prompt on its own, then resumes it: a part
+    joining mid-way makes its first token wait for the whole, wider rest of the pass.)"""
 
     def __init__(self, model, pool):
         self.model, self.pool = model, pool

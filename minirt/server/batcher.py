@@ -383,6 +383,7 @@ class Batcher:
             self._first(s, logits)
 
     def _join(self, p: Pass, prefilling: list[Sequence]) -> list[Sequence]:
+        """Add to p the whole rest of each prompt that still fits (in the order given); returns their sequences."""
         out = []
         for s in prefilling:
             if _rest(s) <= MAX_ROWS - p.rows:
