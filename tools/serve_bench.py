@@ -117,7 +117,8 @@ def cpu_per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
     """Milliseconds of CPU per generated token, by thread (name → ms), between two thread_cpu() readings;
     "others": what the rest of the machine (other sessions' processes) took meanwhile. A run where it is
     more than a fraction of a millisecond per token measured a shared machine, not the server: with 2 cores,
-    a third busy process makes the kernels' 2 threads wait for each other."""
+    a third busy process makes the kernels' 2 threads wait for each other. (With --url and no --pid, the
+    server's own CPU is in "others" too.)"""
     out = {k: round((after[k] - before.get(k, 0.0)) * 1e3 / max(tokens, 1), 3) for k in after
            if after[k] - before.get(k, 0.0) > 0 and k != "machine"}
     if after.get("machine"):
