@@ -131,6 +131,94 @@ class BatchStep:
         return m.head.forward(h, np.empty((n, c.vocab_size), np.float32))
 
 
+class Pass:
+    """One compiled call over rows of several sequences, each part a run of positions of one sequence: the
+    next token of a decoding sequence, or a chunk of a prompt (chunked prefill mixed into the decode step, as
+    vLLM and llama-server schedule it). Every kernel computes a row from that row and its own cache alone, so
+    each part gives the bits it gives alone (for prompts: where positions_independent(model) holds). Parts can
+    join while the pass runs: the pass stops at a layer boundary when the stop flag is set (run), and a part
+    added then (add) first runs the layers before that boundary on its own rows, then goes on with the rest.
+        p = Pass(model, caches[0].pool); p.add(cache, [tok]); p.add(cache2, prompt)
+        while not p.run(stop): p.add(...)           # a part that arrived while the pass ran
+        rows = p.logits()                           # the last position's logits of each part (None: want=False)
+    At most MAX_ROWS rows in all; caches are slots of one pool (KVCache.pooled) and advance in logits().
+    (The server's batcher stops a pass to run a new request's prompt on its own, then resumes it: a part
+    joining mid-way makes its first token wait for the whole, wider rest of the pass.)"""
+
+    def __init__(self, model, pool):
+        self.model, self.pool = model, pool
+        self.table = model._step_table()
+        if pool is None or self.table is None or not self.table.covers(MAX_ROWS):
+            raise ValueError("a pass needs pooled caches and the compiled step")
+        self.parts: list[tuple[KVCache, int, bool]] = []  # (cache, rows, want) in the order of the rows
+        self.new: list[tuple[KVCache, np.ndarray]] = []   # parts added since the last run (not in x yet)
+        self.rows = 0
+        self.x = np.empty((0, model.cfg.dim), np.float32)
+        self.slots = self.positions = np.empty(0, np.int64)
+        self.layer = 0  # the layers before this one have run for every row of x
+
+    def _scores(self, positions):
+        c = self.model.cfg  # attention_rows' scratch, as BatchStep._compiled
+        return np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (int(positions.max()) + 1)), np.float32)
+
+    def add(self, cache: KVCache, tokens, want: bool = True) -> None:
+        """Positions cache.pos … of tokens join the pass (at its next run()); want: return the last one's logits."""
+        m = self.model
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if not len(tokens) or self.rows + len(tokens) > MAX_ROWS:
+            raise ValueError(f"{len(tokens)} rows do not fit in a pass of {self.rows} (at most {MAX_ROWS})")
+        if cache.pool is not self.pool or any(c is cache for c, _, _ in self.parts):
+            raise ValueError("a part's cache must be a slot of the pass's pool, and in the pass once")
+        if tokens.min() < 0 or tokens.max() >= m.cfg.vocab_size:
+            raise MinirtError(f"token id out of range 0..{m.cfg.vocab_size - 1}")
+        cache.reserve(len(tokens))
+        self.parts.append((cache, len(tokens), want))
+        self.new.append((cache, tokens))
+        self.rows += len(tokens)
+
+    def _take_new(self) -> None:
+        """The rows added since the last run into x (embedded; the layers before self.layer run on them alone)."""
+        m = self.model
+        tokens = np.concatenate([t for _, t in self.new])
+        positions = np.concatenate([np.arange(c.pos, c.pos + len(t), dtype=np.int64) for c, t in self.new])
+        slots = np.concatenate([np.full(len(t), c.slot, np.int64) for c, t in self.new])
+        m.rope(max(c.capacity for c, _ in self.new))
+        self.new = []
+        x = np.ascontiguousarray(m._embed(tokens, positions), dtype=np.float32)
+        if self.layer:  # catch up with the rows already in the pass
+            self.table.run_layers(m, x, *self.pool, slots, positions, self._scores(positions), 0, self.layer)
+        if len(self.x):
+            x, slots, positions = (np.concatenate(p) for p in ((self.x, x), (self.slots, slots),
+                                                                (self.positions, positions)))
+        self.x, self.slots, self.positions = x, slots, positions
+
+    def run(self, stop: np.ndarray = None) -> bool:
+        """Run the remaining layers; True when done, False when stop[0] was set (at a layer boundary)."""
+        if self.new:
+            self._take_new()
+        stop = self.table.NO_STOP if stop is None else stop
+        self.layer = self.table.run_layers(self.model, self.x, *self.pool, self.slots, self.positions,
+                                           self._scores(self.positions), self.layer, None, stop)
+        return self.layer == len(self.table.win)
+
+    def logits(self) -> list:
+        """Each part's last-position logits (vocab,) (None where not wanted); every cache advances."""
+        m = self.model
+        if self.new or self.layer < len(self.table.win):
+            raise ValueError("the pass has rows that have not run: run() it to the end first")
+        ends = np.cumsum([n for _, n, _ in self.parts]) - 1
+        want = [e for e, (_, _, w) in zip(ends, self.parts) if w]
+        out = [None] * len(self.parts)
+        if want:
+            x = self.x[want]
+            rows = m.head.forward(m.norm(x, np.empty_like(x)), np.empty((len(want), m.cfg.vocab_size), np.float32))
+            it = iter(rows)
+            out = [next(it) if w else None for _, _, w in self.parts]
+        for cache, n, _ in self.parts:
+            cache.pos += n
+        return out
+
+
 def positions_independent(model) -> bool:
     """Whether a position's result has the same bits however positions are grouped into calls (so that KV rows
     of a prefix computed in one request serve another): every matrix of the layers is a block format or a

@@ -580,19 +580,30 @@ class StepTable:
                  positions: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """As run, for rows that each carry their own cache and position: token t goes to position
         positions[t] of cache slot slots[t] of kc/vc (L, S, Hkv, ctx, hd). Positions are not advanced."""
-        c, tr = model.cfg, model.cfg.traits
-        T = len(tokens)
-        s = model._buffers(T)
         x = np.ascontiguousarray(model._embed(tokens, positions), dtype=np.float32)
+        self.run_layers(model, x, kc, vc, slots, positions, scores)
+        return x
+
+    NO_STOP = np.zeros(1, np.int64)
+
+    def run_layers(self, model: Model, x: np.ndarray, kc: np.ndarray, vc: np.ndarray, slots: np.ndarray,
+                   positions: np.ndarray, scores: np.ndarray, start: int = 0, end: int | None = None,
+                   stop: np.ndarray = NO_STOP) -> int:
+        """Layers start … end−1 (default: to the last) for the residual stream x (T, dim) of rows as run_rows,
+        in place. Another thread setting stop[0] non-zero ends the call at the next layer boundary: returns
+        the layer it stopped before (end when it ran them all)."""
+        c, tr = model.cfg, model.cfg.traits
+        T = len(x)
+        s = model._buffers(T)
         cos, sin = self._tables(model)
         if T not in self._act:
             nb = self.max_k // 32
             self._act[T] = (np.empty(T * self.max_rank, np.float32), np.empty(T * self.max_k, np.int8),
                             np.empty(T * nb * 8, np.float32), np.empty(T * nb, np.float32), np.empty(T * nb, np.float32))
         mid, xqb, xdeb, xsb, xkb = self._act[T]
-        step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.sub, self.qs, self.hs, self.ms, self.fs, self.bs,
-                    self.nw, self.nb, self.qkn, self.win, self.rope_i, cos, sin,
-                    tr.norm == "layer", step.FFNS[tr.ffn], tr.rope, tr.qk_norm, tr.post_norms, self.eps, c.scale,
-                    x, slots, positions, kc, vc, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],
-                    s["act"], scores, mid, xqb, xdeb, xsb, xkb, numba.get_num_threads())
-        return x
+        return step.layers(self.tags[0], self.tags[1], self.has, self.fmt, self.sub, self.qs, self.hs, self.ms,
+                           self.fs, self.bs, self.nw, self.nb, self.qkn, self.win, self.rope_i, cos, sin,
+                           tr.norm == "layer", step.FFNS[tr.ffn], tr.rope, tr.qk_norm, tr.post_norms, self.eps, c.scale,
+                           x, slots, positions, kc, vc, s["h"], s["o"], s["qkv"], s["q"], s["att"], s["up"],
+                           s["act"], scores, mid, xqb, xdeb, xsb, xkb, numba.get_num_threads(),
+                           start, len(self.win) if end is None else end, stop)

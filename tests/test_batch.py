@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minirt.batch import MAX_ROWS, BatchStep
+from minirt.batch import MAX_ROWS, BatchStep, Pass
 from minirt.errors import MinirtError
 from minirt.kvcache import KVCache
 
@@ -79,6 +79,52 @@ def test_step_refuses_bad_input(smollm2_fast):
     m.forward([1, 2, 3, 4], c)
     with pytest.raises(MinirtError, match="context is full"):
         step([1], [c])
+
+
+def test_pass_mixes_prompt_chunks_with_decode_rows(smollm2_fast):
+    """Chunked prefill mixed into the decode step (Pass): decode rows of three sequences and prompt chunks of
+    two more in one call, one of them joining while the pass runs (stopped at a layer boundary by the flag);
+    every part's logits and every later step have the bits of the sequence alone (Model.forward)."""
+    m = smollm2_fast
+    texts = ["The capital of France is", "Once upon a time", "def fib(n):", "Hello, my name is", "Good morning"]
+    ids = [m.tokenizer.encode(t) for t in texts]
+    alone = [_alone(m, p, 3) for p in ids]
+    caches = KVCache.pooled(m.cfg, 64, len(ids))
+    last = {i: m.forward(ids[i], caches[i])[0] for i in range(3)}  # three sequences already decoding
+    for i in range(3):
+        np.testing.assert_array_equal(last[i], alone[i][0][1])
+    stop = np.zeros(1, np.int64)
+    p = Pass(m, caches[0].pool)
+    toks = {i: int(np.argmax(last[i])) for i in range(3)}
+    for i in range(3):
+        p.add(caches[i], [toks[i]])
+    half = len(ids[3]) // 2
+    p.add(caches[3], ids[3][:half], want=False)  # a prompt in two chunks: the first gives no logits
+    stop[0] = 1  # as a request arriving mid-step does: the pass stops after its first layer
+    assert not p.run(stop) and p.layer == 1
+    with pytest.raises(ValueError, match="have not run"):
+        p.logits()
+    stop[0] = 0
+    p.add(caches[4], ids[4])  # runs layer 0 on its own rows, then the rest with the others
+    assert p.rows == 3 + half + len(ids[4]) <= MAX_ROWS
+    assert p.run(stop)
+    rows = p.logits()
+    assert rows[3] is None
+    for i in range(3):
+        np.testing.assert_array_equal(rows[i], alone[i][1][1])
+    np.testing.assert_array_equal(rows[4], alone[4][0][1])
+    assert [c.pos for c in caches] == [len(ids[i]) + 1 for i in range(3)] + [half, len(ids[4])]
+    p = Pass(m, caches[0].pool)  # the second chunk of prompt 3, beside the next decode rows
+    p.add(caches[3], ids[3][half:])
+    for i in range(3):
+        p.add(caches[i], [int(np.argmax(rows[i]))])
+    assert p.run()
+    rows = p.logits()
+    np.testing.assert_array_equal(rows[0], alone[3][0][1])
+    for i in range(3):
+        np.testing.assert_array_equal(rows[1 + i], alone[i][2][1])
+    with pytest.raises(ValueError, match="do not fit"):
+        Pass(m, caches[0].pool).add(caches[0], [1] * (MAX_ROWS + 1))
 
 
 @pytest.mark.slow

@@ -262,18 +262,61 @@ PROMPTS = ["The capital of France is", "Once upon a time there was", "def fibona
 def test_batched_equals_alone(live, smollm2_fast):
     assert len(smollm2_fast.tokenizer.encode(PROMPTS[-1])) > 2 * PREFILL_STEP
     c = live.client()
-    reqs = [dict(prompt=p, max_tokens=16, temperature=0) for p in PROMPTS]
+    # different lengths: slots free up at different steps, so that queued prompts run beside decode rows
+    reqs = [dict(prompt=p, max_tokens=10 + 3 * i, temperature=0) for i, p in enumerate(PROMPTS)]
     reqs.append(dict(prompt="Once upon a time", max_tokens=16, temperature=0.9, seed=7))  # seeded, sampled
     reqs.append(dict(prompt="Once upon a time", max_tokens=16, temperature=0.9, seed=8))
     alone = [c.completions.create(model="x", **r).choices[0].text for r in reqs]
-    for p, a in zip(PROMPTS[:3], alone):  # and greedy alone is what Model.generate gives
-        assert a == _reference(smollm2_fast, smollm2_fast.tokenizer.encode(p), 16)[0]
+    for r, a in zip(reqs[:3], alone):  # and greedy alone is what Model.generate gives
+        assert a == _reference(smollm2_fast, smollm2_fast.tokenizer.encode(r["prompt"]), r["max_tokens"])[0]
     live.batcher.peak = 0
     with ThreadPoolExecutor(len(reqs)) as ex:  # more requests than slots: some wait in the queue
         batched = list(ex.map(lambda r: c.completions.create(model="x", **r).choices[0].text, reqs))
     assert batched == alone
     assert live.batcher.peak >= 3  # they did decode together
+    assert live.batcher.mixed_in >= 1  # and a prompt ran in a decode step (batch.Pass)
     assert alone[-1] != alone[-2]
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "separate"])
+def test_requests_jump_into_a_running_step(smollm2_fast, mixed):
+    """Short requests arriving while long streams decode stop the step at a layer boundary, run their prompt
+    and send their first token before the step goes on (Batcher._pass). Every answer is what Model.generate
+    gives: the stopped step resumes with the bits it would have had. Without mixing (models whose positions'
+    bits depend on grouping: prompts in their own chunks, one decode step) the answers are the same."""
+    from minirt.server.batcher import Batcher, Params, Sequence
+    m = smollm2_fast
+    b = Batcher(m, parallel=4, ctx=CTX, mixed=mixed)
+    assert b.mixed == mixed
+    texts: dict[int, list[str]] = {}
+
+    def submit(prompt, n):
+        s = Sequence(m.tokenizer.encode(prompt), Params(max_tokens=n, temperature=0), lambda e: None)
+        texts[id(s)] = []
+        s.emit = lambda e, out=texts[id(s)]: out.append(e.get("text", ""))
+        b.submit([s])
+        return s
+    b.start()
+    try:
+        longs = [submit(p, 60) for p in PROMPTS[:3]]
+        while not all(s.tokens for s in longs):
+            time.sleep(0.002)
+        probes = []
+        for k in range(5):  # one at a time, while the long ones decode
+            s = submit(PROMPTS[3 + k % 2], 3)
+            while not s.finished:
+                time.sleep(0.001)
+            probes.append(s)
+        assert not any(s.finished for s in longs)
+        for s in longs:
+            while not s.finished:
+                time.sleep(0.01)
+    finally:
+        b.stop()
+    assert (b.jumped >= 1) == mixed
+    for s in longs + probes:
+        ids = s.prompt
+        assert "".join(texts[id(s)]) == _reference(m, ids, s.params.max_tokens)[0]
 
 
 def test_prefix_cache_reuses_rows_and_changes_nothing(live, smollm2_fast, smollm2):

@@ -4,6 +4,7 @@ concurrent streams, and the time to first token of a short request while 7 long 
     python tools/serve_bench.py                       # both servers, SmolLM2 Q4_1, one after the other
     python tools/serve_bench.py --servers minirt --tokens 32 --requests 2
     python tools/serve_bench.py --url http://127.0.0.1:8080   # a server already running
+    python tools/serve_bench.py --servers minirt --streams 1,8,1,8,1,8   # interleaved: medians and their ratio
 
 Each server is started here (minirt serve --parallel 8; llama-server -np 8 -cb, each slot with the same context),
 warmed with one request per prompt (all at once), measured, and stopped. Requests are greedy completions with ignore_eos, so every one
@@ -80,10 +81,19 @@ async def stream_one(url: str, prompt: str, tokens: int) -> tuple[float, float, 
     return (first or 0.0), time.perf_counter() - t0, n
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every process, every core; Linux /proc/stat, else 0)."""
+    try:
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
 def thread_cpu(pid: int | None) -> dict[str, float]:
-    """CPU seconds so far of each thread of process pid, by thread name (Linux /proc; {} elsewhere), and of
-    this (the client's) process under "client"."""
-    out = {"client": time.process_time()}
+    """CPU seconds so far of each thread of process pid, by thread name (Linux /proc; {} elsewhere), of this
+    (the client's) process under "client", and of the whole machine under "machine"."""
+    out = {"client": time.process_time(), "machine": machine_busy()}
     if pid is None:
         return out
     try:
@@ -104,9 +114,17 @@ def thread_cpu(pid: int | None) -> dict[str, float]:
 
 
 def cpu_per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
-    """Milliseconds of CPU per generated token, by thread (name → ms), between two thread_cpu() readings."""
-    return {k: round((after[k] - before.get(k, 0.0)) * 1e3 / max(tokens, 1), 3) for k in after
-            if after[k] - before.get(k, 0.0) > 0}
+    """Milliseconds of CPU per generated token, by thread (name → ms), between two thread_cpu() readings;
+    "others": what the rest of the machine (other sessions' processes) took meanwhile. A run where it is
+    more than a fraction of a millisecond per token measured a shared machine, not the server: with 2 cores,
+    a third busy process makes the kernels' 2 threads wait for each other. (With --url and no --pid, the
+    server's own CPU is in "others" too.)"""
+    out = {k: round((after[k] - before.get(k, 0.0)) * 1e3 / max(tokens, 1), 3) for k in after
+           if after[k] - before.get(k, 0.0) > 0 and k != "machine"}
+    if after.get("machine"):
+        out["others"] = round(max(0.0, (after["machine"] - before["machine"]) * 1e3 / max(tokens, 1)
+                                  - sum(out.values())), 3)
+    return out
 
 
 def concurrent(url: str, streams: int, requests: int, tokens: int, pid: int | None = None) -> dict:
@@ -192,6 +210,16 @@ def run(url: str, args, pid: int | None = None) -> dict:
     base = out["concurrency"][0]["agg_tok_s"]
     for row in out["concurrency"]:
         row["speedup"] = round(row["agg_tok_s"] / base, 2)
+    # levels given more than once (--streams 1,8,1,8,1,8): interleaved, so that a slow spell of a shared machine
+    # falls on both; the median of each level's aggregate, and the speedup of those medians over the first level's
+    levels: dict[int, list[float]] = {}
+    for row in out["concurrency"]:
+        levels.setdefault(row["streams"], []).append(row["agg_tok_s"])
+    if any(len(v) > 1 for v in levels.values()):
+        med = {k: statistics.median(v) for k, v in levels.items()}
+        first = med[out["concurrency"][0]["streams"]]
+        out["median_agg_tok_s"] = {k: round(v, 1) for k, v in med.items()}
+        out["median_speedup"] = {k: round(v / first, 2) for k, v in med.items()}
     return out
 
 

@@ -136,18 +136,24 @@ def _norm(x, w, b, layer, eps, out):
 @njit(nogil=True, **JIT)  # the server's HTTP thread runs while a step computes
 def layers(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, nw, nbias, qkn, win, rope_i, cos, sin,
            layer_norm, ffn, use_rope, qk_norm, post_norms, eps, scale,
-           x, slots, positions, kc, vc, h, o, qkv, q, att, up, act, scores, mid, xqb, xdeb, xsb, xkb, n):
-    """Every layer for the T rows of the residual stream x (T, dim), in place. Row t is position positions[t]
-    of the sequence whose cache is slot slots[t] of kc/vc (L, S, Hkv, ctx, hd): T positions of one sequence
-    (S = 1), or one position each of several sequences (a batched decode step, minirt.batch); its key and
-    value go there. Buffers as Model._buffers; mid flat scratch for a low-rank matrix's T × rank middle;
-    xqb/xdeb/xsb/xkb flat scratch for the int8 activations (T·K, T·nb·8, T·nb, T·nb for the largest K)."""
+           x, slots, positions, kc, vc, h, o, qkv, q, att, up, act, scores, mid, xqb, xdeb, xsb, xkb, n,
+           start, end, stop):
+    """Layers start … end−1 for the T rows of the residual stream x (T, dim), in place. Row t is position
+    positions[t] of the sequence whose cache is slot slots[t] of kc/vc (L, S, Hkv, ctx, hd): T positions of one
+    sequence (S = 1), or rows of several sequences, each at its own positions (a batched step, minirt.batch);
+    its key and value go there. Buffers as Model._buffers; mid flat scratch for a low-rank matrix's T × rank
+    middle; xqb/xdeb/xsb/xkb flat scratch for the int8 activations (T·K, T·nb·8, T·nb, T·nb for the largest K).
+    stop (1,): read after each layer; where another thread has set it non-zero, the call returns early, at a
+    layer boundary (x then holds the residual stream entering the layer returned; the layers before it have
+    stored their keys and values). Returns the layer it stopped before: end when it ran them all."""
     T = x.shape[0]
     H, hd = q.shape[1], q.shape[2]
     Hkv = kc.shape[2]
     qd = H * hd
     attf = att.reshape(T, qd)
-    for li in range(win.shape[0]):
+    for li in range(start, end):
+        if li > start and stop[0] != 0:
+            return li
         m = 4 * li
         _norm(x, nw[li, 0], nbias[li, 0], layer_norm, eps, h)
         _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, m, h, qkv, mid, xqb, xdeb, xsb, xkb, n)
@@ -182,3 +188,4 @@ def layers(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, nw, nbias, qkn, win,
         if post_norms:
             _norm(o, nw[li, 3], nbias[li, 3], layer_norm, eps, o)
         x += o
+    return end

@@ -4,11 +4,17 @@ Each request (each of its `n` choices) is a Sequence. A slot is a KV cache of --
 and reused; a sequence holds one from admission to its end. Every step of the scheduler thread:
   1. retires sequences whose client went away (their slots are free for this step's admissions),
   2. admits waiting sequences into free slots (they join at this step),
-  3. runs one prefill chunk (≤ PREFILL_STEP prompt positions) of one admitted sequence, shortest first
-     (so a long prompt delays the running streams by one chunk per step, not by the whole prompt, and a
-     short request's first token comes out within the step it joins, before the decode pass below; the
-     previous step's tokens are sent with it, so that no HTTP work competes with the prefill for the cores),
-  4. runs ONE forward pass over the next position of every decoding sequence (minirt.batch.BatchStep).
+  3. runs one prefill chunk (≤ PREFILL_STEP prompt positions) of one admitted sequence whose prompt does not
+     fit beside the decode rows, shortest first (so a long prompt delays the running streams by one chunk per
+     step, not by the whole prompt; the previous step's tokens are sent with it, so that no HTTP work competes
+     with the prefill for the cores),
+  4. runs ONE forward pass over the next position of every decoding sequence and the rest of every prompt
+     that fits beside them (≤ batch.MAX_ROWS rows in all: chunked prefill mixed into the decode step, as vLLM
+     and llama-server do; batch.Pass). A request that arrives while the pass runs stops it at the next layer
+     boundary (a flag the compiled step reads between layers): its first prompt chunk runs then and its
+     first token goes out at once; the pass goes on from that layer. So a short request's first token
+     waits for one layer of the running streams, not for their whole step.
+     (Mixing is on where positions_independent(model) holds; otherwise prompts run in their own chunks.)
 A prompt is always cut into the same chunks (balanced, from its length alone), and the decode step computes
 each row on its own, so a request's tokens do not depend on what else runs beside it; each sequence samples
 with its own random generator (seeded when the request has a seed).
@@ -35,7 +41,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..batch import BatchStep, positions_independent
+from ..batch import MAX_ROWS, BatchStep, Pass, positions_independent
 from ..kvcache import KVCache
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import Detokenizer
@@ -118,6 +124,11 @@ def split_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text[:len(text) - hold], False
 
 
+def _rest(s: Sequence) -> int:
+    """Prompt positions s has still to run."""
+    return len(s.prompt) - s.done_prompt
+
+
 def _dispatch(items: list) -> None:
     for emit, event in items:
         emit(event)
@@ -125,7 +136,7 @@ def _dispatch(items: list) -> None:
 
 class Batcher:
     def __init__(self, model, parallel: int = 4, ctx: int | None = None, queue: int = 64,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, mixed: bool = True):
         self.model, self.parallel, self.queue_limit = model, parallel, queue
         self.prefix_cache = prefix_cache and positions_independent(model)
         self.held: dict[int, list[int]] = {}  # id(free slot) → the tokens of the KV rows it still holds
@@ -133,6 +144,12 @@ class Batcher:
         self.step = BatchStep(model)
         # slots: allocated once, reused; one pool, so that a step runs every sequence in one compiled call
         self.free = KVCache.pooled(model.cfg, self.ctx, parallel)
+        self.pool = self.free[0].pool
+        # prompts that fit ride along with the decode rows in one compiled call (batch.Pass), where a position's
+        # bits do not depend on how positions are grouped and the compiled step covers MAX_ROWS rows
+        table = model._step_table() if model.compiled_step else None
+        self.mixed = mixed and positions_independent(model) and table is not None and table.covers(MAX_ROWS)
+        self.arrived = np.zeros(1, np.int64)  # set by submit() while a slot is free: the pass stops to let it in
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.cv = threading.Condition()
@@ -140,6 +157,8 @@ class Batcher:
         self.stopped = False
         self.steps = 0
         self.peak = 0  # the most sequences one decode step has run together
+        self.mixed_in = 0  # prompts run beside decode rows in one pass
+        self.jumped = 0    # requests whose first chunk ran while a pass was stopped for them
         self.outbox: list[tuple[Sequence, dict]] = []  # events of this step, handed over by _flush()
         self.thread = threading.Thread(target=self._run, name="minirt-batcher", daemon=True)
 
@@ -161,6 +180,8 @@ class Batcher:
             if len(self.waiting) + len(seqs) > self.queue_limit + len(self.free):
                 raise Busy(f"all {self.parallel} slots are busy and the queue of {self.queue_limit} is full")
             self.waiting.extend(seqs)
+            if self.free:
+                self.arrived[0] = 1
             self.cv.notify()
 
     def cancel(self, seqs: list[Sequence]) -> None:
@@ -211,11 +232,7 @@ class Batcher:
                             self._finish(s, "length")
                         self._flush()
                         continue
-                    while self.waiting and self.free:
-                        s = self.waiting.popleft()
-                        if s.cancelled:
-                            continue
-                        self._admit(s)
+                    self._admit_waiting()
                 self._step()
                 if not (self.waiting and self.free):  # else the events wait for the admission's prefill: _step
                     self._flush()
@@ -256,6 +273,17 @@ class Batcher:
         if any(s.cancelled for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
 
+    def _admit_waiting(self) -> list[Sequence]:
+        """Admit waiting sequences into free slots (under self.cv); returns them."""
+        self.arrived[0] = 0
+        out = []
+        while self.waiting and self.free:
+            s = self.waiting.popleft()
+            if not s.cancelled:
+                self._admit(s)
+                out.append(s)
+        return out
+
     def _admit(self, s: Sequence) -> None:
         """Give s the least recently freed slot. Where a free slot holds a prefix of its prompt (at least
         MIN_REUSE positions; one prompt position is always left to run, for its logits), those rows are copied
@@ -295,26 +323,78 @@ class Batcher:
 
     def _step(self) -> None:
         self.steps += 1
-        prefilling = [s for s in self.active if s.next_token is None and not s.finished]
-        if prefilling:  # first: a request that just arrived gets its first token within this step
-            s = min(prefilling, key=lambda s: len(s.prompt) - s.done_prompt)
-            i = s.bounds.index(s.done_prompt)
-            a, b = s.bounds[i], s.bounds[i + 1]
-            logits = self.model.forward(s.prompt[a:b], s.cache)[0]
-            s.done_prompt = b
-            if b == len(s.prompt):
-                s.detok = Detokenizer(self.model.tokenizer)
-                self._deliver(s, logits)
+        decoding = [s for s in self.active if s.next_token is not None]
+        prefilling = sorted((s for s in self.active if s.next_token is None and not s.finished), key=_rest)
+        mixed = self.mixed and len(decoding) < MAX_ROWS
+        if prefilling and not (mixed and _rest(prefilling[0]) <= MAX_ROWS - len(decoding)):
+            # first: a request that just arrived gets its first token within this step (a prompt that fits
+            # beside the decode rows rides along with them instead: _pass)
+            self._prefill_chunk(prefilling[0])
         # The events of the step before, held while this prefill ran (the HTTP thread and the clients writing
         # and reading them would take a core from it, on 2 cores), and the new sequence's first token, which
         # goes out now, not after the decode step
         self._flush()
         decoding = [s for s in self.active if s.next_token is not None]
+        if mixed and len(decoding) <= MAX_ROWS:
+            return self._pass(decoding, [s for s in prefilling if s.next_token is None and not s.finished])
         if decoding:
             self.peak = max(self.peak, len(decoding))
             logits = self.step([s.next_token for s in decoding], [s.cache for s in decoding])
             for s, row in zip(decoding, logits):
                 self._deliver(s, row)
+
+    def _pass(self, decoding: list[Sequence], prefilling: list[Sequence]) -> None:
+        """One compiled call (batch.Pass) over the decode rows and the whole rest of every prompt that fits
+        beside them (shortest first). A request that arrives while it runs stops it at the next layer boundary
+        (self.arrived): its first prompt chunk runs then, on its own, and its first token goes out at once;
+        the pass then goes on from that layer. (Joining the pass would save a little work, but the joint rows
+        cost ~0.85 ms each at 2 threads, so the first token would take the whole pass, ~2× the prompt alone.)"""
+        p = Pass(self.model, self.pool)
+        for s in decoding:
+            p.add(s.cache, [s.next_token])
+        joined = self._join(p, prefilling)
+        if not p.parts:
+            return
+        while not p.run(self.arrived):
+            with self.cv:
+                new = self._admit_waiting()
+            for s in sorted(new, key=_rest):
+                self.jumped += 1
+                self._prefill_chunk(s)
+            self._flush()
+        if decoding:
+            self.peak = max(self.peak, len(decoding))
+            self.mixed_in += len(joined)
+        rows = p.logits()
+        for s, row in zip(decoding, rows):
+            self._deliver(s, row)
+        for s, row in zip(joined, rows[len(decoding):]):
+            s.done_prompt = len(s.prompt)
+            self._first(s, row)
+        self._flush()
+
+    def _prefill_chunk(self, s: Sequence) -> None:
+        """The next chunk of s's prompt on its own (its first token, where it is the last)."""
+        i = s.bounds.index(s.done_prompt)
+        a, b = s.bounds[i], s.bounds[i + 1]
+        logits = self.model.forward(s.prompt[a:b], s.cache)[0]
+        s.done_prompt = b
+        if b == len(s.prompt):
+            self._first(s, logits)
+
+    def _join(self, p: Pass, prefilling: list[Sequence]) -> list[Sequence]:
+        """Add to p the whole rest of each prompt that still fits (in the order given); returns their sequences."""
+        out = []
+        for s in prefilling:
+            if _rest(s) <= MAX_ROWS - p.rows:
+                p.add(s.cache, s.prompt[s.done_prompt:])
+                out.append(s)
+        return out
+
+    def _first(self, s: Sequence, logits: np.ndarray) -> None:
+        """s's prompt has run: its first token."""
+        s.detok = Detokenizer(self.model.tokenizer)
+        self._deliver(s, logits)
 
     def _deliver(self, s: Sequence, logits: np.ndarray) -> None:
         """Sample the next token of s from its logits, send the text it completes, and end s when it is done."""
