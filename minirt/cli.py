@@ -40,8 +40,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="float32 activations in the quantized decode kernels (no int8 rounding; slower)")
     g = p.add_argument_group("performance")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda (the GPU backend: CuPy, float16 weights on the "
-                   "device) or auto (cuda when CuPy finds a GPU)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda (the GPU backend: CuPy, block-format weights as "
+                   "stored on the device) or auto (cuda when CuPy finds a GPU)")
 
 
 def _mode_args(p: argparse.ArgumentParser, modes=MODES, bench: bool = False) -> None:
