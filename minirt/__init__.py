@@ -52,13 +52,14 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
     from .registry import resolve
     options = check(mode, mode_options, device)  # one line, before any loading or downloading
     kv_dtype(kv_type)
-    if kv_type != "f32" and device != "cpu":
-        raise MinirtError(f"a {kv_type} KV cache runs on the CPU only: leave out kv_type (--kv-type) or the device")
     if device != "cpu":
         from .cuda.backend import resolve_device
         device = resolve_device(device)  # fails with one line before any loading
         if device == "cuda":  # "auto" found a GPU
             check(mode, mode_options, device)
+            if kv_type != "f32":
+                raise MinirtError(f"the GPU backend keeps its KV cache in float32: leave out kv_type={kv_type!r} "
+                                  "(--kv-type) or run on the CPU")
     if threads is not None:
         set_threads(threads)
     ck = read_checkpoint(resolve(model, cache_dir))
