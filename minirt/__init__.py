@@ -22,6 +22,7 @@ jitcache.install()
 from . import modes  # noqa: F401  (registers how generate runs each mode)
 from .chat import Chat
 from .errors import MinirtError
+from .kvcache import kv_dtype
 from .model import Model, warm_kernels
 from .sampling import SamplingParams
 
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | None = None,
          threads: int | None = None, dequantize: bool = False, exact: bool = False, device: str = "cpu",
-         ctx: int | None = None, mode: str = "dense", **mode_options) -> Model:
+         ctx: int | None = None, kv_type: str = "f32", mode: str = "dense", **mode_options) -> Model:
     """Load a model by registry name (fetched and cached on first use) or from a local path, with its mode.
 
     Quantized matrices (Q8_0, Q4_0, Q4_1, F16, BF16) stay in their stored format and run on kernels
@@ -39,6 +40,8 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
     device: "cpu", "cuda" (the GPU backend, minirt.cuda.backend: Q8_0/Q4_0/Q4_1 blocks as stored, other matrices as float16) or "auto".
     ctx: the context used (what new caches and generations hold): default min(4096, the model's trained
     maximum); more is asked for here, up to that maximum (above it is a MinirtError, before the model is built).
+    kv_type: how the KV cache stores keys and values: "f32" (exact) or "f16" (half the memory and reading,
+    llama.cpp's default; each key and value rounded to the nearest float16). CPU only.
     mode: dense, lowrank, pinv, speculative or jacobi, with that mode's options (minirt.modes lists them):
         minirt.load("smollm2", mode="lowrank", energy=0.9)        # factored on load (or an export as it is)
         minirt.load("smollm2", mode="speculative", draft="ngram", draft_k=4)
@@ -48,17 +51,21 @@ def load(model: str | os.PathLike = "smollm2", cache_dir: str | os.PathLike | No
     from .readers import read_checkpoint
     from .registry import resolve
     options = check(mode, mode_options, device)  # one line, before any loading or downloading
+    kv_dtype(kv_type)
     if device != "cpu":
         from .cuda.backend import resolve_device
         device = resolve_device(device)  # fails with one line before any loading
         if device == "cuda":  # "auto" found a GPU
             check(mode, mode_options, device)
+            if kv_type != "f32":
+                raise MinirtError(f"the GPU backend keeps its KV cache in float32: leave out kv_type={kv_type!r} "
+                                  "(--kv-type) or run on the CPU")
     if threads is not None:
         set_threads(threads)
     ck = read_checkpoint(resolve(model, cache_dir))
     # the kernels first, while no weight is resident (peak memory: see warm_kernels)
-    kernels = warm_kernels(ck, dequantize, exact) if device == "cpu" else 0.0
-    m = Model.from_checkpoint(ck, dequantize=dequantize, exact=exact, ctx=ctx)
+    kernels = warm_kernels(ck, dequantize, exact, kv_type) if device == "cpu" else 0.0
+    m = Model.from_checkpoint(ck, dequantize=dequantize, exact=exact, ctx=ctx, kv_type=kv_type)
     m.kernel_seconds = kernels  # part of the warm-up, not of loading the weights (what the CLI reports)
     del ck
     m = compose(m, mode, options, given=mode_options)

@@ -42,6 +42,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--device", default="cpu", help="cpu, cuda (the GPU backend: CuPy, block-format weights as "
                    "stored on the device) or auto (cuda when CuPy finds a GPU)")
+    g.add_argument("-ctk", "--kv-type", choices=("f32", "f16"), default="f32",
+                   help="KV cache type (CPU): f16 halves its memory and what attention reads, each key and value "
+                        "rounded to float16 (llama.cpp's -ctk/-ctv default); f32 is exact")
 
 
 def _mode_args(p: argparse.ArgumentParser, modes=MODES, bench: bool = False) -> None:
@@ -212,7 +215,7 @@ def _load(args, **override):
     import minirt
     options = {**_mode_options(args), **override}
     model = minirt.load(args.model, cache_dir=args.cache_dir, threads=args.threads, dequantize=args.dequantize,
-                        exact=args.exact, device=args.device, mode=args.mode, **options)
+                        exact=args.exact, device=args.device, kv_type=args.kv_type, mode=args.mode, **options)
     if args.mode == "lowrank":
         from .modes.lowrank import summary
         print(summary(model), file=sys.stderr)

@@ -24,26 +24,42 @@ def context_size(max_ctx: int, ctx: int | None = None) -> int:
     return int(ctx)
 
 
+# How keys and values are stored (llama.cpp's -ctk/-ctv): float32, or float16 held as its uint16 bits (the
+# kernels round each value to the nearest f16 when they store it, and widen it exactly when attention reads it).
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}
+
+
+def kv_dtype(kv_type: str) -> type:
+    """The array dtype that holds a cache of kv_type ("f32" or "f16")."""
+    if kv_type not in KV_TYPES:
+        raise MinirtError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+    return KV_TYPES[kv_type]
+
+
 class KVCache:
-    def __init__(self, cfg: ModelConfig, capacity: int, _pool=None):
+    def __init__(self, cfg: ModelConfig, capacity: int, _pool=None, kv_type: str = "f32"):
         self.capacity = capacity
         if _pool is None:
             shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-            self.k = np.zeros(shape, np.float32)  # calloc'd: pages cost memory only once written
-            self.v = np.zeros(shape, np.float32)
+            self.k = np.zeros(shape, kv_dtype(kv_type))  # calloc'd: pages cost memory only once written
+            self.v = np.zeros(shape, kv_dtype(kv_type))
             self.pool, self.slot = None, 0
         else:  # slot i of a pool: see pooled()
             pool, i = _pool
             self.k, self.v, self.pool, self.slot = pool[0][:, i], pool[1][:, i], pool, i
         self.pos = 0  # number of filled positions; the next token goes to position pos
 
+    @property
+    def kv_type(self) -> str:
+        return "f16" if self.k.dtype == np.uint16 else "f32"
+
     @classmethod
-    def pooled(cls, cfg: ModelConfig, capacity: int, n: int) -> list["KVCache"]:
+    def pooled(cls, cfg: ModelConfig, capacity: int, n: int, kv_type: str = "f32") -> list["KVCache"]:
         """n caches whose keys and values are slots of one array (L, n, Hkv, capacity, hd), so that a batched
         decode step (minirt.batch) runs all of them in one compiled call, addressing each by its slot. Layer
         first: a layer's slots, and a slot's layer (cache.k[layer]), are contiguous, as the kernels want."""
         shape = (cfg.n_layers, n, cfg.n_kv_heads, capacity, cfg.head_dim)
-        pool = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        pool = (np.zeros(shape, kv_dtype(kv_type)), np.zeros(shape, kv_dtype(kv_type)))
         return [cls(cfg, capacity, (pool, i)) for i in range(n)]
 
     def first_layers(self, n: int) -> "KVCache":

@@ -25,7 +25,7 @@ from . import jitcache
 from .cpu import isa, kernels, step
 from .config import ModelConfig
 from .errors import MinirtError
-from .kvcache import KVCache, context_size
+from .kvcache import KVCache, context_size, kv_dtype
 from .linear import Dense, Linear, Quant, make_linear
 from .modes.lowrank import LowRank
 from .readers import Checkpoint, Tensor
@@ -91,11 +91,13 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: Embedding, pos_embed: np.ndarray | None,
                  norm: Norm, head: Linear, tokenizer: Tokenizer, source: Path | None = None, file_type: str = "",
-                 ctx: int | None = None):
+                 ctx: int | None = None, kv_type: str = "f32"):
         self.cfg, self.layers, self.embed, self.pos_embed = cfg, layers, embed, pos_embed
         self.norm, self.head, self.tokenizer = norm, head, tokenizer
         self.source, self.file_type = source, file_type
         self.ctx = context_size(cfg.max_ctx, ctx)  # the context used: new caches' default capacity
+        kv_dtype(kv_type)
+        self.kv_type = kv_type  # how new caches store keys and values: "f32", or "f16" (kvcache.KV_TYPES)
         # RoPE tables, one pair per base the layers use, grow with the caches that use them (rope()); without
         # RoPE (GPT-2) one empty pair is never read: one kernel signature
         self.thetas = sorted({cfg.layer_theta(i) for i in range(cfg.n_layers)}) if cfg.traits.rope else [0.0]
@@ -106,15 +108,17 @@ class Model:
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, dequantize: bool = False, exact: bool = False,
-                        ctx: int | None = None) -> "Model":
+                        ctx: int | None = None, kv_type: str = "f32") -> "Model":
         """Build the model. Matrices stay in their stored format (Quant) unless dequantize=True (float32).
         Decode steps on block formats round activations to int8 per block, as llama.cpp does;
         exact=True keeps them float32 (slower; what the float reference tests use).
-        ctx: the context used (default min(DEFAULT_CTX, the model's maximum)); above the maximum is an error."""
+        ctx: the context used (default min(DEFAULT_CTX, the model's maximum)); above the maximum is an error.
+        kv_type: how new caches store keys and values, "f32" or "f16" (kvcache.KV_TYPES)."""
         from .readers.validate import validate
         validate(ck)  # readers validate what they return; a Checkpoint built by hand is checked here
         cfg, t = ck.config, ck.tensors
         ctx = context_size(cfg.max_ctx, ctx)  # refused before any building
+        kv_dtype(kv_type)
         # the tokenizer first: what building it leaves free goes back to the system before the weights come in
         tok = build_tokenizer(ck.tokenizer, cfg.vocab_size)
         if tok.chat_template is None:  # a file without a template: the family's own, as llama.cpp falls back to
@@ -166,7 +170,7 @@ class Model:
         embed = Embedding(t["embed"], table)  # a tied head (or a copy, if the head is factored) is the table
         pos = np.array(t["pos_embed"].float32()) if "pos_embed" in t else None
         ck.release_pages()
-        model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type, ctx)
+        model = cls(cfg, layers, embed, pos, norm("norm"), head, tok, ck.source, ck.file_type, ctx, kv_type)
         if "minirt.lowrank.manifest" in ck.metadata:
             from .modes.lowrank import describe_export
             describe_export(model, ck.metadata["minirt.lowrank.manifest"])
@@ -174,8 +178,9 @@ class Model:
 
     # ---- the forward pass -------------------------------------------------------------------------
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        """A KV cache for capacity positions (default: the context used, self.ctx), at most the model's maximum."""
-        return KVCache(self.cfg, min(capacity or self.ctx, self.cfg.max_ctx))
+        """A KV cache for capacity positions (default: the context used, self.ctx), at most the model's maximum,
+        of the model's kv_type."""
+        return KVCache(self.cfg, min(capacity or self.ctx, self.cfg.max_ctx), kv_type=self.kv_type)
 
     def rope(self, n: int, theta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """RoPE cos/sin tables (for base theta, default the model's) covering positions 0..n−1, grown on
@@ -322,7 +327,7 @@ class Model:
         """The first n_layers with the final norm and head (early exit): a drafter sharing every weight."""
         from dataclasses import replace
         m = Model(replace(self.cfg, n_layers=n_layers), self.layers[:n_layers], self.embed, self.pos_embed,
-                  self.norm, self.head, self.tokenizer, self.source, self.file_type, self.ctx)
+                  self.norm, self.head, self.tokenizer, self.source, self.file_type, self.ctx, self.kv_type)
         return m
 
     # ---- conveniences -------------------------------------------------------------------------
@@ -389,7 +394,7 @@ def kernel_twin(ck: Checkpoint) -> Checkpoint | None:
     return validate(Checkpoint(cfg, tensors, TokenizerSpec("none"), None), explicit_head_dim=True)
 
 
-def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False) -> float:
+def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False, kv_type: str = "f32") -> float:
     """Load the kernels ck's model will call by running its zero-weight twin (kernel_twin), then release the
     compiler's pages: Numba touches ~60 MB of LLVM's code for every kernel it loads, which otherwise stays
     resident beside the weights (peak RSS). Returns the seconds it took (compiling, on a first run), 0.0 where
@@ -402,7 +407,7 @@ def warm_kernels(ck: Checkpoint, dequantize: bool = False, exact: bool = False) 
         return 0.0
     if twin is None:
         return 0.0
-    Model.from_checkpoint(twin, dequantize=dequantize, exact=exact).warmup()
+    Model.from_checkpoint(twin, dequantize=dequantize, exact=exact, kv_type=kv_type).warmup()
     return time.perf_counter() - t0
 
 

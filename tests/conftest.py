@@ -31,6 +31,12 @@ def smollm2_fast(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def smollm2_f16(smollm2_path):
+    """smollm2_fast with a float16 KV cache (kv_type="f16", --kv-type f16)."""
+    return minirt.load(smollm2_path, kv_type="f16")
+
+
+@pytest.fixture(scope="session")
 def botchan_text():
     with open(pull("botchan"), "rb") as f:
         return f.read().decode("utf-8")  # CRLF kept, as llama.cpp reads it

@@ -47,8 +47,9 @@ def attention(q, k, v):  # q (T, H, hd), k/v (T, Hkv, hd)
     return np.einsum("hts,shd->thd", softmax(s), v).reshape(T, H * hd)
 
 
-def llama_forward(w, cfg, tokens, adjacent_rope=False):
-    """Logits (T, vocab) of a LLaMA model; w: name → float64 array."""
+def llama_forward(w, cfg, tokens, adjacent_rope=False, kv_f16=False):
+    """Logits (T, vocab) of a LLaMA model; w: name → float64 array. kv_f16: keys (after RoPE) and values
+    rounded to float16, as a float16 KV cache stores them."""
     x = w["embed"][tokens]
     T, hd = len(tokens), cfg.head_dim
     for i in range(cfg.n_layers):
@@ -57,6 +58,8 @@ def llama_forward(w, cfg, tokens, adjacent_rope=False):
         q = rope((h @ w[p + "wq"].T).reshape(T, cfg.n_heads, hd), cfg.rope_theta, adjacent_rope)
         k = rope((h @ w[p + "wk"].T).reshape(T, cfg.n_kv_heads, hd), cfg.rope_theta, adjacent_rope)
         v = (h @ w[p + "wv"].T).reshape(T, cfg.n_kv_heads, hd)
+        if kv_f16:
+            k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
         x = x + attention(q, k, v) @ w[p + "wo"].T
         h = rmsnorm(x, w[p + "ffn_norm.weight"], cfg.norm_eps)
         g = h @ w[p + "w_gate"].T

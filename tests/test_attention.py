@@ -73,6 +73,48 @@ def test_attention_rows_against_float64(H, Hkv, window, n_parts, hd):
                 assert np.array_equal(one[0], out[t])
 
 
+@pytest.mark.parametrize("use_rope", [True, False])
+def test_f16_cache_stores_numpys_float16_of_the_f32_values(use_rope):
+    """A float16 cache (uint16 bits) gets each key and value rounded to nearest, ties to even: numpy's
+    astype(np.float16) of what a float32 cache gets, halfway cases, subnormals and overflow included."""
+    rng = np.random.default_rng(7)
+    T, H, Hkv, hd, ctx = 4, 6, 2, 32, 12
+    qkv = (rng.standard_normal((T, (H + 2 * Hkv) * hd)) * 4).astype(np.float32)
+    vs = qkv[:, (H + Hkv) * hd:]  # values are stored as they come: plant the hard cases there
+    vs[0, :8] = np.array([1 + 2 ** -11, 1 + 3 * 2 ** -11, -(2 + 2 ** -10), 3e-6, -6e-8, 7e4, -1e5, 65520],
+                         np.float32)  # ties (to even: down, up), subnormal, below half the least, overflows
+    cos, sin = kernels.rope_tables(ctx, hd, 10000.0)
+    positions = np.array([0, 3, 4, 9])
+    q32, q16 = np.empty((T, H, hd), np.float32), np.empty((T, H, hd), np.float32)
+    k32, v32 = np.zeros((Hkv, ctx, hd), np.float32), np.zeros((Hkv, ctx, hd), np.float32)
+    k16, v16 = np.zeros((Hkv, ctx, hd), np.uint16), np.zeros((Hkv, ctx, hd), np.uint16)
+    kernels.qkv_rope_store(qkv, positions, cos, sin, use_rope, q32, k32, v32)
+    kernels.qkv_rope_store(qkv, positions, cos, sin, use_rope, q16, k16, v16)
+    np.testing.assert_array_equal(q16, q32)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(k16, k32.astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(v16, v32.astype(np.float16).view(np.uint16))
+    assert np.isinf(v16[0, 0, 5:8].view(np.float16)).all() and v16[0, 0, 3] != 0  # the cases did happen
+
+
+@pytest.mark.parametrize("hd", [80, 24])  # 16-lane vectors | scalar loops
+def test_attention_over_f16_cache_reads_the_values_exactly(hd):
+    """Attention over a float16 cache gives the bits it gives over a float32 cache holding the same values
+    widened: reading widens exactly, and nothing else changes; rows of several slots included."""
+    rng = np.random.default_rng(hd)
+    S, H, Hkv, ctx = 3, 9, 3, 40
+    k = (rng.standard_normal((S, Hkv, ctx, hd)) * 3).astype(np.float16)
+    v = (rng.standard_normal((S, Hkv, ctx, hd)) * 3).astype(np.float16)
+    slots, positions = np.array([2, 0, 1, 0]), np.array([7, 33, 1, 39])
+    q = rng.standard_normal((4, H, hd)).astype(np.float32)
+    scores = np.empty((2, ctx * H // Hkv), np.float32)
+    want, got = np.empty((4, H, hd), np.float32), np.empty((4, H, hd), np.float32)
+    kernels.attention_rows(q, k.astype(np.float32), v.astype(np.float32), slots, positions, 0.125, 0, scores, want)
+    kernels.attention_rows(q, k.view(np.uint16), v.view(np.uint16), slots, positions, 0.125, 0, scores, got)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, reference(q, k, v, slots, positions, 0.125, 0), rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_swiglu_against_float64():
     rng = np.random.default_rng(1)
     gu = (rng.standard_normal((3, 2 * 200)) * 6).astype(np.float32)

@@ -12,7 +12,7 @@ from minirt.kvcache import KVCache
 def _caches(model, n, capacity, pooled):
     """n caches: slots of one pool (the server's: one compiled call per step) or separate (per operation)."""
     if pooled:
-        return KVCache.pooled(model.cfg, capacity, n)
+        return KVCache.pooled(model.cfg, capacity, n, model.kv_type)
     return [model.new_cache(capacity) for _ in range(n)]
 
 
@@ -28,9 +28,10 @@ def _alone(model, ids, steps):
     return out
 
 
+@pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "separate"])
-def test_batched_step_equals_each_sequence_alone(smollm2_fast, pooled):
-    m = smollm2_fast
+def test_batched_step_equals_each_sequence_alone(request, pooled, kv):
+    m = request.getfixturevalue("smollm2_fast" if kv == "f32" else "smollm2_f16")
     prompts = ["The capital of France is", "Once upon a time", "def fib(n):", "1, 2, 3, 4,", "Hello",
                "The quick brown fox jumps over the lazy dog. " * 3]
     ids = [m.tokenizer.encode(p) for p in prompts]
@@ -39,6 +40,7 @@ def test_batched_step_equals_each_sequence_alone(smollm2_fast, pooled):
     step = BatchStep(m)
     caches = _caches(m, len(ids), 64, pooled)
     assert (step._compiled(np.zeros(len(ids), np.int64), caches) is not None) == pooled  # the path under test
+    assert caches[0].k.dtype == (np.float32 if kv == "f32" else np.uint16) and caches[0].kv_type == kv
     for c in caches:
         c.truncate(0)
     last = [m.forward(p, c)[0] for p, c in zip(ids, caches)]
@@ -144,3 +146,17 @@ def test_batched_step_gemma3():
         last = step(toks, caches)
         for a, b in zip(alone, last):
             np.testing.assert_array_equal(a, b)
+
+
+def test_f16_cache_holds_the_f32_keys_rounded(smollm2_fast, smollm2_f16):
+    """Through the whole model: the first layer's keys and values in a float16 cache are numpy's float16 of a
+    float32 cache's (later layers differ: they read rounded keys), and the logits move little."""
+    ids = smollm2_fast.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    c32, c16 = smollm2_fast.new_cache(32), smollm2_f16.new_cache(32)
+    l32, l16 = smollm2_fast.forward(ids, c32, logits="all"), smollm2_f16.forward(ids, c16, logits="all")
+    n = len(ids)
+    assert c16.k.dtype == np.uint16 and c32.k.dtype == np.float32
+    np.testing.assert_array_equal(c16.k[0, :, :n], c32.k[0, :, :n].astype(np.float16).view(np.uint16))
+    np.testing.assert_array_equal(c16.v[0, :, :n], c32.v[0, :, :n].astype(np.float16).view(np.uint16))
+    assert not np.array_equal(c16.k[1:, :, :n], c32.k[1:, :, :n].astype(np.float16).view(np.uint16))
+    assert (l16.argmax(-1) == l32.argmax(-1)).mean() >= 0.8

@@ -154,6 +154,18 @@ def test_model_path_does_not_exist(path, cache):
     assert_one_line_error(r, "does not exist")
 
 
+def test_kv_type_is_checked_before_loading_and_reaches_every_command():
+    from minirt.cli import build_parser
+    with pytest.raises(MinirtError, match="KV cache type must be one of f32, f16"):
+        minirt.load("/nonexistent/x.gguf", kv_type="q8_0")
+    for cmd in (["generate"], ["chat"], ["perplexity", "-f", "botchan"], ["bench"], ["serve"]):
+        assert build_parser().parse_args(cmd + ["--kv-type", "f16"]).kv_type == "f16"
+        assert build_parser().parse_args(cmd + ["-ctk", "f16"]).kv_type == "f16"
+        assert build_parser().parse_args(cmd).kv_type == "f32"
+    r = run_cli("generate", "--model", "/nonexistent/x.gguf", "--kv-type", "q8_0", "-p", "hi")
+    assert_one_line_error(r, "--kv-type", "f16")
+
+
 def test_model_path_is_neither_gguf_nor_folder(tiny, cache):
     r = run_cli("generate", "--model", tiny / "config.json", "-p", "hi", env={"MINIRT_HOME": str(cache)})
     assert_one_line_error(r, "not a GGUF file")

@@ -278,6 +278,25 @@ def test_batched_equals_alone(live, smollm2_fast):
     assert alone[-1] != alone[-2]
 
 
+def test_f16_kv_batched_equals_alone(smollm2_f16):
+    """A server whose model has a float16 KV cache (--kv-type f16): its slots are float16, and greedy answers
+    batched (queued, mixed into decode steps) are what each gives alone, and what Model.generate gives."""
+    s = Live(smollm2_f16, parallel=3, ctx=CTX)
+    try:
+        assert s.batcher.pool[0].dtype == np.uint16
+        c = s.client()
+        reqs = [dict(prompt=p, max_tokens=8 + 2 * i, temperature=0) for i, p in enumerate(PROMPTS)]
+        alone = [c.completions.create(model="x", **r).choices[0].text for r in reqs]
+        for r, a in zip(reqs[:2], alone):
+            assert a == _reference(smollm2_f16, smollm2_f16.tokenizer.encode(r["prompt"]), r["max_tokens"])[0]
+        with ThreadPoolExecutor(len(reqs)) as ex:
+            batched = list(ex.map(lambda r: c.completions.create(model="x", **r).choices[0].text, reqs))
+        assert batched == alone
+        assert s.batcher.peak >= 2
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "separate"])
 def test_requests_jump_into_a_running_step(smollm2_fast, mixed):
     """Short requests arriving while long streams decode stop the step at a layer boundary, run their prompt

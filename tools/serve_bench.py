@@ -190,13 +190,15 @@ def wait_health(url: str, proc, seconds: float = 300) -> None:
     raise SystemExit("the server did not come up")
 
 
-def start(kind: str, model: str, port: int, parallel: int, ctx: int, threads: int):
+def start(kind: str, model: str, port: int, parallel: int, ctx: int, threads: int, kv_type: str | None = None):
     if kind == "minirt":
         cmd = [sys.executable, "-m", "minirt", "serve", "--model", model, "--port", str(port), "--parallel",
                str(parallel), "--ctx", str(ctx), "--threads", str(threads)]
+        cmd += ["--kv-type", kv_type] if kv_type else []
     else:
         cmd = [str(LLAMA_SERVER), "-m", model, "--port", str(port), "-np", str(parallel), "-cb",
                "-c", str(ctx * parallel), "-t", str(threads), "--no-webui"]
+        cmd += ["-ctk", kv_type, "-ctv", kv_type] if kv_type else []
     print("+ " + " ".join(cmd), file=sys.stderr)
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
 
@@ -236,6 +238,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512, help="context per slot")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18180)
+    ap.add_argument("--kv-type", choices=("f32", "f16"), default=None,
+                    help="KV cache type of both servers (default: each one's own: minirt f32, llama-server f16)")
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
     if args.url:
@@ -247,7 +251,7 @@ def main() -> None:
         model = str(resolve("smollm2"))
     results = {}
     for kind in args.servers.split(","):
-        proc = start(kind, model, args.port, max(args.streams), args.ctx, args.threads)
+        proc = start(kind, model, args.port, max(args.streams), args.ctx, args.threads, args.kv_type)
         try:
             url = f"http://127.0.0.1:{args.port}"
             wait_health(url, proc)

@@ -827,13 +827,45 @@ def _c2(x):
 @intrinsic
 def v16(typingctx, x, row, col):
     """x[row, col:col+16] of a 2-D float32 array whose rows are unit-stride, as one vector of 16 float32 lanes (one
-    zmm with AVX-512, two ymm elsewhere): the prompt GEMM's, the F32 decode's and attention's loads."""
-    if not isinstance(x, types.Array) or x.ndim != 2 or x.dtype != types.float32:
+    zmm with AVX-512, two ymm elsewhere): the prompt GEMM's, the F32 decode's and attention's loads. A uint16
+    array holds f16 bits (a float16 KV cache): its 16 values are widened (vcvtph2ps with F16C), exactly."""
+    if not isinstance(x, types.Array) or x.ndim != 2 or x.dtype not in (types.float32, types.uint16):
+        return None
+    is_half = x.dtype == types.uint16
+
+    def cg(ctx, b, sig, args):
+        if is_half:
+            h = b.load(_ptr2(ctx, b, sig.args[0], args[0], args[1], args[2], ir.VectorType(I16, 16)), align=2)
+            return _half_to_float(b, h)
+        return b.load(_ptr2(ctx, b, sig.args[0], args[0], args[1], args[2], _lt("f32", 16)), align=4)
+    return Vec("f32", 16)(x, row, col), cg
+
+
+@intrinsic
+def widen(typingctx, v):
+    """A value of a KV cache as float32: a float32 as it is, a uint16 (f16 bits) widened (as half())."""
+    if v == types.float32:
+        return types.float32(v), lambda ctx, b, sig, args: args[0]
+    if v == types.uint16:
+        return types.float32(v), lambda ctx, b, sig, args: _half_to_float(b, args[0])
+    return None
+
+
+@intrinsic
+def narrow(typingctx, like, v):
+    """The float32 v as an element of the array `like` (a KV cache): float32 as it is; for uint16 (f16 bits)
+    rounded to the nearest f16, ties to even (fptrunc: vcvtps2ph with F16C), as numpy's astype(np.float16)."""
+    if not isinstance(like, types.Array) or not isinstance(v, types.Float):
+        return None
+    if like.dtype == types.float32:
+        return types.float32(like, v), lambda ctx, b, sig, args: ctx.cast(b, args[1], sig.args[1], types.float32)
+    if like.dtype != types.uint16:
         return None
 
     def cg(ctx, b, sig, args):
-        return b.load(_ptr2(ctx, b, sig.args[0], args[0], args[1], args[2], _lt("f32", 16)), align=4)
-    return Vec("f32", 16)(x, row, col), cg
+        f = ctx.cast(b, args[1], sig.args[1], types.float32)
+        return b.bitcast(b.fptrunc(f, ir.HalfType()), I16)
+    return types.uint16(like, v), cg
 
 
 @intrinsic
@@ -872,4 +904,4 @@ __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
            "fvload", "hload2", "fvload2", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd",
            "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero", "fma_is", "fma_s", "fstore",
-           "fmaf", "f32_bits", "absmax32", "v16", "v16put", "v16zero", "v16fma"]
+           "fmaf", "f32_bits", "absmax32", "v16", "widen", "narrow", "v16put", "v16zero", "v16fma"]

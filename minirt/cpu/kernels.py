@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .isa import f32_bits, fadd, fmadd, fmaf, fsum, v16, v16fma, v16put, v16zero
+from .isa import f32_bits, fadd, fmadd, fmaf, fsum, narrow, v16, v16fma, v16put, v16zero, widen
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
@@ -100,41 +100,46 @@ def rope_tables(n: int, head_dim: int, theta: float, inv: np.ndarray | None = No
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-@njit(**JIT)
-def qkv_rope_task(qkv, positions, cos, sin, use_rope, q, kc, vc, task):
-    """One (position, head) task of qkv_rope_store."""
-    H, hd = q.shape[1], q.shape[2]
-    Hkv = kc.shape[0]
+@njit(inline="always", **JIT)
+def _rope_row(qkv, t, src, cos, sin, p, use_rope, dst):
+    """dst[:] = qkv[t, src:src+hd], rotated to position p with use_rope (stored as dst's type: narrow)."""
+    hd = dst.shape[0]
     half = hd // 2
-    t = task // (H + Hkv)
-    h = task % (H + Hkv)
-    p = positions[t]
-    if h < H:
-        src = h * hd
-        dst = q[t, h]
-    else:
-        src = H * hd + (h - H) * hd
-        dst = kc[h - H, p]
-        vsrc = H * hd + Hkv * hd + (h - H) * hd
-        vdst = vc[h - H, p]
-        for i in range(hd):
-            vdst[i] = qkv[t, vsrc + i]
     if use_rope:
         for i in range(half):
             a = qkv[t, src + i]
             b = qkv[t, src + half + i]
             c = cos[p, i]
             s = sin[p, i]
-            dst[i] = a * c - b * s
-            dst[half + i] = b * c + a * s
+            dst[i] = narrow(dst, a * c - b * s)
+            dst[half + i] = narrow(dst, b * c + a * s)
     else:
         for i in range(hd):
-            dst[i] = qkv[t, src + i]
+            dst[i] = narrow(dst, qkv[t, src + i])
+
+
+@njit(**JIT)
+def qkv_rope_task(qkv, positions, cos, sin, use_rope, q, kc, vc, task):
+    """One (position, head) task of qkv_rope_store."""
+    H, hd = q.shape[1], q.shape[2]
+    Hkv = kc.shape[0]
+    t = task // (H + Hkv)
+    h = task % (H + Hkv)
+    p = positions[t]
+    if h < H:
+        _rope_row(qkv, t, h * hd, cos, sin, p, use_rope, q[t, h])
+    else:
+        _rope_row(qkv, t, H * hd + (h - H) * hd, cos, sin, p, use_rope, kc[h - H, p])
+        vsrc = H * hd + Hkv * hd + (h - H) * hd
+        vdst = vc[h - H, p]
+        for i in range(hd):
+            vdst[i] = narrow(vdst, qkv[t, vsrc + i])
 
 
 @njit(parallel=True, **JIT)
 def qkv_rope_store(qkv, positions, cos, sin, use_rope, q, kc, vc):
-    """Split fused q|k|v rows: q → q (T, H, hd); k, v → the cache at their positions (kc, vc: (Hkv, ctx, hd)).
+    """Split fused q|k|v rows: q → q (T, H, hd); k, v → the cache at their positions (kc, vc: (Hkv, ctx, hd),
+    float32, or uint16 holding f16 bits: a float16 cache, each value rounded to the nearest f16).
     With use_rope, q and k get the rotary embedding, rotate-half layout:
     (x1, x2) → (x1·c − x2·s, x2·c + x1·s) for each pair (i, i + hd/2)."""
     for task in prange(q.shape[0] * (q.shape[1] + kc.shape[0])):
@@ -256,7 +261,7 @@ def _attend_part_scalar(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
         for j in range(group):
             acc = np.float32(0.0)
             for i in range(hd):
-                acc += q[t, h0 + j, i] * kc[s, i]
+                acc += q[t, h0 + j, i] * widen(kc[s, i])
             sc[j * L + s - a] = acc * scale
     _softmax_part(sc, L, t, h0, group, pm, pl)
     for j in range(group):
@@ -266,12 +271,13 @@ def _attend_part_scalar(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
         for j in range(group):
             pr = sc[j * L + s - a]
             for i in range(hd):
-                po[t, h0 + j, i] += pr * vc[s, i]
+                po[t, h0 + j, i] += pr * widen(vc[s, i])
 
 
 @njit(**JIT)
 def attention(q, kc, vc, pos0, scale, window, scores, out):
-    """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled;
+    """Causal attention over the cache. q (T, H, hd); kc/vc (Hkv, ctx, hd) with positions < pos0+T filled
+    (float32, or uint16 holding f16 bits: a float16 cache, widened exactly as it is read);
     query t sits at position pos0+t and sees positions 0..pos0+t, or with window > 0 only the last `window`
     of them (sliding-window layers: position s is seen from p when p − s < window). Query head h reads kv
     head h // (H/Hkv). scores: scratch (n_parts, ·), see attention_rows; out (T, H, hd)."""

@@ -85,7 +85,8 @@ def serve(model, name: str, host: str = "127.0.0.1", port: int = 8080, log_level
     try:
         thread = threading.Thread(target=run_http, name="minirt-http", daemon=True)
         thread.start()
-        print(f"minirt serve: {name} on http://{host}:{port} ({batcher.parallel} slots of {batcher.ctx} tokens; "
+        print(f"minirt serve: {name} on http://{host}:{port} ({batcher.parallel} slots of {batcher.ctx} tokens, "
+              f"{batcher.kv_type} KV; "
               f"queue {batcher.queue_limit})", file=sys.stderr, flush=True)
         batcher.run()
         while thread.is_alive():  # the drain is over: let uvicorn close the connections (its own deadline)

@@ -143,7 +143,8 @@ class Batcher:
         self.ctx = ctx or model.ctx
         self.step = BatchStep(model)
         # slots: allocated once, reused; one pool, so that a step runs every sequence in one compiled call
-        self.free = KVCache.pooled(model.cfg, self.ctx, parallel)
+        self.kv_type = getattr(model, "kv_type", "f32")  # the model's: f32, or f16 (--kv-type)
+        self.free = KVCache.pooled(model.cfg, self.ctx, parallel, self.kv_type)
         self.pool = self.free[0].pool
         # prompts that fit ride along with the decode rows in one compiled call (batch.Pass), where a position's
         # bits do not depend on how positions are grouped and the compiled step covers MAX_ROWS rows
