@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from .cpu import kernels
@@ -80,8 +79,7 @@ class BatchStep:
             return None
         positions = np.array([c.pos for c in caches], np.int64)
         slots = np.array([c.slot for c in caches], np.int64)
-        c = m.cfg  # attention_rows' scratch: a kv head's query heads over a thread's share of the positions
-        scores = np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (int(positions.max()) + 1)), np.float32)
+        scores = kernels.attention_scratch(m.cfg, int(positions.max()) + 1)
         return table.run_rows(m, tokens, pool[0], pool[1], slots, positions, scores)
 
     def _rows(self, tokens: np.ndarray, caches: list[KVCache]) -> np.ndarray:
@@ -96,8 +94,7 @@ class BatchStep:
             return m.head.forward(h, np.empty((n, c.vocab_size), np.float32))
         s = {k: v[:n] for k, v in self.buf.items()}
         positions = [np.array([cache.pos], np.int64) for cache in caches]
-        scores = np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (max(cache.pos for cache in caches) + 1)),
-                          np.float32)
+        scores = kernels.attention_scratch(c, max(cache.pos for cache in caches) + 1)
         x = m.embed[tokens]
         if m.pos_embed is not None:
             x += m.pos_embed[np.concatenate(positions)]
@@ -158,8 +155,7 @@ class Pass:
         self.layer = 0  # the layers before this one have run for every row of x
 
     def _scores(self, positions):
-        c = self.model.cfg  # attention_rows' scratch, as BatchStep._compiled
-        return np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (int(positions.max()) + 1)), np.float32)
+        return kernels.attention_scratch(self.model.cfg, int(positions.max()) + 1)
 
     def add(self, cache: KVCache, tokens, want: bool = True) -> None:
         """Positions cache.pos … of tokens join the pass (at its next run()); want: return the last one's logits."""

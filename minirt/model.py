@@ -247,9 +247,7 @@ class Model:
             want = np.atleast_1d(np.arange(T)[logits])  # checked before the cache moves
         cache.reserve(T)
         self.rope(cache.capacity)
-        # attention scratch: one row per thread (kernels.attention_rows: a kv head's query heads' scores over
-        # the thread's share of the positions), not one per (position, head)
-        scores = np.empty((numba.get_num_threads(), c.n_heads // c.n_kv_heads * (cache.pos + T)), np.float32)
+        scores = kernels.attention_scratch(c, cache.pos + T)
         final = np.empty((len(want), c.dim), np.float32)  # the last hidden state of the rows asked for
         n_chunks = -(-T // PREFILL_CHUNK)
         bounds = [T * i // n_chunks for i in range(n_chunks + 1)]  # balanced: no short last chunk

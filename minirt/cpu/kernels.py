@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .isa import f32_bits, fadd, fmadd, fmaf, fsum, narrow, v16, v16fma, v16put, v16zero, widen
 
@@ -285,6 +285,12 @@ def attention(q, kc, vc, pos0, scale, window, scores, out):
     positions = np.arange(pos0, pos0 + T)
     attention_rows(q, kc.reshape((1,) + kc.shape), vc.reshape((1,) + vc.shape), np.zeros(T, np.int64), positions,
                    scale, window, scores, out)
+
+
+def attention_scratch(cfg, n: int) -> np.ndarray:
+    """attention_rows' scores scratch for rows that see at most n positions: one row per thread (the number of
+    parts) holding a kv head's query heads' scores over the thread's share, not one per (position, head)."""
+    return np.empty((get_num_threads(), cfg.n_heads // cfg.n_kv_heads * n), np.float32)
 
 
 @njit(parallel=True, **JIT)
