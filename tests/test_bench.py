@@ -54,6 +54,7 @@ def test_step_profile_phases_cover_the_step(smollm2_fast):
     numba.set_num_threads(1)  # timed by the thread's CPU time: preemption on a loaded machine left out
     try:
         p = sp.profile(m, depth=16, reps=7, bandwidth=30e9)
+        p4 = sp.profile(m, depth=16, reps=5, bandwidth=30e9, rows=4)  # the server's step of 4 sequences
     finally:
         numba.set_num_threads(threads)
     assert sum(p["nbytes"].values()) == m.weight_bytes
@@ -61,6 +62,8 @@ def test_step_profile_phases_cover_the_step(smollm2_fast):
     assert all(v > 0 for v in p["sec"].values())
     assert p["layers"] < p["total"]
     assert 0.7 < sum(p["sec"].values()) / p["total"] < 1.3  # measured 0.98-1.01 (1 thread, 2 cores under load)
+    assert p4["layers"] < p4["total"] and 0.7 < sum(p4["sec"].values()) / p4["total"] < 1.3
+    assert "(4 rows)" in sp.report(p4, "smollm2") and "BatchStep" in sp.report(p4, "smollm2")
     text = sp.report(p, "smollm2")
     for phase in ("qkv", "gate/up", "down", "head", "attention", "norms+rope+act", "act quant", "overhead"):
         assert f"| {phase}" in text

@@ -33,7 +33,9 @@ import minirt
 import minirt.model
 from minirt import bench
 from minirt.cpu import kernels, step
+from minirt.batch import BatchStep
 from minirt.cpu.qmatmul import quantize_x
+from minirt.kvcache import KVCache
 
 MATRICES = ("qkv", "wo", "gate/up", "down")
 
@@ -132,8 +134,9 @@ def _time(fns: dict, reps: int, flush) -> dict:
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def profile(model, depth: int = 64, reps: int = 15, bandwidth: float | None = None) -> dict:
-    """Seconds per token of each phase, the step, the bytes of each matrix kind, the regions per token."""
+def profile(model, depth: int = 64, reps: int = 15, bandwidth: float | None = None, rows: int = 1) -> dict:
+    """Seconds per step of each phase, the step, the bytes of each matrix kind, the regions per step. rows > 1:
+    the server's step, the next position of `rows` sequences, each with its own cache slot (batch.BatchStep)."""
     c, tr = model.cfg, model.cfg.traits
     L = c.n_layers
     n = numba.get_num_threads()
@@ -148,14 +151,16 @@ def profile(model, depth: int = 64, reps: int = 15, bandwidth: float | None = No
 
     def flush():
         bench._stream_sum(junk)
-    s = {k: v.copy() for k, v in model._buffers(1).items()}
+    R = rows
+    s = {k: v.copy() for k, v in model._buffers(R).items()}
     for v in s.values():
         v[...] = rng.standard_normal(v.shape).astype(np.float32)
-    ins = (s["h"], s["att"].reshape(1, -1), s["h"], s["act"])
+    ins = (s["h"], s["att"].reshape(R, -1), s["h"], s["act"])
     outs = (s["qkv"], s["o"], s["up"], s["o"])
     nb = table.max_k // 32
-    mid, xqb, xdeb, xsb, xkb = (np.empty(table.max_rank, np.float32), np.empty(table.max_k, np.int8),
-                                np.empty(nb * 8, np.float32), np.empty(nb, np.float32), np.empty(nb, np.float32))
+    mid, xqb, xdeb, xsb, xkb = (np.empty(R * table.max_rank, np.float32), np.empty(R * table.max_k, np.int8),
+                                np.empty(R * nb * 8, np.float32), np.empty(R * nb, np.float32),
+                                np.empty(R * nb, np.float32))
     args = (table.tags[0], table.tags[1], table.has, table.fmt, table.sub, table.qs, table.hs, table.ms, table.fs,
             table.bs)
     fns, nbytes = {}, {}
@@ -166,13 +171,14 @@ def profile(model, depth: int = 64, reps: int = 15, bandwidth: float | None = No
         one[j::4] = table.fmt[j::4]
         if ((one >= 1) & (one <= 3)).any():
             fns["quant " + name] = (lambda one: lambda: _quant(L, one, ins, xqb, xdeb, xsb))(one)
-    h1 = np.ascontiguousarray(s["h"][:1, :c.dim])
-    logits = np.empty((1, c.vocab_size), np.float32)
+    h1 = np.ascontiguousarray(s["h"][:R, :c.dim])
+    logits = np.empty((R, c.vocab_size), np.float32)
     fns["head"] = lambda: model.head.forward(h1, logits)
     nbytes["head"] = model.head.nbytes
-    kc, vc = cache.k[:, None], cache.v[:, None]
-    slots, positions = np.zeros(1, np.int64), np.array([cache.pos], np.int64)
-    scores = np.empty((n, c.n_heads // c.n_kv_heads * (cache.pos + 1)), np.float32)
+    # R slots of one pool, each a copy of the cache (a slot per sequence, as the server's)
+    kc, vc = np.repeat(cache.k[:, None], R, axis=1), np.repeat(cache.v[:, None], R, axis=1)
+    slots, positions = np.arange(R, dtype=np.int64), np.full(R, cache.pos, np.int64)
+    scores = kernels.attention_scratch(c, cache.pos + 1)
     q = s["q"]
     fns["attention"] = lambda: _attention(L, q, kc, vc, slots, positions, c.scale, table.win, scores, s["att"])
     cos, sin = table._tables(model)
@@ -184,12 +190,25 @@ def profile(model, depth: int = 64, reps: int = 15, bandwidth: float | None = No
     # the step as generation runs it, and step.layers alone (same position: the cache is rolled back)
     pos = cache.pos
     tok = [int(rng.integers(0, c.vocab_size))]
+    if R > 1:
+        pool = KVCache.pooled(c, cache.capacity, R, kv_type=cache.kv_type)
+        for sc in pool:
+            sc.k[...], sc.v[...], sc.pos = cache.k, cache.v, pos
+        toks, batch_step = rng.integers(0, c.vocab_size, R), BatchStep(model)
 
     def one_step():
+        if R > 1:
+            for sc in pool:
+                sc.pos = pos
+            batch_step(toks, pool)
+            return
         cache.pos = pos
         model.forward(tok, cache)
 
     def layers_only():
+        if R > 1:
+            table.run_rows(model, toks, pool[0].pool[0], pool[0].pool[1], slots, positions, scores)
+            return
         cache.pos = pos
         table.run(model, np.array(tok, np.int64), cache, scores)
     fns["step"], fns["layers"] = one_step, layers_only
@@ -210,14 +229,14 @@ def profile(model, depth: int = 64, reps: int = 15, bandwidth: float | None = No
     fork = _time({0: lambda: _regions(k, buf)}, 5, lambda: None)[0] / k
     bw = bandwidth if bandwidth else bench.memory_bandwidth()
     return dict(sec=sec, nbytes=nbytes, total=total, layers=layers, regions=regions, fork=fork, bandwidth=bw,
-                threads=n, depth=cache.pos)
+                threads=n, depth=cache.pos, rows=R)
 
 
 def report(p: dict, name: str) -> str:
     sec, total = p["sec"], p["total"]
     summed = sum(sec.values())
     bw = p["bandwidth"]
-    lines = [f"{name}: decode step (T = 1) at position {p['depth']}, {p['threads']} threads, "
+    lines = [f"{name}: decode step ({p['rows']} row{'s' * (p['rows'] > 1)}) at position {p['depth']}, {p['threads']} threads, "
              f"bandwidth {bw / 1e9:.1f} GB/s; each phase alone, median, caches flushed, "
              f"{'CPU time of the calling thread' if p['threads'] == 1 else 'wall clock'}",
              "| phase | ms/token | share of step | GB/s | floor ms | × floor |", "|---|---|---|---|---|---|"]
@@ -231,7 +250,7 @@ def report(p: dict, name: str) -> str:
         lines.append(row)
     mats = sum(p["nbytes"].values())
     lines += [f"| Σ phases | {summed * 1e3:.3f} | {summed / total:.1%} | | | |",
-              f"| step (Model.forward, 1 token) | {total * 1e3:.3f} | 100% | {mats / total / 1e9:.1f} | "
+              f"| step ({'Model.forward, 1 token' if p['rows'] == 1 else 'BatchStep'}) | {total * 1e3:.3f} | 100% | {mats / total / 1e9:.1f} | "
               f"{mats / bw * 1e3:.3f} | {total / (mats / bw):.2f} |",
               f"| of which step.layers | {p['layers'] * 1e3:.3f} | {p['layers'] / total:.1%} | | | |",
               f"| overhead (step − Σ phases) | {(total - summed) * 1e3:.3f} | {(total - summed) / total:.1%} | | | |",
@@ -248,9 +267,11 @@ def main(argv=None) -> None:
     ap.add_argument("-d", "--depth", type=int, default=64, help="tokens in the cache before the step (default 64)")
     ap.add_argument("-r", "--reps", type=int, default=15)
     ap.add_argument("--bandwidth", type=float, default=None, help="GB/s (default: measured as minirt bench does)")
+    ap.add_argument("--rows", type=int, default=1, help="sequences in the step, each with its own cache slot, as "
+                    "the server batches them (default 1)")
     a = ap.parse_args(argv)
     model = minirt.load(a.model, threads=a.threads)
-    p = profile(model, a.depth, a.reps, a.bandwidth * 1e9 if a.bandwidth else None)
+    p = profile(model, a.depth, a.reps, a.bandwidth * 1e9 if a.bandwidth else None, a.rows)
     print(report(p, f"{model.source.name if model.source else a.model} {model.file_type}"))
 
 
