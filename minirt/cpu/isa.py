@@ -578,7 +578,10 @@ def _kgroup(ctx, b, aty, arr, base, c, n, q8):
     v = b.load(_ptr(ctx, b, aty, arr, off, _lt("u8", 4 * n)), align=1)
     if q8:
         return v
-    return b.and_(v, _splat(v.type, 15)) if c < 4 else b.lshr(v, _splat(v.type, 4))
+    if c >= 4:  # the high nibbles: a 16-bit shift and the mask (vpsrlw + vpand: a byte shift is vgf2p8affineqb on
+        w = b.bitcast(v, ir.VectorType(I16, 2 * n))  # the multiply ports, which vpdpbusd needs)
+        v = b.bitcast(b.lshr(w, _splat(w.type, 4)), v.type)
+    return b.and_(v, _splat(v.type, 15))
 
 
 def _xbcast(ctx, b, aty, arr, off, n):
