@@ -136,6 +136,25 @@ def qkv_rope_task(qkv, positions, cos, sin, use_rope, q, kc, vc, task):
             vdst[i] = narrow(vdst, qkv[t, vsrc + i])
 
 
+@njit(**JIT)
+def qkv_rope_rows(qkv, positions, slots, cos, sin, use_rope, q, kc, vc):
+    """qkv_rope_task for every (row, head) of rows that each carry their own cache slot and position (a step:
+    kc/vc (S, Hkv, ctx, hd)), in one call: the same arithmetic, without a call and its row views per task
+    (0.3 ms of an 8-row step of SmolLM2, 30 layers)."""
+    T, H, hd = q.shape
+    Hkv = kc.shape[1]
+    for t in range(T):
+        p, s = positions[t], slots[t]
+        for h in range(H):
+            _rope_row(qkv, t, h * hd, cos, sin, p, use_rope, q[t, h])
+        for g in range(Hkv):
+            _rope_row(qkv, t, (H + g) * hd, cos, sin, p, use_rope, kc[s, g, p])
+            vdst = vc[s, g, p]
+            vsrc = (H + Hkv + g) * hd
+            for i in range(hd):
+                vdst[i] = narrow(vdst, qkv[t, vsrc + i])
+
+
 @njit(parallel=True, **JIT)
 def qkv_rope_store(qkv, positions, cos, sin, use_rope, q, kc, vc):
     """Split fused q|k|v rows: q → q (T, H, hd); k, v → the cache at their positions (kc, vc: (Hkv, ctx, hd),

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (absmax32, bdotf, bdots, bfloat, blocks_per_step, fadd, fvload2, hload2, fma_is, fma_s, fmadd, fstore,
+from .isa import (absmax32, round32, bdotf, bdots, bfloat, blocks_per_step, fadd, fvload2, hload2, fma_is, fma_s, fmadd, fstore,
                   fsum, fzero16, half, hvec, lanes, lzero, prefetch, sum_offset)
 
 JIT = dict(cache=True, fastmath=True)
@@ -49,12 +49,7 @@ def quantize_x(x, xq, xde, xs):
             inv = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
             for i in range(8):
                 xde[t, b * 8 + i] = dd
-            tot = 0
-            for i in range(32):
-                v = np.int8(np.round(x[t, b * 32 + i] * inv))
-                xq[t, b * 32 + i] = v
-                tot += np.int32(v)
-            xs[t, b] = dd * np.float32(tot)
+            xs[t, b] = dd * np.float32(round32(xt, b * 32, inv, xq[t], b * 32))
 
 
 # ---- the interleaved layout: see pack(); a group of ROWS rows is read once per call ---------------------

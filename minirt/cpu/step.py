@@ -164,10 +164,7 @@ def layers(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, nw, nbias, qkn, win,
                 kernels.head_rmsnorm_task(qkv, qd, Hkv, hd, qkn[li, 1], eps, task)
         r = rope_i[li]
         cr, sr = cos[r], sin[r]
-        for t in range(T):
-            kl, vl = kc[li, slots[t]], vc[li, slots[t]]
-            for task in range(H + Hkv):
-                kernels.qkv_rope_task(qkv[t:t + 1], positions[t:t + 1], cr, sr, use_rope, q[t:t + 1], kl, vl, task)
+        kernels.qkv_rope_rows(qkv, positions, slots, cr, sr, use_rope, q, kc[li], vc[li])
         kernels.attention_rows(q, kc[li], vc[li], slots, positions, scale, win[li], scores, att)
         _matrix(tag, tag_odd, has, fmt, sub, qs, hs, ms, fs, bs, m + 1, attf, o, mid, xqb, xdeb, xsb, xkb, n)
         if post_norms:
