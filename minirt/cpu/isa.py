@@ -712,6 +712,24 @@ def prefetch(typingctx, q, off, nbytes):
 
 
 @intrinsic
+def prefetch_l2(typingctx, x, off):
+    """Prefetch to L2 (prefetcht1) the line of x's byte off (x any array; a prefetch never faults): data wanted a
+    while from now, which would crowd L1 out."""
+    if not isinstance(x, types.Array) or not isinstance(off, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        a = ctx.make_array(sig.args[0])(ctx, b, args[0])
+        p8 = ir.IntType(8).as_pointer()
+        fn = b.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
+            b.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
+        b.call(fn, [b.gep(b.bitcast(a.data, p8), [args[1]]), ir.Constant(I32, 0), ir.Constant(I32, 2),
+                    ir.Constant(I32, 1)])
+        return ctx.get_dummy_value()
+    return types.none(x, off), cg
+
+
+@intrinsic
 def hvec(typingctx, isa, h, off):
     """L f16 values h[off:off+L] (uint16 bits, 1-D) as float32 lanes (vcvtph2ps)."""
     if not _is_int_tag(isa):
@@ -981,6 +999,6 @@ def v16expf(typingctx, x, m):
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
            "fvload", "hload2", "fvload2", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd",
-           "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero", "fma_is", "fma_s", "fstore",
+           "isum", "sum_offset", "prefetch", "lanes", "prefetch_l2", "bdots", "bdotf", "hvec", "lzero", "fma_is", "fma_s", "fstore",
            "fmaf", "f32_bits", "absmax32", "v16", "widen", "narrow", "v16put", "v16zero", "v16fma", "v16max", "hmax16",
            "v16keep", "v16expf", "LOG2E", "LN2_HI", "LN2_LO", "EXP_LO", "EXP_HI", "EXP_POLY"]

@@ -11,7 +11,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .isa import (EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO, LOG2E, f32_bits, fadd, fmadd, fmaf, fstore4, fsum, hmax16,
-                  narrow, prefetch, sum16x16, v16, v16expf, v16fma, v16keep, v16max, v16put, v16zero, widen)
+                  narrow, prefetch_l2, sum16x16, v16, v16expf, v16fma, v16keep, v16max, v16put, v16zero, widen)
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
@@ -167,8 +167,6 @@ def head_rmsnorm(x, start, n_heads, hd, w, eps):
         head_rmsnorm_task(x, start, n_heads, hd, w, eps, task)
 
 
-
-
 @njit(inline="always", **JIT)
 def expf(x):
     """e^x in float32 within 2 ulp (Cephes' expf: n = round(x/ln 2), r = x − n·ln 2 in two FMAs, a degree-7
@@ -290,8 +288,6 @@ def attend_part(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
     s2 = sc[:group * Lp].reshape((group, Lp))  # head j's scores at s2[j, s − a], rows padded to 16
     qt = q[t]
     pt = po[t]
-    rk = kc.strides[0]
-    rv = vc.strides[0]
     for s0 in range(a, b, 16):  # 16 K rows (4 KiB at hd 64: in L1) for all the group's heads
         for j0 in range(0, group, 4):
             nh = min(4, group - j0)
@@ -453,6 +449,23 @@ def attention_scratch(cfg, n: int) -> np.ndarray:
     return np.empty((get_num_threads(), cfg.n_heads // cfg.n_kv_heads * ((n + 15) // 16 * 16)), np.float32)
 
 
+@njit(inline="always", **JIT)
+def _part_range(p, window, part, n_parts):
+    """The positions a..b−1 that part `part` of n_parts attends for the query at position p."""
+    n = p + 1
+    s0 = max(0, n - window) if window > 0 else 0
+    return s0 + (n - s0) * part // n_parts, s0 + (n - s0) * (part + 1) // n_parts
+
+
+@njit(inline="always", **JIT)
+def _prefetch_rows(x, a, b):
+    """Prefetch the rows a..b−1 of x (rows contiguous) to L2. The rows of one (row, kv head) task are a short
+    stream (16 KiB at 64 positions, hd 64, f32) that the hardware prefetcher barely gets going on; fetched one
+    task ahead they arrive while the task before computes (8 rows at position 64, caches cold: ~10% faster)."""
+    for off in range(a * x.strides[0], b * x.strides[0], 64):
+        prefetch_l2(x, off)
+
+
 @njit(parallel=True, **JIT)
 def attention_rows(q, kc, vc, slots, positions, scale, window, scores, out):
     """attention() for rows that each carry their own cache and position: row t is the query at position
@@ -481,10 +494,12 @@ def attention_rows(q, kc, vc, slots, positions, scale, window, scores, out):
         for task in range(T * Hkv):
             t = task // Hkv
             g = task % Hkv
-            n = positions[t] + 1
-            s0 = max(0, n - window) if window > 0 else 0
-            a = s0 + (n - s0) * part // n_parts
-            b = s0 + (n - s0) * (part + 1) // n_parts
+            a, b = _part_range(positions[t], window, part, n_parts)
+            if task + 1 < T * Hkv:  # the next task's K and V rows on their way to L2 while this one computes
+                t1 = (task + 1) // Hkv
+                a1, b1 = _part_range(positions[t1], window, part, n_parts)
+                _prefetch_rows(kc[slots[t1], (task + 1) % Hkv], a1, b1)
+                _prefetch_rows(vc[slots[t1], (task + 1) % Hkv], a1, b1)
             if b > a:
                 attend_part(q, kc[slots[t], g], vc[slots[t], g], t, g * group, group, a, b, scale, sc, po[part],
                             pm[part], pl[part])
