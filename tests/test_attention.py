@@ -8,6 +8,7 @@ import pytest
 from numba import njit
 
 from minirt.cpu import kernels
+from minirt.cpu.isa import v16, v16expf, v16put
 
 
 @njit(cache=True, fastmath=True)
@@ -29,6 +30,26 @@ def test_expf_within_one_ulp_of_float64():
     assert e[0] == 1.0 and 0 <= e[1] < 1e-37 and 0 <= e[2] < 1e-37 and np.isinf(e[3]) and np.isinf(e[4])
 
 
+@njit(cache=True)
+def _v16expf_all(x, m, out):
+    for i in range(0, x.shape[1], 16):
+        v16put(out, 0, i, v16expf(v16(x, 0, i), m))
+
+
+def test_v16expf_within_one_ulp_of_float64():
+    """The softmax's exponential on 16 lanes: e^(x − m) within 1 ulp of the float32 x − m's, as expf; inf past
+    EXP_HI, ≈ 0 below EXP_LO."""
+    x = np.concatenate([np.linspace(-80.0, 90.0, 400_000), np.linspace(-1, 1, 10_010),
+                        [0.0, -200.0, -np.inf, 91.0, 1e4, 0.0]]).astype(np.float32)[None, :]  # 16 × 25626
+    y = np.empty_like(x)
+    _v16expf_all(x, np.float32(2.0), y)
+    ref = np.exp((x[0, :-6] - np.float32(2.0)).astype(np.float64))  # of the float32 difference
+    ulp = np.abs(y[0, :-6] - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert ulp.max() <= 1.0, x[0, ulp.argmax()]
+    e = y[0, -6:]
+    assert e[0] == np.float32(np.exp(-2.0)) and 0 <= e[1] < 1e-37 and 0 <= e[2] < 1e-37 and np.isinf(e[3:5]).all()
+
+
 def reference(q, kc, vc, slots, positions, scale, window):
     """float64 causal attention: row t at positions[t] of cache slots[t]; query head h reads kv head h // group."""
     T, H, hd = q.shape
@@ -46,7 +67,7 @@ def reference(q, kc, vc, slots, positions, scale, window):
     return out
 
 
-@pytest.mark.parametrize("H,Hkv", [(4, 4), (9, 3), (4, 1)])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (9, 3), (4, 1), (10, 2), (8, 1)])  # groups of 1, 3, 4, 5 (4 + 1), 8
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("n_parts", [1, 2, 3])
 @pytest.mark.parametrize("hd", [80, 24])  # 16-lane vectors (64 + 16 at a time) | not a multiple of 16: scalar loops

@@ -715,6 +715,24 @@ def prefetch(typingctx, q, off, nbytes):
 
 
 @intrinsic
+def prefetch_l2(typingctx, x, off):
+    """Prefetch to L2 (prefetcht1) the line of x's byte off (x any array; a prefetch never faults): data wanted a
+    while from now, which would crowd L1 out."""
+    if not isinstance(x, types.Array) or not isinstance(off, types.Integer):
+        return None
+
+    def cg(ctx, b, sig, args):
+        a = ctx.make_array(sig.args[0])(ctx, b, args[0])
+        p8 = ir.IntType(8).as_pointer()
+        fn = b.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
+            b.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
+        b.call(fn, [b.gep(b.bitcast(a.data, p8), [args[1]]), ir.Constant(I32, 0), ir.Constant(I32, 2),
+                    ir.Constant(I32, 1)])
+        return ctx.get_dummy_value()
+    return types.none(x, off), cg
+
+
+@intrinsic
 def hvec(typingctx, isa, h, off):
     """L f16 values h[off:off+L] (uint16 bits, 1-D) as float32 lanes (vcvtph2ps)."""
     if not _is_int_tag(isa):
@@ -924,8 +942,89 @@ def v16fma(typingctx, acc, a, c):
     return acc(acc, a, c), cg
 
 
+def _vmax(b, x, y):
+    return b.select(b.fcmp_ordered(">", x, y), x, y)  # vmaxps (maxnum adds a NaN fix-up to every max)
+
+
+@intrinsic
+def v16max(typingctx, a, c):
+    """The lane-wise max of two vectors of 16 float lanes (NaN lanes: c's)."""
+    if not isinstance(a, Vec) or a.n != 16 or a != c:
+        return None
+    return a(a, c), lambda ctx, b, sig, args: _vmax(b, args[0], args[1])
+
+
+@intrinsic
+def hmax16(typingctx, v):
+    """The largest of 16 float lanes (a tree of maxes)."""
+    if not isinstance(v, Vec) or v.n != 16:
+        return None
+
+    def cg(ctx, b, sig, args):
+        x, n = args[0], 16
+        while n > 1:
+            n //= 2
+            x = _vmax(b, _shuffle(b, x, x, list(range(n))), _shuffle(b, x, x, list(range(n, 2 * n))))
+        return b.extract_element(x, ir.Constant(I32, 0))
+    return types.float32(v), cg
+
+
+@intrinsic
+def v16keep(typingctx, v, n, fill):
+    """v with the lanes from n on replaced by the float32 fill (lanes 0 … n−1 kept): a vector's tail."""
+    if not isinstance(v, Vec) or v.n != 16 or not isinstance(n, types.Integer) or not isinstance(fill, types.Float):
+        return None
+
+    def cg(ctx, b, sig, args):
+        ity = ir.VectorType(I32, 16)
+        nn = ctx.cast(b, args[1], sig.args[1], types.int32)
+        nn = b.insert_element(ir.Constant(ity, None), nn, ir.Constant(I32, 0))
+        keep = b.icmp_signed("<", ir.Constant(ity, list(range(16))), _shuffle(b, nn, nn, [0] * 16))
+        return b.select(keep, args[0], _fsplat(b, ctx.cast(b, args[2], sig.args[2], types.float32), 16))
+    return v(v, n, fill), cg
+
+
+# e^x in float32 (Cephes' expf): the constants of kernels.expf (scalar) and v16expf (16 lanes)
+LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693145751953125, 1.428606765330187e-06
+EXP_LO, EXP_HI = -86.6, 88.72284  # ≈ 2^−125 (normal: no denormals) … past float32's largest (inf)
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+@intrinsic
+def v16expf(typingctx, x, m):
+    """e^(x − m) lane-wise for 16 float lanes x and a float32 m: kernels.expf's steps on vectors, the softmax's
+    exponentials 16 at a time (within 1 ulp of e^ of the float32 x − m; ≈ 2^−125 below EXP_LO, inf past
+    EXP_HI)."""
+    if not isinstance(x, Vec) or x.n != 16 or not isinstance(m, types.Float):
+        return None
+
+    def cg(ctx, b, sig, args):
+        ty = args[0].type
+        ity = ir.VectorType(I32, 16)
+
+        def k(c):
+            return _splat(ty, float(np.float32(c)))
+
+        def fma(p, q, r):
+            return _call(b, "llvm.fma.v16f32", ty, [p, q, r])
+        d = b.fsub(args[0], _fsplat(b, ctx.cast(b, args[1], sig.args[1], types.float32), 16))
+        d = _call(b, "llvm.minnum.v16f32", ty, [_call(b, "llvm.maxnum.v16f32", ty, [d, k(EXP_LO)]), k(EXP_HI)])
+        n = _call(b, "llvm.floor.v16f32", ty, [fma(d, k(LOG2E), k(0.5))])
+        r = fma(n, k(-LN2_HI), d)
+        r = fma(n, k(-LN2_LO), r)
+        p = k(EXP_POLY[0])
+        for c in EXP_POLY[1:]:
+            p = fma(p, r, k(c))
+        y = b.fadd(fma(p, b.fmul(r, r), r), k(1.0))
+        e = b.shl(b.add(b.fptosi(n, ity), _splat(ity, 126)), _splat(ity, 23))
+        return b.fmul(b.fmul(y, b.bitcast(e, ty)), k(2.0))  # 2^(n−1)·2: n ≤ 128
+    return x(x, m), cg
+
+
 __all__ = ["PATHS", "ENV", "SELECTED", "host_paths", "choose", "tag", "path_of", "TAGS", "Vec", "blocks_per_step",
            "fzero", "wload", "xload", "fload", "dot", "dscale", "half", "bfloat", "fma_acc", "fsum", "fdot", "hload",
            "fvload", "hload2", "fvload2", "sum16x16", "fstore4", "lane", "fzero16", "fmadd", "fadd",
-           "isum", "sum_offset", "prefetch", "lanes", "bdots", "bdotf", "hvec", "lzero", "fma_is", "fma_s", "fstore",
-           "fmaf", "f32_bits", "absmax32", "round32", "v16", "widen", "narrow", "v16put", "v16zero", "v16fma"]
+           "isum", "sum_offset", "prefetch", "prefetch_l2", "lanes", "bdots", "bdotf", "hvec", "lzero", "fma_is",
+           "fma_s", "fstore", "fmaf", "f32_bits", "absmax32", "round32", "v16", "widen", "narrow", "v16put", "v16zero",
+           "v16fma", "v16max", "hmax16", "v16keep", "v16expf", "LOG2E", "LN2_HI", "LN2_LO", "EXP_LO", "EXP_HI",
+           "EXP_POLY"]

@@ -10,7 +10,8 @@ import math
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from .isa import f32_bits, fadd, fmadd, fmaf, fsum, narrow, v16, v16fma, v16put, v16zero, widen
+from .isa import (EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO, LOG2E, f32_bits, fadd, fmadd, fmaf, fstore4, fsum, hmax16,
+                  narrow, prefetch_l2, sum16x16, v16, v16expf, v16fma, v16keep, v16max, v16put, v16zero, widen)
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy")  # as parallel code: no exception on ÷0
 
@@ -185,10 +186,6 @@ def head_rmsnorm(x, start, n_heads, hd, w, eps):
         head_rmsnorm_task(x, start, n_heads, hd, w, eps, task)
 
 
-LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693145751953125, 1.428606765330187e-06
-EXP_LO, EXP_HI = -86.6, 88.72284  # ≈ 2^−125 (normal: no denormals) … past float32's largest (inf)
-
-
 @njit(inline="always", **JIT)
 def expf(x):
     """e^x in float32 within 2 ulp (Cephes' expf: n = round(x/ln 2), r = x − n·ln 2 in two FMAs, a degree-7
@@ -199,60 +196,219 @@ def expf(x):
     n = np.floor(x * np.float32(LOG2E) + np.float32(0.5))
     r = fmaf(n, np.float32(-LN2_HI), x)
     r = fmaf(n, np.float32(-LN2_LO), r)
-    p = np.float32(1.9875691500e-4)
-    p = fmaf(p, r, np.float32(1.3981999507e-3))
-    p = fmaf(p, r, np.float32(8.3334519073e-3))
-    p = fmaf(p, r, np.float32(4.1665795894e-2))
-    p = fmaf(p, r, np.float32(1.6666665459e-1))
-    p = fmaf(p, r, np.float32(5.0000001201e-1))
+    p = np.float32(EXP_POLY[0])
+    p = fmaf(p, r, np.float32(EXP_POLY[1]))
+    p = fmaf(p, r, np.float32(EXP_POLY[2]))
+    p = fmaf(p, r, np.float32(EXP_POLY[3]))
+    p = fmaf(p, r, np.float32(EXP_POLY[4]))
+    p = fmaf(p, r, np.float32(EXP_POLY[5]))
     y = fmaf(p, r * r, r) + np.float32(1.0)
     return y * f32_bits((np.int32(n) + np.int32(126)) << np.int32(23)) * np.float32(2.0)  # 2^(n−1)·2: n ≤ 128
+
+
+@njit(inline="always", **JIT)
+def _scores16(qt, h, kc, s0, last):
+    """The dot products of query head h of qt (H, hd) with the K rows s0 … s0+15 (rows past `last` read row
+    `last`) as one vector (lane k: row s0+k): 16 independent FMA chains, one per row, and one transposed tree
+    sum (sum16x16). Lane k's bits depend only on the two rows, not on its place in the block."""
+    r1 = min(s0 + 1, last)
+    r2 = min(s0 + 2, last)
+    r3 = min(s0 + 3, last)
+    r4 = min(s0 + 4, last)
+    r5 = min(s0 + 5, last)
+    r6 = min(s0 + 6, last)
+    r7 = min(s0 + 7, last)
+    r8 = min(s0 + 8, last)
+    r9 = min(s0 + 9, last)
+    r10 = min(s0 + 10, last)
+    r11 = min(s0 + 11, last)
+    r12 = min(s0 + 12, last)
+    r13 = min(s0 + 13, last)
+    r14 = min(s0 + 14, last)
+    r15 = min(s0 + 15, last)
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = c12 = c13 = c14 = c15 = v16zero()
+    for i0 in range(0, qt.shape[1], 16):
+        x = v16(qt, h, i0)
+        c0 = v16fma(c0, x, v16(kc, s0, i0))
+        c1 = v16fma(c1, x, v16(kc, r1, i0))
+        c2 = v16fma(c2, x, v16(kc, r2, i0))
+        c3 = v16fma(c3, x, v16(kc, r3, i0))
+        c4 = v16fma(c4, x, v16(kc, r4, i0))
+        c5 = v16fma(c5, x, v16(kc, r5, i0))
+        c6 = v16fma(c6, x, v16(kc, r6, i0))
+        c7 = v16fma(c7, x, v16(kc, r7, i0))
+        c8 = v16fma(c8, x, v16(kc, r8, i0))
+        c9 = v16fma(c9, x, v16(kc, r9, i0))
+        c10 = v16fma(c10, x, v16(kc, r10, i0))
+        c11 = v16fma(c11, x, v16(kc, r11, i0))
+        c12 = v16fma(c12, x, v16(kc, r12, i0))
+        c13 = v16fma(c13, x, v16(kc, r13, i0))
+        c14 = v16fma(c14, x, v16(kc, r14, i0))
+        c15 = v16fma(c15, x, v16(kc, r15, i0))
+    return sum16x16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+
+
+@njit(inline="always", **JIT)
+def _scores4x4(qt, h, nh, kc, s0, last):
+    """The dot products of query heads h … h+nh−1 (nh ≤ 4) of qt (H, hd) with the K rows s0 … s0+3 (rows past
+    `last` read row `last`) as one vector, lane 4j + k: head h+j, row s0+k (lanes of heads ≥ nh: 0). Each K
+    vector is loaded once for the nh heads: 4·nh independent FMA chains, one transposed tree sum (sum16x16);
+    a lane's bits depend only on its head and row."""
+    r1 = min(s0 + 1, last)
+    r2 = min(s0 + 2, last)
+    r3 = min(s0 + 3, last)
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = c12 = c13 = c14 = c15 = v16zero()
+    for i0 in range(0, qt.shape[1], 16):
+        k0 = v16(kc, s0, i0)
+        k1 = v16(kc, r1, i0)
+        k2 = v16(kc, r2, i0)
+        k3 = v16(kc, r3, i0)
+        x = v16(qt, h, i0)
+        c0 = v16fma(c0, x, k0)
+        c1 = v16fma(c1, x, k1)
+        c2 = v16fma(c2, x, k2)
+        c3 = v16fma(c3, x, k3)
+        if nh > 1:
+            x = v16(qt, h + 1, i0)
+            c4 = v16fma(c4, x, k0)
+            c5 = v16fma(c5, x, k1)
+            c6 = v16fma(c6, x, k2)
+            c7 = v16fma(c7, x, k3)
+        if nh > 2:
+            x = v16(qt, h + 2, i0)
+            c8 = v16fma(c8, x, k0)
+            c9 = v16fma(c9, x, k1)
+            c10 = v16fma(c10, x, k2)
+            c11 = v16fma(c11, x, k3)
+        if nh > 3:
+            x = v16(qt, h + 3, i0)
+            c12 = v16fma(c12, x, k0)
+            c13 = v16fma(c13, x, k1)
+            c14 = v16fma(c14, x, k2)
+            c15 = v16fma(c15, x, k3)
+    return sum16x16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
 
 
 @njit(**JIT)
 def attend_part(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl):
     """Query heads h0 … h0+group−1 of row t of q (T, H, hd), which share the kv head kc/vc (ctx, hd), over
-    positions a..b−1 (b > a): each K and V row is read once for the group. Out: the softmax's max pm[t, h],
-    its sum of exponentials pl[t, h] and the unnormalized Σ_s e^(score − max)·v_s in po[t, h];
-    sc: scratch (≥ group·(b − a)). With hd a multiple of 16, in 16-lane vectors (isa.v16*): a dot product
-    as one vector FMA chain and a tree sum, the V sums in registers (64 values at a time)."""
+    positions a..b−1 (b > a). Out: the softmax's max pm[t, h], its sum of exponentials pl[t, h] and the
+    unnormalized Σ_s e^(score − max)·v_s in po[t, h]; sc: scratch (≥ group · (b − a) rounded up to 16).
+    With hd a multiple of 16, in 16-lane vectors (isa.v16*), K and V rows each loaded once for up to 4 heads:
+    the scores of 4 heads × 4 rows (_scores4x4; a lone head: 16 rows, _scores16) as independent FMA chains and
+    one transposed sum, the softmax on vectors (_softmax16), the V sums of 4 heads × 64 values in registers
+    (_vsums4). A score's bits depend only on its head and row (not on the block or the chunk it falls in)."""
     hd = q.shape[2]
     L = b - a
     if hd % 16:
         _attend_part_scalar(q, kc, vc, t, h0, group, a, b, scale, sc, po, pm, pl)
         return
+    Lp = (L + 15) // 16 * 16
+    s2 = sc[:group * Lp].reshape((group, Lp))  # head j's scores at s2[j, s − a], rows padded to 16
     qt = q[t]
     pt = po[t]
-    for s in range(a, b):
-        for j in range(group):
-            acc = v16zero()
-            for i0 in range(0, hd, 16):
-                acc = v16fma(acc, v16(qt, h0 + j, i0), v16(kc, s, i0))
-            sc[j * L + s - a] = fsum(acc) * scale
-    _softmax_part(sc, L, t, h0, group, pm, pl)
+    for s0 in range(a, b, 16):  # 16 K rows (4 KiB at hd 64: in L1) for all the group's heads
+        for j0 in range(0, group, 4):
+            nh = min(4, group - j0)
+            if nh == 1:
+                v16put(s2, j0, s0 - a, v16fma(v16zero(), scale, _scores16(qt, h0 + j0, kc, s0, b - 1)))
+                continue
+            for s1 in range(s0, min(s0 + 16, b), 4):
+                v = v16fma(v16zero(), scale, _scores4x4(qt, h0 + j0, nh, kc, s1, b - 1))
+                fstore4(s2, j0, s1 - a, v, 0)
+                fstore4(s2, j0 + 1, s1 - a, v, 1)
+                if nh > 2:
+                    fstore4(s2, j0 + 2, s1 - a, v, 2)
+                if nh > 3:
+                    fstore4(s2, j0 + 3, s1 - a, v, 3)
     for j in range(group):
-        for i0 in range(0, hd, 64):
-            n4 = min(4, (hd - i0) // 16)
-            a0 = v16zero()
-            a1 = v16zero()
-            a2 = v16zero()
-            a3 = v16zero()
+        pm[t, h0 + j], pl[t, h0 + j] = _softmax16(s2, j, L)
+    hd64 = hd - hd % 64
+    for j0 in range(0, group, 4):
+        for i0 in range(0, hd64, 64):
+            _vsums4(vc, s2, a, b, j0, min(4, group - j0), i0, pt, h0)
+    for j in range(group):
+        for i0 in range(hd64, hd, 16):  # hd not a multiple of 64: the last 16 … 48 values, a chain each
+            acc = v16zero()
             for s in range(a, b):
-                pr = sc[j * L + s - a]
-                a0 = v16fma(a0, pr, v16(vc, s, i0))
-                if n4 > 1:
-                    a1 = v16fma(a1, pr, v16(vc, s, i0 + 16))
-                if n4 > 2:
-                    a2 = v16fma(a2, pr, v16(vc, s, i0 + 32))
-                if n4 > 3:
-                    a3 = v16fma(a3, pr, v16(vc, s, i0 + 48))
-            v16put(pt, h0 + j, i0, a0)
-            if n4 > 1:
-                v16put(pt, h0 + j, i0 + 16, a1)
-            if n4 > 2:
-                v16put(pt, h0 + j, i0 + 32, a2)
-            if n4 > 3:
-                v16put(pt, h0 + j, i0 + 48, a3)
+                acc = v16fma(acc, s2[j, s - a], v16(vc, s, i0))
+            v16put(pt, h0 + j, i0, acc)
+
+
+@njit(inline="always", **JIT)
+def _softmax16(s2, j, L):
+    """s2[j, :L] ← e^(score − max), 16 at a time (isa.v16expf), and 0 in the padding s2[j, L:]; returns the max
+    and the sum of the exponentials (a vector sum, then a tree)."""
+    Lp = s2.shape[1]
+    last = Lp - 16
+    mv = v16keep(v16(s2, j, last), L - last, -np.inf)
+    for s0 in range(0, last, 16):
+        mv = v16max(v16(s2, j, s0), mv)
+    m = hmax16(mv)
+    tv = v16zero()
+    for s0 in range(0, last, 16):
+        e = v16expf(v16(s2, j, s0), m)
+        v16put(s2, j, s0, e)
+        tv = fadd(tv, e)
+    e = v16keep(v16expf(v16(s2, j, last), m), L - last, 0.0)
+    v16put(s2, j, last, e)
+    return m, fsum(fadd(tv, e))
+
+
+@njit(inline="always", **JIT)
+def _vsums4(vc, s2, a, b, j0, nh, i0, pt, h0):
+    """pt[h0+j0+j, i0:i0+64] = Σ_s s2[j0+j, s−a] · vc[s, i0:i0+64] for the nh ≤ 4 heads j: each V row's 4 vectors
+    loaded once for all of them, 4·nh independent chains."""
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = v16zero()
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = v16zero()
+    for s in range(a, b):
+        v0 = v16(vc, s, i0)
+        v1 = v16(vc, s, i0 + 16)
+        v2 = v16(vc, s, i0 + 32)
+        v3 = v16(vc, s, i0 + 48)
+        p = s2[j0, s - a]
+        a00 = v16fma(a00, p, v0)
+        a01 = v16fma(a01, p, v1)
+        a02 = v16fma(a02, p, v2)
+        a03 = v16fma(a03, p, v3)
+        if nh > 1:
+            p = s2[j0 + 1, s - a]
+            a10 = v16fma(a10, p, v0)
+            a11 = v16fma(a11, p, v1)
+            a12 = v16fma(a12, p, v2)
+            a13 = v16fma(a13, p, v3)
+        if nh > 2:
+            p = s2[j0 + 2, s - a]
+            a20 = v16fma(a20, p, v0)
+            a21 = v16fma(a21, p, v1)
+            a22 = v16fma(a22, p, v2)
+            a23 = v16fma(a23, p, v3)
+        if nh > 3:
+            p = s2[j0 + 3, s - a]
+            a30 = v16fma(a30, p, v0)
+            a31 = v16fma(a31, p, v1)
+            a32 = v16fma(a32, p, v2)
+            a33 = v16fma(a33, p, v3)
+    h = h0 + j0
+    v16put(pt, h, i0, a00)
+    v16put(pt, h, i0 + 16, a01)
+    v16put(pt, h, i0 + 32, a02)
+    v16put(pt, h, i0 + 48, a03)
+    if nh > 1:
+        v16put(pt, h + 1, i0, a10)
+        v16put(pt, h + 1, i0 + 16, a11)
+        v16put(pt, h + 1, i0 + 32, a12)
+        v16put(pt, h + 1, i0 + 48, a13)
+    if nh > 2:
+        v16put(pt, h + 2, i0, a20)
+        v16put(pt, h + 2, i0 + 16, a21)
+        v16put(pt, h + 2, i0 + 32, a22)
+        v16put(pt, h + 2, i0 + 48, a23)
+    if nh > 3:
+        v16put(pt, h + 3, i0, a30)
+        v16put(pt, h + 3, i0 + 16, a31)
+        v16put(pt, h + 3, i0 + 32, a32)
+        v16put(pt, h + 3, i0 + 48, a33)
 
 
 @njit(**JIT)
@@ -309,7 +465,29 @@ def attention(q, kc, vc, pos0, scale, window, scores, out):
 def attention_scratch(cfg, n: int) -> np.ndarray:
     """attention_rows' scores scratch for rows that see at most n positions: one row per thread (the number of
     parts) holding a kv head's query heads' scores over the thread's share, not one per (position, head)."""
-    return np.empty((get_num_threads(), cfg.n_heads // cfg.n_kv_heads * n), np.float32)
+    return np.empty((get_num_threads(), cfg.n_heads // cfg.n_kv_heads * ((n + 15) // 16 * 16)), np.float32)
+
+
+@njit(inline="always", **JIT)
+def _part_range(p, window, part, n_parts):
+    """The positions a..b−1 that part `part` of n_parts attends for the query at position p."""
+    n = p + 1
+    s0 = max(0, n - window) if window > 0 else 0
+    return s0 + (n - s0) * part // n_parts, s0 + (n - s0) * (part + 1) // n_parts
+
+
+PREFETCH_BYTES = 4096
+
+
+@njit(inline="always", **JIT)
+def _prefetch_rows(x, a, b):
+    """Prefetch to L2 the rows a..b−1 of x (rows contiguous), their first PREFETCH_BYTES. The rows of one (row,
+    kv head) task are a short stream (16 KiB at 64 positions, hd 64, f32) that the hardware prefetcher is slow to
+    start on; their head fetched one task ahead arrives while the task before computes, and the prefetcher takes
+    the stream from there (caches cold, 1 thread: 8 rows at position 64 ~8% faster, 1 or 8 rows at 511 ~5%;
+    the whole task's rows, as many prefetches, made position 511 10-15% slower)."""
+    for off in range(a * x.strides[0], min(b * x.strides[0], a * x.strides[0] + PREFETCH_BYTES), 64):
+        prefetch_l2(x, off)
 
 
 @njit(parallel=True, **JIT)
@@ -334,16 +512,18 @@ def attention_rows(q, kc, vc, slots, positions, scale, window, scores, out):
     po = np.empty((n_parts, T, H, hd), np.float32)
     pm = np.empty((n_parts, T, H), np.float32)
     pl = np.empty((n_parts, T, H), np.float32)
-    need = group * ((span + n_parts - 1) // n_parts)
+    need = group * (((span + n_parts - 1) // n_parts + 15) // 16 * 16)
     for part in prange(n_parts):
         sc = scores[part] if scores.shape[1] >= need else np.empty(need, np.float32)
         for task in range(T * Hkv):
             t = task // Hkv
             g = task % Hkv
-            n = positions[t] + 1
-            s0 = max(0, n - window) if window > 0 else 0
-            a = s0 + (n - s0) * part // n_parts
-            b = s0 + (n - s0) * (part + 1) // n_parts
+            a, b = _part_range(positions[t], window, part, n_parts)
+            if task + 1 < T * Hkv:  # the next task's K and V rows on their way to L2 while this one computes
+                t1 = (task + 1) // Hkv
+                a1, b1 = _part_range(positions[t1], window, part, n_parts)
+                _prefetch_rows(kc[slots[t1], (task + 1) % Hkv], a1, b1)
+                _prefetch_rows(vc[slots[t1], (task + 1) % Hkv], a1, b1)
             if b > a:
                 attend_part(q, kc[slots[t], g], vc[slots[t], g], t, g * group, group, a, b, scale, sc, po[part],
                             pm[part], pl[part])
