@@ -47,7 +47,9 @@ from ..sampling import Sampler, SamplingParams
 from ..tokenizer import Detokenizer
 
 PREFILL_STEP = 64  # prompt positions per step at most (one chunk of one sequence)
-MIN_REUSE = 16     # prefix-cache hits shorter than this are not worth taking a particular slot
+MIN_REUSE = 1      # prefix-cache hits from this many positions on are used: copying a few rows costs less than
+                   # computing them (was 16: a short prompt repeated, as a benchmark's or a client's retry, ran
+                   # whole; llama-server reuses any common prefix)
 
 
 class Busy(Exception):
