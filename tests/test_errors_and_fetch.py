@@ -159,9 +159,11 @@ def test_kv_type_is_checked_before_loading_and_reaches_every_command():
     with pytest.raises(MinirtError, match="KV cache type must be one of f32, f16"):
         minirt.load("/nonexistent/x.gguf", kv_type="q8_0")
     for cmd in (["generate"], ["chat"], ["perplexity", "-f", "botchan"], ["bench"], ["serve"]):
-        assert build_parser().parse_args(cmd + ["--kv-type", "f16"]).kv_type == "f16"
-        assert build_parser().parse_args(cmd + ["-ctk", "f16"]).kv_type == "f16"
-        assert build_parser().parse_args(cmd).kv_type == "f32"
+        other = "f32" if cmd == ["serve"] else "f16"
+        assert build_parser().parse_args(cmd + ["--kv-type", other]).kv_type == other
+        assert build_parser().parse_args(cmd + ["-ctk", other]).kv_type == other
+        # the default: exact everywhere, float16 in the server (llama-server's: its slots are its memory)
+        assert build_parser().parse_args(cmd).kv_type == ("f16" if cmd == ["serve"] else "f32")
     r = run_cli("generate", "--model", "/nonexistent/x.gguf", "--kv-type", "q8_0", "-p", "hi")
     assert_one_line_error(r, "--kv-type", "f16")
 
