@@ -239,7 +239,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18180)
     ap.add_argument("--kv-type", choices=("f32", "f16"), default=None,
-                    help="KV cache type of both servers (default: each one's own: minirt f32, llama-server f16)")
+                    help="KV cache type of both servers (default: each one's own, f16 for both)")
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
     if args.url:

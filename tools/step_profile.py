@@ -82,10 +82,7 @@ def _small(L, x, h, qkv, q, kc, vc, slots, positions, cr, sr, nw, nbias, qkn, la
                 kernels.head_rmsnorm_task(qkv, 0, H, hd, qkn[li, 0], eps, task)
             for task in range(T * Hkv):
                 kernels.head_rmsnorm_task(qkv, qd, Hkv, hd, qkn[li, 1], eps, task)
-        for t in range(T):
-            kl, vl = kc[li, slots[t]], vc[li, slots[t]]
-            for task in range(H + Hkv):
-                kernels.qkv_rope_task(qkv[t:t + 1], positions[t:t + 1], cr, sr, use_rope, q[t:t + 1], kl, vl, task)
+        kernels.qkv_rope_rows(qkv, positions, slots, cr, sr, use_rope, q, kc[li], vc[li])
         if post_norms:
             step._norm(o, nw[li, 2], nbias[li, 2], layer_norm, eps, o)
         step._norm(x, nw[li, 1], nbias[li, 1], layer_norm, eps, h)
