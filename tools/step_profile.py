@@ -1,6 +1,6 @@
 """The decode step (T = 1) by phase: where a token's time goes.
 
-    python tools/step_profile.py MODEL [-t THREADS] [-d DEPTH] [-r REPS] [--bandwidth GB/s]
+    python tools/step_profile.py MODEL [-t THREADS] [-d DEPTH] [-r REPS] [--bandwidth GB/s] [--rows N] [--kv-type f16]
 
 (The wrappers below are not cached: a test imports this file by path, a script runs it as __main__, and
 Numba's cache cannot tell the two apart.)
@@ -266,8 +266,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidth", type=float, default=None, help="GB/s (default: measured as minirt bench does)")
     ap.add_argument("--rows", type=int, default=1, help="sequences in the step, each with its own cache slot, as "
                     "the server batches them (default 1)")
+    ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32", help="KV cache type (default f32)")
     a = ap.parse_args(argv)
-    model = minirt.load(a.model, threads=a.threads)
+    model = minirt.load(a.model, threads=a.threads, kv_type=a.kv_type)
     p = profile(model, a.depth, a.reps, a.bandwidth * 1e9 if a.bandwidth else None, a.rows)
     print(report(p, f"{model.source.name if model.source else a.model} {model.file_type}"))
 
