@@ -234,8 +234,10 @@ class Quant(Linear):
         """Selected rows as float32 in natural column order (a tied head serves as the embedding table)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         w = np.empty((len(ids), self.in_features), np.float32)
-        for i, r in enumerate(ids):
-            self._dequantize_natural(int(r), int(r) + 1, w[i:i + 1])
+        if self.nb:
+            qmatmul.dequantize_rows_i(self.qi, self.di, self.mi, ids, w)
+        else:
+            qmatmul.dequantize_rows_half(self._qn, self.qtype == "BF16", ids, w)
         return w
 
     def dequantized(self) -> np.ndarray:
@@ -339,7 +341,12 @@ class KQuant(Linear):
     def _dequantize_natural(self, a: int, b: int, w: np.ndarray) -> None:
         kquants.dequantize(self.fmt, self.q, a, b, w)
 
-    rows = Quant.rows  # selected rows as float32 (a tied head serves as the embedding table)
+    def rows(self, ids) -> np.ndarray:
+        """Selected rows as float32 (a tied head serves as the embedding table)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        w = np.empty((len(ids), self.in_features), np.float32)
+        kquants.dequantize_rows(self.fmt, self.q, ids, w)
+        return w
 
     def dequantized(self) -> np.ndarray:
         w = np.empty((self.out_features, self.in_features), np.float32)

@@ -463,3 +463,10 @@ def dequantize(fmt, q, a, b, w):
                     dl = _f16(row, o + 208) * np.float32(v - 256 if v > 127 else v)
                     for i in range(16):
                         out[256 * s + 16 * g + i] = dl * np.float32(u[256 * s + 16 * g + i] - 32)
+
+
+@njit(cache=True, nogil=True)
+def dequantize_rows(fmt, q, ids, w):
+    """Rows ids of q into w (len(ids), K), as dequantize: embedding lookups in one call."""
+    for i in range(ids.shape[0]):
+        dequantize(fmt, q, ids[i], ids[i] + 1, w[i:i + 1])

@@ -339,12 +339,26 @@ def dequantize_i(q, d, m, a, b, w):
 
 
 @njit(nogil=True, **JIT)
+def dequantize_rows_i(q, d, m, ids, w):
+    """Rows ids of a matrix in pack's layout into w (len(ids), K): embedding lookups in one call (a call per
+    row from Python cost ~20 µs each: 0.2 ms of an 8-row server step)."""
+    for i in range(ids.shape[0]):
+        dequantize_i(q, d, m, ids[i], ids[i] + 1, w[i:i + 1])
+
+
+@njit(nogil=True, **JIT)
 def dequantize_half(q, bf16, a, b, w):
     K = q.shape[1]
     for j in range(a, b):
         for k in range(K):
             w[j - a, k] = _widen(q[j, k], bf16)
 
+
+
+@njit(nogil=True, **JIT)
+def dequantize_rows_half(q, bf16, ids, w):
+    for i in range(ids.shape[0]):
+        dequantize_half(q, bf16, ids[i], ids[i] + 1, w[i:i + 1])
 
 
 @njit(inline="always", **JIT)  # inlined: a call per row cost ~25% (arguments pushed, 3 atomic refcounts)
