@@ -692,6 +692,19 @@ def bdotf(typingctx, isa, q, base, x, xo):
     return Vec("f32", n)(isa, q, base, x, xo), cg
 
 
+def _bytes(ctx, b, aty, arr):
+    """The array's data as a byte pointer."""
+    return b.bitcast(ctx.make_array(aty)(ctx, b, arr).data, ir.IntType(8).as_pointer())
+
+
+def _prefetch(b, ptr, locality):
+    """llvm.prefetch of the line at ptr (i8*), for reading: locality 3 to L1 (prefetcht0), 2 to L2 (prefetcht1)."""
+    p8 = ir.IntType(8).as_pointer()
+    fn = b.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
+        b.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
+    b.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+
+
 @intrinsic
 def prefetch(typingctx, q, off, nbytes):
     """Prefetch (to L1, read) the lines of q's bytes off..off+nbytes (q 1-D; past its end is harmless: a
@@ -702,14 +715,9 @@ def prefetch(typingctx, q, off, nbytes):
     n = nbytes.literal_value
 
     def cg(ctx, b, sig, args):
-        a = ctx.make_array(sig.args[0])(ctx, b, args[0])
-        p8 = ir.IntType(8).as_pointer()
-        fn = b.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
-            b.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
-        base = b.bitcast(a.data, p8)
+        base = _bytes(ctx, b, sig.args[0], args[0])
         for k in range(0, n, 64):
-            ptr = b.gep(base, [b.add(args[1], ir.Constant(args[1].type, k))])
-            b.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+            _prefetch(b, b.gep(base, [b.add(args[1], ir.Constant(args[1].type, k))]), 3)
         return ctx.get_dummy_value()
     return types.none(q, off, nbytes), cg
 
@@ -722,12 +730,7 @@ def prefetch_l2(typingctx, x, off):
         return None
 
     def cg(ctx, b, sig, args):
-        a = ctx.make_array(sig.args[0])(ctx, b, args[0])
-        p8 = ir.IntType(8).as_pointer()
-        fn = b.module.globals.get("llvm.prefetch.p0i8") or ir.Function(
-            b.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
-        b.call(fn, [b.gep(b.bitcast(a.data, p8), [args[1]]), ir.Constant(I32, 0), ir.Constant(I32, 2),
-                    ir.Constant(I32, 1)])
+        _prefetch(b, b.gep(_bytes(ctx, b, sig.args[0], args[0]), [args[1]]), 2)
         return ctx.get_dummy_value()
     return types.none(x, off), cg
 
