@@ -47,9 +47,6 @@ from ..sampling import Sampler, SamplingParams
 from ..tokenizer import Detokenizer
 
 PREFILL_STEP = 64  # prompt positions per step at most (one chunk of one sequence)
-MIN_REUSE = 1      # prefix-cache hits from this many positions on are used: copying a few rows costs less than
-                   # computing them (was 16: a short prompt repeated, as a benchmark's or a client's retry, ran
-                   # whole; llama-server reuses any common prefix)
 
 
 class Busy(Exception):
@@ -288,10 +285,10 @@ class Batcher:
         return out
 
     def _admit(self, s: Sequence) -> None:
-        """Give s the least recently freed slot. Where a free slot holds a prefix of its prompt (at least
-        MIN_REUSE positions; one prompt position is always left to run, for its logits), those rows are copied
-        in first, so that the slot that held them keeps them for the next request (a shared system prompt
-        serves every conversation)."""
+        """Give s the least recently freed slot. Where a free slot holds a prefix of its prompt (any length:
+        copying rows costs less than computing them, as llama-server reuses any common prefix; one prompt
+        position is always left to run, for its logits), those rows are copied in first, so that the slot that
+        held them keeps them for the next request (a shared system prompt serves every conversation)."""
         best, reuse = -1, 0
         if self.prefix_cache:
             for i, c in enumerate(self.free):
@@ -303,8 +300,6 @@ class Batcher:
         src = self.free[best]
         cache = s.cache = self.free.pop()
         self.held.pop(id(cache), None)
-        if reuse < MIN_REUSE:
-            reuse = 0
         if src is cache:
             cache.truncate(reuse)
         else:
