@@ -234,11 +234,14 @@ class Quant(Linear):
         """Selected rows as float32 in natural column order (a tied head serves as the embedding table)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         w = np.empty((len(ids), self.in_features), np.float32)
+        self._dequantize_rows(ids, w)  # one compiled call (a Python call per row cost ~20 µs each)
+        return w
+
+    def _dequantize_rows(self, ids: np.ndarray, w: np.ndarray) -> None:
         if self.nb:
             qmatmul.dequantize_rows_i(self.qi, self.di, self.mi, ids, w)
         else:
             qmatmul.dequantize_rows_half(self._qn, self.qtype == "BF16", ids, w)
-        return w
 
     def dequantized(self) -> np.ndarray:
         """The float32 matrix in natural column order (for tests and exports)."""
@@ -341,12 +344,10 @@ class KQuant(Linear):
     def _dequantize_natural(self, a: int, b: int, w: np.ndarray) -> None:
         kquants.dequantize(self.fmt, self.q, a, b, w)
 
-    def rows(self, ids) -> np.ndarray:
-        """Selected rows as float32 (a tied head serves as the embedding table)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        w = np.empty((len(ids), self.in_features), np.float32)
+    def _dequantize_rows(self, ids: np.ndarray, w: np.ndarray) -> None:
         kquants.dequantize_rows(self.fmt, self.q, ids, w)
-        return w
+
+    rows = Quant.rows  # selected rows as float32 (a tied head serves as the embedding table)
 
     def dequantized(self) -> np.ndarray:
         w = np.empty((self.out_features, self.in_features), np.float32)

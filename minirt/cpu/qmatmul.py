@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .isa import (absmax32, round32, bdotf, bdots, bfloat, blocks_per_step, fadd, fvload2, hload2, fma_is, fma_s, fmadd, fstore,
-                  fsum, fzero16, half, hvec, lanes, lzero, prefetch, sum_offset)
+from .isa import (absmax32, bdotf, bdots, bfloat, blocks_per_step, fadd, fma_is, fma_s, fmadd, fstore, fsum, fvload2,
+                  fzero16, half, hload2, hvec, lanes, lzero, prefetch, round32, sum_offset)
 
 JIT = dict(cache=True, fastmath=True)
 
@@ -354,9 +354,9 @@ def dequantize_half(q, bf16, a, b, w):
             w[j - a, k] = _widen(q[j, k], bf16)
 
 
-
 @njit(nogil=True, **JIT)
 def dequantize_rows_half(q, bf16, ids, w):
+    """Rows ids of an F16/BF16 matrix into w, as dequantize_rows_i."""
     for i in range(ids.shape[0]):
         dequantize_half(q, bf16, ids[i], ids[i] + 1, w[i:i + 1])
 
